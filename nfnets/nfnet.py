@@ -1,0 +1,421 @@
+"""NFNet-F models (Brock et al., 2021), faithful to DeepMind's reference.
+
+`NFNet` reproduces `deepmind-research/nfnets/nfnet.py`: the same
+architecture, initialisers and Haiku parameter names and shapes, so the
+released `F{0..6}_haiku.npz` params dicts apply to it unchanged.
+
+Architecture in brief: a 4-conv stem (stride 4), four stages of `NFBlock`
+bottleneck residual blocks (stride 32 overall), a 1x1 `final_conv` to twice
+the last width, global average pooling, dropout and a linear classifier.
+Each block computes `x + alpha * skip_gain * branch(act(x) * beta)`, where
+`beta = 1 / expected_std` tracks the analytic variance of the residual
+stream; transition blocks (first of a stage) use a projection shortcut on
+`act(x) * beta` and reset the variance to 1.
+
+The architecture is described by plain Python (`block_specs`), which both the
+model and the FLOP counter (`nfnets.flops`) read.
+"""
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+from nfnets import layers
+
+_BASE_WIDTH = (256, 512, 1536, 1536)
+_PLUS_WIDTH = (384, 768, 2048, 2048)  # "FN+": slightly wider variants.
+_BASE_VARIANTS = {
+  # name: (depth, train_imsize, test_imsize, RA_level, drop_rate)
+  'F0': ((1, 2, 6, 3), 192, 256, '405', 0.2),
+  'F1': ((2, 4, 12, 6), 224, 320, '410', 0.3),
+  'F2': ((3, 6, 18, 9), 256, 352, '410', 0.4),
+  'F3': ((4, 8, 24, 12), 320, 416, '415', 0.4),
+  'F4': ((5, 10, 30, 15), 384, 512, '415', 0.5),
+  'F5': ((6, 12, 36, 18), 416, 544, '415', 0.5),
+  'F6': ((7, 14, 42, 21), 448, 576, '415', 0.5),
+  'F7': ((8, 16, 48, 24), 480, 608, '415', 0.5),
+}
+
+
+def _make_variants() -> dict[str, dict]:
+  """Builds the F0-F7 and F0+-F7+ table (the reference's `nfnet_params`)."""
+  table = {}
+  for name, (depth, train_size, test_size, ra, drop) in _BASE_VARIANTS.items():
+    entry = dict(
+      width=_BASE_WIDTH,
+      depth=depth,
+      train_imsize=train_size,
+      test_imsize=test_size,
+      RA_level=ra,
+      drop_rate=drop,
+    )
+    table[name] = entry
+    table[name + '+'] = dict(entry, width=_PLUS_WIDTH)
+  return table
+
+
+# Registry of variants: name -> dict(width, depth, train_imsize, test_imsize,
+# RA_level, drop_rate). RA_level '405' means RandAugment 4 layers, magnitude 5.
+VARIANTS = _make_variants()
+
+STAGE_STRIDES = (1, 2, 2, 2)
+STEM_CHANNELS = (16, 32, 64)  # The last stem conv has width[0] // 2.
+STEM_STRIDES = (2, 1, 1, 2)
+TOTAL_STRIDE = 32
+
+
+def get_variant(name: str) -> dict:
+  """Returns the `VARIANTS` entry for `name`, with a helpful error."""
+  if name not in VARIANTS:
+    raise ValueError(
+      f'Unknown NFNet variant {name!r}; choose one of {list(VARIANTS)}.'
+    )
+  return VARIANTS[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+  """Hyperparameters of one `NFBlock`, derived from the variant."""
+
+  index: int
+  in_ch: int
+  out_ch: int
+  width: int  # Bottleneck width, a multiple of the group size.
+  groups: int
+  stride: int
+  beta: float
+  stochdepth_rate: float
+  is_transition: bool
+
+
+def bottleneck_width(
+  out_ch: int, expansion: float = 0.5, group_size: int = 128
+) -> tuple[int, int]:
+  """Bottleneck width and group count, rounded as in the reference.
+
+  `int(out_ch * expansion)` rounded down to a multiple of `group_size`. Below
+  one group (only for shrunken test models) one group of the unrounded width
+  is used instead of the reference's width 0.
+
+  Returns:
+    (width, groups).
+  """
+  width = int(out_ch * expansion)
+  groups = width // group_size
+  if groups == 0:
+    return max(width, 1), 1
+  return group_size * groups, groups
+
+
+def block_specs(
+  variant: str = 'F0',
+  width: float = 1.0,
+  alpha: float = 0.2,
+  stochdepth_rate: float = 0.1,
+  depth: Sequence[int] | None = None,
+  group_size: int = 128,
+) -> list[BlockSpec]:
+  """The per-block hyperparameters of an NFNet, in order.
+
+  Args:
+    variant: key of `VARIANTS`.
+    width: multiplier of the block widths (not of the stem).
+    alpha: residual branch scale.
+    stochdepth_rate: rate of the last block; block i gets rate * i / N.
+    depth: blocks per stage, overriding the variant's (e.g. for tiny models).
+    group_size: channels per group of the 3x3 convs.
+
+  Returns:
+    One `BlockSpec` per block.
+  """
+  config = get_variant(variant)
+  depth = tuple(config['depth'] if depth is None else depth)
+  if len(depth) != 4 or min(depth) < 1:
+    raise ValueError(f'depth must be 4 positive ints, got {depth}.')
+  num_blocks = sum(depth)
+  in_ch = config['width'][0] // 2
+  expected_std, index, specs = 1.0, 0, []
+  for stage_width, stage_depth, stride in zip(
+    config['width'], depth, STAGE_STRIDES, strict=True
+  ):
+    out_ch = int(stage_width * width)
+    bneck, groups = bottleneck_width(out_ch, 0.5, group_size)
+    for block_index in range(stage_depth):
+      specs.append(
+        BlockSpec(
+          index=index,
+          in_ch=in_ch,
+          out_ch=out_ch,
+          width=bneck,
+          groups=groups,
+          stride=stride if block_index == 0 else 1,
+          beta=1.0 / expected_std,
+          stochdepth_rate=stochdepth_rate * index / num_blocks,
+          is_transition=block_index == 0,
+        )
+      )
+      in_ch, index = out_ch, index + 1
+      if block_index == 0:  # Transitions reset the residual stream variance.
+        expected_std = 1.0
+      expected_std = math.sqrt(expected_std**2 + alpha**2)
+  return specs
+
+
+def final_conv_channels(
+  last_ch: int, final_conv_mult: float | None, final_conv_ch: int | None
+) -> int:
+  """Width of `final_conv`: `final_conv_ch` if given, else mult * last_ch."""
+  if final_conv_ch is not None:
+    return final_conv_ch
+  if final_conv_mult is None:
+    raise ValueError('Give one of final_conv_mult or final_conv_ch.')
+  return int(final_conv_mult * last_ch)
+
+
+class NFBlock(hk.Module):
+  """Normalizer-free bottleneck block of NFNet-F.
+
+  `out = act(x) * beta`; shortcut = avg-pool 2x2 + 1x1 conv of `out` when
+  strided, 1x1 conv of `out` when the width changes, else the raw `x`;
+  branch = conv0 (1x1) -> act -> conv1 (3x3 grouped, strided) -> act ->
+  conv1b (3x3 grouped) -> act -> conv2 (1x1) -> squeeze-excite ->
+  stochastic depth -> * skip_gain (scalar, init 0). Returns
+  `branch * alpha + shortcut` and the branch's average channel variance.
+  """
+
+  def __init__(
+    self,
+    in_ch: int,
+    out_ch: int,
+    width: int,
+    groups: int,
+    stride: int = 1,
+    beta: float = 1.0,
+    alpha: float = 0.2,
+    se_ratio: float = 0.5,
+    activation: str = 'gelu',
+    stochdepth_rate: float = 0.0,
+    use_two_convs: bool = True,
+    grouped_conv: str = 'auto',
+    name: str | None = None,
+  ):
+    """Creates the block; see `BlockSpec` for the meaning of the sizes."""
+    super().__init__(name=name)
+    self.in_ch, self.out_ch, self.width = in_ch, out_ch, width
+    self.groups, self.stride = groups, stride
+    self.beta, self.alpha = beta, alpha
+    self.activation = layers.get_activation(activation)
+    self.use_two_convs = use_two_convs
+    conv = lambda ch, k, **kw: layers.WSConv2D(
+      ch, k, grouped_conv=grouped_conv, **kw
+    )
+    self.conv0 = conv(width, 1, name='conv0')
+    self.conv1 = conv(
+      width, 3, stride=stride, feature_group_count=groups, name='conv1'
+    )
+    if use_two_convs:
+      self.conv1b = conv(width, 3, feature_group_count=groups, name='conv1b')
+    self.conv2 = conv(out_ch, 1, name='conv2')
+    self.use_projection = stride > 1 or in_ch != out_ch
+    if self.use_projection:
+      self.conv_shortcut = conv(out_ch, 1, name='conv_shortcut')
+    self.se = layers.SqueezeExcite(out_ch, out_ch, se_ratio)
+    self.stoch_depth = None
+    if 0.0 < stochdepth_rate < 1.0:
+      self.stoch_depth = layers.StochDepth(stochdepth_rate)
+
+  def _shortcut(self, x: jax.Array, out: jax.Array) -> jax.Array:
+    if self.stride > 1:
+      pooled = hk.avg_pool(out, (1, 2, 2, 1), (1, 2, 2, 1), 'SAME')
+      return self.conv_shortcut(pooled)
+    if self.use_projection:
+      return self.conv_shortcut(out)
+    return x
+
+  def __call__(
+    self, x: jax.Array, is_training: bool
+  ) -> tuple[jax.Array, jax.Array]:
+    """Applies the block to NHWC `x`; returns (output, res_avg_var)."""
+    out = self.activation(x) * self.beta
+    shortcut = self._shortcut(x, out)
+    out = self.conv0(out)
+    out = self.conv1(self.activation(out))
+    if self.use_two_convs:
+      out = self.conv1b(self.activation(out))
+    out = self.conv2(self.activation(out))
+    out = self.se(out)
+    res_avg_var = jnp.mean(jnp.var(out, axis=(0, 1, 2)))
+    if self.stoch_depth is not None:
+      out = self.stoch_depth(out, is_training)
+    skip_gain = hk.get_parameter('skip_gain', (), out.dtype, init=jnp.zeros)
+    return out * skip_gain * self.alpha + shortcut, res_avg_var
+
+
+class NFNet(hk.Module):
+  """Normalizer-Free Network, F-series (F0-F7 and the wider F0+-F7+).
+
+  Called as `model(images, is_training, return_metrics=False)` on NHWC float
+  images; returns a dict with 'logits' (N, num_classes) and 'pool' (the
+  pooled features, N, final_conv width) and, with `return_metrics`, the
+  signal-propagation metrics (`avg_sq_mean_i`, `avg_var_i` for the stem
+  (i=0) and after each block (i=k+1), and `res_avg_var_k` per block).
+
+  Reference quirks kept as defaults: stochastic depth is not rescaled at
+  train time; `stochdepth_rate` defaults to 0.1 (the training config uses
+  0.25); the classifier is initialised N(0, 0.01), not zeros; GELU is the
+  tanh approximation.
+  """
+
+  def __init__(
+    self,
+    num_classes: int,
+    variant: str = 'F0',
+    width: float = 1.0,
+    se_ratio: float = 0.5,
+    alpha: float = 0.2,
+    stochdepth_rate: float = 0.1,
+    drop_rate: float | None = None,
+    activation: str = 'gelu',
+    fc_init: hk.initializers.Initializer | None = None,
+    final_conv_mult: float | None = 2,
+    final_conv_ch: int | None = None,
+    use_two_convs: bool = True,
+    grouped_conv: str = 'auto',
+    remat: bool = False,
+    depth: Sequence[int] | None = None,
+    group_size: int = 128,
+    in_channels: int = 3,
+    name: str = 'NFNet',
+  ):
+    """Creates the model.
+
+    Args:
+      num_classes: number of output classes.
+      variant: key of `VARIANTS` ('F0'..'F7', 'F0+'..'F7+').
+      width: multiplier of the block widths (the stem is not scaled).
+      se_ratio: squeeze-excite hidden width as a fraction of the block width.
+      alpha: residual branch scale.
+      stochdepth_rate: stochastic depth rate of the deepest block; block i of
+        N gets rate * i / N.
+      drop_rate: dropout before the classifier; None uses the variant's.
+      activation: key of `nfnets.layers.ACTIVATIONS`.
+      fc_init: classifier weight initialiser; default N(0, 0.01).
+      final_conv_mult: final conv width as a multiple of the last block's.
+      final_conv_ch: explicit final conv width; takes precedence over
+        final_conv_mult when given (the reference ignored it unless
+        final_conv_mult was None).
+      use_two_convs: whether blocks have the second 3x3 conv (conv1b).
+      grouped_conv: 'auto' | 'split' | 'native' grouped-conv implementation
+        ('auto' = split on CPU, native on GPU/TPU); same params and results.
+      remat: rematerialise each block in the backward pass to save memory.
+      depth: blocks per stage overriding the variant's (for small models).
+      group_size: channels per group in the 3x3 convs (128 in all variants).
+      in_channels: expected image channels (3 for every released model).
+      name: Haiku module name; 'NFNet' matches the released checkpoints.
+    """
+    super().__init__(name=name)
+    config = get_variant(variant)
+    self.variant, self.num_classes = variant, num_classes
+    self.drop_rate = config['drop_rate'] if drop_rate is None else drop_rate
+    self.activation = layers.get_activation(activation)
+    self.remat = remat
+    self.in_channels = in_channels
+    self.specs = block_specs(
+      variant, width, alpha, stochdepth_rate, depth, group_size
+    )
+    self._make_stem(config['width'][0] // 2, grouped_conv)
+    self.blocks = [
+      self._make_block(spec, se_ratio, alpha, activation, use_two_convs,
+                       grouped_conv)
+      for spec in self.specs
+    ]  # fmt: skip
+    ch = final_conv_channels(
+      self.specs[-1].out_ch, final_conv_mult, final_conv_ch
+    )
+    self.final_conv = layers.WSConv2D(
+      ch, 1, grouped_conv=grouped_conv, name='final_conv'
+    )
+    fc_init = fc_init or hk.initializers.RandomNormal(0.01, 0.0)
+    self.fc = hk.Linear(num_classes, w_init=fc_init, with_bias=True)
+
+  def _make_stem(self, stem_ch: int, grouped_conv: str) -> None:
+    channels = (*STEM_CHANNELS, stem_ch)
+    self.stem_convs = [
+      layers.WSConv2D(
+        ch, 3, stride=s, grouped_conv=grouped_conv, name=f'stem_conv{i}'
+      )
+      for i, (ch, s) in enumerate(zip(channels, STEM_STRIDES, strict=True))
+    ]
+
+  @staticmethod
+  def _make_block(spec, se_ratio, alpha, activation, use_two_convs, gconv):
+    return NFBlock(
+      spec.in_ch,
+      spec.out_ch,
+      spec.width,
+      spec.groups,
+      stride=spec.stride,
+      beta=spec.beta,
+      alpha=alpha,
+      se_ratio=se_ratio,
+      activation=activation,
+      stochdepth_rate=spec.stochdepth_rate,
+      use_two_convs=use_two_convs,
+      grouped_conv=gconv,
+      name='nf_block' if spec.index == 0 else f'nf_block_{spec.index}',
+    )
+
+  def _check_input(self, x: jax.Array) -> None:
+    if x.ndim != 4:
+      raise ValueError(
+        f'NFNet expects NHWC images of rank 4, got shape {x.shape}; add a '
+        'batch axis (x[None]) for a single image.'
+      )
+    if x.shape[-1] != self.in_channels:
+      raise ValueError(
+        f'NFNet expects {self.in_channels} channels (NHWC), got shape '
+        f'{x.shape}; convert grayscale to RGB or transpose NCHW to NHWC.'
+      )
+    if min(x.shape[1:3]) < TOTAL_STRIDE:
+      raise ValueError(
+        f'Image size {x.shape[1:3]} is too small: NFNet downsamples by '
+        f'{TOTAL_STRIDE}, so height and width must be >= {TOTAL_STRIDE}.'
+      )
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(
+        f'NFNet expects normalised float images, got dtype {x.dtype}.'
+      )
+
+  def __call__(
+    self, x: jax.Array, is_training: bool = True, return_metrics: bool = False
+  ) -> dict[str, jax.Array]:
+    """Runs the network on NHWC float images; see the class docstring."""
+    self._check_input(x)
+    outputs = {}
+    out = x
+    for i, conv in enumerate(self.stem_convs):
+      out = conv(out)
+      if i < len(self.stem_convs) - 1:  # No activation after the last one.
+        out = self.activation(out)
+    if return_metrics:
+      outputs.update(layers.signal_metrics(out, 0))
+    for i, block in enumerate(self.blocks):
+      out, res_var = self._apply_block(block, out, is_training)
+      if return_metrics:
+        outputs.update(layers.signal_metrics(out, i + 1))
+        outputs[f'res_avg_var_{i}'] = res_var
+    pool = jnp.mean(self.activation(self.final_conv(out)), axis=(1, 2))
+    outputs['pool'] = pool
+    if is_training and self.drop_rate > 0.0:
+      pool = hk.dropout(hk.next_rng_key(), self.drop_rate, pool)
+    outputs['logits'] = self.fc(pool)
+    return outputs
+
+  def _apply_block(self, block, x, is_training):
+    if not self.remat:
+      return block(x, is_training)
+    return hk.remat(lambda y: block(y, is_training))(x)
