@@ -44,17 +44,16 @@ _BASE_VARIANTS = {
 def _make_variants() -> dict[str, dict]:
   """Builds the F0-F7 and F0+-F7+ table (the reference's `nfnet_params`)."""
   table = {}
-  for name, (depth, train_size, test_size, ra, drop) in _BASE_VARIANTS.items():
-    entry = dict(
-      width=_BASE_WIDTH,
-      depth=depth,
-      train_imsize=train_size,
-      test_imsize=test_size,
-      RA_level=ra,
-      drop_rate=drop,
-    )
-    table[name] = entry
-    table[name + '+'] = dict(entry, width=_PLUS_WIDTH)
+  for suffix, widths in (('', _BASE_WIDTH), ('+', _PLUS_WIDTH)):
+    for name, (depth, train, test, ra, drop) in _BASE_VARIANTS.items():
+      table[name + suffix] = dict(
+        width=widths,
+        depth=depth,
+        train_imsize=train,
+        test_imsize=test,
+        RA_level=ra,
+        drop_rate=drop,
+      )
   return table
 
 
@@ -255,6 +254,22 @@ class NFBlock(hk.Module):
     return out * skip_gain * self.alpha + shortcut, res_avg_var
 
 
+def _make_block(spec: BlockSpec, **kwargs) -> NFBlock:
+  """Builds the block of `spec`, named as in the reference checkpoints."""
+  name = 'nf_block' if spec.index == 0 else f'nf_block_{spec.index}'
+  return NFBlock(
+    spec.in_ch,
+    spec.out_ch,
+    spec.width,
+    spec.groups,
+    stride=spec.stride,
+    beta=spec.beta,
+    stochdepth_rate=spec.stochdepth_rate,
+    name=name,
+    **kwargs,
+  )
+
+
 class NFNet(hk.Module):
   """Normalizer-Free Network, F-series (F0-F7 and the wider F0+-F7+).
 
@@ -328,11 +343,14 @@ class NFNet(hk.Module):
       variant, width, alpha, stochdepth_rate, depth, group_size
     )
     self._make_stem(config['width'][0] // 2, grouped_conv)
-    self.blocks = [
-      self._make_block(spec, se_ratio, alpha, activation, use_two_convs,
-                       grouped_conv)
-      for spec in self.specs
-    ]  # fmt: skip
+    block_kwargs = dict(
+      alpha=alpha,
+      se_ratio=se_ratio,
+      activation=activation,
+      use_two_convs=use_two_convs,
+      grouped_conv=grouped_conv,
+    )
+    self.blocks = [_make_block(spec, **block_kwargs) for spec in self.specs]
     ch = final_conv_channels(
       self.specs[-1].out_ch, final_conv_mult, final_conv_ch
     )
@@ -350,24 +368,6 @@ class NFNet(hk.Module):
       )
       for i, (ch, s) in enumerate(zip(channels, STEM_STRIDES, strict=True))
     ]
-
-  @staticmethod
-  def _make_block(spec, se_ratio, alpha, activation, use_two_convs, gconv):
-    return NFBlock(
-      spec.in_ch,
-      spec.out_ch,
-      spec.width,
-      spec.groups,
-      stride=spec.stride,
-      beta=spec.beta,
-      alpha=alpha,
-      se_ratio=se_ratio,
-      activation=activation,
-      stochdepth_rate=spec.stochdepth_rate,
-      use_two_convs=use_two_convs,
-      grouped_conv=gconv,
-      name='nf_block' if spec.index == 0 else f'nf_block_{spec.index}',
-    )
 
   def _check_input(self, x: jax.Array) -> None:
     if x.ndim != 4:
