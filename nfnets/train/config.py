@@ -1,0 +1,140 @@
+"""Default `train`, `eval` and `checkpoint` config sections, and validation.
+
+The model, data and optimizer sections come from their own modules
+(`nfnets.models`, `nfnets.data`, `nfnets.optim`); the sections here hold
+everything the training loop itself reads. Every key is read by
+`nfnets.train.loop` (or a helper it calls); `validate_config` rejects values
+that would only fail later, with a message that says what to change.
+"""
+
+import ml_collections
+
+COMPUTE_DTYPES = ('float32', 'bfloat16')
+DATA_RESUME_MODES = ('skip', 'reseed')
+
+
+def default_train_config() -> ml_collections.ConfigDict:
+  """Returns the `config.train` section with the paper's defaults.
+
+  Returns:
+    A ConfigDict with keys:
+      batch_size: global batch size over all devices and hosts.
+      num_epochs: length of the run in passes over the train split.
+      num_steps: if > 0, length of the run in steps (overrides num_epochs).
+      compute_dtype: 'bfloat16' or 'float32' for the forward/backward pass;
+        master weights, optimizer state and the loss stay float32.
+      label_smoothing: weight of the uniform distribution in the targets.
+      seed: seed for parameter init and per-step randomness.
+      log_every_steps: how often train metrics are logged.
+      data_resume: how the input pipeline continues after a restart: 'skip'
+        replays the data order by skipping the batches already seen (exact,
+        costs one pass over them), 'reseed' starts a fresh shuffle seeded by
+        the step (cheap; the order differs from an uninterrupted run).
+      compilation_cache_dir: persistent XLA compilation cache ('' = off).
+      distributed: multi-host settings (see `default_distributed_config`).
+  """
+  return ml_collections.ConfigDict(
+    dict(
+      batch_size=4096,
+      num_epochs=360.0,
+      num_steps=0,
+      compute_dtype='bfloat16',
+      label_smoothing=0.1,
+      seed=0,
+      log_every_steps=100,
+      data_resume='reseed',
+      compilation_cache_dir='~/.cache/nfnets/jax_compilation_cache',
+      distributed=default_distributed_config(),
+    )
+  )
+
+
+def default_distributed_config() -> ml_collections.ConfigDict:
+  """Returns `config.train.distributed`: `jax.distributed.initialize` args.
+
+  Returns:
+    A ConfigDict with keys:
+      enabled: call `jax.distributed.initialize` before anything else.
+      coordinator_address: 'host:port' of process 0 ('' = auto-detect from
+        the cluster environment, e.g. SLURM or Cloud TPU).
+      num_processes: number of processes (0 = auto-detect).
+      process_id: this process's index (-1 = auto-detect).
+      cpu_collectives: CPU cross-process collectives ('gloo' or 'mpi'); only
+        used when the platform is CPU, where jax has none by default.
+  """
+  return ml_collections.ConfigDict(
+    dict(
+      enabled=False,
+      coordinator_address='',
+      num_processes=0,
+      process_id=-1,
+      cpu_collectives='gloo',
+    )
+  )
+
+
+def default_eval_config() -> ml_collections.ConfigDict:
+  """Returns the `config.eval` section.
+
+  Returns:
+    A ConfigDict with keys:
+      batch_size: global eval batch size (the last batch is padded and
+        masked, so any split size works).
+      every_steps: evaluate every this many train steps (0 = only at the end).
+      ema: also evaluate the EMA parameters when the optimizer keeps an EMA.
+  """
+  return ml_collections.ConfigDict(
+    dict(batch_size=256, every_steps=0, ema=True)
+  )
+
+
+def default_checkpoint_config() -> ml_collections.ConfigDict:
+  """Returns the `config.checkpoint` section.
+
+  Returns:
+    A ConfigDict with keys:
+      enabled: write checkpoints to `<workdir>/checkpoints` and resume from
+        the newest one found there.
+      every_steps: save every this many steps (0 = only at the end and on
+        SIGTERM).
+      max_to_keep: how many of the newest checkpoints to keep.
+      save_on_sigterm: on SIGTERM (preemption), save after the current step
+        and stop cleanly; rerunning the same command resumes.
+  """
+  return ml_collections.ConfigDict(
+    dict(enabled=True, every_steps=1000, max_to_keep=3, save_on_sigterm=True)
+  )
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks the loop's own config values; raises ValueError with a fix.
+
+  Args:
+    config: the full experiment config.
+
+  Raises:
+    ValueError: for a value the loop cannot run with.
+  """
+  train = config.train
+  if train.compute_dtype not in COMPUTE_DTYPES:
+    raise ValueError(
+      f'config.train.compute_dtype={train.compute_dtype!r} is not one of '
+      f'{COMPUTE_DTYPES}.'
+    )
+  if train.data_resume not in DATA_RESUME_MODES:
+    raise ValueError(
+      f'config.train.data_resume={train.data_resume!r} is not one of '
+      f'{DATA_RESUME_MODES}.'
+    )
+  if train.batch_size <= 0 or config.eval.batch_size <= 0:
+    raise ValueError(
+      'config.train.batch_size and config.eval.batch_size must be positive.'
+    )
+  if train.num_steps <= 0 and train.num_epochs <= 0:
+    raise ValueError(
+      'Set config.train.num_epochs > 0 or config.train.num_steps > 0.'
+    )
+  if train.log_every_steps <= 0:
+    raise ValueError('config.train.log_every_steps must be >= 1.')
+  if not 0.0 <= train.label_smoothing < 1.0:
+    raise ValueError('config.train.label_smoothing must be in [0, 1).')

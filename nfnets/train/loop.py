@@ -1,0 +1,477 @@
+"""`train_and_evaluate(config, workdir)`: the whole training run.
+
+Order of events:
+  1. runtime setup: `jax.distributed.initialize` (when configured) and the
+     persistent compilation cache;
+  2. the `('data',)` mesh over every device, data/model/optimizer from the
+     config, the resolved config written to `<workdir>/config.json`;
+  3. a fresh state (or `config.model.init_from` weights), replaced by the
+     newest checkpoint in `<workdir>/checkpoints` when there is one;
+  4. the train loop: log every `log_every_steps`, evaluate every
+     `eval.every_steps`, checkpoint every `checkpoint.every_steps` and on
+     SIGTERM; a non-finite loss stops the run (no checkpoint is written from
+     then on, so the last good one stays the newest);
+  5. a final checkpoint and a final evaluation (raw and EMA parameters).
+
+Resuming: the state (step, params, optimizer state, EMA, RNG key) is
+restored exactly and step t always uses `fold_in(rng, t)`. tf.data gives no
+way to checkpoint the input pipeline's position, so the data order on resume
+depends on `config.train.data_resume`: 'skip' rebuilds the pipeline with the
+same seed and skips the batches already consumed (an exact replay when the
+data pipeline is deterministic); 'reseed' starts a new shuffle seeded by the
+resume step (cheap; examples are still drawn uniformly, but the run does not
+see exactly the order an uninterrupted run would).
+"""
+
+import dataclasses
+import math
+import operator
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from nfnets import data, models, optim
+from nfnets.train import checkpoint as ckpt_lib
+from nfnets.train import config as config_lib
+from nfnets.train import mesh as mesh_lib
+from nfnets.train import step as step_lib
+from nfnets.train import writers
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Raised when a train step produces a non-finite loss or gradient."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What `train_and_evaluate` returns.
+
+  Attributes:
+    state: the final `TrainState` (global, replicated arrays).
+    metrics: the last train metrics and the final eval metrics, by name.
+    preempted: True when the run stopped on SIGTERM before the end.
+  """
+
+  state: step_lib.TrainState
+  metrics: dict
+  preempted: bool
+
+
+@dataclasses.dataclass
+class _Run:
+  """Everything built from the config that the loop needs."""
+
+  config: Any
+  workdir: str
+  mesh: Any
+  num_classes: int
+  total_steps: int
+  steps_per_epoch: float
+  model: Any
+  optimizer: Any
+  schedule_fn: Any
+  train_step: Any
+  eval_step: Any
+  writer: writers.MetricWriter
+  progress: writers.ProgressReporter
+
+
+def train_and_evaluate(config, workdir: str) -> TrainResult:
+  """Trains and evaluates the model described by `config` in `workdir`.
+
+  Rerunning with the same `workdir` resumes from its newest checkpoint.
+
+  Args:
+    config: a full experiment config (sections model, data, optimizer,
+      train, eval, checkpoint), e.g. `configs/f0.py`'s `get_config()`.
+    workdir: directory for checkpoints, metrics and the resolved config.
+
+  Returns:
+    A `TrainResult`.
+
+  Raises:
+    NonFiniteLossError: when the loss or gradient becomes NaN/Inf.
+    ValueError: for config values that cannot work (with what to change).
+  """
+  config_lib.validate_config(config)
+  setup_runtime(config.train)
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  run = _build_run(config, workdir)
+  checkpointer = None
+  if config.checkpoint.enabled:
+    checkpointer = ckpt_lib.Checkpointer(
+      os.path.join(workdir, 'checkpoints'),
+      max_to_keep=config.checkpoint.max_to_keep,
+    )
+  try:
+    state = _initial_state(run, checkpointer)
+    guard = ckpt_lib.PreemptionGuard(config.checkpoint.save_on_sigterm)
+    with guard:
+      state, train_metrics, preempted = _train(run, state, checkpointer, guard)
+    if checkpointer is not None:
+      checkpointer.save(int(state.step), state)
+    metrics = dict(train_metrics)
+    if not preempted:
+      metrics.update(_evaluate_and_log(run, state, final=True))
+    else:
+      run.progress.print(
+        f'Stopped by SIGTERM at step {int(state.step)}; checkpoint saved. '
+        'Rerun the same command to resume.'
+      )
+    return TrainResult(state=state, metrics=metrics, preempted=preempted)
+  finally:
+    if checkpointer is not None:
+      checkpointer.close()
+    run.writer.close()
+
+
+def setup_runtime(train_config) -> None:
+  """Initialises multi-host JAX and the persistent compilation cache.
+
+  Must run before anything touches a JAX backend. Both settings are
+  process-wide; an already-initialised distributed runtime or an explicitly
+  configured cache directory (e.g. `JAX_COMPILATION_CACHE_DIR`) is kept.
+
+  Args:
+    train_config: `config.train`.
+  """
+  dist = train_config.distributed
+  if dist.enabled and not jax.distributed.is_initialized():
+    # jax has no cross-process collectives on CPU unless one is chosen.
+    jax.config.update(
+      'jax_cpu_collectives_implementation', dist.cpu_collectives
+    )
+    kwargs = {}
+    if dist.coordinator_address:
+      kwargs['coordinator_address'] = dist.coordinator_address
+    if dist.num_processes > 0:
+      kwargs['num_processes'] = dist.num_processes
+    if dist.process_id >= 0:
+      kwargs['process_id'] = dist.process_id
+    jax.distributed.initialize(**kwargs)
+  cache_dir = train_config.compilation_cache_dir
+  if cache_dir and not jax.config.jax_compilation_cache_dir:
+    jax.config.update(
+      'jax_compilation_cache_dir', os.path.expanduser(cache_dir)
+    )
+
+
+def _run_length(config, num_train_examples: int) -> tuple[int, float]:
+  """Returns (total_steps, steps_per_epoch) from the train config."""
+  steps_per_epoch = num_train_examples / config.train.batch_size
+  if config.train.num_steps > 0:
+    return int(config.train.num_steps), steps_per_epoch
+  return int(math.ceil(config.train.num_epochs * steps_per_epoch)), (
+    steps_per_epoch
+  )
+
+
+def _build_run(config, workdir: str) -> _Run:
+  """Builds mesh, model, optimizer, jitted steps and writers."""
+  mesh = mesh_lib.make_mesh()
+  mesh_lib.check_batch_size(
+    config.train.batch_size, mesh, 'config.train.batch_size'
+  )
+  mesh_lib.check_batch_size(
+    config.eval.batch_size, mesh, 'config.eval.batch_size'
+  )
+  info = data.dataset_info(config.data)
+  total_steps, steps_per_epoch = _run_length(config, info.num_train_examples)
+  model = models.make_model(config.model, info.num_classes)
+  optimizer, schedule_fn = optim.make_optimizer(
+    config.optimizer,
+    steps_per_epoch=steps_per_epoch,
+    total_steps=total_steps,
+    global_batch_size=config.train.batch_size,
+  )
+  train_step, eval_step = _jit_steps(
+    config, mesh, model, optimizer, schedule_fn, info.num_classes
+  )
+  is_chief = jax.process_index() == 0
+  if is_chief:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  return _Run(
+    config=config,
+    workdir=workdir,
+    mesh=mesh,
+    num_classes=info.num_classes,
+    total_steps=total_steps,
+    steps_per_epoch=steps_per_epoch,
+    model=model,
+    optimizer=optimizer,
+    schedule_fn=schedule_fn,
+    train_step=train_step,
+    eval_step=eval_step,
+    writer=writers.MetricWriter(workdir, enabled=is_chief),
+    progress=writers.ProgressReporter(
+      total_steps=total_steps,
+      batch_size=config.train.batch_size,
+      enabled=is_chief,
+    ),
+  )
+
+
+def _jit_steps(config, mesh, model, optimizer, schedule_fn, num_classes):
+  """Returns the jitted train step (state donated) and eval step."""
+  step_fn = step_lib.make_train_step(
+    model,
+    optimizer,
+    schedule_fn,
+    num_classes=num_classes,
+    opt_config=config.optimizer,
+    compute_dtype=config.train.compute_dtype,
+    label_smoothing=config.train.label_smoothing,
+  )
+  repl = mesh_lib.replicated_sharding(mesh)
+  batch = mesh_lib.batch_sharding(mesh)
+  train_step = jax.jit(
+    step_fn,
+    in_shardings=(repl, batch),
+    out_shardings=(repl, repl),
+    donate_argnums=0,
+  )
+  eval_step = jax.jit(
+    step_lib.make_eval_step(model, num_classes),
+    in_shardings=(repl, batch),
+    out_shardings=repl,
+  )
+  return train_step, eval_step
+
+
+def _initial_state(run: _Run, checkpointer) -> step_lib.TrainState:
+  """Fresh (or pretrained) state, replaced by the newest checkpoint."""
+  config = run.config
+  shape = _first_batch_shape(config)
+  rng = jax.random.PRNGKey(config.train.seed)
+  init_rng, train_rng = jax.random.split(rng)
+  repl = mesh_lib.replicated_sharding(run.mesh)
+  init = jax.jit(
+    lambda r: run.model.init(r, np.zeros(shape, np.float32), True),
+    out_shardings=repl,
+  )
+  params = init(init_rng)
+  if config.model.init_from:
+    params = _load_init_params(config.model, params, run.mesh)
+  opt_state = jax.jit(run.optimizer.init, out_shardings=repl)(params)
+  ema = None
+  if config.optimizer.ema_decay > 0:
+    # A real copy: the state is donated, so no two leaves may share a buffer.
+    ema = jax.jit(lambda p: jax.tree.map(lambda x: x + 0, p),
+                  out_shardings=repl)(params)  # fmt: skip
+  state = step_lib.TrainState(
+    step=mesh_lib.replicate(np.zeros((), np.int32), run.mesh),
+    params=params,
+    opt_state=opt_state,
+    ema_params=ema,
+    rng=mesh_lib.replicate(np.asarray(train_rng), run.mesh),
+  )
+  if checkpointer is not None:
+    restored = checkpointer.restore(state)
+    if restored is not None:
+      run.progress.print(
+        f'Resuming from {checkpointer.directory} at step {int(restored.step)}.'
+      )
+      return restored
+  return state
+
+
+def _first_batch_shape(config) -> tuple[int, ...]:
+  """The image shape of one example, for parameter initialisation."""
+  size = config.data.train_image_size
+  return (1, size, size, 3)
+
+
+def _load_init_params(model_config, params, mesh):
+  """Loads `init_from` weights into `params` (fresh classifier if needed)."""
+  from nfnets import pretrained  # noqa: PLC0415  (pulls in the converters)
+
+  loaded, _ = pretrained.read_params(model_config.init_from)
+  merged = pretrained.merge_pretrained(
+    jax.device_get(params),
+    loaded,
+    reinit_modules=tuple(model_config.reinit_modules),
+  )
+  return mesh_lib.replicate(merged, mesh)
+
+
+def _train_iterator(config, start_step: int):
+  """This process's train batches from `start_step` on."""
+  seed = config.train.seed
+  if config.train.data_resume == 'reseed' and start_step:
+    seed = seed + 1_000_003 * start_step  # A fresh, step-determined shuffle.
+  it = data.make_train_iterator(
+    config.data,
+    global_batch_size=config.train.batch_size,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    seed=seed,
+  )
+  if config.train.data_resume == 'skip':
+    for _ in range(start_step):
+      next(it)
+  return it
+
+
+def _train(run: _Run, state, checkpointer, guard):
+  """Runs train steps until the end or SIGTERM; returns (state, m, stop)."""
+  config = run.config
+  start = int(state.step)
+  if start >= run.total_steps:
+    return state, {}, False
+  run.progress.print(
+    f'Training {run.total_steps} steps ({run.steps_per_epoch:.1f} per epoch) '
+    f'of {config.train.batch_size} images on {run.mesh.devices.size} '
+    f'device(s) in {jax.process_count()} process(es); workdir {run.workdir}'
+  )
+  batches = _train_iterator(config, start)
+  window, last = [], {}
+  for step in range(start, run.total_steps):
+    batch = mesh_lib.shard_batch(next(batches), run.mesh)
+    state, metrics = run.train_step(state, batch)
+    window.append(metrics)
+    done = step + 1
+    if step == start:
+      _report_compile(run, state, done)
+    # Across hosts the check is a collective, so only do it when logging.
+    stop = (
+      jax.process_count() == 1
+      or _is_due(done, config.train.log_every_steps, run.total_steps)
+    ) and guard.requested()
+    if _is_due(done, config.train.log_every_steps, run.total_steps) or stop:
+      last = _log_train(run, window, done, checkpointer)
+      window = []
+    if _is_due(done, config.eval.every_steps) and done < run.total_steps:
+      last = _flush(run, window, done, checkpointer, last)
+      window = []
+      _evaluate_and_log(run, state, final=False)
+    if checkpointer and _is_due(done, config.checkpoint.every_steps):
+      last = _flush(run, window, done, checkpointer, last)
+      window = []
+      checkpointer.save(done, state)
+    if stop:
+      return state, last, True
+  return state, _flush(run, window, run.total_steps, checkpointer, last), False
+
+
+def _is_due(done: int, every: int, end: int | None = None) -> bool:
+  return (every > 0 and done % every == 0) or done == end
+
+
+def _report_compile(run: _Run, state, done: int) -> None:
+  """Waits for the first step (compilation) and starts the clock."""
+  t0 = time.perf_counter()
+  jax.block_until_ready(state.step)
+  run.progress.print(f'First step done (compiled) in {_since(t0)}.')
+  run.progress.start(done)
+
+
+def _since(t0: float) -> str:
+  return f'{time.perf_counter() - t0:.1f}s'
+
+
+def _flush(run, window, done, checkpointer, last):
+  """Logs pending metrics (if any) so none is unchecked before a save."""
+  if not window:
+    return last
+  return _log_train(run, window, done, checkpointer)
+
+
+def _log_train(run: _Run, window, done: int, checkpointer) -> dict:
+  """Fetches a window of step metrics, checks them, logs their mean."""
+  values = jax.device_get(window)
+  first = done - len(values) + 1
+  for i, m in enumerate(values):
+    if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm'])):
+      _stop_non_finite(first + i, m, checkpointer)
+  mean = {
+    f'train/{k}': float(np.mean([m[k] for m in values])) for k in values[0]
+  }
+  mean['train/lr'] = float(values[-1]['lr'])
+  images_per_sec, eta = run.progress.rate(done)
+  if math.isfinite(images_per_sec):
+    mean['train/images_per_sec'] = images_per_sec
+  mean['train/epoch'] = done / run.steps_per_epoch
+  run.writer.write(done, mean)
+  run.progress.print(run.progress.train_line(done, mean, images_per_sec, eta))
+  return mean
+
+
+def _stop_non_finite(step: int, metrics, checkpointer) -> None:
+  """Raises `NonFiniteLossError` naming the step and the kept checkpoint."""
+  kept = 'no checkpoint was written yet'
+  if checkpointer is not None:
+    checkpointer.wait()
+    latest = checkpointer.latest_step()
+    if latest is not None:
+      kept = f'the last good checkpoint (step {latest}) is kept in ' + (
+        checkpointer.directory
+      )
+  raise NonFiniteLossError(
+    f'Non-finite loss at step {step} (loss={float(metrics["loss"])}, '
+    f'grad_norm={float(metrics["grad_norm"])}); stopping, {kept}. Try a '
+    'lower config.optimizer.lr, AGC (config.optimizer.clipping) or '
+    "config.train.compute_dtype='float32'."
+  )
+
+
+def evaluate(run: _Run, params) -> dict:
+  """Top-1/top-5/loss of `params` over the whole eval split.
+
+  Args:
+    run: the built run.
+    params: replicated params.
+
+  Returns:
+    dict with 'top1', 'top5', 'loss' (means over real examples) and
+    'num_examples'.
+  """
+  config = run.config
+  batches = data.make_eval_iterator(
+    config.data,
+    global_batch_size=config.eval.batch_size,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+  totals = None
+  for batch in batches:
+    sums = run.eval_step(params, mesh_lib.shard_batch(batch, run.mesh))
+    totals = (
+      sums if totals is None else jax.tree.map(operator.add, totals, sums)
+    )
+  totals = jax.device_get(totals)
+  count = max(float(totals['count']), 1.0)
+  return {
+    'top1': float(totals['top1']) / count,
+    'top5': float(totals['top5']) / count,
+    'loss': float(totals['loss']) / count,
+    'num_examples': float(totals['count']),
+  }
+
+
+def _evaluate_and_log(run: _Run, state, *, final: bool) -> dict:
+  """Evaluates the raw (and EMA) params, logs and returns the metrics."""
+  step = int(state.step)
+  t0 = time.perf_counter()
+  results = {}
+  sets = [('eval', state.params)]
+  if run.config.eval.ema and state.ema_params is not None:
+    sets.append(('eval_ema', state.ema_params))
+  for prefix, params in sets:
+    for k, v in evaluate(run, params).items():
+      results[f'{prefix}/{k}'] = v
+  run.writer.write(step, results)
+  line = ' | '.join(
+    f'{p} top1 {results[f"{p}/top1"]:.4f} top5 {results[f"{p}/top5"]:.4f}'
+    for p, _ in sets
+  )
+  label = 'Final eval' if final else 'Eval'
+  run.progress.print(
+    f'{label} at step {step} ({int(results["eval/num_examples"])} '
+    f'examples, {_since(t0)}): {line}'
+  )
+  return results
