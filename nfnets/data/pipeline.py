@@ -1,0 +1,408 @@
+"""Training and evaluation input pipelines (tf.data in, NumPy batches out).
+
+`make_train_iterator` yields this process's share of each global batch,
+forever: `images` float32 [b, S, S, 3] (normalised), `labels` int32 [b], and
+with MixUp/CutMix on also `mix_labels` int32 [b] and `ratio` float32 [b]
+(the weight of `labels`). `make_eval_iterator` makes one pass over the
+evaluation split with full-size batches; the last one is padded and `mask`
+(float32 [b]) is 0 on padding, so any split size works with any batch size
+and device count, and every process yields the same number of batches.
+
+The order of training work per example follows DeepMind's reference:
+read -> repeat -> shuffle -> crop/flip/resize -> batch 2b -> mix -> (unbatch
+-> RandAugment -> rebatch b) -> normalise. All randomness is stateless and
+derived from (config.data.seed, the `seed` argument, process_index).
+"""
+
+import math
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from nfnets.data import augment, mixing, preprocess, sources
+
+
+def default_config():
+  """Returns the `config.data` section (the quickstart's digits defaults).
+
+  Variant configs switch on the reference recipe, e.g. for F0:
+  name='imagenet2012', train_image_size=192, eval_image_size=256,
+  mixup_alpha=0.2, cutmix=True, randaugment='405'.
+  """
+  return ml_collections.ConfigDict(
+    dict(
+      # 'digits' | 'imagenet2012' | 'folder' | 'tfds/<name>'.
+      name='digits',
+      data_dir='',  # tfds data dir; '' = tfds's default directory.
+      folder_root='',  # For name='folder': ROOT/<split>/<class>/<image>.
+      image_key='image',  # Feature names for 'tfds/<name>' datasets.
+      label_key='label',
+      train_split='train',  # tfds slicing allowed, e.g. 'train[10000:]'.
+      eval_split='',  # '' = 'validation' if the dataset has one, else 'test'.
+      train_image_size=32,
+      eval_image_size=32,
+      # 'auto' = 'inception_crop_flip' for photos, 'resize' for digits.
+      train_preproc='auto',
+      # 'auto' = 'resize_crop_32' for photos, 'resize' for digits;
+      # or 'crop_resize'.
+      eval_preproc='auto',
+      mixup_alpha=0.0,  # Beta(alpha, alpha); 0 = off. The reference: 0.2.
+      cutmix=False,  # With MixUp on too: half the batch each.
+      randaugment='',  # '' = off, or a level like '405' (4 layers, M=5).
+      randaugment_quirks=True,  # Reproduce the reference's quirks.
+      augment_before_mix=False,  # The reference: RandAugment after mixing.
+      shuffle_buffer=10_000,  # Examples; in-memory sets shuffle fully.
+      seed=0,
+      deterministic=True,  # Fixed element order (False: a little faster).
+      cache=False,  # Cache the encoded examples in memory after reading.
+      num_threads=0,  # tf.data private threadpool size; 0 = tf.data default.
+    )
+  )
+
+
+def dataset_info(data_config):
+  """Returns DatasetInfo(num_classes, num_train/eval_examples, class_names).
+
+  Args:
+    data_config: the `config.data` ConfigDict.
+
+  Returns:
+    A `sources.DatasetInfo`.
+  """
+  source = sources.make_source(data_config)
+  train_split, eval_split = sources.resolve_splits(data_config, source)
+  return sources.DatasetInfo(
+    num_classes=len(source.class_names),
+    num_train_examples=source.num_examples(train_split),
+    num_eval_examples=source.num_examples(eval_split),
+    class_names=tuple(source.class_names),
+  )
+
+
+def _local_batch(global_batch_size, process_index, process_count):
+  sources._check_process(process_index, process_count)
+  if global_batch_size < 1 or global_batch_size % process_count:
+    raise ValueError(
+      f'global_batch_size={global_batch_size} must be a positive multiple '
+      f'of process_count={process_count}.'
+    )
+  return global_batch_size // process_count
+
+
+def _seeds(data_config, seed, process_index):
+  """(file-shuffle seed, buffer-shuffle seed, augmentation seed [2])."""
+  state = np.random.SeedSequence(
+    [int(data_config.seed), int(seed), int(process_index)]
+  ).generate_state(4, np.uint32)
+  aug = tf.constant(state[2:].astype(np.int64))
+  return int(state[0] >> 1), int(state[1] >> 1), aug
+
+
+def _modes(data_config, source):
+  train, evl = data_config.train_preproc, data_config.eval_preproc
+  if train == 'auto':
+    train = 'inception_crop_flip' if source.natural_images else 'resize'
+  if evl == 'auto':
+    evl = 'resize_crop_32' if source.natural_images else 'resize'
+  if train not in preprocess.TRAIN_PREPROCS:
+    raise ValueError(
+      f'Unknown train_preproc {train!r}; valid: '
+      f'{["auto", *preprocess.TRAIN_PREPROCS]}.'
+    )
+  if evl not in preprocess.EVAL_PREPROCS:
+    raise ValueError(
+      f'Unknown eval_preproc {evl!r}; valid: '
+      f'{["auto", *preprocess.EVAL_PREPROCS]}.'
+    )
+  return train, evl
+
+
+def _options(data_config, deterministic):
+  opts = tf.data.Options()
+  opts.deterministic = deterministic
+  opts.experimental_optimization.map_parallelization = True
+  if data_config.num_threads > 0:
+    opts.threading.private_threadpool_size = data_config.num_threads
+  return opts
+
+
+def _fold(seed, index):
+  return tf.random.experimental.stateless_fold_in(seed, index)
+
+
+def _randaugment_float(image, seed, level, quirks):
+  """RandAugment on a float 0..255 image: clip, uint8, augment, float."""
+  num_layers, magnitude = augment.parse_level(level)
+  image = tf.cast(tf.clip_by_value(image, 0.0, 255.0), tf.uint8)
+  image = augment.randaugment(image, seed, num_layers, magnitude, quirks)
+  return tf.cast(image, tf.float32)
+
+
+def _per_example_fn(data_config, mode, aug_seed, ra_before_mix):
+  size = data_config.train_image_size
+
+  def fn(index, ex):
+    seed = _fold(aug_seed, index)
+    image = preprocess.train_preprocess(ex['image'], seed, size, mode)
+    if ra_before_mix:
+      ra_seed = _fold(seed, 1)
+      image = _randaugment_float(
+        image, ra_seed, data_config.randaugment, data_config.randaugment_quirks
+      )
+    return {'images': image, 'labels': ex['label']}
+
+  return fn
+
+
+def _is_ready_array(ds, mode, size):
+  """True when examples are already uint8 [S, S, 3] and need no crop."""
+  spec = ds.element_spec['image']
+  return (
+    mode == 'resize'
+    and spec.dtype == tf.uint8
+    and tuple(spec.shape) == (size, size, 3)
+  )
+
+
+def _crop_and_batch(ds, data_config, mode, aug_seed, batch, ra_before):
+  """Per-example preprocessing then batching (skipped for ready arrays)."""
+  auto = tf.data.AUTOTUNE
+  size = data_config.train_image_size
+  if _is_ready_array(ds, mode, size) and not ra_before:
+    # The in-memory digits: batch the uint8 arrays, cast once per batch.
+    ds = ds.batch(batch, drop_remainder=True)
+    return ds.map(
+      lambda ex: {
+        'images': tf.cast(ex['image'], tf.float32),
+        'labels': ex['label'],
+      }
+    )
+  fn = _per_example_fn(data_config, mode, aug_seed, ra_before)
+  ds = ds.enumerate().map(fn, num_parallel_calls=auto)
+  return ds.batch(batch, drop_remainder=True, num_parallel_calls=auto)
+
+
+def _mix_and_augment(ds, data_config, aug_seed, local_batch, ra_after):
+  """Mixes batches of 2b into b; RandAugment per mixed image if asked."""
+  auto = tf.data.AUTOTUNE
+  mix_seed = _fold(aug_seed, -1)
+
+  def mix(index, b):
+    return mixing.mix_batch(
+      b,
+      _fold(mix_seed, index),
+      mixup_alpha=float(data_config.mixup_alpha),
+      use_cutmix=bool(data_config.cutmix),
+    )
+
+  ds = ds.enumerate().map(mix, num_parallel_calls=auto)
+  if not ra_after:
+    return ds
+  ra_seed = _fold(aug_seed, -2)
+
+  def ra(index, ex):
+    image = _randaugment_float(
+      ex['images'],
+      _fold(ra_seed, index),
+      data_config.randaugment,
+      data_config.randaugment_quirks,
+    )
+    return {**ex, 'images': image}
+
+  ds = ds.unbatch().enumerate().map(ra, num_parallel_calls=auto)
+  return ds.batch(local_batch, drop_remainder=True, num_parallel_calls=auto)
+
+
+def _finalize(ex):
+  out = dict(ex)
+  out['images'] = preprocess.normalize(ex['images'])
+  return out
+
+
+def make_train_dataset(
+  data_config, *, global_batch_size, process_index=0, process_count=1, seed=0
+):
+  """Returns the infinite training tf.data.Dataset of this process's batches.
+
+  Args:
+    data_config: the `config.data` ConfigDict.
+    global_batch_size: examples per step over all processes.
+    process_index: this process (jax.process_index()).
+    process_count: number of processes (jax.process_count()).
+    seed: extra seed, e.g. the run's seed.
+
+  Returns:
+    A dataset of dicts of batched tensors (see the module docstring).
+  """
+  return _train_dataset(
+    data_config, global_batch_size, process_index, process_count, seed
+  )[0]
+
+
+def _train_dataset(
+  data_config, global_batch_size, process_index, process_count, seed
+):
+  """Builds the training dataset; returns (dataset, source, split)."""
+  local_batch = _local_batch(global_batch_size, process_index, process_count)
+  source = sources.make_source(data_config)
+  train_split, _ = sources.resolve_splits(data_config, source)
+  mode, _ = _modes(data_config, source)
+  file_seed, shuffle_seed, aug_seed = _seeds(data_config, seed, process_index)
+  shard = source.read(
+    train_split,
+    image_size=data_config.train_image_size,
+    process_index=process_index,
+    process_count=process_count,
+    shuffle=True,
+    seed=file_seed,
+  )
+  if shard.num_examples == 0:
+    raise ValueError(f'Process {process_index} got no training examples.')
+  ds = shard.dataset.cache() if data_config.cache else shard.dataset
+  if shard.in_memory:
+    ds = ds.shuffle(shard.num_examples, seed=shuffle_seed).repeat()
+  else:
+    ds = ds.repeat().shuffle(data_config.shuffle_buffer, seed=shuffle_seed)
+  ra = bool(data_config.randaugment)
+  mix = data_config.mixup_alpha > 0 or data_config.cutmix
+  ra_before = ra and (data_config.augment_before_mix or not mix)
+  batch = 2 * local_batch if mix else local_batch
+  ds = _crop_and_batch(ds, data_config, mode, aug_seed, batch, ra_before)
+  if mix:
+    ds = _mix_and_augment(
+      ds, data_config, aug_seed, local_batch, ra and not ra_before
+    )
+  ds = ds.map(_finalize, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.with_options(_options(data_config, data_config.deterministic))
+  return ds.prefetch(tf.data.AUTOTUNE), source, train_split
+
+
+def eval_num_batches(num_examples, global_batch_size):
+  """Batches per process for one padded pass over `num_examples`."""
+  return math.ceil(num_examples / global_batch_size)
+
+
+def make_eval_dataset(
+  data_config, *, global_batch_size, process_index=0, process_count=1
+):
+  """Returns one padded pass over the eval split for this process.
+
+  Args:
+    data_config: the `config.data` ConfigDict.
+    global_batch_size: examples per step over all processes.
+    process_index: this process (jax.process_index()).
+    process_count: number of processes (jax.process_count()).
+
+  Returns:
+    A finite dataset of dicts `images`, `labels`, `mask`; every process
+    gets ceil(split size / global_batch_size) full-size batches.
+  """
+  return _eval_dataset(
+    data_config, global_batch_size, process_index, process_count
+  )[0]
+
+
+def _eval_dataset(data_config, global_batch_size, process_index, process_count):
+  """Builds the eval dataset; returns (dataset, source, split)."""
+  local_batch = _local_batch(global_batch_size, process_index, process_count)
+  source = sources.make_source(data_config)
+  _, eval_split = sources.resolve_splits(data_config, source)
+  _, mode = _modes(data_config, source)
+  size = data_config.eval_image_size
+  shard = source.read(
+    eval_split,
+    image_size=size,
+    process_index=process_index,
+    process_count=process_count,
+    shuffle=False,
+    seed=0,
+  )
+  total = source.num_examples(eval_split)
+  num_padding = (
+    eval_num_batches(total, global_batch_size) * local_batch
+    - shard.num_examples
+  )
+  ds = shard.dataset.map(
+    lambda ex: {
+      'images': preprocess.eval_preprocess(ex['image'], size, mode),
+      'labels': ex['label'],
+      'mask': tf.constant(1.0),
+    },
+    num_parallel_calls=tf.data.AUTOTUNE,
+  )
+  padding = tf.data.Dataset.from_tensors(
+    {
+      'images': tf.zeros([size, size, 3]),
+      'labels': tf.constant(0, tf.int32),
+      'mask': tf.constant(0.0),
+    }
+  ).repeat(num_padding)
+  ds = ds.concatenate(padding).batch(local_batch, drop_remainder=True)
+  ds = ds.map(_finalize, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.with_options(_options(data_config, deterministic=True))
+  return ds.prefetch(tf.data.AUTOTUNE), source, eval_split
+
+
+def _numpy_batches(ds, source, split):
+  """Yields NumPy batches; names corrupt files if decoding fails."""
+  iterator = ds.as_numpy_iterator()
+  while True:
+    try:
+      batch = next(iterator)
+    except StopIteration:
+      return
+    except tf.errors.InvalidArgumentError as e:
+      find = getattr(source, 'find_corrupt_files', None)
+      bad = find(split) if find else []
+      if not bad:
+        raise
+      raise ValueError(
+        f'Cannot decode {len(bad)} image(s) in split {split!r}: {bad[:10]}. '
+        'Delete or re-encode them (e.g. with PIL) and restart.'
+      ) from e
+    yield batch
+
+
+def make_train_iterator(
+  data_config, *, global_batch_size, process_index=0, process_count=1, seed=0
+):
+  """Returns an infinite iterator of this process's NumPy training batches.
+
+  Args:
+    data_config: the `config.data` ConfigDict.
+    global_batch_size: examples per step over all processes; each process
+      gets global_batch_size // process_count of them.
+    process_index: this process (jax.process_index()).
+    process_count: number of processes (jax.process_count()).
+    seed: extra seed, e.g. the run's seed.
+
+  Returns:
+    Iterator of dicts: `images` float32 [b, S, S, 3], `labels` int32 [b],
+    plus `mix_labels` int32 [b] and `ratio` float32 [b] when mixing is on.
+  """
+  ds, source, split = _train_dataset(
+    data_config, global_batch_size, process_index, process_count, seed
+  )
+  return _numpy_batches(ds, source, split)
+
+
+def make_eval_iterator(
+  data_config, *, global_batch_size, process_index=0, process_count=1
+):
+  """Returns an iterator over one padded pass of the eval split.
+
+  Args:
+    data_config: the `config.data` ConfigDict.
+    global_batch_size: examples per step over all processes.
+    process_index: this process (jax.process_index()).
+    process_count: number of processes (jax.process_count()).
+
+  Returns:
+    Iterator of dicts: `images` float32 [b, S, S, 3], `labels` int32 [b],
+    `mask` float32 [b] (1 for real examples, 0 for padding).
+  """
+  ds, source, split = _eval_dataset(
+    data_config, global_batch_size, process_index, process_count
+  )
+  return _numpy_batches(ds, source, split)

@@ -1,0 +1,350 @@
+"""Where examples come from: digits, tfds datasets and image folders.
+
+A source turns a dataset name and a split into a `tf.data.Dataset` of
+`{'image', 'label'}` examples for one process's shard. `image` is either the
+encoded file bytes (a scalar string, decoded later, fused with the crop) or a
+decoded uint8 [H, W, 3] tensor (the in-memory digits set); `label` is int32.
+
+Sources never download: tfds is always used with `download=False`, and a
+dataset that is not prepared fails at once with instructions.
+"""
+
+import dataclasses
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+# The digits set has 1,797 images; every fifth one (index % 5 == 0) is the
+# test split, so both splits cover all writers and classes (1,437 / 360).
+DIGITS_TEST_EVERY = 5
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
+PREPARE_IMAGENET_HINT = (
+  'Prepare it once from the official tar files with '
+  '`scripts/prepare_imagenet.sh MANUAL_DIR DATA_DIR` (see docs/data.md), '
+  'then set config.data.data_dir=DATA_DIR.'
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What a trainer needs to know about a dataset.
+
+  Attributes:
+    num_classes: number of labels.
+    num_train_examples: size of the configured training split.
+    num_eval_examples: size of the configured evaluation split.
+    class_names: one name per label index.
+  """
+
+  num_classes: int
+  num_train_examples: int
+  num_eval_examples: int
+  class_names: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+  """One process's part of a split.
+
+  Attributes:
+    dataset: examples `{'image', 'label'}`, finite, in a fixed order.
+    num_examples: how many examples `dataset` yields.
+    in_memory: True when the whole shard is cheap to reshuffle each epoch
+      (arrays or file paths), so the pipeline shuffles it fully.
+  """
+
+  dataset: tf.data.Dataset
+  num_examples: int
+  in_memory: bool
+
+
+def _process_slice(n, process_index, process_count):
+  """Returns (start, stop) of this process's contiguous share of n items."""
+  bounds = np.linspace(0, n, process_count + 1).round().astype(int)
+  return int(bounds[process_index]), int(bounds[process_index + 1])
+
+
+def _check_process(process_index, process_count):
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(
+      f'process_index={process_index} must lie in [0, process_count='
+      f'{process_count}); pass jax.process_index() and jax.process_count().'
+    )
+
+
+class DigitsSource:
+  """scikit-learn's 8x8 handwritten digits, upscaled to RGB, in memory."""
+
+  name = 'digits'
+  natural_images = False
+  default_eval_split = 'test'
+
+  def __init__(self):
+    from sklearn.datasets import load_digits  # Lazy: sklearn is slow to load.
+
+    digits = load_digits()
+    self._images = digits.images.astype(np.float32)  # [1797, 8, 8], 0..16.
+    self._labels = digits.target.astype(np.int32)
+    self.class_names = tuple(str(d) for d in range(10))
+
+  def _indices(self, split):
+    is_test = np.arange(len(self._labels)) % DIGITS_TEST_EVERY == 0
+    if split == 'train':
+      return np.flatnonzero(~is_test)
+    if split == 'test':
+      return np.flatnonzero(is_test)
+    raise ValueError(
+      f"Unknown digits split {split!r}; valid splits are 'train', 'test'."
+    )
+
+  def num_examples(self, split):
+    return len(self._indices(split))
+
+  def upscaled(self, split, image_size):
+    """Returns (uint8 images [n, S, S, 3], int32 labels [n]) of a split.
+
+    The 8x8 images (0..16) are scaled to 0..255 and bilinearly upscaled once,
+    here, so the training loop only gathers ready-made arrays.
+    """
+    idx = self._indices(split)
+    small = self._images[idx, :, :, None] * (255.0 / 16.0)
+    big = tf.image.resize(small, [image_size, image_size], 'bilinear')
+    big = np.clip(np.round(big.numpy()), 0, 255).astype(np.uint8)
+    return np.repeat(big, 3, axis=-1), self._labels[idx]
+
+  def read(self, split, *, image_size, process_index, process_count, **_):
+    """Returns this process's Shard of `split` at `image_size` pixels."""
+    images, labels = self.upscaled(split, image_size)
+    start, stop = _process_slice(len(labels), process_index, process_count)
+    ds = tf.data.Dataset.from_tensor_slices(
+      {'image': images[start:stop], 'label': labels[start:stop]}
+    )
+    return Shard(ds, stop - start, in_memory=True)
+
+
+class TfdsSource:
+  """A prepared tfds image-classification dataset (never downloaded)."""
+
+  natural_images = True
+
+  def __init__(self, name, data_dir, image_key='image', label_key='label'):
+    self.name = name
+    data_dir = data_dir or None
+    if data_dir and not os.path.isdir(data_dir):
+      raise FileNotFoundError(
+        f'config.data.data_dir={data_dir!r} does not exist. '
+        + self._prepare_hint(data_dir)
+      )
+    try:
+      self._builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+      raise ValueError(
+        f'tfds has no dataset named {name!r}. Use a name from '
+        '`tfds.list_builders()` (e.g. "tfds/cifar10"), "imagenet2012", '
+        '"digits" or "folder".'
+      ) from e
+    if not self._builder.is_prepared():
+      raise FileNotFoundError(
+        f'Dataset {name!r} is not prepared in '
+        f'{self._builder.data_dir!r} (download=False: nothing is fetched). '
+        + self._prepare_hint(data_dir)
+      )
+    features = self._builder.info.features
+    for key in (image_key, label_key):
+      if key not in features:
+        raise ValueError(
+          f'{name!r} has no feature {key!r}; its features are '
+          f'{sorted(features.keys())}. Set config.data.image_key/label_key.'
+        )
+    self._image_key, self._label_key = image_key, label_key
+    self.class_names = tuple(features[label_key].names)
+    splits = self._builder.info.splits
+    self.default_eval_split = 'validation' if 'validation' in splits else 'test'
+
+  def _prepare_hint(self, data_dir):
+    if self.name == 'imagenet2012':
+      return PREPARE_IMAGENET_HINT
+    return (
+      f'Build it where there is internet (`tfds build {self.name} '
+      f'--data_dir={data_dir or "~/tensorflow_datasets"}`) and copy the '
+      'folder here, then set config.data.data_dir.'
+    )
+
+  def num_examples(self, split):
+    try:
+      return self._builder.info.splits[split].num_examples
+    except (KeyError, ValueError) as e:
+      raise ValueError(
+        f'{self.name!r} has no split {split!r}; its splits are '
+        f'{sorted(self._builder.info.splits.keys())} (tfds slicing such as '
+        '"train[10000:]" is allowed).'
+      ) from e
+
+  def read(self, split, *, process_index, process_count, shuffle, seed, **_):
+    """Returns this process's Shard of `split`; files shuffled if asked."""
+    self.num_examples(split)  # Validates the split name.
+    if process_count > 1:
+      split = tfds.even_splits(split, n=process_count)[process_index]
+    num = self._builder.info.splits[split].num_examples
+    image_feature = self._builder.info.features[self._image_key]
+    decoders = None
+    if isinstance(image_feature, tfds.features.Image):
+      # Keep the bytes: decoding is fused with the random crop later.
+      decoders = {self._image_key: tfds.decode.SkipDecoding()}
+    ds = self._builder.as_dataset(
+      split=split,
+      shuffle_files=shuffle,
+      decoders=decoders,
+      read_config=tfds.ReadConfig(shuffle_seed=seed, try_autocache=False),
+    )
+    image_key, label_key = self._image_key, self._label_key
+    ds = ds.map(
+      lambda ex: {
+        'image': ex[image_key],
+        'label': tf.cast(ex[label_key], tf.int32),
+      },
+      num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    return Shard(ds, num, in_memory=False)
+
+
+class FolderSource:
+  """Images laid out as `root/<split>/<class>/<image>` (jpg/png/bmp/gif).
+
+  Class names are the sorted union of class folders over all splits, so a
+  class missing from one split keeps its label. Corrupt files raise an error
+  that names them (see `find_corrupt_files`), they are not skipped silently.
+  """
+
+  name = 'folder'
+  natural_images = True
+
+  def __init__(self, root):
+    if not root or not os.path.isdir(root):
+      raise FileNotFoundError(
+        f'config.data.folder_root={root!r} is not a directory; point it at '
+        'a folder laid out as ROOT/<split>/<class>/<image>.jpg.'
+      )
+    self.root = root
+    self._splits = sorted(
+      d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))
+    )
+    classes = set()
+    for split in self._splits:
+      split_dir = os.path.join(root, split)
+      classes.update(
+        c
+        for c in os.listdir(split_dir)
+        if os.path.isdir(os.path.join(split_dir, c))
+      )
+    if not classes:
+      raise ValueError(f'No ROOT/<split>/<class>/ folders found in {root!r}.')
+    self.class_names = tuple(sorted(classes))
+    names = [s for s in ('validation', 'val', 'test') if s in self._splits]
+    self.default_eval_split = names[0] if names else 'validation'
+
+  def files(self, split):
+    """Returns (sorted file paths, int32 labels) of a split."""
+    split_dir = os.path.join(self.root, split)
+    if split not in self._splits:
+      raise ValueError(
+        f'Folder dataset {self.root!r} has no split {split!r}; its splits '
+        f'are {self._splits}.'
+      )
+    paths, labels = [], []
+    for label, name in enumerate(self.class_names):
+      class_dir = os.path.join(split_dir, name)
+      if not os.path.isdir(class_dir):
+        continue
+      for f in sorted(os.listdir(class_dir)):
+        if f.lower().endswith(IMAGE_EXTENSIONS):
+          paths.append(os.path.join(class_dir, f))
+          labels.append(label)
+    if not paths:
+      raise ValueError(f'No images {IMAGE_EXTENSIONS} found in {split_dir!r}.')
+    return paths, np.asarray(labels, np.int32)
+
+  def num_examples(self, split):
+    return len(self.files(split)[0])
+
+  def read(self, split, *, process_index, process_count, **_):
+    """Returns this process's Shard of `split` (bytes read lazily)."""
+    paths, labels = self.files(split)
+    start, stop = _process_slice(len(paths), process_index, process_count)
+    ds = tf.data.Dataset.from_tensor_slices(
+      {'path': paths[start:stop], 'label': labels[start:stop]}
+    )
+    ds = ds.map(
+      lambda ex: {'image': tf.io.read_file(ex['path']), 'label': ex['label']},
+      num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    return Shard(ds, stop - start, in_memory=True)
+
+  def find_corrupt_files(self, split):
+    """Returns the files of `split` that TensorFlow cannot decode."""
+    bad = []
+    for path in self.files(split)[0]:
+      try:
+        tf.io.decode_image(
+          tf.io.read_file(path), channels=3, expand_animations=False
+        )
+      except (tf.errors.InvalidArgumentError, tf.errors.UnknownError):
+        bad.append(path)
+    return bad
+
+
+def _make_digits(data_config):
+  del data_config
+  return DigitsSource()
+
+
+def _make_imagenet(data_config):
+  return TfdsSource('imagenet2012', data_config.data_dir)
+
+
+def _make_folder(data_config):
+  return FolderSource(data_config.folder_root)
+
+
+# Names accepted by config.data.name, besides 'tfds/<name>'.
+SOURCES = {
+  'digits': _make_digits,
+  'imagenet2012': _make_imagenet,
+  'folder': _make_folder,
+}
+
+
+def make_source(data_config):
+  """Returns the source object named by `data_config.name`.
+
+  Args:
+    data_config: the `config.data` ConfigDict.
+
+  Returns:
+    A DigitsSource, TfdsSource or FolderSource.
+  """
+  name = data_config.name
+  if name.startswith('tfds/'):
+    return TfdsSource(
+      name[len('tfds/') :],
+      data_config.data_dir,
+      image_key=data_config.image_key,
+      label_key=data_config.label_key,
+    )
+  if name not in SOURCES:
+    raise ValueError(
+      f'Unknown dataset {name!r}; valid names are {sorted(SOURCES)} or '
+      '"tfds/<name>" for any prepared tfds dataset.'
+    )
+  return SOURCES[name](data_config)
+
+
+def resolve_splits(data_config, source) -> Sequence[str]:
+  """Returns (train_split, eval_split) with '' replaced by the default."""
+  return (
+    data_config.train_split or 'train',
+    data_config.eval_split or source.default_eval_split,
+  )
