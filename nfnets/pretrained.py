@@ -326,6 +326,24 @@ def sniff_format(path: str | os.PathLike) -> str:
   )
 
 
+def read_metadata(path: str | os.PathLike) -> dict:
+  """The string metadata of a weights file, without reading the weights.
+
+  Returns:
+    e.g. `{'format': ..., 'variant': 'F0', 'model_kwargs': '{...}'}`; empty
+    for DeepMind pickles and timm files, which record none.
+  """
+  fmt = sniff_format(path)
+  if fmt == 'safetensors':
+    with safe_open(os.fspath(path), framework='numpy') as f:
+      return dict(f.metadata() or {})
+  if fmt == 'npz':
+    with np.load(path, allow_pickle=False) as data:
+      if _METADATA_KEY in data.files:
+        return json.loads(str(data[_METADATA_KEY]))
+  return {}
+
+
 def read_params(path: str | os.PathLike) -> tuple[Params, dict]:
   """Reads weights from any supported file, without checking them.
 
@@ -422,6 +440,31 @@ def find_mismatches(
   return problems
 
 
+def check_params(
+  params: Mapping[str, Mapping[str, Any]],
+  expected: Mapping[str, Mapping[str, tuple[int, ...]]],
+  *,
+  what: str = 'weights',
+  hint: str = '',
+) -> None:
+  """Raises if any name or shape differs, listing every problem.
+
+  Args:
+    params: the params to check.
+    expected: `{module: {name: shape}}` of the model.
+    what: description of the weights for the error message.
+    hint: extra advice appended to the message.
+
+  Raises:
+    PretrainedMismatchError: when `find_mismatches` reports anything.
+  """
+  problems = find_mismatches(params, expected)
+  if problems:
+    raise PretrainedMismatchError(
+      f'{what}: {len(problems)} problems.{hint}\n  ' + '\n  '.join(problems)
+    )
+
+
 def _infer_num_classes(params: Params) -> int:
   bias = params.get(CLASSIFIER_MODULE, {}).get('b')
   return 1000 if bias is None else int(np.shape(bias)[0])
@@ -452,21 +495,20 @@ def load(
     PretrainedMismatchError: listing every mismatch, when `check` finds any.
   """
   params, metadata = read_params(path)
-  file_variant = metadata.get('variant')
   if num_classes is None:
     num_classes = _infer_num_classes(params)
   if check:
-    expected = expected_shapes(variant, num_classes, **model_kwargs)
-    problems = find_mismatches(params, expected)
-    if problems:
-      hint = ''
-      if file_variant and file_variant != variant:
-        hint = f' The file says it holds variant {file_variant!r}.'
-      raise PretrainedMismatchError(
-        f'{os.fspath(path)!r} does not match NFNet variant {variant!r} with '
-        f'{num_classes} classes ({len(problems)} problems).{hint} Pass the '
-        'variant the weights were trained as.\n  ' + '\n  '.join(problems)
-      )
+    hint = ''
+    file_variant = metadata.get('variant')
+    if file_variant and file_variant != variant:
+      hint = f' The file says it holds variant {file_variant!r}.'
+    check_params(
+      params,
+      expected_shapes(variant, num_classes, **model_kwargs),
+      what=f'{os.fspath(path)!r} for NFNet variant {variant!r} with '
+      f'{num_classes} classes',
+      hint=hint + ' Pass the variant the weights were trained as.',
+    )
   return jax.tree.map(lambda x: np.asarray(x, np.float32), params)
 
 

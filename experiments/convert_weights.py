@@ -1,0 +1,60 @@
+r"""Converts NFNet weights between formats, once, into a safe file.
+
+    # DeepMind's dill pickle -> safetensors (read with a restricted
+    # unpickler; nothing in the file is executed):
+    python -m experiments.convert_weights --input=pretrained/F0_haiku.npz \
+      --output=pretrained/F0.safetensors --variant=F0
+
+    # -> a timm `dm_nfnet_f0` state dict (PyTorch layouts):
+    python -m experiments.convert_weights --input=pretrained/F0_haiku.npz \
+      --output=dm_nfnet_f0.safetensors --variant=F0 --to=timm
+
+The input may be any format `nfnets.pretrained.read_params` reads (DeepMind
+pickle, our .safetensors/.npz, timm safetensors). Names and shapes are
+checked against --variant before anything is written. See docs/pretrained.md.
+"""
+
+import json
+import sys
+
+from absl import app, flags
+
+_INPUT = flags.DEFINE_string('input', None, 'Source weights file.')
+_OUTPUT = flags.DEFINE_string(
+  'output', None, 'Destination: .safetensors, or .npz (haiku layout only).'
+)
+_VARIANT = flags.DEFINE_string('variant', 'F0', 'NFNet variant of the weights.')
+_MODEL_KWARGS = flags.DEFINE_string(
+  'model_kwargs', '{}', 'JSON of extra NFNet kwargs, e.g. {"width": 0.5}.'
+)
+_TO = flags.DEFINE_enum(
+  'to', 'haiku', ['haiku', 'timm'], 'Layout of the output file.'
+)
+flags.mark_flags_as_required(['input', 'output'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  from nfnets import pretrained, timm_interop  # Deferred: fast --help.
+
+  kwargs = json.loads(_MODEL_KWARGS.value)
+  try:
+    params = pretrained.load(_INPUT.value, _VARIANT.value, **kwargs)
+  except (FileNotFoundError, pretrained.PretrainedMismatchError) as e:
+    sys.stderr.write(f'{e}\n')
+    sys.exit(1)
+  if _TO.value == 'timm':
+    timm_interop.save_timm(params, _OUTPUT.value)
+  else:
+    metadata = {'variant': _VARIANT.value, 'model_kwargs': json.dumps(kwargs)}
+    pretrained.save_params(params, _OUTPUT.value, metadata)
+  count = sum(x.size for leaves in params.values() for x in leaves.values())
+  print(
+    f'Wrote {_OUTPUT.value} ({_TO.value} layout, NFNet-{_VARIANT.value}, '
+    f'{count / 1e6:.2f}M parameters).'
+  )
+
+
+if __name__ == '__main__':
+  app.run(main)
