@@ -305,9 +305,12 @@ def randaugment(image, seed, num_layers, magnitude, quirks=True):
   """
   if image.dtype != tf.uint8:
     raise ValueError(f'randaugment needs a uint8 image, got {image.dtype}.')
-  seeds = tf.random.experimental.stateless_split(seed, max(num_layers, 1))
+  if num_layers <= 0:
+    return image
   fns = list(RANDAUGMENT_OPS.values())
-  for i in range(num_layers):
+  seeds = tf.random.experimental.stateless_split(seed, num_layers)
+
+  def layer(i, image):
     op_seed, arg_seed = tf.unstack(
       tf.random.experimental.stateless_split(seeds[i], 2)
     )
@@ -317,6 +320,16 @@ def randaugment(image, seed, num_layers, magnitude, quirks=True):
     branches = [
       functools.partial(fn, image, magnitude, arg_seed, quirks) for fn in fns
     ]
-    image = tf.switch_case(index, branches)
-    image.set_shape([None, None, 3])
+    out = tf.switch_case(index, branches)
+    out.set_shape(image.shape)
+    return i + 1, out
+
+  # A loop traces the 16 branches once, not once per layer (graph build
+  # time dominates pipeline start-up otherwise).
+  _, image = tf.while_loop(
+    lambda i, _: i < num_layers,
+    layer,
+    (tf.constant(0), image),
+    maximum_iterations=num_layers,
+  )
   return image
