@@ -272,7 +272,9 @@ def _train_dataset(
   if shard.in_memory:
     ds = ds.shuffle(shard.num_examples, seed=shuffle_seed).repeat()
   else:
-    ds = ds.repeat().shuffle(data_config.shuffle_buffer, seed=shuffle_seed)
+    # A buffer larger than the shard would only mix epochs and delay start.
+    buffer = max(1, min(data_config.shuffle_buffer, shard.num_examples))
+    ds = ds.repeat().shuffle(buffer, seed=shuffle_seed)
   ra = bool(data_config.randaugment)
   mix = data_config.mixup_alpha > 0 or data_config.cutmix
   ra_before = ra and (data_config.augment_before_mix or not mix)
