@@ -41,7 +41,7 @@ def main(argv):
   kwargs = json.loads(_MODEL_KWARGS.value)
   try:
     params = pretrained.load(_INPUT.value, _VARIANT.value, **kwargs)
-  except (FileNotFoundError, pretrained.PretrainedMismatchError) as e:
+  except (FileNotFoundError, pretrained.WeightsError) as e:
     sys.stderr.write(f'{e}\n')
     sys.exit(1)
   if _TO.value == 'timm':

@@ -50,13 +50,13 @@ def main(argv):
   if bool(_WEIGHTS.value) == bool(_WORKDIR.value):
     raise app.UsageError('Pass exactly one of --weights and --workdir.')
   # Deferred so --help and flag errors stay fast.
-  from nfnets import inference, pretrained
+  from nfnets import evaluation, pretrained
 
   try:
-    results = inference.evaluate_from(
+    results = evaluation.evaluate_from(
       _CONFIG.value, weights=_WEIGHTS.value, workdir=_WORKDIR.value
     )
-  except (FileNotFoundError, pretrained.PretrainedMismatchError) as e:
+  except (FileNotFoundError, pretrained.WeightsError) as e:
     sys.stderr.write(f'{e}\n')
     sys.exit(1)
   for prefix in ('eval', 'eval_ema'):

@@ -49,7 +49,7 @@ def main(argv):
       image_size=_IMAGE_SIZE.value,
       k=_TOP_K.value,
     )
-  except (FileNotFoundError, pretrained.PretrainedMismatchError) as e:
+  except (FileNotFoundError, pretrained.WeightsError) as e:
     sys.stderr.write(f'{e}\n')
     sys.exit(1)
   for path, top in zip(paths, results, strict=True):

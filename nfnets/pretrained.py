@@ -67,11 +67,15 @@ _SAFETENSORS_SUFFIX = '.safetensors'
 _NUMERIC_KINDS = frozenset('biufc')
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class WeightsError(ValueError):
+  """A weights file is unreadable, unsafe or does not fit the model."""
+
+
+class UnsafePickleError(WeightsError, pickle.UnpicklingError):
   """A pickle referenced a global outside the numpy-array allow-list."""
 
 
-class PretrainedMismatchError(ValueError):
+class PretrainedMismatchError(WeightsError):
   """Parameter names or shapes do not match the requested model."""
 
 
@@ -206,7 +210,7 @@ def read_dm_pickle(file) -> Params:
   except UnsafePickleError:
     raise
   except Exception as e:  # Truncated or corrupt stream.
-    raise ValueError(
+    raise WeightsError(
       f'Could not unpickle weights ({type(e).__name__}: {e}); the file is '
       'truncated or not a DeepMind NFNet checkpoint. Download it again.'
     ) from e
@@ -311,6 +315,11 @@ def _read_npz(path: str) -> tuple[dict, dict]:
 
 def sniff_format(path: str | os.PathLike) -> str:
   """Returns 'pickle', 'npz' or 'safetensors' from the file's first bytes."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+      f'No weights file at {os.fspath(path)!r}. Download the official ones '
+      'with scripts/download_pretrained.sh or pass the right path.'
+    )
   with open(path, 'rb') as f:
     head = f.read(9)
   if head[:1] == _PICKLE_MAGIC:
@@ -320,7 +329,7 @@ def sniff_format(path: str | os.PathLike) -> str:
   # safetensors: 8-byte little-endian header size, then a JSON header.
   if len(head) == 9 and head[8:9] == b'{':
     return 'safetensors'
-  raise ValueError(
+  raise WeightsError(
     f'{os.fspath(path)!r} is not a DeepMind pickle, an .npz or a '
     '.safetensors weights file (truncated or wrong file?).'
   )
@@ -358,11 +367,6 @@ def read_params(path: str | os.PathLike) -> tuple[Params, dict]:
     metadata (empty for DeepMind pickles).
   """
   path = os.fspath(path)
-  if not os.path.exists(path):
-    raise FileNotFoundError(
-      f'No weights file at {path!r}. Download the official ones with '
-      'scripts/download_pretrained.sh or pass the right path.'
-    )
   fmt = sniff_format(path)
   if fmt == 'pickle':
     return read_dm_pickle(path), {}

@@ -1,0 +1,194 @@
+"""Evaluating NFNets on a dataset split: weights files or training runs.
+
+`evaluate_from(config, weights=... | workdir=...)` computes top-1, top-5 and
+the cross-entropy over the whole eval split of `config.data` with the
+training library's eval step (data-parallel over all devices, padded last
+batch masked out). A weights file (any format `nfnets.pretrained` reads) is
+checked against `config.model` first; a training workdir's newest checkpoint
+is restored with the trainer's own `Checkpointer`, and both its raw and EMA
+params are evaluated.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nfnets import data, models, optim, pretrained
+from nfnets.train import checkpoint as ckpt_lib
+from nfnets.train import mesh as mesh_lib
+from nfnets.train import step as step_lib
+
+# The optimizer's state structure does not depend on the run length; any
+# length longer than every warmup satisfies make_optimizer's checks.
+_ANY_RUN_LENGTH = 10**9
+
+
+def _abstract_train_state(config, model) -> step_lib.TrainState:
+  """Shapes of the trainer's `TrainState` for `config` (nothing computed)."""
+  optimizer, _ = optim.make_optimizer(
+    config.optimizer,
+    steps_per_epoch=1.0,
+    total_steps=_ANY_RUN_LENGTH,
+    global_batch_size=config.train.batch_size,
+  )
+  size = config.data.train_image_size
+
+  def init(rng):
+    params = model.init(rng, jnp.zeros((1, size, size, 3)), True)
+    ema = params if config.optimizer.ema_decay > 0 else None
+    return step_lib.TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=optimizer.init(params),
+      ema_params=ema,
+      rng=rng,
+    )
+
+  return jax.eval_shape(init, jax.random.PRNGKey(0))
+
+
+def _checkpoint_dir(workdir: str) -> str:
+  directory = os.path.join(os.path.expanduser(workdir), 'checkpoints')
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(
+      f'No checkpoints in {directory!r}: pass the --workdir of a training '
+      'run, or use --weights for a weights file.'
+    )
+  return directory
+
+
+def restore_workdir(config, workdir: str, num_classes: int):
+  """Restores the newest checkpoint of a training run in `workdir`.
+
+  Args:
+    config: the run's config (as used for training).
+    workdir: the training workdir (checkpoints in `<workdir>/checkpoints`).
+    num_classes: the dataset's number of classes.
+
+  Returns:
+    `(step, {'eval': params, 'eval_ema': ema_params})`; 'eval_ema' only
+    when the run keeps an EMA.
+  """
+  directory = _checkpoint_dir(workdir)
+  model = models.make_model(config.model, num_classes)
+  checkpointer = ckpt_lib.Checkpointer(directory, max_to_keep=1_000_000)
+  try:
+    state = checkpointer.restore(_abstract_train_state(config, model))
+  finally:
+    checkpointer.close()
+  if state is None:
+    raise FileNotFoundError(f'{directory!r} holds no complete checkpoint.')
+  sets = {'eval': state.params}
+  if state.ema_params is not None:
+    sets['eval_ema'] = state.ema_params
+  return int(state.step), sets
+
+
+def load_weights_for_config(config, path: str, num_classes: int):
+  """Reads a weights file and checks it against `config.model`.
+
+  Returns:
+    The params; raises `PretrainedMismatchError` listing every mismatch.
+  """
+  params, metadata = pretrained.read_params(path)
+  model = models.make_model(config.model, num_classes)
+  size = config.data.eval_image_size
+  shapes = jax.eval_shape(
+    lambda rng, x: model.init(rng, x, False),
+    jax.random.PRNGKey(0),
+    jax.ShapeDtypeStruct((1, size, size, 3), np.float32),
+  )
+  expected = jax.tree.map(lambda s: tuple(s.shape), shapes)
+  hint = ''
+  file_variant = metadata.get('variant')
+  if file_variant and file_variant != config.model.kwargs.get('variant'):
+    hint = f' The file says it holds variant {file_variant!r}.'
+  pretrained.check_params(
+    params,
+    expected,
+    what=f'{path!r} for config.model {dict(config.model.kwargs)} with '
+    f'{num_classes} classes',
+    hint=hint + ' Set --config.model.kwargs.* to match the weights.',
+  )
+  return jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+
+
+def evaluate(config, param_sets: Mapping, num_classes: int) -> dict:
+  """Top-1/top-5/loss of each params set over `config.data`'s eval split.
+
+  Args:
+    config: experiment config (`data`, `model`, `eval.batch_size`).
+    param_sets: prefix (e.g. 'eval', 'eval_ema') -> Haiku params.
+    num_classes: the dataset's number of classes.
+
+  Returns:
+    `{f'{prefix}/{metric}': value}` for metrics top1, top5, loss (means over
+    the real examples) and num_examples.
+  """
+  mesh = mesh_lib.make_mesh()
+  batch_size = config.eval.batch_size
+  mesh_lib.check_batch_size(batch_size, mesh, 'config.eval.batch_size')
+  model = models.make_model(config.model, num_classes)
+  eval_step = jax.jit(
+    step_lib.make_eval_step(model, num_classes),
+    in_shardings=(
+      mesh_lib.replicated_sharding(mesh),
+      mesh_lib.batch_sharding(mesh),
+    ),
+    out_shardings=mesh_lib.replicated_sharding(mesh),
+  )
+  results = {}
+  for prefix, params in param_sets.items():
+    params = mesh_lib.replicate(params, mesh)
+    totals = None
+    for batch in data.make_eval_iterator(
+      config.data,
+      global_batch_size=batch_size,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    ):
+      sums = eval_step(params, mesh_lib.shard_batch(batch, mesh))
+      totals = sums if totals is None else jax.tree.map(operator.add, totals,
+                                                        sums)  # fmt: skip
+    totals = jax.device_get(totals)
+    count = max(float(totals['count']), 1.0)
+    for key in ('top1', 'top5', 'loss'):
+      results[f'{prefix}/{key}'] = float(totals[key]) / count
+    results[f'{prefix}/num_examples'] = float(totals['count'])
+  return results
+
+
+def evaluate_from(config, *, weights: str = '', workdir: str = '') -> dict:
+  """Evaluates a weights file or a training workdir (raw and EMA params).
+
+  Args:
+    config: experiment config; the model, dataset, eval split, image size
+      (`config.data.eval_image_size`, the variant's test size in the variant
+      configs) and eval batch size come from it.
+    weights: a weights file (any format `nfnets.pretrained` reads).
+    workdir: a training workdir; exactly one of weights/workdir is given.
+
+  Returns:
+    The metrics of `evaluate`, plus 'step' for a workdir.
+  """
+  if bool(weights) == bool(workdir):
+    raise ValueError('Pass exactly one of --weights and --workdir.')
+  if workdir:
+    _checkpoint_dir(workdir)  # Fail before the (slow) dataset setup.
+  else:
+    pretrained.sniff_format(weights)
+  info = data.dataset_info(config.data)
+  results = {}
+  if weights:
+    sets = {'eval': load_weights_for_config(config, weights, info.num_classes)}
+  else:
+    step, sets = restore_workdir(config, workdir, info.num_classes)
+    results['step'] = step
+  results.update(evaluate(config, sets, info.num_classes))
+  return results
