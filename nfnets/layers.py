@@ -194,6 +194,12 @@ def grouped_conv2d(
     rhs_dilation=rate,
     dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
   )
+  if w.shape[:2] == (1, 1) and groups == 1 and isinstance(padding, str):
+    # A 1x1 conv is a matmul over channels (after subsampling for stride,
+    # which 'SAME' and 'VALID' agree on); XLA:CPU runs its backward pass
+    # about 3x faster as a dot than as a convolution.
+    x = x[:, :: stride[0], :: stride[1], :]
+    return jnp.dot(x, w[0, 0])
   if groups == 1 or mode == 'native':
     return conv(x, w, feature_group_count=groups)
   xs = jnp.split(x, groups, axis=-1)
