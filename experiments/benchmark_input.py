@@ -8,7 +8,8 @@ JPEG quality 90), prepares it with tfds, then times our pipelines on it:
     flip, bicubic resize, MixUp + CutMix on 2b images -> b, RandAugment 405
     after mixing, normalisation);
   - 'plain': the same without MixUp/CutMix/RandAugment;
-  - 'eval': the F0 evaluation pipeline at 256 px (resize_crop_32).
+  - 'eval': the F0 evaluation pipeline at 256 px (resize_crop_32);
+  - 'digits': the quickstart's in-memory digits at 32 px.
 
 Optionally (--model_steps > 0) it also times NFNet-F0 training steps at
 batch 8 (forward, backward, SGD update) on the same machine, to compare the
@@ -29,7 +30,9 @@ _IMAGES = flags.DEFINE_integer('num_images', 96, 'JPEGs in the train split.')
 _SIZE = flags.DEFINE_integer('image_size', 192, 'Training image size.')
 _EVAL_SIZE = flags.DEFINE_integer('eval_image_size', 256, 'Eval size.')
 _PIPELINES = flags.DEFINE_list(
-  'pipelines', ['f0', 'plain', 'eval'], 'Which pipelines to time.'
+  'pipelines',
+  ['f0', 'plain', 'eval', 'digits'],
+  'Which pipelines to time: f0, plain, eval, digits.',
 )
 _MODEL_STEPS = flags.DEFINE_integer(
   'model_steps', 0, 'Also time this many F0 train steps at batch 8.'
@@ -81,6 +84,8 @@ def _config(name, data_dir):
   from nfnets import data
 
   config = data.default_config()
+  if name == 'digits':
+    return config
   config.update(
     name='imagenet2012',
     data_dir=data_dir,
