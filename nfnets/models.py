@@ -11,11 +11,19 @@ import haiku as hk
 import ml_collections
 from ml_collections import config_dict
 
-from nfnets import nfnet
+from nfnets import nf_regnet, nf_resnet, nfnet, resnet
 
 MODELS = {
   'NFNet': nfnet.NFNet,
+  'NF_ResNet': nf_resnet.NFResNet,
+  'NF_RegNet': nf_regnet.NFRegNet,
+  'ResNet': resnet.ResNet,
 }
+
+# Models that keep Haiku state (BatchNorm statistics) unless built with
+# kwargs.norm='none'; `make_model` (hk.transform) cannot build them. Use
+# `nfnets.resnet.make_transformed` (hk.transform_with_state) instead.
+STATEFUL_MODELS = ('ResNet',)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -111,6 +119,12 @@ def make_model(
   """
   constructor = get_constructor(model_config.name)
   kwargs = dict(model_config.kwargs)
+  if model_config.name in STATEFUL_MODELS and kwargs.get('norm') != 'none':
+    raise ValueError(
+      f'{model_config.name} with BatchNorm keeps state, which this trainer '
+      "does not support yet; set config.model.kwargs.norm='none' or use "
+      'nfnets.resnet.make_transformed (hk.transform_with_state).'
+    )
 
   def forward(images, is_training):
     return constructor(num_classes=num_classes, **kwargs)(images, is_training)
