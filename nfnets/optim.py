@@ -211,6 +211,7 @@ def adaptive_grad_clip(
     A stateless `optax.GradientTransformation`.
   """
   _check_clipping(clipping, eps)
+  _compile(exclude)  # Fails early on a bad regex.
   inner = optax.adaptive_grad_clip(clipping, eps)
 
   def update_fn(updates, state, params=None):
@@ -321,6 +322,7 @@ def _maybe_agc(clipping, eps, agc_exclude) -> optax.GradientTransformation:
 
 
 def _decay(weight_decay, wd_exclude) -> optax.GradientTransformation:
+  _compile(wd_exclude)  # Fails early on a bad regex.
   if not weight_decay:
     return optax.identity()
   return optax.add_decayed_weights(
@@ -554,7 +556,7 @@ def sam_perturb(
   """
   if not rho >= 0:
     raise ValueError(f'SAM rho must be >= 0, got {rho} (the paper: 0.05).')
-  scale = rho / jnp.maximum(optax.global_norm(grads), eps)
+  scale = rho / jnp.maximum(optax.tree.norm(grads), eps)
   return jax.tree.map(
     lambda p, g: (p + scale * g).astype(p.dtype), params, grads
   )
