@@ -11,7 +11,7 @@ docs/training.md.
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -43,6 +43,9 @@ def _parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    # Orbax logs every checkpoint step at INFO; progress is printed anyway.
+    logging.set_verbosity(logging.WARNING)
   # Imported after flag parsing so `--help` and flag errors stay fast.
   from nfnets.train import NonFiniteLossError, train_and_evaluate
 

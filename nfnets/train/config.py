@@ -11,6 +11,7 @@ import ml_collections
 
 COMPUTE_DTYPES = ('float32', 'bfloat16')
 DATA_RESUME_MODES = ('skip', 'reseed')
+HOST_INPUT_MODES = ('shard', 'slice')
 
 
 def default_train_config() -> ml_collections.ConfigDict:
@@ -30,6 +31,11 @@ def default_train_config() -> ml_collections.ConfigDict:
         replays the data order by skipping the batches already seen (exact,
         costs one pass over them), 'reseed' starts a fresh shuffle seeded by
         the step (cheap; the order differs from an uninterrupted run).
+      host_input: how hosts split the input: 'shard' (each host reads its
+        own shard of the data; the default, and the only scalable choice) or
+        'slice' (every host builds the same global batches and keeps its own
+        rows: the data order is independent of the number of hosts, at
+        process_count times the input cost; for small data and debugging).
       compilation_cache_dir: persistent XLA compilation cache ('' = off).
       distributed: multi-host settings (see `default_distributed_config`).
   """
@@ -43,6 +49,7 @@ def default_train_config() -> ml_collections.ConfigDict:
       seed=0,
       log_every_steps=100,
       data_resume='reseed',
+      host_input='shard',
       compilation_cache_dir='~/.cache/nfnets/jax_compilation_cache',
       distributed=default_distributed_config(),
     )
@@ -125,6 +132,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
       f'config.train.data_resume={train.data_resume!r} is not one of '
       f'{DATA_RESUME_MODES}.'
+    )
+  if train.host_input not in HOST_INPUT_MODES:
+    raise ValueError(
+      f'config.train.host_input={train.host_input!r} is not one of '
+      f'{HOST_INPUT_MODES}.'
     )
   if train.batch_size <= 0 or config.eval.batch_size <= 0:
     raise ValueError(

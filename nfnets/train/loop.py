@@ -304,17 +304,28 @@ def _train_iterator(config, start_step: int):
   seed = config.train.seed
   if config.train.data_resume == 'reseed' and start_step:
     seed = seed + 1_000_003 * start_step  # A fresh, step-determined shuffle.
+  index, count = jax.process_index(), jax.process_count()
+  sliced = config.train.host_input == 'slice' and count > 1
   it = data.make_train_iterator(
     config.data,
     global_batch_size=config.train.batch_size,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
+    process_index=0 if sliced else index,
+    process_count=1 if sliced else count,
     seed=seed,
   )
   if config.train.data_resume == 'skip':
     for _ in range(start_step):
       next(it)
+  if sliced:
+    it = _rows_of_process(it, index, count)
   return it
+
+
+def _rows_of_process(batches, index: int, count: int):
+  """Yields this process's contiguous rows of each global batch."""
+  for batch in batches:
+    n = len(batch['labels']) // count
+    yield {k: v[index * n : (index + 1) * n] for k, v in batch.items()}
 
 
 def _train(run: _Run, state, checkpointer, guard):

@@ -141,7 +141,7 @@ def make_train_step(
       'loss': loss,
       'top1': jnp.mean(topk_correct(logits, batch['labels'], 1)),
       'top5': jnp.mean(topk_correct(logits, batch['labels'], k5)),
-      'grad_norm': optax.global_norm(grads),
+      'grad_norm': optax.tree.norm(grads),
       'agc_clip_fraction': _clip_fraction(grads, state.params, opt_config),
       'lr': jnp.asarray(schedule_fn(state.step), jnp.float32),
     }

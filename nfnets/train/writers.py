@@ -55,10 +55,18 @@ class MetricWriter:
 
       self._tb = tf.summary.create_file_writer(self._tb_dir)
       self._tf = tf
-    with self._tb.as_default(step=int(step)):
+    with self._tb.as_default():
       for name, value in record.items():
         if name != 'step':
-          self._tf.summary.scalar(name, value)
+          # `tf.summary.write` with the scalars plugin's metadata is what
+          # `tf.summary.scalar` does, minus its need for the tensorboard
+          # package (tensorflow-cpu does not pull it in).
+          self._tf.summary.write(
+            name,
+            self._tf.constant(value, self._tf.float32),
+            step=int(step),
+            metadata=_scalar_metadata(),
+          )
     self._tb.flush()
 
   def close(self) -> None:
@@ -69,6 +77,14 @@ class MetricWriter:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+
+
+def _scalar_metadata() -> bytes:
+  """Serialized SummaryMetadata marking a value as a TensorBoard scalar."""
+  from tensorflow.core.framework import summary_pb2  # noqa: PLC0415
+
+  plugin = summary_pb2.SummaryMetadata.PluginData(plugin_name='scalars')
+  return summary_pb2.SummaryMetadata(plugin_data=plugin).SerializeToString()
 
 
 def format_duration(seconds: float) -> str:

@@ -1,0 +1,138 @@
+"""Runs a tiny training job in a fresh process; used by the train tests.
+
+The device count must be fixed before JAX is imported, so multi-device and
+multi-process tests run this script in subprocesses:
+
+    python tests/train_harness.py --devices=8 --workdir=W --out=out.npz \
+      [--num_processes=2 --process_id=0 --port=12345] [--set key=value ...]
+
+It trains a tiny NFNet on the digits (`tiny_config`), then process 0 writes
+the final params (flattened `module/param` keys), the per-step train losses
+from metrics.jsonl, and the final eval top-1 to `--out`.
+"""
+
+import argparse
+import ast
+import json
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+
+def tiny_config(compilation_cache_dir: str = ''):
+  """The quickstart config shrunk for tests: 6 steps of batch 16 at 32 px.
+
+  Dropout and stochastic depth stay on, so the tests also cover per-step
+  randomness across device counts.
+
+  Args:
+    compilation_cache_dir: persistent XLA cache shared by the test runs.
+
+  Returns:
+    An unlocked-for-overrides (but locked) ConfigDict.
+  """
+  from configs import quickstart  # noqa: PLC0415
+
+  config = quickstart.get_config()
+  config.model.kwargs.width = 0.0625
+  config.model.kwargs.group_size = 8
+  config.model.kwargs.stochdepth_rate = 0.2
+  config.model.kwargs.drop_rate = 0.2
+  config.train.batch_size = 16
+  config.train.num_steps = 6
+  config.train.log_every_steps = 1
+  config.train.compilation_cache_dir = compilation_cache_dir
+  config.eval.batch_size = 120
+  config.checkpoint.every_steps = 0
+  return config
+
+
+def _apply_overrides(config, assignments):
+  for item in assignments:
+    key, value = item.split('=', 1)
+    *path, leaf = key.split('.')
+    section = config
+    for name in path:
+      section = section[name]
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      pass  # A plain string.
+    section[leaf] = value
+
+
+def _losses(workdir):
+  losses = {}
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    for line in f:
+      record = json.loads(line)
+      if 'train/loss' in record:
+        losses[record['step']] = record['train/loss']
+  return [losses[s] for s in sorted(losses)]
+
+
+def _check_bad_batch_size(config):
+  """On >1 device, a batch not divisible by the device count must fail."""
+  import jax  # noqa: PLC0415
+
+  from nfnets.train import mesh as mesh_lib  # noqa: PLC0415
+
+  n = jax.device_count()
+  try:
+    mesh_lib.check_batch_size(n + 2, mesh_lib.make_mesh(), 'batch')
+  except ValueError as e:
+    print('BAD_BATCH_ERROR:', e, flush=True)
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--devices', type=int, default=1)
+  parser.add_argument('--workdir', required=True)
+  parser.add_argument('--out', default='')
+  parser.add_argument('--num_processes', type=int, default=1)
+  parser.add_argument('--process_id', type=int, default=0)
+  parser.add_argument('--port', type=int, default=0)
+  parser.add_argument('--cache_dir', default='')
+  parser.add_argument('--set', action='append', default=[])
+  args = parser.parse_args()
+  os.environ['XLA_FLAGS'] = (
+    f'--xla_force_host_platform_device_count={args.devices}'
+  )
+  os.environ['JAX_PLATFORMS'] = 'cpu'
+  config = tiny_config(args.cache_dir)
+  if args.num_processes > 1:
+    dist = config.train.distributed
+    dist.enabled = True
+    dist.coordinator_address = f'localhost:{args.port}'
+    dist.num_processes = args.num_processes
+    dist.process_id = args.process_id
+  _apply_overrides(config, args.set)
+
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+
+  from nfnets.train import train_and_evaluate  # noqa: PLC0415
+
+  result = train_and_evaluate(config, args.workdir)
+  if args.devices > 1 and args.num_processes == 1:
+    _check_bad_batch_size(config)
+  if jax.process_index() == 0 and args.out:
+    params = jax.device_get(result.state.params)
+    flat = {
+      f'{m}/{n}': np.asarray(v) for m, d in params.items() for n, v in d.items()
+    }
+    np.savez(
+      args.out,
+      losses=np.asarray(_losses(args.workdir)),
+      step=int(result.state.step),
+      eval_top1=result.metrics.get('eval/top1', np.nan),
+      preempted=result.preempted,
+      **{'params/' + k: v for k, v in flat.items()},
+    )
+
+
+if __name__ == '__main__':
+  main()
