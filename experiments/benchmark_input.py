@@ -115,12 +115,20 @@ def time_pipeline(name, data_dir):
   for _ in range(3):  # Warm-up: graph build, autotuning, buffers.
     next(it)
   warm = time.time() - start
-  start, count = time.time(), 0
+  start, cpu, count = time.time(), time.process_time(), 0
   for _ in range(_BATCHES.value):
     b = next(it)
     count += int(b['mask'].sum()) if 'mask' in b else len(b['labels'])
   rate = count / (time.time() - start)
-  print(f'{name:6s} pipeline: {rate:7.1f} images/s (start-up {warm:.1f}s)')
+  # CPU time (all threads) per image is robust to other load on the machine;
+  # cores / (CPU s per image) estimates the rate on an idle machine.
+  cpu_per_image = (time.process_time() - cpu) / count
+  print(
+    f'{name:6s} pipeline: {rate:7.1f} images/s wall, '
+    f'{1000 * cpu_per_image:6.1f} CPU-ms/image '
+    f'(idle {os.cpu_count()}-core estimate {os.cpu_count() / cpu_per_image:.0f}'
+    f' images/s; start-up {warm:.1f}s)'
+  )
   return rate
 
 
@@ -155,12 +163,17 @@ def time_model_steps(num_steps, batch=8):
 
   params, state = step(params, state, jax.random.key(1))  # Compile.
   jax.block_until_ready(params)
-  start = time.time()
+  start, cpu = time.time(), time.process_time()
   for i in range(num_steps):
     params, state = step(params, state, jax.random.key(i))
   jax.block_until_ready(params)
   sec = (time.time() - start) / num_steps
-  print(f'F0 train step, batch {batch}: {sec:.2f} s = {batch / sec:.1f} img/s')
+  cpu_sec = (time.process_time() - cpu) / num_steps
+  print(
+    f'F0 train step, batch {batch}: {sec:.2f} s wall = {batch / sec:.1f} '
+    f'images/s; {cpu_sec:.2f} CPU-s/step (idle estimate '
+    f'{batch * os.cpu_count() / cpu_sec:.1f} images/s)'
+  )
   return sec
 
 
