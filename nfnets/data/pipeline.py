@@ -81,7 +81,7 @@ def dataset_info(data_config):
 
 
 def _local_batch(global_batch_size, process_index, process_count):
-  sources._check_process(process_index, process_count)
+  sources.check_process(process_index, process_count)
   if global_batch_size < 1 or global_batch_size % process_count:
     raise ValueError(
       f'global_batch_size={global_batch_size} must be a positive multiple '

@@ -22,6 +22,8 @@ AREA_RANGE = (0.08, 1.0)
 ASPECT_RATIO_RANGE = (3.0 / 4.0, 4.0 / 3.0)
 MIN_OBJECT_COVERED = 0.1
 MAX_ATTEMPTS = 10
+TRAIN_PREPROCS = ('inception_crop_flip', 'inception_crop', 'resize')
+EVAL_PREPROCS = ('resize_crop_32', 'crop_resize', 'resize')
 
 
 def normalize(images):
@@ -181,7 +183,3 @@ def eval_preprocess(image, image_size, mode='resize_crop_32'):
   raise ValueError(
     f'Unknown eval_preproc {mode!r}; valid: {sorted(EVAL_PREPROCS)}.'
   )
-
-
-TRAIN_PREPROCS = ('inception_crop_flip', 'inception_crop', 'resize')
-EVAL_PREPROCS = ('resize_crop_32', 'crop_resize', 'resize')

@@ -67,7 +67,8 @@ def _process_slice(n, process_index, process_count):
   return int(bounds[process_index]), int(bounds[process_index + 1])
 
 
-def _check_process(process_index, process_count):
+def check_process(process_index, process_count):
+  """Raises ValueError unless 0 <= process_index < process_count."""
   if process_count < 1 or not 0 <= process_index < process_count:
     raise ValueError(
       f'process_index={process_index} must lie in [0, process_count='
