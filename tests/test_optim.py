@@ -5,6 +5,7 @@ description of DeepMind's reference optimizer (`SGD_AGC`), not from our code:
 they compute the same quantities independently, in float64.
 """
 
+import functools
 import math
 
 import haiku as hk
@@ -530,36 +531,45 @@ def digits_16px():
   return (x - x.mean()) / x.std(), digits.target.astype(np.int32)
 
 
-def _train(clipping, lr=4.0, steps=80, seed=0, batch_size=64):
-  """SGD (Nesterov, no weight decay) on digits; returns losses, accuracy."""
+@functools.cache
+def _tiny_net_fns():
+  """The tiny net and its jitted loss/grad and predict functions, compiled
+  once and shared by the runs with and without AGC."""
   net = hk.without_apply_rng(hk.transform(tiny_nf_resnet))
-  x, y = digits_16px()
-  x_train, y_train, x_test, y_test = x[:1500], y[:1500], x[1500:], y[1500:]
-  params = net.init(jax.random.PRNGKey(seed), x[:1])
-  tx = optim.sgd_agc(lr, weight_decay=0.0, clipping=clipping)
-  state = tx.init(params)
 
   def loss_fn(params, images, labels):
     logits = net.apply(params, images)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     return losses.mean()
 
+  predict = lambda params, images: jnp.argmax(net.apply(params, images), -1)
+  return net, jax.jit(jax.value_and_grad(loss_fn)), jax.jit(predict)
+
+
+def _train(clipping, lr=4.0, steps=80, seed=0, batch_size=64):
+  """SGD (Nesterov, no weight decay) on digits; returns losses, accuracy."""
+  net, grad_fn, predict = _tiny_net_fns()
+  x, y = digits_16px()
+  x_train, y_train, x_test, y_test = x[:1500], y[:1500], x[1500:], y[1500:]
+  params = net.init(jax.random.PRNGKey(seed), x[:1])
+  tx = optim.sgd_agc(lr, weight_decay=0.0, clipping=clipping)
+  state = tx.init(params)
+
   @jax.jit
-  def step(params, state, images, labels):
-    loss, grads = jax.value_and_grad(loss_fn)(params, images, labels)
+  def update(params, state, grads):
     updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state, loss
+    return optax.apply_updates(params, updates), state
 
   rng = np.random.RandomState(seed)
   losses = []
   for _ in range(steps):
     idx = rng.randint(0, len(x_train), batch_size)
-    params, state, loss = step(params, state, x_train[idx], y_train[idx])
+    loss, grads = grad_fn(params, x_train[idx], y_train[idx])
+    params, state = update(params, state, grads)
     losses.append(float(loss))
     if not np.isfinite(losses[-1]):
       break  # Diverged; no need to go on.
-  logits = jax.jit(net.apply)(params, x_test)
-  return np.array(losses), float(np.mean(np.argmax(logits, -1) == y_test))
+  return np.array(losses), float(np.mean(predict(params, x_test) == y_test))
 
 
 def test_agc_makes_high_lr_training_stable():
