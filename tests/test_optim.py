@@ -572,6 +572,7 @@ def _train(clipping, lr=4.0, steps=80, seed=0, batch_size=64):
   return np.array(losses), float(np.mean(predict(params, x_test) == y_test))
 
 
+@pytest.mark.slow
 def test_agc_makes_high_lr_training_stable():
   # Same net, data order and seed; lr 4 is 40x the paper's per-256 rate.
   losses, _ = _train(clipping=None)
