@@ -125,7 +125,7 @@ def time_pipeline(name, data_dir):
   cpu_per_image = (time.process_time() - cpu) / count
   print(
     f'{name:6s} pipeline: {rate:7.1f} images/s wall, '
-    f'{1000 * cpu_per_image:6.1f} CPU-ms/image '
+    f'{1000 * cpu_per_image:6.2f} CPU-ms/image '
     f'(idle {os.cpu_count()}-core estimate {os.cpu_count() / cpu_per_image:.0f}'
     f' images/s; start-up {warm:.1f}s)'
   )
