@@ -15,9 +15,9 @@ with `hk.transform_with_state` (see `make_transformed`); `apply` returns
 create_offset=True, decay_rate=0.9)` as in the reference config. Convs are
 plain `hk.Conv2D` without bias; the classifier is zero-initialised.
 
-`norm='none'` removes every normalisation layer: an unnormalised,
-unscaled ResNet whose residual stream variance grows with depth, the
-counter-example of the signal-propagation plots.
+`norm='none'` removes every normalisation layer. With `conv_init='he'` this
+is the unnormalised, unscaled ResNet whose residual stream variance doubles
+with every block, the counter-example of the signal-propagation plots.
 """
 
 import functools
@@ -33,6 +33,22 @@ from nfnets import layers, nf_resnet
 VARIANTS = nf_resnet.VARIANTS
 NORMS = ('batch_norm', 'none')
 BN_DECAY = 0.9
+
+# Conv initialisers: 'default' is hk.Conv2D's (truncated normal with std
+# 1/sqrt(fan_in), as in the reference); 'he' preserves the second moment
+# through ReLU (std sqrt(2/fan_in)), the usual choice without normalisation.
+CONV_INITS = ('default', 'he')
+
+
+def make_conv_init(conv_init: str) -> hk.initializers.Initializer | None:
+  """Returns the kernel initialiser named `conv_init` (None = Haiku's)."""
+  if conv_init not in CONV_INITS:
+    raise ValueError(
+      f'Unknown conv_init {conv_init!r}; choose one of {CONV_INITS}.'
+    )
+  if conv_init == 'he':
+    return hk.initializers.VarianceScaling(2.0, 'fan_in', 'truncated_normal')
+  return None
 
 
 class _NoNorm:
@@ -87,6 +103,7 @@ class ResBlock(hk.Module):
     which_norm: Callable = hk.BatchNorm,
     use_se: bool = False,
     se_ratio: float = 0.25,
+    w_init: hk.initializers.Initializer | None = None,
     name: str | None = None,
   ):
     """Creates the block (see the class docstring for the two orders)."""
@@ -95,7 +112,9 @@ class ResBlock(hk.Module):
     self.preactivation = preactivation
     self.activation, self.which_norm = activation, which_norm
     width = max(1, out_ch // 4)
-    conv = functools.partial(hk.Conv2D, with_bias=False, padding='SAME')
+    conv = functools.partial(
+      hk.Conv2D, with_bias=False, padding='SAME', w_init=w_init
+    )
     self.bn0 = which_norm(name='bn0')
     self.conv0 = conv(width, 1, name='conv0')
     self.bn1 = which_norm(name='bn1')
@@ -136,7 +155,7 @@ class ResBlock(hk.Module):
 
 
 def _make_blocks(
-  width, depth, preactivation, activation, which_norm, use_se, se_ratio
+  width, depth, preactivation, activation, which_norm, use_se, se_ratio, w_init
 ) -> list[ResBlock]:
   """The ResNet's blocks, named `res_block_v2[_k]` or `res_block_v1[_k]`."""
   name = 'res_block_v2' if preactivation else 'res_block_v1'
@@ -155,6 +174,7 @@ def _make_blocks(
           which_norm=which_norm,
           use_se=use_se,
           se_ratio=se_ratio,
+          w_init=w_init,
           name=name,
         )
       )
@@ -183,6 +203,7 @@ class ResNet(hk.Module):
     activation: str = 'relu',
     drop_rate: float = 0.0,
     fc_init: hk.initializers.Initializer | None = None,
+    conv_init: str = 'default',
     depth: Sequence[int] | None = None,
     name: str = 'ResNet',
   ):
@@ -200,6 +221,8 @@ class ResNet(hk.Module):
       activation: name of a plain `jax.nn` function (not gamma-scaled).
       drop_rate: dropout before the classifier.
       fc_init: classifier weight initialiser; default zeros (reference).
+      conv_init: 'default' (Haiku's, the reference) or 'he' (see
+        `CONV_INITS`).
       depth: blocks per stage overriding the variant's (for small models).
       name: Haiku module name; 'ResNet' as in the reference.
     """
@@ -210,12 +233,14 @@ class ResNet(hk.Module):
     self.activation = getattr(jax.nn, activation)
     self.preactivation, self.drop_rate = preactivation, drop_rate
     self.which_norm = make_norm(norm, bn_decay)
+    w_init = make_conv_init(conv_init)
     self.initial_conv = hk.Conv2D(
       int(nf_resnet.STEM_MULTIPLIER * width),
       7,
       stride=2,
       with_bias=False,
       padding='SAME',
+      w_init=w_init,
       name='initial_conv',
     )
     if not preactivation:
@@ -224,7 +249,7 @@ class ResNet(hk.Module):
     # created in another method with '~_<method>'.
     self.blocks = _make_blocks(
       width, depth, preactivation, self.activation, self.which_norm,
-      use_se, se_ratio,
+      use_se, se_ratio, w_init,
     )  # fmt: skip
     if preactivation:
       self.final_bn = self.which_norm(name='final_bn')

@@ -1,0 +1,60 @@
+r"""Signal Propagation Plots of NF and BN ResNets at initialisation.
+
+    # The NF-ResNet paper's comparison: NF-ResNet-50, BN-ResNet-50 (v2) and
+    # an unnormalised ResNet-50, on N(0, 1) inputs:
+    python -m experiments.spp --outdir=runs/spp
+
+    # Any models of nfnets.spp.SPP_MODELS, on real (digits) images:
+    python -m experiments.spp --models=nf_resnet50,bn_resnet50_v1 \
+      --inputs=digits --outdir=runs/spp_digits
+
+Writes spp.csv (model, index, transition, avg_sq_mean, avg_var,
+res_avg_var), one spp_<model>.png per model and spp_comparison.png. See
+docs/research.md.
+"""
+
+from absl import app, flags
+
+_MODELS = flags.DEFINE_list(
+  'models',
+  'nf_resnet50,bn_resnet50_v2,unnormalized_resnet50',
+  'Keys of nfnets.spp.SPP_MODELS.',
+)
+_INPUTS = flags.DEFINE_enum(
+  'inputs', 'gaussian', ['gaussian', 'digits', 'folder'], 'Input batch.'
+)
+_FOLDER_ROOT = flags.DEFINE_string(
+  'folder_root', '', 'Root of a folder dataset (for --inputs=folder).'
+)
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', 16, 'Images in the batch.')
+_IMAGE_SIZE = flags.DEFINE_integer('image_size', 224, 'Image height/width.')
+_SKIP_GAIN = flags.DEFINE_float(
+  'skip_gain', 1.0, 'Skip gain of NF blocks (their init, 0, hides branches).'
+)
+_SEED = flags.DEFINE_integer('seed', 0, 'Initialisation and noise seed.')
+_OUTDIR = flags.DEFINE_string('outdir', 'runs/spp', 'Output directory.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  from nfnets import spp  # noqa: PLC0415  (keeps --help fast)
+
+  images = spp.load_images(
+    _INPUTS.value,
+    _BATCH_SIZE.value,
+    _IMAGE_SIZE.value,
+    folder_root=_FOLDER_ROOT.value,
+    seed=_SEED.value,
+  )
+  spp.run_spp(
+    _MODELS.value,
+    images,
+    _OUTDIR.value,
+    seed=_SEED.value,
+    skip_gain=_SKIP_GAIN.value,
+  )
+
+
+if __name__ == '__main__':
+  app.run(main)
