@@ -1,0 +1,114 @@
+r"""Times training steps of registry models: a thin CLI over nfnets.benchmark.
+
+    python -m experiments.benchmark                      # NFNet-F0, b8, 192px
+    python -m experiments.benchmark --model=NFNet --variant=F0,F1 \
+      --batch_size=32 --image_size=192 --steps=50 --dtype=bfloat16 \
+      --json_out=/tmp/bench.json
+    python -m experiments.benchmark --model=NFNet:F0,NFResNet50 --steps=10
+
+`--model` is a comma-separated list of `nfnets.models.MODELS` names, each
+optionally with a variant after ':'; NFNet entries without one take every
+`--variant`. The default dtype is float32 on CPU and bfloat16 on GPU/TPU.
+Prints a Markdown table shaped like the paper's Table 3; `--json_out`
+writes every measurement. See docs/performance.md.
+"""
+
+import json
+import os
+
+from absl import app, flags
+
+_MODEL = flags.DEFINE_list(
+  'model', ['NFNet'], 'Registry names, each optionally `Name:variant`.'
+)
+_VARIANT = flags.DEFINE_list(
+  'variant', ['F0'], 'NFNet variants for NFNet entries without one.'
+)
+_BATCH = flags.DEFINE_integer('batch_size', 8, 'Images per step.')
+_SIZE = flags.DEFINE_integer(
+  'image_size',
+  None,
+  "Square resolution; default the NFNet variant's train size, else 224.",
+)
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed train steps.')
+_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compile.')
+_FWD = flags.DEFINE_integer(
+  'forward_steps', None, 'Timed forward passes (default --steps; 0 = skip).'
+)
+_DTYPE = flags.DEFINE_enum(
+  'dtype', None, ['float32', 'bfloat16'],
+  'Compute dtype; default float32 on CPU, bfloat16 on accelerators.',
+)  # fmt: skip
+_REMAT = flags.DEFINE_bool('remat', None, 'Rematerialise every block.')
+_GROUPED = flags.DEFINE_enum(
+  'grouped_conv', None, ['auto', 'split', 'native'],
+  'Grouped conv implementation (NFNet); default auto.',
+)  # fmt: skip
+_KWARGS = flags.DEFINE_string(
+  'model_kwargs', '{}', 'JSON dict of extra constructor kwargs.'
+)
+_COMPILE_ONLY = flags.DEFINE_bool(
+  'compile_only', False, 'Only compile and report compile time and memory.'
+)
+_CACHE = flags.DEFINE_string(
+  'compilation_cache_dir', '',
+  'Persistent compilation cache directory ("" = off, i.e. cold compiles).',
+)  # fmt: skip
+_JSON = flags.DEFINE_string('json_out', '', 'Write results to this JSON file.')
+
+
+def _model_specs() -> list[tuple[str, dict]]:
+  """(registry name, kwargs) for every benchmarked model."""
+  extra = json.loads(_KWARGS.value)
+  if _REMAT.value is not None:
+    extra['remat'] = _REMAT.value
+  if _GROUPED.value is not None:
+    extra['grouped_conv'] = _GROUPED.value
+  specs = []
+  for entry in _MODEL.value:
+    name, _, variant = entry.partition(':')
+    if variant:
+      specs.append((name, dict(extra, variant=variant)))
+    elif name == 'NFNet':
+      specs += [(name, dict(extra, variant=v)) for v in _VARIANT.value]
+    else:
+      specs.append((name, dict(extra)))
+  return specs
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  import jax  # noqa: PLC0415  (after flag parsing: fast --help)
+
+  from nfnets import benchmark  # noqa: PLC0415
+
+  if _CACHE.value:
+    jax.config.update(
+      'jax_compilation_cache_dir', os.path.expanduser(_CACHE.value)
+    )
+  results = []
+  for name, kwargs in _model_specs():
+    config = benchmark.make_model_config(name, **kwargs)
+    print(f'Benchmarking {benchmark.display_name(config)} ...', flush=True)
+    result = benchmark.run_benchmark(
+      config,
+      batch_size=_BATCH.value,
+      image_size=_SIZE.value,
+      steps=_STEPS.value,
+      warmup=_WARMUP.value,
+      dtype=_DTYPE.value,
+      forward_steps=_FWD.value,
+      compile_only=_COMPILE_ONLY.value,
+    )
+    results.append(result)
+    print(benchmark.format_table([result]).split('\n')[2], flush=True)
+  print(benchmark.format_table(results))
+  if _JSON.value:
+    with open(_JSON.value, 'w') as f:
+      json.dump([r.to_dict() for r in results], f, indent=2)
+    print(f'Wrote {_JSON.value}')
+
+
+if __name__ == '__main__':
+  app.run(main)
