@@ -342,7 +342,15 @@ class NFNet(hk.Module):
     self.specs = block_specs(
       variant, width, alpha, stochdepth_rate, depth, group_size
     )
-    self._make_stem(config['width'][0] // 2, grouped_conv)
+    # Submodules are created directly in __init__: Haiku names modules made
+    # in other methods `NFNet/~_method/...`, which would break checkpoints.
+    stem_channels = (*STEM_CHANNELS, config['width'][0] // 2)
+    self.stem_convs = [
+      layers.WSConv2D(
+        ch, 3, stride=s, grouped_conv=grouped_conv, name=f'stem_conv{i}'
+      )
+      for i, (ch, s) in enumerate(zip(stem_channels, STEM_STRIDES, strict=True))
+    ]
     block_kwargs = dict(
       alpha=alpha,
       se_ratio=se_ratio,
@@ -359,15 +367,6 @@ class NFNet(hk.Module):
     )
     fc_init = fc_init or hk.initializers.RandomNormal(0.01, 0.0)
     self.fc = hk.Linear(num_classes, w_init=fc_init, with_bias=True)
-
-  def _make_stem(self, stem_ch: int, grouped_conv: str) -> None:
-    channels = (*STEM_CHANNELS, stem_ch)
-    self.stem_convs = [
-      layers.WSConv2D(
-        ch, 3, stride=s, grouped_conv=grouped_conv, name=f'stem_conv{i}'
-      )
-      for i, (ch, s) in enumerate(zip(channels, STEM_STRIDES, strict=True))
-    ]
 
   def _check_input(self, x: jax.Array) -> None:
     if x.ndim != 4:
