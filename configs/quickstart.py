@@ -39,7 +39,7 @@ def get_config(arg=None):
   common.override(
     config.optimizer,
     name='sgd_agc',
-    lr=0.4,
+    lr=0.1,
     scale_lr_by_batch=False,
     warmup_epochs=1.0,
     weight_decay=2e-5,

@@ -21,6 +21,7 @@ TRAIN_KEYS = {
   'train/top1',
   'train/top5',
   'train/grad_norm',
+  'train/param_norm',
   'train/agc_clip_fraction',
   'train/lr',
   'train/epoch',
@@ -100,8 +101,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
   config = tiny_config(cache_dir)
   config.optimizer.name = 'sgd'
   config.optimizer.clipping = 0.0
-  config.optimizer.lr = 1e38  # The first update overflows the weights.
-  config.optimizer.warmup_steps = 0
+  # LR 0 for the first step (warmup), then one that overflows the weights.
+  config.optimizer.lr = 1e38
+  config.optimizer.warmup_steps = 1
   config.train.num_steps = 6
   config.train.log_every_steps = 3
   config.checkpoint.every_steps = 1

@@ -137,6 +137,10 @@ def test_sgd_step_matches_hand_gradient():
   np.testing.assert_allclose(
     metrics['grad_norm'], np.sqrt(np.sum(gw**2) + np.sum(gb**2)), rtol=1e-5
   )
+  new_w, new_b = w - 0.5 * gw, bias - 0.5 * gb
+  np.testing.assert_allclose(
+    metrics['param_norm'], np.sqrt(np.sum(new_w**2) + np.sum(new_b**2)), 1e-5
+  )
   top1 = np.mean(np.argmax(p, -1) == b['labels'])
   np.testing.assert_allclose(metrics['top1'], top1)
   assert int(new.step) == 1

@@ -42,7 +42,7 @@ from nfnets.train import writers
 
 
 class NonFiniteLossError(FloatingPointError):
-  """Raised when a train step produces a non-finite loss or gradient."""
+  """Raised when a step's loss, gradient or updated weights are NaN/Inf."""
 
 
 @dataclasses.dataclass
@@ -252,9 +252,11 @@ def _initial_state(run: _Run, checkpointer) -> step_lib.TrainState:
   repl = mesh_lib.replicated_sharding(run.mesh)
   init = jax.jit(
     lambda r: run.model.init(r, np.zeros(shape, np.float32), True),
+    in_shardings=repl,
     out_shardings=repl,
   )
-  params = init(init_rng)
+  # Every process holds the same key, so every process builds the same init.
+  params = init(mesh_lib.replicate(np.asarray(init_rng), run.mesh))
   if config.model.init_from:
     params = _load_init_params(config.model, params, run.mesh)
   opt_state = jax.jit(run.optimizer.init, out_shardings=repl)(params)
@@ -342,12 +344,13 @@ def _train(run: _Run, state, checkpointer, guard):
   batches = _train_iterator(config, start)
   window, last = [], {}
   for step in range(start, run.total_steps):
+    t0 = time.perf_counter()
     batch = mesh_lib.shard_batch(next(batches), run.mesh)
     state, metrics = run.train_step(state, batch)
     window.append(metrics)
     done = step + 1
     if step == start:
-      _report_compile(run, state, done)
+      _report_compile(run, state, done, t0)
     # Across hosts the check is a collective, so only do it when logging.
     stop = (
       jax.process_count() == 1
@@ -373,11 +376,10 @@ def _is_due(done: int, every: int, end: int | None = None) -> bool:
   return (every > 0 and done % every == 0) or done == end
 
 
-def _report_compile(run: _Run, state, done: int) -> None:
-  """Waits for the first step (compilation) and starts the clock."""
-  t0 = time.perf_counter()
+def _report_compile(run: _Run, state, done: int, t0: float) -> None:
+  """Waits for the first step (incl. compilation) and starts the clock."""
   jax.block_until_ready(state.step)
-  run.progress.print(f'First step done (compiled) in {_since(t0)}.')
+  run.progress.print(f'First step (compilation included) took {_since(t0)}.')
   run.progress.start(done)
 
 
@@ -397,7 +399,7 @@ def _log_train(run: _Run, window, done: int, checkpointer) -> dict:
   values = jax.device_get(window)
   first = done - len(values) + 1
   for i, m in enumerate(values):
-    if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm'])):
+    if not all(np.isfinite(m[k]) for k in ('loss', 'grad_norm', 'param_norm')):
       _stop_non_finite(first + i, m, checkpointer)
   mean = {
     f'train/{k}': float(np.mean([m[k] for m in values])) for k in values[0]
@@ -422,9 +424,11 @@ def _stop_non_finite(step: int, metrics, checkpointer) -> None:
       kept = f'the last good checkpoint (step {latest}) is kept in ' + (
         checkpointer.directory
       )
+  values = ', '.join(
+    f'{k}={float(metrics[k])}' for k in ('loss', 'grad_norm', 'param_norm')
+  )
   raise NonFiniteLossError(
-    f'Non-finite loss at step {step} (loss={float(metrics["loss"])}, '
-    f'grad_norm={float(metrics["grad_norm"])}); stopping, {kept}. Try a '
+    f'Non-finite loss at step {step} ({values}); stopping, {kept}. Try a '
     'lower config.optimizer.lr, AGC (config.optimizer.clipping) or '
     "config.train.compute_dtype='float32'."
   )

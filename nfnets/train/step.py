@@ -107,8 +107,8 @@ def make_train_step(
 
   Returns:
     The step function. Metrics (float32 scalars): loss, top1, top5 (against
-    the unmixed labels), grad_norm (before clipping), agc_clip_fraction and
-    lr.
+    the unmixed labels), grad_norm (before clipping), param_norm (after the
+    update), agc_clip_fraction and lr.
   """
   dtype = jnp.dtype(compute_dtype)
   k5 = min(5, num_classes)
@@ -142,6 +142,8 @@ def make_train_step(
       'top1': jnp.mean(topk_correct(logits, batch['labels'], 1)),
       'top5': jnp.mean(topk_correct(logits, batch['labels'], k5)),
       'grad_norm': optax.tree.norm(grads),
+      # Also guards checkpoints: a finite loss can still yield bad weights.
+      'param_norm': optax.tree.norm(params),
       'agc_clip_fraction': _clip_fraction(grads, state.params, opt_config),
       'lr': jnp.asarray(schedule_fn(state.step), jnp.float32),
     }
