@@ -60,12 +60,25 @@ def model_spec(path: str, variant: str | None, model_kwargs: Mapping | None):
   return variant, dict(model_kwargs)
 
 
-def make_classifier(variant: str, num_classes: int, **model_kwargs):
-  """Returns a jitted `(params, images) -> logits` for an inference NFNet."""
+def make_forward(
+  variant: str, num_classes: int, *, return_metrics: bool = True, **kwargs
+):
+  """Returns a jitted inference `(params, images) -> outputs dict`.
+
+  Args:
+    variant: NFNet variant.
+    num_classes: classifier width.
+    return_metrics: also return the signal-propagation metrics
+      (`avg_sq_mean_i`, `avg_var_i`, `res_avg_var_k`).
+    **kwargs: further `NFNet` constructor arguments.
+
+  Returns:
+    The jitted apply function; outputs hold 'logits' and 'pool' too.
+  """
 
   def forward(images):
-    net = nfnet.NFNet(num_classes=num_classes, variant=variant, **model_kwargs)
-    return net(images, is_training=False)['logits']
+    net = nfnet.NFNet(num_classes=num_classes, variant=variant, **kwargs)
+    return net(images, is_training=False, return_metrics=return_metrics)
 
   return jax.jit(hk.without_apply_rng(hk.transform(forward)).apply)
 
@@ -142,5 +155,8 @@ def predict_files(
   )
   size = image_size or nfnet.get_variant(variant)['test_imsize']
   images = np.stack([load_image(p, size) for p in paths])
-  logits = make_classifier(variant, num_classes, **model_kwargs)(params, images)
+  forward = make_forward(
+    variant, num_classes, return_metrics=False, **model_kwargs
+  )
+  logits = forward(params, images)['logits']
   return top_k(np.asarray(logits), names, min(k, num_classes))

@@ -215,24 +215,23 @@ def test_evaluate_needs_a_checkpoint(tmp_path):
     evaluation.evaluate_from(_digits_config())
 
 
-def test_convert_weights_dm_pickle_to_safetensors_and_timm(tmp_path):
+def test_convert_weights_dm_pickle_to_safetensors(tmp_path):
   from tests.test_pretrained import write_dm_pickle
 
   params = _tiny_weights(10, np.arange(10))
-  src = tmp_path / 'F0_haiku.npz'
+  src, dst = tmp_path / 'F0_haiku.npz', tmp_path / 'F0.safetensors'
   write_dm_pickle(params, src)
-  kwargs = f'--model_kwargs={json.dumps(TINY)}'
-  for to, name in [('haiku', 'out.safetensors'), ('timm', 'timm.safetensors')]:
-    proc = _run(
-      'experiments.convert_weights', f'--input={src}',
-      f'--output={tmp_path / name}', f'--to={to}', kwargs,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    loaded = pretrained.load(tmp_path / name, 'F0', **TINY)
-    for module, leaves in params.items():
-      for key, value in leaves.items():
-        np.testing.assert_array_equal(loaded[module][key], value)
-  metadata = pretrained.read_metadata(tmp_path / 'out.safetensors')
+  proc = _run(
+    'experiments.convert_weights', f'--input={src}', f'--output={dst}',
+    f'--model_kwargs={json.dumps(TINY)}',
+  )  # fmt: skip
+  assert proc.returncode == 0, proc.stderr
+  assert '0.74M parameters' in proc.stdout
+  loaded = pretrained.load(dst, 'F0', **TINY)
+  for module, leaves in params.items():
+    for key, value in leaves.items():
+      np.testing.assert_array_equal(loaded[module][key], value)
+  metadata = pretrained.read_metadata(dst)
   assert metadata['variant'] == 'F0'
   assert json.loads(metadata['model_kwargs']) == {
     'width': 0.125, 'depth': [1, 1, 1, 1]
