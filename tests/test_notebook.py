@@ -107,7 +107,9 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
   assert 'eval/top1' in text
   metrics = [
     json.loads(line)
-    for line in (tmp_path / 'finetune' / 'metrics.jsonl').read_text().split()
+    for line in (tmp_path / 'finetune' / 'metrics.jsonl')
+    .read_text()
+    .splitlines()
   ]
   assert metrics[-1]['step'] == 2
   assert 0.0 <= metrics[-1]['eval/top1'] <= 1.0
