@@ -49,6 +49,11 @@ def model_spec(path: str, variant: str | None, model_kwargs: Mapping | None):
   Files written by `pretrained.save_params` may record `variant` and a JSON
   `model_kwargs`; DeepMind's pickles record nothing (variant F0 assumed).
 
+  Args:
+    path: the weights file.
+    variant: explicit variant, or None to read it from the file.
+    model_kwargs: explicit NFNet kwargs, or None to read them from the file.
+
   Returns:
     (variant, model_kwargs dict).
   """
@@ -113,7 +118,16 @@ def load_image(path: str, image_size: int) -> np.ndarray:
 
 
 def top_k(logits: np.ndarray, class_names: Sequence[str], k: int = 5):
-  """Top-k (class name, probability) per row of `logits`."""
+  """Top-k (class name, probability) per row of `logits`.
+
+  Args:
+    logits: [N, C] logits.
+    class_names: C names.
+    k: how many classes per row.
+
+  Returns:
+    N lists of k (name, softmax probability) pairs, most probable first.
+  """
   logits = np.asarray(logits, np.float64)
   probs = np.exp(logits - logits.max(-1, keepdims=True))
   probs /= probs.sum(-1, keepdims=True)
