@@ -154,6 +154,23 @@ def _safe_codecs_encode(text, encoding='utf-8'):
   return text.encode('latin1')
 
 
+class _SafeHaikuMapping:
+  """Stand-in for Haiku's old immutable params mappings (`FlatMapping`...).
+
+  Haiku versions of 2020-21 returned params as `FlatMapping`, which pickled
+  as `FlatMapping(dict)`; here that call (or `cls.__new__(cls, dict)`) just
+  returns a plain dict of the (already safely unpickled) contents.
+  """
+
+  def __new__(cls, data=None, *args, **kwargs):
+    del cls, args, kwargs
+    if not isinstance(data, Mapping):
+      raise UnsafePickleError(
+        'Unsupported Haiku mapping record in pickle (expected a dict).'
+      )
+    return dict(data)
+
+
 # (module, name) -> safe stand-in. numpy 1.x pickles name `numpy.core.*`,
 # numpy 2.x `numpy._core.*`; dill wraps every ndarray in `_create_array`.
 _ALLOWED_GLOBALS = {
@@ -168,6 +185,10 @@ _ALLOWED_GLOBALS = {
   ('dill._dill', '_create_array'): _safe_create_array,
   ('_codecs', 'encode'): _safe_codecs_encode,
   ('collections', 'OrderedDict'): collections.OrderedDict,
+  **{
+    ('haiku._src.data_structures', name): _SafeHaikuMapping
+    for name in ('FlatMapping', 'FlatMap', 'frozendict')
+  },
 }
 
 

@@ -153,6 +153,23 @@ def test_pickle_variants_round_trip(tiny_params, tmp_path, numpy_core,
   _assert_same_params(tiny_params, pretrained.read_dm_pickle(path))
 
 
+def test_old_haiku_flat_mappings_load_as_dicts(tiny_params, tmp_path):
+  # Haiku of 2020-21 returned params as FlatMapping, pickled as
+  # `haiku._src.data_structures.FlatMapping(dict)`.
+  flat_mapping = _Global('haiku._src.data_structures', 'FlatMapping')
+  tree = {
+    m: _Reduce(flat_mapping, ({n: _array_record(x, 'numpy.core', True)
+                               for n, x in v.items()},))
+    for m, v in tiny_params.items()
+  }  # fmt: skip
+  path = tmp_path / 'flat.npz'
+  with open(path, 'wb') as f:
+    _HandPickler(f, protocol=4).dump(_Reduce(flat_mapping, (tree,)))
+  loaded = pretrained.read_dm_pickle(path)
+  assert type(loaded) is dict
+  _assert_same_params(tiny_params, loaded)
+
+
 @pytest.mark.parametrize('protocol', [2, 5])
 def test_stdlib_pickle_of_numpy_arrays_loads(tiny_params, tmp_path, protocol):
   # Real numpy reductions: protocol 2 goes through _codecs.encode for the
