@@ -308,3 +308,18 @@ def test_bad_inputs_give_clear_errors():
   with pytest.raises(ValueError, match='float'):
     init((1, 64, 64, 3), jnp.uint8)
   init((1, 33, 47, 3))  # Sizes need not be multiples of 32.
+
+
+def test_bfloat16_params_and_images_keep_bfloat16():
+  """The reference trains with params and images cast to bf16."""
+  net = _make(10, 'F0', **TINY)
+  x = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.bfloat16)
+  params = jax.eval_shape(
+    functools.partial(net.init, is_training=True), jax.random.PRNGKey(0), x
+  )
+  params = jax.tree.map(
+    lambda s: jax.ShapeDtypeStruct(s.shape, jnp.bfloat16), params
+  )
+  apply = functools.partial(net.apply, is_training=True, return_metrics=True)
+  out = jax.eval_shape(apply, params, jax.random.PRNGKey(1), x)
+  assert {v.dtype for v in jax.tree.leaves(out)} == {jnp.dtype(jnp.bfloat16)}
