@@ -237,7 +237,7 @@ def write_csv(results: Mapping[str, SPP], path: str) -> None:
 
 
 def plot_spp(
-  results: Mapping[str, SPP], path: str, title: str = '', log_var: bool = True
+  results: Mapping[str, SPP], path: str, title: str = '', log_scale=True
 ) -> None:
   """Plots the three SPP statistics of one or more models side by side.
 
@@ -245,8 +245,8 @@ def plot_spp(
     results: label -> SPP; each becomes one line per panel.
     path: output PNG path.
     title: figure title.
-    log_var: log scale for the variance panels (variances span decades when
-      unnormalised networks are included).
+    log_scale: log y axes (the statistics of unnormalised networks span
+      decades).
   """
   import matplotlib  # noqa: PLC0415  (plotting is optional at import time)
 
@@ -267,7 +267,7 @@ def plot_spp(
     first = next(iter(results.values()))
     for t in first.transitions[1:]:
       ax.axvline(t + 1, color='0.85', linewidth=0.8, zorder=0)
-    if log_var and stat != 'avg_sq_mean':
+    if log_scale:
       ax.set_yscale('log')
     ax.set_title(label, fontsize=9)
     ax.set_xlabel('depth (residual blocks)', fontsize=8)

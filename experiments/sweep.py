@@ -1,0 +1,41 @@
+r"""Runs a sweep of config overrides and tabulates the final metrics.
+
+    python -m experiments.sweep --sweep=configs/sweeps/agc_ablation.py \
+      --outdir=runs/agc_ablation
+
+    # Print one `python -m experiments.train` line per point (for a cluster)
+    # instead of running them here:
+    python -m experiments.sweep --sweep=configs/sweeps/agc_ablation.py \
+      --outdir=runs/agc_ablation --launch
+
+Each point trains in <outdir>/<point>; rerunning skips finished points.
+Results: <outdir>/results.csv, results.md and results.png. See
+docs/research.md.
+"""
+
+from absl import app, flags
+
+_SWEEP = flags.DEFINE_string('sweep', None, 'Sweep file (configs/sweeps/).')
+_OUTDIR = flags.DEFINE_string('outdir', None, 'Output directory.')
+_LAUNCH = flags.DEFINE_bool(
+  'launch', False, 'Only print the launch command of every point.'
+)
+flags.mark_flags_as_required(['sweep', 'outdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  from nfnets import sweep  # noqa: PLC0415  (keeps --help fast)
+
+  spec = sweep.load_sweep(_SWEEP.value)
+  if _LAUNCH.value:
+    sweep.point_configs(spec)  # Fails early on a bad key.
+    print('\n'.join(sweep.launch_lines(spec, _OUTDIR.value)))
+    return
+  sweep.run_sweep(spec, _OUTDIR.value)
+  print(f'Results in {_OUTDIR.value}/results.md')
+
+
+if __name__ == '__main__':
+  app.run(main)
