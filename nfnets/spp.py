@@ -236,6 +236,33 @@ def write_csv(results: Mapping[str, SPP], path: str) -> None:
         ])  # fmt: skip
 
 
+def read_csv(path: str) -> dict[str, SPP]:
+  """Reads `write_csv`'s file back (e.g. to replot without recomputing).
+
+  Args:
+    path: a CSV written by `write_csv`.
+
+  Returns:
+    model name -> SPP, in file order.
+  """
+  rows_by_model = {}
+  with open(path, newline='') as f:
+    for row in csv.DictReader(f):
+      rows_by_model.setdefault(row['model'], []).append(row)
+  results = {}
+  for name, rows in rows_by_model.items():
+    rows.sort(key=lambda r: int(r['index']))
+    results[name] = SPP(
+      avg_sq_mean=np.array([float(r['avg_sq_mean']) for r in rows]),
+      avg_var=np.array([float(r['avg_var']) for r in rows]),
+      res_avg_var=np.array([float(r['res_avg_var']) for r in rows[1:]]),
+      transitions=tuple(
+        int(r['index']) - 1 for r in rows if r['transition'] == '1'
+      ),
+    )
+  return results
+
+
 def plot_spp(
   results: Mapping[str, SPP], path: str, title: str = '', log_scale=True
 ) -> None:

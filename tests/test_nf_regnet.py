@@ -21,6 +21,11 @@ TABLE = {
 }
 
 
+# Haiku's init compiles 2-3x faster on CPU with an RngBitGenerator key.
+def _fast_key():
+  return jax.random.key(0, impl='unsafe_rbg')
+
+
 def _ws_conv(k, cin, cout, groups=1):
   return k * k * (cin // groups) * cout + 2 * cout
 
@@ -111,7 +116,7 @@ def test_forward_tiny_zero_init_classifier():
 
   net = hk.transform(forward)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
-  params = jax.jit(net.init)(jax.random.PRNGKey(0), x)
+  params = jax.jit(net.init)(_fast_key(), x)
   out = jax.jit(net.apply)(params, None, x)
   # The reference zero-initialises the NF-RegNet classifier.
   assert out['logits'].shape == (2, 7)

@@ -18,6 +18,11 @@ from nfnets import nf_resnet
 DEPTHS = {'ResNet50': (3, 4, 6, 3), 'ResNet101': (3, 4, 23, 3)}
 
 
+# Haiku's init compiles 2-3x faster on CPU with an RngBitGenerator key.
+def _fast_key():
+  return jax.random.key(0, impl='unsafe_rbg')
+
+
 def _ws_conv(k, cin, cout):
   """A WSConv2D: kernel plus per-channel gain and bias."""
   return k * k * cin * cout + 2 * cout
@@ -125,7 +130,7 @@ def test_non_transition_blocks_are_identity_at_init():
 
   net = hk.transform(forward)
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
-  params = jax.jit(net.init)(jax.random.PRNGKey(0), x)
+  params = jax.jit(net.init)(_fast_key(), x)
   out = jax.jit(net.apply)(params, None, x)
   # Block 1 (second of stage 0) is the identity: same statistics as block 0.
   np.testing.assert_allclose(out['avg_var_2'], out['avg_var_1'], rtol=1e-6)

@@ -17,6 +17,11 @@ from nfnets import models, resnet
 R50 = (3, 4, 6, 3)
 
 
+# Haiku's init compiles 2-3x faster on CPU with an RngBitGenerator key.
+def _fast_key():
+  return jax.random.key(0, impl='unsafe_rbg')
+
+
 def _bn(c):
   return 2 * c  # scale + offset
 
@@ -93,7 +98,7 @@ def test_batchnorm_normalises_block_outputs_in_training():
   )
   x = 3.0 + 5.0 * jax.random.normal(jax.random.PRNGKey(0), (8, 32, 32, 3))
   init = jax.jit(lambda r, x: net.init(r, x, True))
-  params, state = init(jax.random.PRNGKey(1), x)
+  params, state = init(_fast_key(), x)
   apply = jax.jit(
     lambda p, s, x: net.apply(p, s, None, x, True, return_metrics=True)
   )

@@ -82,6 +82,9 @@ def test_csv_and_plots(tmp_path, nf_resnet50, unnormalized_resnet50):
   assert float(nf_rows[5]['avg_var']) == pytest.approx(
     nf_resnet50.avg_var[5], rel=1e-5
   )
+  back = spp.read_csv(str(path))
+  np.testing.assert_allclose(back['nf'].avg_var, nf_resnet50.avg_var, 1e-5)
+  assert back['plain'].transitions == R50_STARTS
   png = tmp_path / 'spp.png'
   spp.plot_spp(results, str(png))
   assert os.path.getsize(png) > 1000
