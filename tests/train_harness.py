@@ -38,10 +38,13 @@ def tiny_config(compilation_cache_dir: str = ''):
 
   config = quickstart.get_config()
   config.model.kwargs.width = 0.0625
-  config.model.kwargs.group_size = 8
+  # One group per conv and no conv1b: fewer ops, so much faster to compile.
+  config.model.kwargs.group_size = 64
+  config.model.kwargs.use_two_convs = False
   config.model.kwargs.stochdepth_rate = 0.2
   config.model.kwargs.drop_rate = 0.2
   config.train.batch_size = 16
+  config.optimizer.warmup_steps = 1
   config.train.num_steps = 6
   config.train.log_every_steps = 1
   config.train.compilation_cache_dir = compilation_cache_dir

@@ -360,16 +360,15 @@ def _train(run: _Run, state, checkpointer, guard):
       last = _log_train(run, window, done, checkpointer)
       window = []
     if _is_due(done, config.eval.every_steps) and done < run.total_steps:
-      last = _flush(run, window, done, checkpointer, last)
-      window = []
+      _check_finite(window, done, checkpointer)
       _evaluate_and_log(run, state, final=False)
     if checkpointer and _is_due(done, config.checkpoint.every_steps):
-      last = _flush(run, window, done, checkpointer, last)
-      window = []
+      # Never checkpoint a state that a non-finite step produced.
+      _check_finite(window, done, checkpointer)
       checkpointer.save(done, state)
     if stop:
       return state, last, True
-  return state, _flush(run, window, run.total_steps, checkpointer, last), False
+  return state, last, False
 
 
 def _is_due(done: int, every: int, end: int | None = None) -> bool:
@@ -387,20 +386,19 @@ def _since(t0: float) -> str:
   return f'{time.perf_counter() - t0:.1f}s'
 
 
-def _flush(run, window, done, checkpointer, last):
-  """Logs pending metrics (if any) so none is unchecked before a save."""
-  if not window:
-    return last
-  return _log_train(run, window, done, checkpointer)
-
-
-def _log_train(run: _Run, window, done: int, checkpointer) -> dict:
-  """Fetches a window of step metrics, checks them, logs their mean."""
+def _check_finite(window, done: int, checkpointer) -> list:
+  """Fetches the metrics of the steps up to `done`; stops if any is bad."""
   values = jax.device_get(window)
   first = done - len(values) + 1
   for i, m in enumerate(values):
     if not all(np.isfinite(m[k]) for k in ('loss', 'grad_norm', 'param_norm')):
       _stop_non_finite(first + i, m, checkpointer)
+  return values
+
+
+def _log_train(run: _Run, window, done: int, checkpointer) -> dict:
+  """Checks a window of step metrics and logs their mean."""
+  values = _check_finite(window, done, checkpointer)
   mean = {
     f'train/{k}': float(np.mean([m[k] for m in values])) for k in values[0]
   }
