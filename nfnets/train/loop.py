@@ -342,6 +342,7 @@ def _train(run: _Run, state, checkpointer, guard):
     f'device(s) in {jax.process_count()} process(es); workdir {run.workdir}'
   )
   batches = _train_iterator(config, start)
+  run.progress.print('Compiling the train step (the first step waits for it)')
   window, last = [], {}
   for step in range(start, run.total_steps):
     t0 = time.perf_counter()
