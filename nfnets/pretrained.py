@@ -428,8 +428,8 @@ def expected_shapes(
 
   model = hk.transform(forward)
   x = jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32)
-  key = jax.ShapeDtypeStruct((2,), np.uint32)
-  shapes = jax.eval_shape(model.init, key, x)
+  # A concrete key: its shape depends on the configured PRNG implementation.
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
   return {
     m: {n: tuple(v.shape) for n, v in leaves.items()}
     for m, leaves in shapes.items()
