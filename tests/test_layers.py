@@ -307,3 +307,59 @@ def test_signal_metrics_match_numpy():
   ch_var = x.reshape(-1, 7).var(axis=0)
   assert float(m['avg_sq_mean_3']) == pytest.approx(np.mean(ch_mean**2), 1e-5)
   assert float(m['avg_var_3']) == pytest.approx(np.mean(ch_var), 1e-5)
+
+
+# --- im2col kernel gradient of the split (XLA:CPU) implementation ----------
+
+
+def np_conv_kernel_grad(x, dy, kernel, stride, pads, groups):
+  """dL/dw of a grouped conv for output cotangent dy, float64 loops."""
+  x = np.pad(np.asarray(x, np.float64), ((0, 0), pads[0], pads[1], (0, 0)))
+  dy = np.asarray(dy, np.float64)
+  (kh, kw), (sh, sw) = kernel, stride
+  _, oh, ow, cout = dy.shape
+  cin_g, cout_g = x.shape[-1] // groups, cout // groups
+  dw = np.zeros((kh, kw, cin_g, cout))
+  for g in range(groups):
+    xg = x[..., g * cin_g : (g + 1) * cin_g]
+    dyg = dy[..., g * cout_g : (g + 1) * cout_g]
+    for i in range(kh):
+      for j in range(kw):
+        patch = xg[:, i : i + oh * sh : sh, j : j + ow * sw : sw]
+        dw[i, j, :, g * cout_g : (g + 1) * cout_g] = np.einsum(
+          'nhwc,nhwd->cd', patch, dyg
+        )
+  return dw
+
+
+# Output maps of >= 16x16 positions take the im2col kernel gradient.
+IM2COL_CASES = [
+  # (H, W, cin, cout, kernel, stride, groups, padding)
+  (16, 16, 3, 8, 3, 1, 1, 'SAME'),  # Exactly the threshold; stem-like cin.
+  (34, 32, 4, 6, 3, 2, 2, 'SAME'),  # Even input, stride 2, 2 groups.
+  (18, 17, 4, 4, 3, 1, 1, ((2, 0), (1, 1))),  # Explicit, asymmetric.
+]
+
+
+@pytest.mark.parametrize('case', IM2COL_CASES)
+def test_split_conv_kernel_grad_matches_numpy(case):
+  h, w, cin, cout, k, s, groups, padding = case
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(2, h, w, cin)).astype(np.float32)
+  wt = rng.normal(size=(k, k, cin // groups, cout)).astype(np.float32)
+  conv = lambda x, wt, mode: layers.grouped_conv2d(
+    x, wt, stride=(s, s), padding=padding, groups=groups, mode=mode
+  )
+  y, vjp = jax.vjp(lambda x, wt: conv(x, wt, 'split'), x, wt)
+  assert y.shape[1] * y.shape[2] >= layers.IM2COL_GRAD_MIN_POSITIONS
+  dy = rng.normal(size=y.shape).astype(np.float32)
+  dx, dw = vjp(jnp.asarray(dy))
+  if padding == 'SAME':
+    pads = (np_same_pads(h, k, s), np_same_pads(w, k, s))
+  else:
+    pads = padding
+  want = np_conv_kernel_grad(x, dy, (k, k), (s, s), pads, groups)
+  np.testing.assert_allclose(dw, want, rtol=1e-4, atol=1e-3)
+  # The input gradient is XLA's own; it must match the native conv's.
+  _, vjp_native = jax.vjp(lambda x: conv(x, wt, 'native'), x)
+  np.testing.assert_allclose(dx, vjp_native(dy)[0], rtol=1e-4, atol=1e-4)
