@@ -54,6 +54,11 @@ _CACHE = flags.DEFINE_string(
   'compilation_cache_dir', '',
   'Persistent compilation cache directory ("" = off, i.e. cold compiles).',
 )  # fmt: skip
+_COMPILER_OPTIONS = flags.DEFINE_string(
+  'compiler_options', '{}',
+  'JSON dict of XLA compiler options, e.g. '
+  '\'{"xla_backend_optimization_level": 0}\'.',
+)  # fmt: skip
 _JSON = flags.DEFINE_string('json_out', '', 'Write results to this JSON file.')
 
 
@@ -100,6 +105,7 @@ def main(argv):
       dtype=_DTYPE.value,
       forward_steps=_FWD.value,
       compile_only=_COMPILE_ONLY.value,
+      compiler_options=json.loads(_COMPILER_OPTIONS.value) or None,
     )
     results.append(result)
     print(benchmark.format_table([result]).split('\n')[2], flush=True)

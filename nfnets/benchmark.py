@@ -21,23 +21,28 @@ batch size, in bf16 on accelerators. `run_benchmark` does the same for any
 The timed train step is the one users train with:
 `nfnets.train.step.make_train_step` (forward, backward, the optimizer from
 `nfnets.optim.make_optimizer`, i.e. AGC + weight decay + Nesterov SGD for
-the recipe, and the train metrics), jitted with the state donated.
+the recipe, and the train metrics), jitted with the state donated. Models
+with BatchNorm state (BN-/SE-ResNets), which that step does not take, use
+`make_stateful_train_step`: the same loss, `jax.value_and_grad` and the
+same optimizer, carrying the BN statistics.
 """
 
 import dataclasses
+import inspect
 import resource
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
-from nfnets import flops, models, nfnet, optim
+from nfnets import flops, models, nfnet, optim, resnet
 from nfnets.train import step as step_lib
 
 
@@ -55,7 +60,11 @@ class BenchmarkResult:
     params: number of parameters.
     macs_per_image: multiply-adds of one forward pass of one image.
     compile_s: seconds to lower and compile the train step.
+    compile_cpu_s: CPU seconds of this process during compilation (robust
+      to other processes competing for the cores).
     step_ms: median train step time.
+    step_cpu_ms: mean CPU time of this process per train step (all
+      threads; on a shared machine a load-independent cross-check).
     step_ms_min: fastest train step.
     step_ms_iqr: interquartile range of the train step times.
     steps: number of timed train steps.
@@ -80,7 +89,9 @@ class BenchmarkResult:
   params: int
   macs_per_image: float
   compile_s: float
+  compile_cpu_s: float
   step_ms: float
+  step_cpu_ms: float
   step_ms_min: float
   step_ms_iqr: float
   steps: int
@@ -139,10 +150,35 @@ def default_image_size(model_config: ml_collections.ConfigDict) -> int:
   return 224
 
 
+# Table labels of the registry models (variant 'ResNet50' -> '-50').
+_FAMILY_LABELS = {'NF_ResNet': 'NF-ResNet', 'NF_RegNet': 'NF-RegNet'}
+
+
 def display_name(model_config: ml_collections.ConfigDict) -> str:
-  """'NFNet-F0' for NFNets (from the variant), else the registry name."""
-  variant = model_config.kwargs.get('variant', None)
-  return f'{model_config.name}-{variant}' if variant else model_config.name
+  """A table label: 'NFNet-F0', 'NF-ResNet-50', 'BN-ResNet-50', ...
+
+  Args:
+    model_config: `config.model`.
+
+  Returns:
+    The label.
+  """
+  name, kwargs = model_config.name, model_config.kwargs
+  variant = kwargs.get('variant', None)
+  if variant is None:  # The constructor's default, e.g. 'ResNet50'.
+    param = inspect.signature(models.get_constructor(name)).parameters
+    variant = getattr(param.get('variant'), 'default', None)
+  variant = '' if variant in (None, inspect.Parameter.empty) else str(variant)
+  if name == 'NFNet':
+    return f'NFNet-{variant}'
+  if name == 'ResNet':
+    prefix = 'SE-' if kwargs.get('use_se', False) else ''
+    norm = 'BN-' if kwargs.get('norm', 'batch_norm') != 'none' else 'NoNorm-'
+    label = f'{prefix or norm}ResNet'
+  else:
+    label = _FAMILY_LABELS.get(name, name)
+  number = variant.removeprefix('ResNet')
+  return f'{label}-{number}' if number else label
 
 
 def make_optimizer_config(ema_decay: float = 0.0) -> ml_collections.ConfigDict:
@@ -259,51 +295,134 @@ def _peak_memory(compiled, device) -> tuple[float, str]:
   return float('nan'), 'unavailable'
 
 
+class StatefulTrainState(NamedTuple):
+  """Train state of a model with Haiku state (BatchNorm statistics)."""
+
+  step: jax.Array
+  params: Any
+  model_state: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def make_stateful_train_step(model, optimizer, *, num_classes, compute_dtype):
+  """The train step for models with Haiku state (BN-ResNets).
+
+  `nfnets.train.step.make_train_step` takes stateless models only, so for
+  BatchNorm models this mirrors it: float32 master weights cast to the
+  compute dtype, cross-entropy with label smoothing 0.1 on float32 logits,
+  `jax.value_and_grad`, then the optimizer (the same `optim.make_optimizer`
+  recipe) and `optax.apply_updates`; the new BN statistics are kept.
+
+  Args:
+    model: `hk.transform_with_state` of `(images, is_training) -> outputs`.
+    optimizer: the optax transformation.
+    num_classes: classifier width.
+    compute_dtype: 'float32' or 'bfloat16'.
+
+  Returns:
+    `(StatefulTrainState, batch) -> (StatefulTrainState, {'loss': ...})`.
+  """
+  dtype = jnp.dtype(compute_dtype)
+
+  def loss_fn(params, model_state, batch, rng):
+    params = step_lib.cast_floats(params, dtype)
+    images = batch['images'].astype(dtype)
+    out, model_state = model.apply(params, model_state, rng, images, True)
+    targets = step_lib.make_targets(batch, num_classes, 0.1)
+    logits = out['logits'].astype(jnp.float32)
+    loss = jnp.mean(step_lib.softmax_cross_entropy(logits, targets))
+    return loss, model_state
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def step(state: StatefulTrainState, batch):
+    rng = jax.random.fold_in(state.rng, state.step)
+    (loss, model_state), grads = grad_fn(
+      state.params, state.model_state, batch, rng
+    )
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = StatefulTrainState(
+      state.step + 1, params, model_state, opt_state, state.rng
+    )
+    return new_state, {'loss': loss}
+
+  return step
+
+
+def is_stateful(model_config: ml_collections.ConfigDict) -> bool:
+  """Whether the model keeps Haiku state (BatchNorm) and needs that step."""
+  norm = model_config.kwargs.get('norm', 'batch_norm')
+  return model_config.name in models.STATEFUL_MODELS and norm != 'none'
+
+
 @dataclasses.dataclass
 class _Setup:
-  """The pieces of one benchmark: model, jitted step, state and batch."""
+  """The pieces of one benchmark: jitted step, state, batch, forward."""
 
-  model: Any
   step: Callable
-  state: step_lib.TrainState
+  state: Any
   batch: dict
   params: Any
+  logits_fn: Callable  # (params, images) -> logits, eval mode.
 
 
-def _build(model_config, batch_size, image_size, dtype, num_classes, device):
-  """Initialises the model and the recipe's train step on `device`."""
-  model = models.make_model(model_config, num_classes)
+def _recipe_optimizer(batch_size):
   opt_config = make_optimizer_config()
   optimizer, schedule_fn = optim.make_optimizer(
     opt_config, steps_per_epoch=1000, total_steps=100000,
     global_batch_size=batch_size,
   )  # fmt: skip
-  step = step_lib.make_train_step(
-    model, optimizer, schedule_fn, num_classes=num_classes,
-    opt_config=opt_config, compute_dtype=dtype, label_smoothing=0.1,
-  )  # fmt: skip
+  return opt_config, optimizer, schedule_fn
+
+
+def _build(model_config, batch_size, image_size, dtype, num_classes, device):
+  """Initialises the model and the recipe's train step on `device`."""
+  opt_config, optimizer, schedule_fn = _recipe_optimizer(batch_size)
   batch = jax.device_put(
     _synthetic_batch(batch_size, image_size, num_classes), device
   )
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(0))
+  step_no = jax.device_put(jnp.zeros((), jnp.int32), device)
+  train_rng = jax.device_put(train_rng, device)
+  if is_stateful(model_config):
+    model = resnet.make_transformed(num_classes, **model_config.kwargs)
+    params, model_state = jax.jit(model.init, static_argnums=2)(
+      init_rng, batch['images'][:1], True
+    )
+    step = make_stateful_train_step(
+      model, optimizer, num_classes=num_classes, compute_dtype=dtype
+    )
+    state = StatefulTrainState(
+      step_no, params, model_state, jax.jit(optimizer.init)(params), train_rng
+    )
+    logits_fn = lambda p, x: model.apply(p, model_state, None, x, False)[0][
+      'logits'
+    ]
+    return _Setup(step, state, batch, params, logits_fn)
+  model = models.make_model(model_config, num_classes)
+  step = step_lib.make_train_step(
+    model, optimizer, schedule_fn, num_classes=num_classes,
+    opt_config=opt_config, compute_dtype=dtype, label_smoothing=0.1,
+  )  # fmt: skip
   params = jax.jit(model.init, static_argnums=2)(
     init_rng, batch['images'][:1], True
   )
-  opt_state = jax.jit(optimizer.init)(params)
   state = step_lib.TrainState(
-    step=jax.device_put(jnp.zeros((), jnp.int32), device),
-    params=params, opt_state=opt_state, ema_params=None,
-    rng=jax.device_put(train_rng, device),
+    step=step_no, params=params, opt_state=jax.jit(optimizer.init)(params),
+    ema_params=None, rng=train_rng,
   )  # fmt: skip
-  return _Setup(model, step, state, batch, params)
+  logits_fn = lambda p, x: model.apply(p, None, x, False)['logits']
+  return _Setup(step, state, batch, params, logits_fn)
 
 
-def _forward_fn(model, dtype):
+def _forward_fn(logits_fn, dtype):
   """Eval-mode forward pass in the compute dtype, returning the logits."""
 
   def forward(params, images):
     params = step_lib.cast_floats(params, jnp.dtype(dtype))
-    return model.apply(params, None, images.astype(dtype), False)['logits']
+    return logits_fn(params, images.astype(dtype))
 
   return forward
 
@@ -311,8 +430,7 @@ def _forward_fn(model, dtype):
 def _macs_per_image(setup: _Setup, image_size: int) -> float:
   """Forward multiply-adds of one image, counted on the traced model."""
   x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-  fn = lambda p, images: setup.model.apply(p, None, images, False)['logits']
-  return flops.count_model_flops(fn, setup.params, x)
+  return flops.count_model_flops(setup.logits_fn, setup.params, x)
 
 
 def run_benchmark(
@@ -326,6 +444,7 @@ def run_benchmark(
   num_classes: int = 1000,
   forward_steps: int | None = None,
   compile_only: bool = False,
+  compiler_options: dict | None = None,
 ) -> BenchmarkResult:
   """Benchmarks the train step (and forward pass) of one registry model.
 
@@ -338,11 +457,13 @@ def run_benchmark(
     batch_size: images per step.
     image_size: square input resolution; None = `default_image_size`.
     steps: timed train steps (the median is reported).
-    warmup: untimed train steps after compilation.
+    warmup: untimed train steps after compilation (at least one runs).
     dtype: compute dtype; None = `default_dtype()`.
     num_classes: classifier width.
     forward_steps: timed forward passes (default `steps`; 0 skips them).
     compile_only: only compile (and measure memory); step times are NaN.
+    compiler_options: XLA options for this compilation, e.g.
+      {'xla_backend_optimization_level': 0} (see docs/performance.md).
 
   Returns:
     A `BenchmarkResult`.
@@ -358,12 +479,14 @@ def run_benchmark(
   setup = _build(
     model_config, batch_size, image_size, dtype, num_classes, device
   )
-  t0 = time.perf_counter()
+  t0, c0 = time.perf_counter(), time.process_time()
   compiled = jax.jit(setup.step, donate_argnums=0).lower(
     setup.state, setup.batch
-  ).compile()  # fmt: skip
+  ).compile(compiler_options=compiler_options)  # fmt: skip
   compile_s = time.perf_counter() - t0
+  compile_cpu_s = time.process_time() - c0
   train = summarize_times([float('nan')])
+  train['cpu'] = float('nan')
   forward_ms = float('nan')
   if not compile_only:
     train, setup.state = _time_train(compiled, setup, steps, warmup)
@@ -373,7 +496,8 @@ def run_benchmark(
   return _result(
     model_config, setup, compiled, device, train, forward_ms,
     batch_size=batch_size, image_size=image_size, dtype=dtype,
-    compile_s=compile_s, steps=0 if compile_only else steps,
+    compile_s=(compile_s, compile_cpu_s),
+    steps=0 if compile_only else steps,
   )  # fmt: skip
 
 
@@ -385,13 +509,17 @@ def _time_train(compiled, setup: _Setup, steps: int, warmup: int):
     holder['state'], metrics = compiled(holder['state'], setup.batch)
     return metrics
 
-  times = time_calls(call, steps, warmup)
-  return summarize_times(times), holder['state']
+  jax.block_until_ready(call())  # Warm-up outside the CPU-time window.
+  c0 = time.process_time()
+  times = time_calls(call, steps, max(warmup - 1, 0))
+  summary = summarize_times(times)
+  summary['cpu'] = (time.process_time() - c0) / len(times) * 1e3
+  return summary, holder['state']
 
 
 def _time_forward(setup: _Setup, dtype: str, steps: int) -> float:
   """Median eval-mode forward time in ms (compiled and warmed up first)."""
-  forward = jax.jit(_forward_fn(setup.model, dtype))
+  forward = jax.jit(_forward_fn(setup.logits_fn, dtype))
   params = setup.state.params
   times = time_calls(
     lambda: forward(params, setup.batch['images']), steps, warmup=1
@@ -416,8 +544,10 @@ def _result(model_config, setup, compiled, device, train, forward_ms, *,
     dtype=dtype,
     params=flops.count_params(setup.params),
     macs_per_image=macs,
-    compile_s=compile_s,
+    compile_s=compile_s[0],
+    compile_cpu_s=compile_s[1],
     step_ms=train['median'],
+    step_cpu_ms=train['cpu'],
     step_ms_min=train['min'],
     step_ms_iqr=train['iqr'],
     steps=steps,

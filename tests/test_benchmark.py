@@ -48,7 +48,8 @@ def test_result_numbers_are_finite_and_consistent(tiny_result):
   assert r.model == 'NFNet-F0'
   assert (r.batch_size, r.image_size, r.dtype) == (BATCH, SIZE, 'float32')
   assert r.steps == STEPS and r.num_devices == 1
-  for name in ('compile_s', 'step_ms', 'step_ms_min', 'forward_ms', 'tflops'):
+  names = ('compile_s', 'compile_cpu_s', 'step_ms', 'step_cpu_ms')
+  for name in names + ('step_ms_min', 'forward_ms', 'tflops'):
     value = getattr(r, name)
     assert math.isfinite(value) and value > 0, name
   assert r.step_ms_min <= r.step_ms
@@ -135,3 +136,18 @@ def test_cli_prints_the_table(cli_run):
   assert f'| NFNet-F0 | {SIZE} |' in stdout
   assert '| Model | Res | Params |' in stdout
   assert row['options']['depth'] == [1, 1, 1, 1]
+
+
+def test_display_names_of_the_paper_baselines():
+  names = [
+    benchmark.display_name(benchmark.make_model_config(name, **kwargs))
+    for name, kwargs in [
+      ('NFNet', dict(variant='F1')),
+      ('NF_ResNet', {}),
+      ('ResNet', {}),
+      ('ResNet', dict(use_se=True)),
+    ]
+  ]
+  assert names == ['NFNet-F1', 'NF-ResNet-50', 'BN-ResNet-50', 'SE-ResNet-50']
+  assert benchmark.is_stateful(benchmark.make_model_config('ResNet'))
+  assert not benchmark.is_stateful(benchmark.make_model_config('NF_ResNet'))
