@@ -18,13 +18,12 @@ batch size, in bf16 on accelerators. `run_benchmark` does the same for any
   peak RSS is reported beside it (it includes Python, the compiler and every
   other buffer the process ever held).
 
-The timed train step is the one users train with:
+The timed train step is the one users train with, for every model family:
 `nfnets.train.step.make_train_step` (forward, backward, the optimizer from
 `nfnets.optim.make_optimizer`, i.e. AGC + weight decay + Nesterov SGD for
-the recipe, and the train metrics), jitted with the state donated. Models
-with BatchNorm state (BN-/SE-ResNets), which that step does not take, use
-`make_stateful_train_step`: the same loss, `jax.value_and_grad` and the
-same optimizer, carrying the BN statistics.
+the recipe, and the train metrics), jitted with the state donated. For
+BN-/SE-ResNets the state carries the BatchNorm statistics, updated by every
+step as in training.
 """
 
 import dataclasses
@@ -34,15 +33,14 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
-from nfnets import flops, models, nfnet, optim, resnet
+from nfnets import flops, models, nfnet, optim
 from nfnets.train import step as step_lib
 
 
@@ -295,77 +293,14 @@ def _peak_memory(compiled, device) -> tuple[float, str]:
   return float('nan'), 'unavailable'
 
 
-class StatefulTrainState(NamedTuple):
-  """Train state of a model with Haiku state (BatchNorm statistics)."""
-
-  step: jax.Array
-  params: Any
-  model_state: Any
-  opt_state: Any
-  rng: jax.Array
-
-
-def make_stateful_train_step(model, optimizer, *, num_classes, compute_dtype):
-  """The train step for models with Haiku state (BN-ResNets).
-
-  `nfnets.train.step.make_train_step` takes stateless models only, so for
-  BatchNorm models this mirrors it: float32 master weights cast to the
-  compute dtype, cross-entropy with label smoothing 0.1 on float32 logits,
-  `jax.value_and_grad`, then the optimizer (the same `optim.make_optimizer`
-  recipe) and `optax.apply_updates`; the new BN statistics are kept.
-
-  Args:
-    model: `hk.transform_with_state` of `(images, is_training) -> outputs`.
-    optimizer: the optax transformation.
-    num_classes: classifier width.
-    compute_dtype: 'float32' or 'bfloat16'.
-
-  Returns:
-    `(StatefulTrainState, batch) -> (StatefulTrainState, {'loss': ...})`.
-  """
-  dtype = jnp.dtype(compute_dtype)
-
-  def loss_fn(params, model_state, batch, rng):
-    params = step_lib.cast_floats(params, dtype)
-    images = batch['images'].astype(dtype)
-    out, model_state = model.apply(params, model_state, rng, images, True)
-    targets = step_lib.make_targets(batch, num_classes, 0.1)
-    logits = out['logits'].astype(jnp.float32)
-    loss = jnp.mean(step_lib.softmax_cross_entropy(logits, targets))
-    return loss, model_state
-
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-  def step(state: StatefulTrainState, batch):
-    rng = jax.random.fold_in(state.rng, state.step)
-    (loss, model_state), grads = grad_fn(
-      state.params, state.model_state, batch, rng
-    )
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new_state = StatefulTrainState(
-      state.step + 1, params, model_state, opt_state, state.rng
-    )
-    return new_state, {'loss': loss}
-
-  return step
-
-
-def is_stateful(model_config: ml_collections.ConfigDict) -> bool:
-  """Whether the model keeps Haiku state (BatchNorm) and needs that step."""
-  norm = model_config.kwargs.get('norm', 'batch_norm')
-  return model_config.name in models.STATEFUL_MODELS and norm != 'none'
-
-
 @dataclasses.dataclass
 class _Setup:
   """The pieces of one benchmark: jitted step, state, batch, forward."""
 
   step: Callable
-  state: Any
+  state: Any  # The newest train state (the older ones are donated).
   batch: dict
-  params: Any
-  logits_fn: Callable  # (params, images) -> logits, eval mode.
+  logits_fn: Callable  # ((params, model_state), images) -> logits, eval.
 
 
 def _recipe_optimizer(batch_size):
@@ -384,45 +319,31 @@ def _build(model_config, batch_size, image_size, dtype, num_classes, device):
     _synthetic_batch(batch_size, image_size, num_classes), device
   )
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(0))
-  step_no = jax.device_put(jnp.zeros((), jnp.int32), device)
-  train_rng = jax.device_put(train_rng, device)
-  if is_stateful(model_config):
-    model = resnet.make_transformed(num_classes, **model_config.kwargs)
-    params, model_state = jax.jit(model.init, static_argnums=2)(
-      init_rng, batch['images'][:1], True
-    )
-    step = make_stateful_train_step(
-      model, optimizer, num_classes=num_classes, compute_dtype=dtype
-    )
-    state = StatefulTrainState(
-      step_no, params, model_state, jax.jit(optimizer.init)(params), train_rng
-    )
-    logits_fn = lambda p, x: model.apply(p, model_state, None, x, False)[0][
-      'logits'
-    ]
-    return _Setup(step, state, batch, params, logits_fn)
   model = models.make_model(model_config, num_classes)
   step = step_lib.make_train_step(
     model, optimizer, schedule_fn, num_classes=num_classes,
     opt_config=opt_config, compute_dtype=dtype, label_smoothing=0.1,
   )  # fmt: skip
-  params = jax.jit(model.init, static_argnums=2)(
+  params, model_state = jax.jit(model.init, static_argnums=2)(
     init_rng, batch['images'][:1], True
   )
-  state = step_lib.TrainState(
-    step=step_no, params=params, opt_state=jax.jit(optimizer.init)(params),
-    ema_params=None, rng=train_rng,
-  )  # fmt: skip
-  logits_fn = lambda p, x: model.apply(p, None, x, False)['logits']
-  return _Setup(step, state, batch, params, logits_fn)
+  # On `device` (the default device), like the batch and the init above.
+  state = jax.jit(
+    lambda p, s, r: step_lib.make_train_state(p, s, optimizer, r, ema=False)
+  )(params, model_state, jax.device_put(train_rng, device))
+
+  def logits_fn(variables, x):  # Eval mode: BatchNorm's moving averages.
+    return model.apply(*variables, None, x, False)[0]['logits']
+
+  return _Setup(step, state, batch, logits_fn)
 
 
 def _forward_fn(logits_fn, dtype):
   """Eval-mode forward pass in the compute dtype, returning the logits."""
 
-  def forward(params, images):
-    params = step_lib.cast_floats(params, jnp.dtype(dtype))
-    return logits_fn(params, images.astype(dtype))
+  def forward(variables, images):
+    variables = step_lib.cast_floats(variables, jnp.dtype(dtype))
+    return logits_fn(variables, images.astype(dtype))
 
   return forward
 
@@ -430,7 +351,11 @@ def _forward_fn(logits_fn, dtype):
 def _macs_per_image(setup: _Setup, image_size: int) -> float:
   """Forward multiply-adds of one image, counted on the traced model."""
   x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-  return flops.count_model_flops(setup.logits_fn, setup.params, x)
+  variables = jax.tree.map(
+    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+    (setup.state.params, setup.state.model_state),
+  )
+  return flops.count_model_flops(setup.logits_fn, variables, x)
 
 
 def run_benchmark(
@@ -520,9 +445,9 @@ def _time_train(compiled, setup: _Setup, steps: int, warmup: int):
 def _time_forward(setup: _Setup, dtype: str, steps: int) -> float:
   """Median eval-mode forward time in ms (compiled and warmed up first)."""
   forward = jax.jit(_forward_fn(setup.logits_fn, dtype))
-  params = setup.state.params
+  variables = (setup.state.params, setup.state.model_state)
   times = time_calls(
-    lambda: forward(params, setup.batch['images']), steps, warmup=1
+    lambda: forward(variables, setup.batch['images']), steps, warmup=1
   )
   return summarize_times(times)['median']
 
@@ -542,7 +467,7 @@ def _result(model_config, setup, compiled, device, train, forward_ms, *,
     batch_size=batch_size,
     image_size=image_size,
     dtype=dtype,
-    params=flops.count_params(setup.params),
+    params=flops.count_params(setup.state.params),
     macs_per_image=macs,
     compile_s=compile_s[0],
     compile_cpu_s=compile_s[1],

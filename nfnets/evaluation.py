@@ -5,8 +5,10 @@ the cross-entropy over the whole eval split of `config.data` with the
 training library's eval step (data-parallel over all devices, padded last
 batch masked out). A weights file (any format `nfnets.pretrained` reads) is
 checked against `config.model` first; a training workdir's newest checkpoint
-is restored with the trainer's own `Checkpointer`, and both its raw and EMA
-params are evaluated.
+is restored with the trainer's own `Checkpointer` (into the structure of
+`nfnets.train.abstract_train_state`), and both its raw and EMA params are
+evaluated, each with its Haiku state (BatchNorm moving averages; empty for
+the normalizer-free models).
 """
 
 from __future__ import annotations
@@ -16,41 +18,13 @@ import os
 from collections.abc import Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from nfnets import data, models, optim, pretrained
+from nfnets import data, models, pretrained
 from nfnets.train import checkpoint as ckpt_lib
+from nfnets.train import loop
 from nfnets.train import mesh as mesh_lib
 from nfnets.train import step as step_lib
-
-# The optimizer's state structure does not depend on the run length; any
-# length longer than every warmup satisfies make_optimizer's checks.
-_ANY_RUN_LENGTH = 10**9
-
-
-def _abstract_train_state(config, model) -> step_lib.TrainState:
-  """Shapes of the trainer's `TrainState` for `config` (nothing computed)."""
-  optimizer, _ = optim.make_optimizer(
-    config.optimizer,
-    steps_per_epoch=1.0,
-    total_steps=_ANY_RUN_LENGTH,
-    global_batch_size=config.train.batch_size,
-  )
-  size = config.data.train_image_size
-
-  def init(rng):
-    params = model.init(rng, jnp.zeros((1, size, size, 3)), True)
-    ema = params if config.optimizer.ema_decay > 0 else None
-    return step_lib.TrainState(
-      step=jnp.zeros((), jnp.int32),
-      params=params,
-      opt_state=optimizer.init(params),
-      ema_params=ema,
-      rng=rng,
-    )
-
-  return jax.eval_shape(init, jax.random.PRNGKey(0))
 
 
 def _checkpoint_dir(workdir: str) -> str:
@@ -72,21 +46,20 @@ def restore_workdir(config, workdir: str, num_classes: int):
     num_classes: the dataset's number of classes.
 
   Returns:
-    `(step, {'eval': params, 'eval_ema': ema_params})`; 'eval_ema' only
-    when the run keeps an EMA.
+    `(step, {'eval': (params, model_state), 'eval_ema': (ema_params,
+    ema_model_state)})`; 'eval_ema' only when the run keeps an EMA.
   """
   directory = _checkpoint_dir(workdir)
-  model = models.make_model(config.model, num_classes)
   checkpointer = ckpt_lib.Checkpointer(directory, max_to_keep=1_000_000)
   try:
-    state = checkpointer.restore(_abstract_train_state(config, model))
+    state = checkpointer.restore(loop.abstract_train_state(config, num_classes))
   finally:
     checkpointer.close()
   if state is None:
     raise FileNotFoundError(f'{directory!r} holds no complete checkpoint.')
-  sets = {'eval': state.params}
+  sets = {'eval': (state.params, state.model_state)}
   if state.ema_params is not None:
-    sets['eval_ema'] = state.ema_params
+    sets['eval_ema'] = (state.ema_params, state.ema_model_state)
   return int(state.step), sets
 
 
@@ -95,15 +68,26 @@ def load_weights_for_config(config, path: str, num_classes: int):
 
   Returns:
     The params; raises `PretrainedMismatchError` listing every mismatch.
+
+  Raises:
+    ValueError: for a model with Haiku state (a BatchNorm ResNet): weights
+      files hold no moving statistics, so evaluate its training workdir.
   """
   params, metadata = pretrained.read_params(path)
   model = models.make_model(config.model, num_classes)
   size = config.data.eval_image_size
-  shapes = jax.eval_shape(
-    lambda rng, x: model.init(rng, x, False),
+  # Training mode: it creates the BatchNorm state, if any.
+  shapes, state_shapes = jax.eval_shape(
+    lambda rng, x: model.init(rng, x, True),
     jax.random.PRNGKey(0),
     jax.ShapeDtypeStruct((1, size, size, 3), np.float32),
   )
+  if jax.tree.leaves(state_shapes):
+    raise ValueError(
+      f'{config.model.name} {dict(config.model.kwargs)} keeps BatchNorm '
+      'moving statistics, which a weights file does not hold; evaluate its '
+      'training run with --workdir instead of --weights.'
+    )
   expected = jax.tree.map(lambda s: tuple(s.shape), shapes)
   hint = ''
   file_variant = metadata.get('variant')
@@ -124,7 +108,8 @@ def evaluate(config, param_sets: Mapping, num_classes: int) -> dict:
 
   Args:
     config: experiment config (`data`, `model`, `eval.batch_size`).
-    param_sets: prefix (e.g. 'eval', 'eval_ema') -> Haiku params.
+    param_sets: prefix (e.g. 'eval', 'eval_ema') -> (Haiku params, Haiku
+      state); the state is `{}` for models without BatchNorm.
     num_classes: the dataset's number of classes.
 
   Returns:
@@ -135,17 +120,15 @@ def evaluate(config, param_sets: Mapping, num_classes: int) -> dict:
   batch_size = config.eval.batch_size
   mesh_lib.check_batch_size(batch_size, mesh, 'config.eval.batch_size')
   model = models.make_model(config.model, num_classes)
+  repl = mesh_lib.replicated_sharding(mesh)
   eval_step = jax.jit(
     step_lib.make_eval_step(model, num_classes),
-    in_shardings=(
-      mesh_lib.replicated_sharding(mesh),
-      mesh_lib.batch_sharding(mesh),
-    ),
-    out_shardings=mesh_lib.replicated_sharding(mesh),
+    in_shardings=(repl, repl, mesh_lib.batch_sharding(mesh)),
+    out_shardings=repl,
   )
   results = {}
-  for prefix, params in param_sets.items():
-    params = mesh_lib.replicate(params, mesh)
+  for prefix, variables in param_sets.items():
+    params, model_state = mesh_lib.replicate(variables, mesh)
     totals = None
     for batch in data.make_eval_iterator(
       config.data,
@@ -153,7 +136,7 @@ def evaluate(config, param_sets: Mapping, num_classes: int) -> dict:
       process_index=jax.process_index(),
       process_count=jax.process_count(),
     ):
-      sums = eval_step(params, mesh_lib.shard_batch(batch, mesh))
+      sums = eval_step(params, model_state, mesh_lib.shard_batch(batch, mesh))
       totals = sums if totals is None else jax.tree.map(operator.add, totals,
                                                         sums)  # fmt: skip
     totals = jax.device_get(totals)
@@ -186,7 +169,8 @@ def evaluate_from(config, *, weights: str = '', workdir: str = '') -> dict:
   info = data.dataset_info(config.data)
   results = {}
   if weights:
-    sets = {'eval': load_weights_for_config(config, weights, info.num_classes)}
+    params = load_weights_for_config(config, weights, info.num_classes)
+    sets = {'eval': (params, {})}
   else:
     step, sets = restore_workdir(config, workdir, info.num_classes)
     results['step'] = step

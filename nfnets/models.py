@@ -2,10 +2,13 @@
 
 `MODELS` maps `config.model.name` to a Haiku module constructor that takes
 `num_classes` plus `config.model.kwargs`; `make_model` wraps it with
-`hk.transform` into a forward function `(images, is_training) -> outputs`
-whose outputs dict has at least 'logits'. Other model families register here
-(see issue 7).
+`hk.transform_with_state` into a forward function `(images, is_training) ->
+outputs` whose outputs dict has at least 'logits'. Every model goes through
+the same path: BatchNorm ResNets keep their moving statistics in the Haiku
+state, the normalizer-free models simply have an empty state (`{}`).
 """
+
+import inspect
 
 import haiku as hk
 import ml_collections
@@ -19,11 +22,6 @@ MODELS = {
   'NF_RegNet': nf_regnet.NFRegNet,
   'ResNet': resnet.ResNet,
 }
-
-# Models that keep Haiku state (BatchNorm statistics) unless built with
-# kwargs.norm='none'; `make_model` (hk.transform) cannot build them. Use
-# `nfnets.resnet.make_transformed` (hk.transform_with_state) instead.
-STATEFUL_MODELS = ('ResNet',)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -103,9 +101,34 @@ def get_constructor(name: str):
   return MODELS[name]
 
 
+def check_kwargs(name: str, kwargs) -> None:
+  """Raises a ValueError naming the kwargs the constructor does not take.
+
+  Switching `config.model.name` from the command line keeps the NFNet
+  kwargs of the config file; this says how to replace them.
+
+  Args:
+    name: a key of `MODELS`.
+    kwargs: the constructor keyword arguments (without num_classes).
+
+  Raises:
+    ValueError: for an unknown name or unexpected keyword arguments.
+  """
+  params = inspect.signature(get_constructor(name)).parameters
+  unexpected = sorted(set(kwargs) - set(params) - {'num_classes', 'name'})
+  if unexpected:
+    valid = sorted(set(params) - {'self', 'num_classes', 'name'})
+    raise ValueError(
+      f'config.model.kwargs has {unexpected}, which {name} does not take '
+      f'(its arguments: {valid}). When changing config.model.name, replace '
+      'the whole kwargs dict, e.g. --config.model.name=ResNet '
+      "\"--config.model.kwargs={'width': 0.25, 'depth': (1, 1, 1, 1)}\"."
+    )
+
+
 def make_model(
   model_config: ml_collections.ConfigDict, num_classes: int
-) -> hk.Transformed:
+) -> hk.TransformedWithState:
   """Builds the transformed network from `config.model`.
 
   Args:
@@ -113,20 +136,22 @@ def make_model(
     num_classes: classifier width.
 
   Returns:
-    `hk.transform` of `forward(images, is_training) -> outputs dict`; `apply`
-    takes `(params, rng, images, is_training)` (rng may be None when not
-    training).
+    `hk.transform_with_state` of `forward(images, is_training) -> outputs
+    dict`: `init(rng, images, is_training)` gives `(params, state)` and
+    `apply(params, state, rng, images, is_training)` gives `(outputs,
+    new_state)` (rng may be None when not training). The state holds the
+    BatchNorm moving averages of BN ResNets and is `{}` for every other
+    model; in training mode `new_state` has the updated averages, in eval
+    mode (`is_training=False`) the averages are used and returned unchanged.
+
+  Raises:
+    ValueError: for an unknown name or kwargs the constructor does not take.
   """
   constructor = get_constructor(model_config.name)
   kwargs = dict(model_config.kwargs)
-  if model_config.name in STATEFUL_MODELS and kwargs.get('norm') != 'none':
-    raise ValueError(
-      f'{model_config.name} with BatchNorm keeps state, which this trainer '
-      "does not support yet; set config.model.kwargs.norm='none' or use "
-      'nfnets.resnet.make_transformed (hk.transform_with_state).'
-    )
+  check_kwargs(model_config.name, kwargs)
 
   def forward(images, is_training):
     return constructor(num_classes=num_classes, **kwargs)(images, is_training)
 
-  return hk.transform(forward)
+  return hk.transform_with_state(forward)

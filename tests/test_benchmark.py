@@ -149,5 +149,3 @@ def test_display_names_of_the_paper_baselines():
     ]
   ]
   assert names == ['NFNet-F1', 'NF-ResNet-50', 'BN-ResNet-50', 'SE-ResNet-50']
-  assert benchmark.is_stateful(benchmark.make_model_config('ResNet'))
-  assert not benchmark.is_stateful(benchmark.make_model_config('NF_ResNet'))

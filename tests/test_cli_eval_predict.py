@@ -21,7 +21,7 @@ import pytest
 import skimage.data
 
 from configs import f0
-from nfnets import data, evaluation, inference, models, pretrained
+from nfnets import data, evaluation, inference, pretrained, train
 from nfnets.train import checkpoint as ckpt_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -178,9 +178,7 @@ def test_evaluate_checks_weights_against_the_config(tmp_path):
 
 def _write_checkpoint(workdir, raw, ema, step):
   """Saves a train state with the given params via the trainer's code."""
-  config = _digits_config()
-  model = models.make_model(config.model, 10)
-  abstract = evaluation._abstract_train_state(config, model)
+  abstract = train.abstract_train_state(_digits_config(), 10)
   state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract)
   state = state._replace(step=np.int32(step), params=raw, ema_params=ema)
   checkpointer = ckpt_lib.Checkpointer(

@@ -26,8 +26,10 @@ def _bn(c):
   return 2 * c  # scale + offset
 
 
-def expected_resnet_params(depth, preactivation, se=None, width=4):
-  """Hand count of a (pre- or post-activation) BN ResNet, 1000 classes."""
+def expected_resnet_params(
+  depth, preactivation, se=None, width=4, classes=1000
+):
+  """Hand count of a (pre- or post-activation) BN ResNet."""
   total = 7 * 7 * 3 * 16 * width
   total += 0 if preactivation else _bn(16 * width)  # initial_bn
   in_ch = 16 * width
@@ -48,7 +50,7 @@ def expected_resnet_params(depth, preactivation, se=None, width=4):
         total += out_ch * hidden + hidden + hidden * out_ch + out_ch
       in_ch = out_ch
   total += _bn(in_ch) if preactivation else 0  # final_bn
-  return total + in_ch * 1000 + 1000
+  return total + in_ch * classes + classes
 
 
 def _shapes(**kwargs):
@@ -113,12 +115,37 @@ def test_batchnorm_normalises_block_outputs_in_training():
   assert any(jax.tree.leaves(changed))
 
 
-def test_registry_refuses_stateful_training_with_clear_error():
+def test_registry_builds_bn_resnets_with_state():
   config = models.default_config()
   config.unlock()
   config.name = 'ResNet'
-  config.kwargs = dict(width=0.25)
-  with pytest.raises(ValueError, match='transform_with_state'):
+  config.kwargs = dict(width=0.25, depth=(1, 1, 1, 1), use_se=True)
+  model = models.make_model(config, 10)
+  x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+  params, state = jax.eval_shape(
+    lambda r, x: model.init(r, x, True), jax.random.PRNGKey(0), x
+  )
+  # Pre-activation: bn0, bn1, bn2 in each of the 4 blocks and final_bn, each
+  # keeping a mean and a variance EMA in the state.
+  bn_layers = {k.rsplit('/~/', 1)[0] for k in state}
+  assert len(bn_layers) == 4 * 3 + 1
+  assert len(state) == 2 * len(bn_layers)
+  names = ('bn0', 'bn1', 'bn2', 'final_bn')
+  assert bn_layers == {k for k in params if k.rsplit('/', 1)[-1] in names}
+  # A normalizer-free model has an empty state.
+  config.kwargs = dict(width=0.25, depth=(1, 1, 1, 1), norm='none')
+  _, state = jax.eval_shape(
+    lambda r, x: models.make_model(config, 10).init(r, x, True),
+    jax.random.PRNGKey(0),
+    x,
+  )
+  assert state == {}
+
+
+def test_registry_names_kwargs_of_another_model():
+  config = models.default_config()  # NFNet kwargs.
+  config.name = 'ResNet'
+  with pytest.raises(ValueError, match=r"\['alpha'.*--config.model.kwargs="):
     models.make_model(config, 10)
   with pytest.raises(ValueError, match='batch_norm'):
     resnet.make_norm('layer_norm')

@@ -2,32 +2,57 @@
 
 import os
 import signal
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
 from nfnets.train import checkpoint as ckpt_lib
 from nfnets.train import step as step_lib
 
 
-def _state(seed=0, ema=True):
+class _StateBeforeModelState(NamedTuple):
+  """`TrainState` as checkpointed before it carried the Haiku state."""
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  ema_params: Any
+  rng: jax.Array
+
+
+def _model_state(rng):
+  """A BatchNorm-like Haiku state: float averages and an int counter."""
+  ema = {
+    'average': jnp.asarray(rng.randn(1, 1, 1, 4), jnp.float32),
+    'counter': jnp.asarray(rng.randint(1, 100), jnp.int32),
+  }
+  return {'net/~/bn/~/mean_ema': ema}
+
+
+def _state(seed=0, ema=True, stateful=False):
   rng = np.random.RandomState(seed)
   params = {
     'net/~/conv': {'w': jnp.asarray(rng.randn(3, 3, 2, 4), jnp.float32)},
     'net/~/linear': {'b': jnp.asarray(rng.randn(4), jnp.float32)},
   }
+  model_state = _model_state(rng) if stateful else {}
   tx = optax.sgd(0.1, momentum=0.9, nesterov=True)
   opt_state = jax.tree.map(
     lambda x: x + 1.5 if hasattr(x, 'dtype') else x, tx.init(params)
   )
+  double = lambda t: jax.tree.map(lambda x: 2 * x, t)
   return step_lib.TrainState(
     step=jnp.asarray(7, jnp.int32),
     params=params,
+    model_state=model_state,
     opt_state=opt_state,
-    ema_params=jax.tree.map(lambda x: 2 * x, params) if ema else None,
+    ema_params=double(params) if ema else None,
+    ema_model_state=double(model_state) if ema else None,
     rng=jax.random.PRNGKey(seed),
   )
 
@@ -39,15 +64,15 @@ def _assert_same(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize('ema', [True, False])
-def test_round_trip_is_exact_and_keeps_structure(tmp_path, ema):
+@pytest.mark.parametrize('ema,stateful', [(True, True), (False, False)])
+def test_round_trip_is_exact_and_keeps_structure(tmp_path, ema, stateful):
   ckpt = ckpt_lib.Checkpointer(str(tmp_path / 'ckpt'), max_to_keep=2)
   assert ckpt.latest_step() is None
-  assert ckpt.restore(_state(ema=ema)) is None
-  saved = _state(seed=1, ema=ema)
+  assert ckpt.restore(_state(ema=ema, stateful=stateful)) is None
+  saved = _state(seed=1, ema=ema, stateful=stateful)
   ckpt.save(7, saved)
   ckpt.wait()
-  restored = ckpt.restore(_state(seed=2, ema=ema))
+  restored = ckpt.restore(_state(seed=2, ema=ema, stateful=stateful))
   ckpt.close()
   assert isinstance(restored, step_lib.TrainState)
   # Optax's namedtuple states come back as namedtuples, not lists.
@@ -77,6 +102,39 @@ def test_restore_into_another_structure_fails_clearly(tmp_path):
   )
   with pytest.raises(ValueError, match='fresh --workdir'):
     ckpt.restore(other)
+  ckpt.close()
+
+
+def _save_state_before_model_state(directory, state):
+  """Writes `state` as checkpoint 7 the way runs before model_state did."""
+  old = _StateBeforeModelState(
+    **{k: getattr(state, k) for k in _StateBeforeModelState._fields}
+  )
+  manager = ocp.CheckpointManager(directory)
+  manager.save(7, args=ocp.args.StandardSave(old))
+  manager.wait_until_finished()
+  manager.close()
+
+
+@pytest.mark.parametrize('ema', [True, False])
+def test_checkpoint_from_before_model_state_restores_stateless(tmp_path, ema):
+  saved = _state(seed=1, ema=ema)
+  _save_state_before_model_state(str(tmp_path), saved)
+  # A fresh process: a new Checkpointer on the directory.
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), max_to_keep=2)
+  restored = ckpt.restore(_state(seed=2, ema=ema))
+  ckpt.close()
+  assert isinstance(restored, step_lib.TrainState)
+  assert restored.model_state == {}
+  assert restored.ema_model_state == ({} if ema else None)
+  _assert_same(restored, saved)
+
+
+def test_checkpoint_from_before_model_state_refuses_stateful(tmp_path):
+  _save_state_before_model_state(str(tmp_path), _state(seed=1))
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), max_to_keep=2)
+  with pytest.raises(ValueError, match='BatchNorm.*fresh --workdir'):
+    ckpt.restore(_state(stateful=True))
   ckpt.close()
 
 

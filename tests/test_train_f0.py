@@ -35,14 +35,11 @@ def test_full_size_f0_train_step_at_batch_2():
   mesh = mesh_lib.make_mesh()
   images = np.random.RandomState(0).randn(2, IMAGE_SIZE, IMAGE_SIZE, 3)
   init = jax.jit(lambda r: model.init(r, jnp.zeros((1, 192, 192, 3)), True))
-  params = init(jax.random.PRNGKey(0))
+  params, model_state = init(jax.random.PRNGKey(0))
   assert sum(x.size for x in jax.tree.leaves(params)) == F0_PARAMS
-  state = step_lib.TrainState(
-    step=jnp.asarray(0, jnp.int32),
-    params=params,
-    opt_state=tx.init(params),
-    ema_params=jax.tree.map(lambda x: x + 0, params),
-    rng=jax.random.PRNGKey(1),
+  assert model_state == {}  # Normalizer-free: no Haiku state.
+  state = step_lib.make_train_state(
+    params, model_state, tx, jax.random.PRNGKey(1), ema=True
   )
   step = jax.jit(
     step_lib.make_train_step(

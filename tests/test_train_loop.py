@@ -9,12 +9,15 @@ import json
 import os
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
 from nfnets import data, models
 from nfnets.train import NonFiniteLossError, train_and_evaluate
 from tests.train_harness import tiny_config
+
+BN_STEPS = 12
 
 TRAIN_KEYS = {
   'train/loss',
@@ -38,7 +41,7 @@ def cache_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp('xla_cache'))
 
 
-def _hand_top1(config, params):
+def _hand_top1(config, params, model_state):
   """Top-1 over the whole eval split in one unpadded batch, by NumPy."""
   info = data.dataset_info(config.data)
   (batch,) = list(
@@ -48,7 +51,8 @@ def _hand_top1(config, params):
   )
   assert batch['mask'].min() == 1.0
   model = models.make_model(config.model, info.num_classes)
-  logits = model.apply(params, None, batch['images'], False)['logits']
+  out, _ = model.apply(params, model_state, None, batch['images'], False)
+  logits = out['logits']
   return float(np.mean(np.argmax(logits, -1) == batch['labels']))
 
 
@@ -73,7 +77,8 @@ def test_run_logs_evaluates_checkpoints_and_resumes(tmp_path, cache_dir):
   assert evals[0]['eval/num_examples'] == 360
   assert 'eval_ema/top1' in evals[0]
   # Padding is masked out: the same top-1 as one unpadded NumPy pass.
-  want = _hand_top1(config, jax.device_get(result.state.params))
+  state = jax.device_get(result.state)
+  want = _hand_top1(config, state.params, state.model_state)
   assert evals[0]['eval/top1'] == pytest.approx(want, abs=1e-6)
   assert result.metrics['eval/top1'] == evals[0]['eval/top1']
 
@@ -92,6 +97,43 @@ def test_run_logs_evaluates_checkpoints_and_resumes(tmp_path, cache_dir):
   assert int(resumed.state.step) == 6
   later = [r['step'] for r in _records(workdir) if 'train/loss' in r]
   assert later == [2, 4, 6]
+
+
+def test_bn_resnet_trains_evaluates_and_resumes_with_its_statistics(
+  tmp_path, cache_dir
+):
+  workdir = str(tmp_path / 'bn')
+  config = tiny_config(cache_dir)
+  config.model.name = 'ResNet'  # Pre-activation BN-ResNet, 4 blocks.
+  config.model.kwargs = ml_collections.ConfigDict(
+    dict(width=0.25, depth=(1, 1, 1, 1))
+  )
+  config.train.batch_size = 32
+  config.train.num_steps = BN_STEPS
+  config.train.log_every_steps = BN_STEPS
+  first = train_and_evaluate(config, workdir)
+
+  state = jax.device_get(first.state)
+  stats = state.model_state['ResNet/~/final_bn/~/var_ema']
+  assert int(stats['counter']) == BN_STEPS  # One update per train step.
+  assert jax.tree.structure(state.ema_model_state) == jax.tree.structure(
+    state.model_state
+  )
+  # Better than chance (0.1) on the 360 held-out digits, with the moving
+  # statistics (eval mode), for the raw and the EMA weights.
+  assert first.metrics['eval/top1'] > 0.3
+  assert first.metrics['eval_ema/top1'] > 0.3
+
+  # Rerunning restores the final checkpoint (nothing left to train): the
+  # statistics come back exactly, so the evaluation is the same.
+  again = train_and_evaluate(config, workdir)
+  restored = jax.device_get(again.state)
+  assert int(restored.step) == BN_STEPS
+  for name in ('model_state', 'ema_model_state'):
+    jax.tree.map(np.testing.assert_array_equal, getattr(restored, name),
+                 getattr(state, name))  # fmt: skip
+  for key in ('eval/top1', 'eval/loss', 'eval_ema/loss'):
+    assert again.metrics[key] == first.metrics[key]
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(

@@ -95,6 +95,21 @@ def test_8_devices_match_1_device(tmp_path, cache_dir):
   assert 'not divisible by the number of devices (8)' in stdout
 
 
+def test_batchnorm_statistics_are_over_the_global_batch(tmp_path, cache_dir):
+  """A BN train step on 8 devices equals the 1-device step (sync BN)."""
+  run, _ = _run(tmp_path, 'bn', 8, cache_dir, '--bn_step_check')
+  names = sorted(k.split('/', 1)[1] for k in run if k.startswith('single/'))
+  assert any('mean_ema' in k for k in names)
+  for name in names:
+    np.testing.assert_allclose(
+      run[f'sharded/{name}'], run[f'single/{name}'], rtol=2e-5, atol=1e-6,
+      err_msg=name,
+    )  # fmt: skip
+  # Statistics of one device's rows alone differ: the test is not vacuous.
+  mean = 'state/batch_norm/~/mean_ema/average'
+  assert not np.allclose(run[f'sharded/{mean}'], run[f'local/{mean}'])
+
+
 def test_2_processes_match_1_process(tmp_path, cache_dir):
   # 'slice': every host builds the same global batches and keeps its rows,
   # so the data does not depend on the number of processes.

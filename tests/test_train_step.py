@@ -2,7 +2,9 @@
 
 References are NumPy re-derivations: for a linear softmax classifier the
 gradient of the cross-entropy is `X^T (softmax(XW + b) - Y) / B`, so one SGD
-step, an EMA step and a SAM step can be computed by hand.
+step, an EMA step and a SAM step can be computed by hand. For the Haiku state
+a tiny BN-ResNet's first BatchNorm moving averages are re-derived from a
+NumPy convolution of the batch.
 """
 
 import haiku as hk
@@ -13,6 +15,7 @@ import numpy as np
 import optax
 import pytest
 
+from nfnets import models
 from nfnets.train import step as step_lib
 
 NUM_CLASSES = 5
@@ -33,7 +36,7 @@ def _linear_model():
     x = images.reshape(images.shape[0], -1)
     return {'logits': hk.Linear(NUM_CLASSES, name='linear')(x)}
 
-  return hk.transform(forward)
+  return hk.transform_with_state(forward)
 
 
 def _np_softmax(z):
@@ -71,15 +74,14 @@ def _batch(seed=0, n=8, mixed=False):
 
 
 def _state(model, tx, ema=False):
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1, 1, FEATURES)), 1)
+  params, model_state = model.init(
+    jax.random.PRNGKey(0), jnp.zeros((1, 1, 1, FEATURES)), 1
+  )
+  assert model_state == {}
   # Non-zero bias so its gradient path is exercised.
   params = jax.tree.map(lambda p: p + 0.1, params)
-  return step_lib.TrainState(
-    step=jnp.zeros((), jnp.int32),
-    params=params,
-    opt_state=tx.init(params),
-    ema_params=jax.tree.map(jnp.copy, params) if ema else None,
-    rng=jax.random.PRNGKey(1),
+  return step_lib.make_train_state(
+    params, model_state, tx, jax.random.PRNGKey(1), ema=ema
   )
 
 
@@ -195,7 +197,7 @@ def test_eval_step_ignores_masked_examples():
   params = _state(model, tx).params
   b = _batch(seed=2, n=8)
   b['mask'] = np.array([1, 1, 1, 1, 1, 0, 0, 0], np.float32)
-  sums = jax.jit(step_lib.make_eval_step(model, NUM_CLASSES))(params, b)
+  sums = jax.jit(step_lib.make_eval_step(model, NUM_CLASSES))(params, {}, b)
   x = b['images'].reshape(8, -1)
   logits = x @ np.asarray(params['linear']['w']) + np.asarray(
     params['linear']['b']
@@ -216,3 +218,142 @@ def test_cast_floats_casts_only_floats(dtype):
   out = step_lib.cast_floats(tree, jnp.dtype(dtype))
   assert out['w'].dtype == jnp.dtype(dtype)
   assert out['i'].dtype == jnp.int32
+
+
+# ----------------------------------------------------------------------------
+# Haiku state: a tiny post-activation BN-ResNet (initial_conv -> initial_bn).
+# ----------------------------------------------------------------------------
+
+BN_DECAY = 0.8  # Not hk.BatchNorm's or the ResNet's default, so it is read.
+BN_EMA_DECAY = 0.999
+BN_IMAGES = 32
+
+
+def _bn_model():
+  config = ml_collections.ConfigDict(
+    dict(
+      name='ResNet',
+      kwargs=dict(
+        width=0.25,
+        depth=(1, 1, 1, 1),
+        preactivation=False,
+        bn_decay=BN_DECAY,
+      ),
+    )
+  )
+  return models.make_model(config, NUM_CLASSES)
+
+
+def _bn_batch(seed):
+  rng = np.random.RandomState(seed)
+  shape = (8, BN_IMAGES, BN_IMAGES, 3)
+  return {
+    'images': (2.0 + 3.0 * rng.randn(*shape)).astype(np.float32),
+    'labels': rng.randint(0, NUM_CLASSES, 8).astype(np.int32),
+  }
+
+
+def _np_conv7x7_s2_same(x, w):
+  """NumPy 7x7 stride-2 'SAME' conv, NHWC x HWIO (TF's padding rule)."""
+  out = x.shape[1] // 2
+  pad = max((out - 1) * 2 + 7 - x.shape[1], 0)
+  lo = pad // 2
+  xp = np.pad(x, ((0, 0), (lo, pad - lo), (lo, pad - lo), (0, 0)))
+  y = np.zeros((x.shape[0], out, out, w.shape[-1]))
+  for a in range(7):
+    for b in range(7):
+      y += xp[:, a : a + 2 * out : 2, b : b + 2 * out : 2, :] @ w[a, b]
+  return y
+
+
+@pytest.fixture(scope='module')
+def bn_run():
+  """Two SGD steps (EMA on) of the tiny BN-ResNet: (model, [s0, s1, s2])."""
+  model = _bn_model()
+  # Haiku's init compiles 2-3x faster on CPU with an RngBitGenerator key.
+  params, model_state = jax.jit(lambda r, x: model.init(r, x, True))(
+    jax.random.key(0, impl='unsafe_rbg'),
+    jnp.zeros((1, BN_IMAGES, BN_IMAGES, 3)),
+  )
+  tx = optax.sgd(0.5)
+  states = [
+    step_lib.make_train_state(
+      params, model_state, tx, jax.random.PRNGKey(1), ema=True
+    )
+  ]
+  step = _step(model, tx, _opt_config(ema_decay=BN_EMA_DECAY), 0.0)
+  for seed in (0, 1):
+    states.append(step(states[-1], _bn_batch(seed))[0])
+  return model, jax.device_get(states)
+
+
+def test_bn_step_updates_moving_averages_from_batch_statistics(bn_run):
+  _, states = bn_run
+  hidden = {'mean': 0.0, 'var': 0.0}
+  for t, seed in enumerate((0, 1)):
+    # The first BN layer normalises initial_conv(images) over N, H, W.
+    w = np.asarray(states[t].params['ResNet/~/initial_conv']['w'], np.float64)
+    x = _np_conv7x7_s2_same(_bn_batch(seed)['images'].astype(np.float64), w)
+    stats = {'mean': x.mean((0, 1, 2)), 'var': x.var((0, 1, 2))}  # Biased.
+    for name, value in stats.items():
+      # hk.ExponentialMovingAverage with Adam-style zero debiasing.
+      hidden[name] = BN_DECAY * hidden[name] + (1 - BN_DECAY) * value
+      ema = states[t + 1].model_state[f'ResNet/~/initial_bn/~/{name}_ema']
+      assert int(ema['counter']) == t + 1
+      np.testing.assert_allclose(ema['hidden'].ravel(), hidden[name], 2e-5)
+      want = hidden[name] / (1 - BN_DECAY ** (t + 1))
+      np.testing.assert_allclose(ema['average'].ravel(), want, rtol=2e-5)
+  # The weights are trained: the zero-initialised classifier first, then
+  # (once it is non-zero) the convolutions behind it.
+  fc = [s.params['ResNet/~/linear']['w'] for s in states]
+  assert np.abs(fc[1] - fc[0]).max() > 0
+  conv = [s.params['ResNet/~/initial_conv']['w'] for s in states]
+  assert np.abs(conv[2] - conv[1]).max() > 0
+  for leaf in jax.tree.leaves(states[2].model_state):
+    assert leaf.dtype in (np.float32, np.int32)
+
+
+def test_ema_of_model_state_follows_the_ema_formula(bn_run):
+  _, states = bn_run
+  ema = states[0].ema_model_state
+  for t in (0, 1):
+    # optim.ema_decay's warmup: min(decay, (1 + t) / (10 + t)).
+    d = min(BN_EMA_DECAY, (1 + t) / (10 + t))
+    new = states[t + 1].model_state
+
+    def average(e, n, d=d):  # Counters (int32) are copied.
+      return n if n.dtype == np.int32 else d * e + (1 - d) * n
+
+    ema = jax.tree.map(average, ema, new)
+    got = states[t + 1].ema_model_state
+    assert jax.tree.structure(got) == jax.tree.structure(new)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(ema), strict=True):
+      assert g.dtype == w.dtype
+      np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-8)
+  # At step 0 the EMA starts as a copy of the initial state.
+  jax.tree.map(np.testing.assert_array_equal, states[0].ema_model_state,
+               states[0].model_state)  # fmt: skip
+
+
+def test_eval_uses_moving_statistics_not_the_batch(bn_run):
+  model, states = bn_run
+  state = states[2]
+  a, b = _bn_batch(5), _bn_batch(6)
+  b['images'][0], b['labels'][0] = a['images'][0], a['labels'][0]
+  mask = np.eye(8, dtype=np.float32)[0]  # Only example 0 counts.
+  eval_step = jax.jit(step_lib.make_eval_step(model, NUM_CLASSES))
+  sums = [
+    eval_step(state.params, state.model_state, dict(x, mask=mask))
+    for x in (a, b)
+  ]
+  # Example 0's eval loss does not depend on the other examples...
+  np.testing.assert_allclose(sums[0]['loss'], sums[1]['loss'], rtol=1e-6)
+  assert abs(float(sums[0]['loss']) - np.log(NUM_CLASSES)) > 1e-4
+  # ...while in training mode (batch statistics) its features do.
+  train_pool = [
+    model.apply(state.params, state.model_state, None, x['images'], True)[0][
+      'pool'
+    ][0]
+    for x in (a, b)
+  ]
+  assert np.abs(train_pool[0] - train_pool[1]).max() > 1e-3

@@ -9,6 +9,11 @@ multi-process tests run this script in subprocesses:
 It trains a tiny NFNet on the digits (`tiny_config`), then process 0 writes
 the final params (flattened `module/param` keys), the per-step train losses
 from metrics.jsonl, and the final eval top-1 to `--out`.
+
+With `--bn_step_check` it trains nothing: it runs two train steps of a tiny
+conv + BatchNorm model jitted over all devices with the batch sharded, the
+same steps on one device, and the steps on the first device's rows alone,
+and writes the three resulting states (`sharded/`, `single/`, `local/`).
 """
 
 import argparse
@@ -90,6 +95,77 @@ def _check_bad_batch_size(config):
     print('BAD_BATCH_ERROR:', e, flush=True)
 
 
+def _flat(prefix, tree):
+  """`{prefix/module/name: array}` of a Haiku params or state dict."""
+  import numpy as np  # noqa: PLC0415
+
+  return {
+    f'{prefix}/{m}/{n}': np.asarray(v) for m, d in tree.items()
+    for n, v in d.items()
+  }  # fmt: skip
+
+
+def bn_step_check(out: str) -> None:
+  """Writes the states after 2 BN train steps: sharded, 1 device, 1 shard."""
+  import haiku as hk  # noqa: PLC0415
+  import jax  # noqa: PLC0415
+  import ml_collections  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+  import optax  # noqa: PLC0415
+
+  from nfnets.train import mesh as mesh_lib  # noqa: PLC0415
+  from nfnets.train import step as step_lib  # noqa: PLC0415
+
+  def forward(images, is_training):
+    x = hk.Conv2D(4, 3, stride=2, with_bias=False)(images)
+    x = hk.BatchNorm(True, True, decay_rate=0.9)(x, is_training)
+    x = jax.nn.relu(x).mean(axis=(1, 2))
+    return {'logits': hk.Linear(3, w_init=hk.initializers.RandomNormal())(x)}
+
+  model = hk.transform_with_state(forward)
+  rng = np.random.RandomState(0)
+  n = 2 * jax.device_count()
+  batch = {
+    'images': (1.0 + 2.0 * rng.randn(n, 8, 8, 3)).astype(np.float32),
+    'labels': rng.randint(0, 3, n).astype(np.int32),
+  }
+  params, model_state = model.init(
+    jax.random.PRNGKey(0), batch['images'][:1], True
+  )
+  tx = optax.sgd(0.5)
+  opt_config = ml_collections.ConfigDict(
+    dict(sam_rho=0.0, ema_decay=0.0, clipping=0.0, eps=1e-3, agc_exclude=())
+  )
+  step = step_lib.make_train_step(
+    model, tx, lambda s: 0.5, num_classes=3, opt_config=opt_config,
+    compute_dtype='float32', label_smoothing=0.0,
+  )  # fmt: skip
+  mesh = mesh_lib.make_mesh()
+  repl = mesh_lib.replicated_sharding(mesh)
+  sharded = jax.jit(
+    step,
+    in_shardings=(repl, mesh_lib.batch_sharding(mesh)),
+    out_shardings=(repl, repl),
+  )
+  single = jax.jit(step)  # Everything on the default device.
+  state0 = step_lib.make_train_state(
+    params, model_state, tx, jax.random.PRNGKey(1), ema=False
+  )
+  runs = {
+    'sharded': (sharded, mesh_lib.replicate(state0, mesh), batch),
+    'single': (single, state0, batch),
+    'local': (single, state0, {k: v[:2] for k, v in batch.items()}),
+  }
+  arrays = {}
+  for name, (fn, state, rows) in runs.items():
+    for _ in range(2):
+      state, _ = fn(state, rows)
+    state = jax.device_get(state)
+    arrays.update(_flat(f'{name}/params', state.params))
+    arrays.update(_flat(f'{name}/state', state.model_state))
+  np.savez(out, **arrays)
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--devices', type=int, default=1)
@@ -100,11 +176,15 @@ def main():
   parser.add_argument('--port', type=int, default=0)
   parser.add_argument('--cache_dir', default='')
   parser.add_argument('--set', action='append', default=[])
+  parser.add_argument('--bn_step_check', action='store_true')
   args = parser.parse_args()
   os.environ['XLA_FLAGS'] = (
     f'--xla_force_host_platform_device_count={args.devices}'
   )
   os.environ['JAX_PLATFORMS'] = 'cpu'
+  if args.bn_step_check:
+    bn_step_check(args.out)
+    return
   config = tiny_config(args.cache_dir)
   if args.num_processes > 1:
     dist = config.train.distributed

@@ -1,6 +1,8 @@
 """Training library: data-parallel train step, checkpoints, eval and logs.
 
-Entry point: `train_and_evaluate(config, workdir)` (`nfnets.train.loop`).
+Entry point: `train_and_evaluate(config, workdir)` (`nfnets.train.loop`);
+`abstract_train_state(config, num_classes)` gives the shapes of the state it
+keeps (to restore its checkpoints elsewhere).
 Pieces, one module each: `config` (the train/eval/checkpoint sections),
 `mesh` (device mesh and sharding), `step` (train state and the pure train and
 eval steps), `checkpoint` (Orbax + SIGTERM), `writers` (console, JSONL,
@@ -11,7 +13,12 @@ step and mesh modules work where TensorFlow is not installed (e.g. a GPU
 image used only for `experiments.benchmark`).
 """
 
-_LOOP_NAMES = ('NonFiniteLossError', 'TrainResult', 'train_and_evaluate')
+_LOOP_NAMES = (
+  'NonFiniteLossError',
+  'TrainResult',
+  'abstract_train_state',
+  'train_and_evaluate',
+)
 
 __all__ = list(_LOOP_NAMES)
 

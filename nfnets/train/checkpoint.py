@@ -10,11 +10,16 @@ the loop can save after the current step and stop cleanly.
 import os
 import signal
 import threading
+from collections.abc import Mapping
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+
+
+class _OlderCheckpointError(ValueError):
+  """A checkpoint from before `TrainState.model_state`, for a stateful model."""
 
 
 class Checkpointer:
@@ -33,7 +38,12 @@ class Checkpointer:
     """
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    # The handler lets `item_metadata` read checkpoints of earlier runs.
+    self._manager = ocp.CheckpointManager(
+      self.directory,
+      options=options,
+      item_handlers=ocp.StandardCheckpointHandler(),
+    )
 
   def latest_step(self) -> int | None:
     """Returns the newest complete checkpoint's step, or None."""
@@ -42,9 +52,15 @@ class Checkpointer:
   def restore(self, state):
     """Restores the newest checkpoint into the structure of `state`.
 
+    Checkpoints written before the train state carried the Haiku state (no
+    `model_state` entry) are restored too when `state`'s model state is
+    empty (every normalizer-free model): `model_state` and
+    `ema_model_state` are then taken from `state`.
+
     Args:
       state: a state with the run's tree structure, shapes and shardings
-        (e.g. the freshly initialised one); its values are not used.
+        (e.g. the freshly initialised one); its values are not used, except
+        the (empty) model state of an older checkpoint.
 
     Returns:
       The restored state, or None if the directory has no checkpoint.
@@ -58,9 +74,13 @@ class Checkpointer:
       return None
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     try:
+      if self._predates_model_state(step, state):
+        return self._restore_without_model_state(step, abstract, state)
       return self._manager.restore(
         step, args=ocp.args.StandardRestore(abstract)
       )
+    except _OlderCheckpointError:
+      raise
     except Exception as e:  # Orbax raises many types; all mean the same here.
       raise ValueError(
         f'Could not restore the checkpoint at step {step} in '
@@ -68,6 +88,32 @@ class Checkpointer:
         'or optimizer config. Use a fresh --workdir, or delete that step '
         'directory to fall back to an older checkpoint.'
       ) from e
+
+  def _predates_model_state(self, step: int, state) -> bool:
+    """Whether checkpoint `step` has no `model_state` but `state` does."""
+    if 'model_state' not in getattr(state, '_fields', ()):
+      return False
+    metadata = self._manager.item_metadata(step)
+    tree = getattr(metadata, 'tree', metadata)
+    return isinstance(tree, Mapping) and 'model_state' not in tree
+
+  def _restore_without_model_state(self, step: int, abstract, state):
+    """Restores an older checkpoint; the model state comes from `state`."""
+    if jax.tree.leaves(state.model_state):
+      raise _OlderCheckpointError(
+        f'The checkpoint at step {step} in {self.directory} was written '
+        'before the train state carried the Haiku state (BatchNorm '
+        'statistics), which this model needs. Train it in a fresh --workdir.'
+      )
+    fields = {
+      k: v
+      for k, v in abstract._asdict().items()
+      if k not in ('model_state', 'ema_model_state')
+    }
+    restored = self._manager.restore(
+      step, args=ocp.args.StandardRestore(fields)
+    )
+    return state._replace(**restored)
 
   def save(self, step: int, state) -> None:
     """Starts saving `state` as checkpoint `step` (asynchronously).

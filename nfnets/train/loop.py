@@ -13,14 +13,21 @@ Order of events:
      then on, so the last good one stays the newest);
   5. a final checkpoint and a final evaluation (raw and EMA parameters).
 
-Resuming: the state (step, params, optimizer state, EMA, RNG key) is
-restored exactly and step t always uses `fold_in(rng, t)`. tf.data gives no
-way to checkpoint the input pipeline's position, so the data order on resume
-depends on `config.train.data_resume`: 'skip' rebuilds the pipeline with the
-same seed and skips the batches already consumed (an exact replay when the
-data pipeline is deterministic); 'reseed' starts a new shuffle seeded by the
-resume step (cheap; examples are still drawn uniformly, but the run does not
-see exactly the order an uninterrupted run would).
+Every model is transformed with state (`models.make_model`): BatchNorm
+ResNets keep their moving averages in `TrainState.model_state` (replicated
+like the params; `{}` for the normalizer-free models). The train step is
+jitted over the mesh with the batch sharded, so BatchNorm's batch statistics
+are computed over the global batch, across devices and hosts.
+
+Resuming: the state (step, params, model state, optimizer state, EMAs, RNG
+key) is restored exactly and step t always uses `fold_in(rng, t)`. tf.data
+gives no way to checkpoint the input pipeline's position, so the data order
+on resume depends on `config.train.data_resume`: 'skip' rebuilds the
+pipeline with the same seed and skips the batches already consumed (an exact
+replay when the data pipeline is deterministic); 'reseed' starts a new
+shuffle seeded by the resume step (cheap; examples are still drawn
+uniformly, but the run does not see exactly the order an uninterrupted run
+would).
 """
 
 import dataclasses
@@ -31,6 +38,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from nfnets import data, models, optim
@@ -237,41 +245,77 @@ def _jit_steps(config, mesh, model, optimizer, schedule_fn, num_classes):
   )
   eval_step = jax.jit(
     step_lib.make_eval_step(model, num_classes),
-    in_shardings=(repl, batch),
+    in_shardings=(repl, repl, batch),
     out_shardings=repl,
   )
   return train_step, eval_step
 
 
+def _init_fn(config, model, optimizer):
+  """`rng -> TrainState` of step 0 (random init) for `config`."""
+  shape = _first_batch_shape(config)
+  ema = config.optimizer.ema_decay > 0
+
+  def init(rng):
+    init_rng, train_rng = jax.random.split(rng)
+    images = jnp.zeros(shape, jnp.float32)
+    params, model_state = model.init(init_rng, images, True)
+    return step_lib.make_train_state(
+      params, model_state, optimizer, train_rng, ema=ema
+    )
+
+  return init
+
+
+# The optimizer's state structure does not depend on the run length; any
+# length longer than every warmup satisfies make_optimizer's checks.
+_ANY_RUN_LENGTH = 10**9
+
+
+def abstract_train_state(config, num_classes: int) -> step_lib.TrainState:
+  """Shapes and dtypes of the `TrainState` a run of `config` keeps.
+
+  Nothing is computed (`jax.eval_shape`); the result is the target for
+  restoring the run's checkpoints elsewhere, e.g. `nfnets.evaluation`.
+
+  Args:
+    config: the run's config (model, optimizer, data.train_image_size,
+      train.batch_size).
+    num_classes: the dataset's number of classes.
+
+  Returns:
+    A `TrainState` of `jax.ShapeDtypeStruct`s (None for absent EMAs).
+  """
+  model = models.make_model(config.model, num_classes)
+  optimizer, _ = optim.make_optimizer(
+    config.optimizer,
+    steps_per_epoch=1.0,
+    total_steps=_ANY_RUN_LENGTH,
+    global_batch_size=config.train.batch_size,
+  )
+  init = _init_fn(config, model, optimizer)
+  return jax.eval_shape(init, jax.random.PRNGKey(0))
+
+
 def _initial_state(run: _Run, checkpointer) -> step_lib.TrainState:
   """Fresh (or pretrained) state, replaced by the newest checkpoint."""
   config = run.config
-  shape = _first_batch_shape(config)
-  rng = jax.random.PRNGKey(config.train.seed)
-  init_rng, train_rng = jax.random.split(rng)
   repl = mesh_lib.replicated_sharding(run.mesh)
-  init = jax.jit(
-    lambda r: run.model.init(r, np.zeros(shape, np.float32), True),
-    in_shardings=repl,
-    out_shardings=repl,
+  rng = mesh_lib.replicate(
+    np.asarray(jax.random.PRNGKey(config.train.seed)), run.mesh
   )
+  init = _init_fn(config, run.model, run.optimizer)
   # Every process holds the same key, so every process builds the same init.
-  params = init(mesh_lib.replicate(np.asarray(init_rng), run.mesh))
+  state = jax.jit(init, in_shardings=repl, out_shardings=repl)(rng)
   if config.model.init_from:
-    params = _load_init_params(config.model, params, run.mesh)
-  opt_state = jax.jit(run.optimizer.init, out_shardings=repl)(params)
-  ema = None
-  if config.optimizer.ema_decay > 0:
-    # A real copy: the state is donated, so no two leaves may share a buffer.
-    ema = jax.jit(lambda p: jax.tree.map(lambda x: x + 0, p),
-                  out_shardings=repl)(params)  # fmt: skip
-  state = step_lib.TrainState(
-    step=mesh_lib.replicate(np.zeros((), np.int32), run.mesh),
-    params=params,
-    opt_state=opt_state,
-    ema_params=ema,
-    rng=mesh_lib.replicate(np.asarray(train_rng), run.mesh),
-  )
+    params = _load_init_params(config.model, state.params, run.mesh)
+    # The optimizer and the EMA start from the loaded weights; the Haiku
+    # state (BatchNorm statistics) is not in weights files and stays fresh.
+    ema = config.optimizer.ema_decay > 0
+    restart = lambda p, s: step_lib.make_train_state(
+      p, s.model_state, run.optimizer, s.rng, ema=ema
+    )
+    state = jax.jit(restart, out_shardings=repl)(params, state)
   if checkpointer is not None:
     restored = checkpointer.restore(state)
     if restored is not None:
@@ -433,12 +477,14 @@ def _stop_non_finite(step: int, metrics, checkpointer) -> None:
   )
 
 
-def evaluate(run: _Run, params) -> dict:
+def evaluate(run: _Run, params, model_state) -> dict:
   """Top-1/top-5/loss of `params` over the whole eval split.
 
   Args:
     run: the built run.
     params: replicated params.
+    model_state: the replicated Haiku state that goes with them (BatchNorm
+      moving averages; `{}` for stateless models).
 
   Returns:
     dict with 'top1', 'top5', 'loss' (means over real examples) and
@@ -453,7 +499,9 @@ def evaluate(run: _Run, params) -> dict:
   )
   totals = None
   for batch in batches:
-    sums = run.eval_step(params, mesh_lib.shard_batch(batch, run.mesh))
+    sums = run.eval_step(
+      params, model_state, mesh_lib.shard_batch(batch, run.mesh)
+    )
     totals = (
       sums if totals is None else jax.tree.map(operator.add, totals, sums)
     )
@@ -472,16 +520,16 @@ def _evaluate_and_log(run: _Run, state, *, final: bool) -> dict:
   step = int(state.step)
   t0 = time.perf_counter()
   results = {}
-  sets = [('eval', state.params)]
+  sets = [('eval', state.params, state.model_state)]
   if run.config.eval.ema and state.ema_params is not None:
-    sets.append(('eval_ema', state.ema_params))
-  for prefix, params in sets:
-    for k, v in evaluate(run, params).items():
+    sets.append(('eval_ema', state.ema_params, state.ema_model_state))
+  for prefix, params, model_state in sets:
+    for k, v in evaluate(run, params, model_state).items():
       results[f'{prefix}/{k}'] = v
   run.writer.write(step, results)
   line = ' | '.join(
     f'{p} top1 {results[f"{p}/top1"]:.4f} top5 {results[f"{p}/top5"]:.4f}'
-    for p, _ in sets
+    for p, *_ in sets
   )
   label = 'Final eval' if final else 'Eval'
   run.progress.print(

@@ -6,6 +6,11 @@ follows the paper: float32 master weights are cast to the compute dtype (and
 the images with them) for the forward and backward pass, logits are cast
 back to float32 before the loss, and the gradients arrive in float32
 because they are taken with respect to the float32 weights.
+
+Every model is an `hk.transform_with_state`: the Haiku state (the BatchNorm
+moving averages of BN ResNets, `{}` for the normalizer-free models) rides in
+the train state, is updated by each training forward pass and is read, not
+changed, by the eval step.
 """
 
 from collections.abc import Callable
@@ -25,17 +30,85 @@ class TrainState(NamedTuple):
   Attributes:
     step: int32 scalar, number of optimizer steps taken.
     params: float32 master weights (Haiku params dict).
+    model_state: the Haiku state: BatchNorm moving averages (float32, with
+      int32 update counters), `{}` for stateless models such as NFNets.
     opt_state: optimizer state.
     ema_params: EMA of the weights, or None when EMA is off.
+    ema_model_state: EMA of `model_state` (every floating-point leaf
+      averaged like the weights, as timm's ModelEmaV2 and big_vision do for
+      BatchNorm statistics; integer counters copied), or None when EMA is
+      off. Evaluation of `ema_params` uses it.
     rng: base PRNG key; step t uses `fold_in(rng, t)`, so a resumed run draws
       the same randomness as an uninterrupted one.
   """
 
   step: jax.Array
   params: Any
+  model_state: Any
   opt_state: Any
   ema_params: Any
+  ema_model_state: Any
   rng: jax.Array
+
+
+def _copy(tree):
+  """A real copy: the state is donated, so no two leaves share a buffer."""
+  return jax.tree.map(lambda x: x + 0, tree)
+
+
+def make_train_state(
+  params, model_state, optimizer: optax.GradientTransformation, rng, *, ema
+) -> TrainState:
+  """The state of step 0: optimizer initialised, EMAs copied from the start.
+
+  Pure and traceable: jit it (with output shardings) to build the state on
+  the devices, or `jax.eval_shape` it for the abstract state of a restore.
+
+  Args:
+    params: the initial weights.
+    model_state: the initial Haiku state (`{}` for stateless models).
+    optimizer: the optax transformation.
+    rng: the run's base PRNG key (`TrainState.rng`).
+    ema: whether the run keeps an EMA of the weights (and the state).
+
+  Returns:
+    A `TrainState` at step 0.
+  """
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    model_state=model_state,
+    opt_state=optimizer.init(params),
+    ema_params=_copy(params) if ema else None,
+    ema_model_state=_copy(model_state) if ema else None,
+    rng=rng,
+  )
+
+
+def ema_update_model_state(ema_state, new_state, step, decay: float):
+  """One EMA step of the Haiku state (see `optim.ema_update`).
+
+  Floating-point leaves (BatchNorm's averaged mean/variance and their
+  debiasing `hidden` values) follow `ema * d + new * (1 - d)` with the same
+  warmed-up decay as the weights; integer leaves (the moving averages' step
+  counters) cannot be averaged and are copied from `new_state`.
+
+  Args:
+    ema_state: the running average of the state.
+    new_state: the state after this step.
+    step: index of the optimizer step just taken.
+    decay: the target decay.
+
+  Returns:
+    The new running average, with the dtypes of `ema_state`.
+  """
+
+  def _leaf(ema, new):
+    if jnp.issubdtype(ema.dtype, jnp.floating):
+      return optim.ema_update(ema, new, step, decay)
+    return new
+
+  return jax.tree.map(_leaf, ema_state, new_state)
 
 
 def cast_floats(tree, dtype):
@@ -83,7 +156,7 @@ def topk_correct(logits, labels, k: int):
 
 
 def make_train_step(
-  model: hk.Transformed,
+  model: hk.TransformedWithState,
   optimizer: optax.GradientTransformation,
   schedule_fn: Callable[[jax.Array], jax.Array],
   *,
@@ -94,9 +167,20 @@ def make_train_step(
 ):
   """Builds the pure train step `(state, batch) -> (state, metrics)`.
 
+  The forward pass runs in training mode, so BatchNorm normalises with the
+  statistics of the batch and the step keeps the moving averages it returns
+  (cast back to the state's float32). Jitted over the `('data',)` mesh with
+  the batch sharded (as the loop does), `jnp.mean` over the batch axis is a
+  mean over the *global* batch: the compiler inserts the cross-device
+  reduction, so BatchNorm's batch statistics are those of the whole global
+  batch (synchronised BatchNorm) whatever the number of devices. With SAM,
+  the second forward pass (at the ascent point) only provides the gradient;
+  its state is discarded.
+
   Args:
-    model: the transformed network; `apply(params, rng, images, is_training)`
-      returns a dict with 'logits'.
+    model: the transformed network (`models.make_model`);
+      `apply(params, state, rng, images, is_training)` returns `(outputs,
+      new_state)` with 'logits' in the outputs.
     optimizer: the optax transformation (its update needs params).
     schedule_fn: step -> learning rate, reported as a metric.
     num_classes: number of classes of the labels.
@@ -113,29 +197,45 @@ def make_train_step(
   dtype = jnp.dtype(compute_dtype)
   k5 = min(5, num_classes)
 
-  def loss_fn(params, batch, rng):
-    out = model.apply(
-      cast_floats(params, dtype), rng, batch['images'].astype(dtype), True
+  def loss_fn(params, model_state, batch, rng):
+    out, new_model_state = model.apply(
+      cast_floats(params, dtype),
+      model_state,
+      rng,
+      batch['images'].astype(dtype),
+      True,
     )
     logits = out['logits'].astype(jnp.float32)
     targets = make_targets(batch, num_classes, label_smoothing)
-    return jnp.mean(softmax_cross_entropy(logits, targets)), logits
+    loss = jnp.mean(softmax_cross_entropy(logits, targets))
+    return loss, (logits, new_model_state)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def step(state: TrainState, batch):
     rng = jax.random.fold_in(state.rng, state.step)
-    (loss, logits), grads = grad_fn(state.params, batch, rng)
+    (loss, (logits, model_state)), grads = grad_fn(
+      state.params, state.model_state, batch, rng
+    )
+    # The state keeps its dtypes whatever the compute dtype.
+    model_state = jax.tree.map(
+      lambda new, old: new.astype(old.dtype), model_state, state.model_state
+    )
     if opt_config.sam_rho:
       # SAM: the update uses the gradient at the ascent point.
       perturbed = optim.sam_perturb(state.params, grads, opt_config.sam_rho)
-      (_, _), grads = grad_fn(perturbed, batch, rng)
+      (_, _), grads = grad_fn(perturbed, state.model_state, batch, rng)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema_params = state.ema_params
     if ema_params is not None:
       ema_params = optim.ema_update(
         ema_params, params, state.step, opt_config.ema_decay
+      )
+    ema_model_state = state.ema_model_state
+    if ema_model_state is not None:
+      ema_model_state = ema_update_model_state(
+        ema_model_state, model_state, state.step, opt_config.ema_decay
       )
     metrics = {
       'loss': loss,
@@ -148,7 +248,13 @@ def make_train_step(
       'lr': jnp.asarray(schedule_fn(state.step), jnp.float32),
     }
     new_state = TrainState(
-      state.step + 1, params, opt_state, ema_params, state.rng
+      step=state.step + 1,
+      params=params,
+      model_state=model_state,
+      opt_state=opt_state,
+      ema_params=ema_params,
+      ema_model_state=ema_model_state,
+      rng=state.rng,
     )
     return new_state, metrics
 
@@ -166,11 +272,15 @@ def _clip_fraction(grads, params, opt_config):
   return jnp.asarray(frac, jnp.float32)
 
 
-def make_eval_step(model: hk.Transformed, num_classes: int):
-  """Builds `(params, batch) -> sums` for one eval batch, in float32.
+def make_eval_step(model: hk.TransformedWithState, num_classes: int):
+  """Builds `(params, model_state, batch) -> sums` for one eval batch.
+
+  The forward pass runs in eval mode in float32: BatchNorm normalises with
+  the moving averages in `model_state` (so each example's logits do not
+  depend on the rest of the batch) and the state is not changed.
 
   Args:
-    model: the transformed network.
+    model: the transformed network (`models.make_model`).
     num_classes: number of classes.
 
   Returns:
@@ -179,8 +289,8 @@ def make_eval_step(model: hk.Transformed, num_classes: int):
   """
   k5 = min(5, num_classes)
 
-  def eval_step(params, batch):
-    out = model.apply(params, None, batch['images'], False)
+  def eval_step(params, model_state, batch):
+    out, _ = model.apply(params, model_state, None, batch['images'], False)
     logits = out['logits'].astype(jnp.float32)
     labels = batch['labels']
     mask = batch['mask'].astype(jnp.float32)
