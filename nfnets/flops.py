@@ -8,7 +8,7 @@ so sizes not divisible by 32 give fractional counts); squeeze-excite adds
 `2 * hidden * C` per image and the classifier `C_final * num_classes`.
 Activations, pooling, additions and the weight standardisation are free.
 
-Two counters:
+Three counters:
 
 * `count_flops(variant, image_size)`: the paper's formula, read off the
   architecture description (`nfnets.nfnet.block_specs`), no tracing.
@@ -16,15 +16,21 @@ Two counters:
   matrix product in the traced computation of any JAX function (e.g. a
   transformed Haiku model's apply); works for every model family and equals
   the paper's count whenever the image size is divisible by the stride.
+* `count_model_macs(model_config, image_size)`: the traced count of one
+  image's eval-mode forward pass of any registry model (`config.model`):
+  NF-ResNets, NF-RegNets, BN/SE-ResNets and NFNets. BatchNorm, like every
+  other elementwise or pooling op, costs nothing in this convention.
 """
 
 import math
 from collections.abc import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from nfnets import nfnet
+from nfnets import models, nf_regnet, nfnet
 
 
 def conv_macs(
@@ -201,3 +207,64 @@ def count_model_flops(fn: Callable, *args, **kwargs) -> float:
   """
   closed = jax.make_jaxpr(lambda *a: fn(*a, **kwargs))(*args)
   return float(_jaxpr_macs(closed.jaxpr))
+
+
+# Resolution of the figures the papers report for families whose variants
+# have no test size of their own: ResNets are compared at 224 px.
+RESNET_IMAGE_SIZE = 224
+
+
+def reported_image_size(model_config: ml_collections.ConfigDict) -> int:
+  """The resolution at which a registry model's FLOPs are reported.
+
+  Args:
+    model_config: `config.model` (name and kwargs).
+
+  Returns:
+    The variant's test resolution for NFNets and NF-RegNets (as in their
+    papers' tables), else 224.
+  """
+  variant = model_config.kwargs.get('variant', None)
+  if model_config.name == 'NFNet':
+    return nfnet.get_variant(variant or 'F0')['test_imsize']
+  if model_config.name == 'NF_RegNet':
+    return nf_regnet.get_variant(variant or 'B0')['test_imsize']
+  return RESNET_IMAGE_SIZE
+
+
+def count_model_macs(
+  model_config: ml_collections.ConfigDict,
+  image_size: int | None = None,
+  *,
+  num_classes: int = 1000,
+) -> float:
+  """Multiply-adds of one image's forward pass of a registry model.
+
+  The model is built with `nfnets.models.make_model` and traced abstractly
+  in eval mode (nothing is allocated or run), so every family is counted
+  the same way: convolutions and matrix products (squeeze-excite and the
+  classifier included), nothing else. For NFNets this equals `count_flops`
+  (the paper's figures) when the size is divisible by 32.
+
+  Args:
+    model_config: `config.model`, e.g. `ConfigDict(dict(name='ResNet',
+      kwargs=dict(variant='ResNet50')))`.
+    image_size: square input resolution; None = `reported_image_size`.
+    num_classes: classifier outputs.
+
+  Returns:
+    Multiply-adds per image.
+  """
+  model = models.make_model(model_config, num_classes)
+  size = image_size or reported_image_size(model_config)
+  x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  # A concrete key: its shape depends on the configured PRNG implementation.
+  params, state = jax.eval_shape(
+    lambda r, x: model.init(r, x, True), jax.random.PRNGKey(0), x
+  )
+  return count_model_flops(
+    lambda p, s, x: model.apply(p, s, None, x, False)[0]['logits'],
+    params,
+    state,
+    x,
+  )

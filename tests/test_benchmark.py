@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import pytest
 
 from nfnets import benchmark, flops
+from tests.test_flops import resnet_macs
+from tests.test_resnet import expected_resnet_params
 
 TINY = dict(width=0.125, depth=[1, 1, 1, 1], group_size=128)
 BATCH, SIZE, STEPS = 2, 32, 2
@@ -149,3 +151,18 @@ def test_display_names_of_the_paper_baselines():
     ]
   ]
   assert names == ['NFNet-F1', 'NF-ResNet-50', 'BN-ResNet-50', 'SE-ResNet-50']
+
+
+def test_bn_resnet_runs_the_trainer_step_with_its_statistics():
+  """A BN-ResNet is timed with the trainer's step, its state carried."""
+  config = benchmark.make_model_config('ResNet', width=0.25, depth=[1, 1, 1, 1])
+  r = benchmark.run_benchmark(
+    config, batch_size=BATCH, image_size=SIZE, steps=1, warmup=1,
+    forward_steps=1, num_classes=10,
+  )  # fmt: skip
+  assert r.model == 'BN-ResNet-50' and r.steps == 1
+  assert math.isfinite(r.step_ms) and math.isfinite(r.forward_ms)
+  # Multiply-adds by hand (tests/test_flops.py): the convs and classifier.
+  assert r.macs_per_image == resnet_macs((1, 1, 1, 1), 0.25, SIZE, classes=10)
+  assert r.params == expected_resnet_params((1, 1, 1, 1), True, width=0.25,
+                                            classes=10)  # fmt: skip

@@ -3,6 +3,7 @@
 import haiku as hk
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -121,3 +122,109 @@ def test_count_params():
     'c': {'s': jax.ShapeDtypeStruct((), jnp.float32)},
   }
   assert flops.count_params(params) == 12 + 4 + 1
+
+
+# ----------------------------------------------------------------------------
+# Other model families, against hand counts of their layer definitions.
+# ----------------------------------------------------------------------------
+
+R50 = (3, 4, 6, 3)
+
+
+def _model(name, **kwargs):
+  return ml_collections.ConfigDict(dict(name=name, kwargs=kwargs))
+
+
+def resnet_macs(depth=R50, width=4, size=224, se_ratio=None, classes=1000):
+  """Hand count of a bottleneck ResNet (BN, or NF: the same convs).
+
+  A 7x7/2 stem conv of 16 * width channels, a 3x3/2 max pool, stages of
+  (64, 128, 256, 512) * width channels with strides (1, 2, 2, 2) whose
+  blocks are 1x1 (at the input size) -> 3x3 (carrying the stride) -> 1x1
+  at a quarter of the width, a strided 1x1 projection on each stage's first
+  block, optional SE (two matrix products on the pooled map), then the
+  classifier. `size` must be divisible by 32.
+  """
+  h = size // 2
+  stem = 16 * width
+  total = h * h * stem * 7 * 7 * 3
+  h, in_ch = h // 2, stem
+  stages = zip((64, 128, 256, 512), depth, (1, 2, 2, 2), strict=True)
+  for mult, blocks, stride in stages:
+    out_ch = mult * width
+    mid = out_ch // 4
+    for b in range(blocks):
+      ho = h // (stride if b == 0 else 1)
+      total += h * h * in_ch * mid + ho * ho * mid * mid * 9
+      total += ho * ho * mid * out_ch
+      if b == 0:
+        total += ho * ho * in_ch * out_ch
+      if se_ratio:
+        total += 2 * int(out_ch * se_ratio) * out_ch
+      h, in_ch = ho, out_ch
+  return total + in_ch * classes
+
+
+def nf_regnet_b0_macs(size=224, classes=1000):
+  """Hand count of NF-RegNet-B0 from its definition (module docstring).
+
+  Stem 3x3/2 conv to int(48 * 0.75) = 36 channels; stages of int(w * 0.75)
+  = 36, 78, 156, 330 channels and 1, 3, 6, 6 blocks, each stage's first
+  block with stride 2; expanded width int(in * 2.25) (1.0 for the very
+  first block) rounded down to groups of 8; a grouped 3x3 conv (8 input
+  channels per output); SE of hidden int(width / 2) on the expanded width;
+  a 1x1 shortcut (after a 2x2 average pool) on strided blocks; a final 1x1
+  conv to int(1280 * 330 // 440) = 960 channels; the classifier.
+  """
+  h = size // 2
+  total = h * h * 36 * 3 * 3 * 3
+  in_ch, first = 36, True
+  for out_ch, blocks in zip((36, 78, 156, 330), (1, 3, 6, 6), strict=True):
+    for b in range(blocks):
+      width = int(in_ch * (1.0 if first else 2.25)) // 8 * 8
+      ho = h // 2 if b == 0 else h
+      total += h * h * in_ch * width  # conv0
+      total += ho * ho * width * 8 * 9  # conv1, groups of 8
+      total += 2 * (width // 2) * width  # squeeze-excite
+      total += ho * ho * width * out_ch  # conv2
+      if b == 0 or in_ch != out_ch:
+        total += ho * ho * in_ch * out_ch  # conv_shortcut
+      h, in_ch, first = ho, out_ch, False
+  return total + h * h * 330 * 960 + 960 * classes
+
+
+@pytest.mark.parametrize('preactivation', [True, False])
+def test_bn_resnet50_macs_match_hand_count_and_table3(preactivation):
+  got = flops.count_model_macs(
+    _model('ResNet', preactivation=preactivation), 224
+  )
+  assert got == resnet_macs() == 4_089_184_256
+  # NFNet paper Table 3: ResNet-50 at 4.10B FLOPs.
+  assert got / 1e9 == pytest.approx(4.10, abs=0.015)
+
+
+def test_nf_resnet50_has_the_convs_of_resnet50():
+  assert flops.count_model_macs(_model('NF_ResNet')) == resnet_macs()
+  # SE adds two matrix products per block on the pooled features.
+  se = _model('NF_ResNet', use_se=True)
+  assert flops.count_model_macs(se) == resnet_macs(se_ratio=0.25)
+  bn_se = _model('ResNet', use_se=True)
+  assert flops.count_model_macs(bn_se) == resnet_macs(se_ratio=0.25)
+
+
+def test_tiny_resnet_macs_at_another_size():
+  config = _model('ResNet', width=0.5, depth=(1, 2, 1, 1))
+  got = flops.count_model_macs(config, 64, num_classes=10)
+  assert got == resnet_macs((1, 2, 1, 1), width=0.5, size=64, classes=10)
+
+
+def test_nf_regnet_b0_macs_match_hand_count():
+  config = _model('NF_RegNet', variant='B0')
+  assert flops.reported_image_size(config) == 224  # B0's test size.
+  assert flops.count_model_macs(config) == nf_regnet_b0_macs()
+
+
+def test_count_model_macs_of_nfnet_is_the_paper_count():
+  config = _model('NFNet', variant='F0')
+  assert flops.reported_image_size(config) == 256
+  assert flops.count_model_macs(config) == flops.count_flops('F0')
