@@ -18,7 +18,7 @@ docs/pretrained.md.
 import json
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -49,14 +49,20 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if bool(_WEIGHTS.value) == bool(_WORKDIR.value):
     raise app.UsageError('Pass exactly one of --weights and --workdir.')
+  if not flags.FLAGS['verbosity'].present:
+    # Orbax logs every checkpoint operation at INFO.
+    logging.set_verbosity(logging.WARNING)
   # Deferred so --help and flag errors stay fast.
-  from nfnets import evaluation, pretrained
+  from nfnets import evaluation
 
   try:
     results = evaluation.evaluate_from(
       _CONFIG.value, weights=_WEIGHTS.value, workdir=_WORKDIR.value
     )
-  except (FileNotFoundError, pretrained.WeightsError) as e:
+  except (FileNotFoundError, ValueError) as e:
+    # Each says what to do: a missing or mismatched weights file (a
+    # pretrained.WeightsError is a ValueError), a BN model given --weights,
+    # a checkpoint of another config.
     sys.stderr.write(f'{e}\n')
     sys.exit(1)
   for prefix in ('eval', 'eval_ema'):

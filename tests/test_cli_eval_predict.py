@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import PIL.Image
 import pytest
@@ -174,6 +175,18 @@ def test_evaluate_checks_weights_against_the_config(tmp_path):
   wrong = _save(_tiny_weights(1000, np.zeros(1000)), tmp_path / 'w.npz')
   with pytest.raises(pretrained.PretrainedMismatchError, match='10 classes'):
     evaluation.evaluate_from(_digits_config(), weights=wrong)
+
+
+def test_evaluate_refuses_weights_file_for_batchnorm_model(tmp_path):
+  weights = _save(_tiny_weights(10, np.arange(10)), tmp_path / 'w.npz')
+  config = _digits_config()
+  config.model.name = 'ResNet'
+  config.model.kwargs = ml_collections.ConfigDict(
+    dict(width=0.25, depth=(1, 1, 1, 1))
+  )
+  # Its moving statistics cannot come from a weights file.
+  with pytest.raises(ValueError, match='BatchNorm.*--workdir'):
+    evaluation.load_weights_for_config(config, weights, 10)
 
 
 def _write_checkpoint(workdir, raw, ema, step):
