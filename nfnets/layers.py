@@ -22,7 +22,6 @@ from collections.abc import Callable, Sequence
 import haiku as hk
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 # gamma = 1 / std(f(z)) for z ~ N(0, 1); the reference's exact constants.
 GAMMAS = {
@@ -154,12 +153,16 @@ def standardize_weight(
   Returns:
     The standardised kernel, same shape and dtype as `w`.
   """
-  fan_in = np.prod(w.shape[:-1])
-  mean = jnp.mean(w, axis=(0, 1, 2), keepdims=True)
-  centred = w - mean
-  var = jnp.mean(jnp.square(centred), axis=(0, 1, 2), keepdims=True)
+  # Statistics on the 2-D view (fan_in, out): the same numbers, but
+  # XLA:CPU reduces it several times faster than over axes (0, 1, 2) of the
+  # kernel, above all for the 1x1 kernels that hold most of the weights.
+  w2d = w.reshape(-1, w.shape[-1])
+  fan_in = w2d.shape[0]
+  mean = jnp.mean(w2d, axis=0)
+  centred = w2d - mean
+  var = jnp.mean(jnp.square(centred), axis=0)
   scale = jax.lax.rsqrt(jnp.maximum(var * fan_in, eps)) * gain
-  return centred * scale
+  return (centred * scale).reshape(w.shape)
 
 
 # Output positions (Ho * Wo) from which `conv2d_im2col_grad` computes the
@@ -216,7 +219,9 @@ def _im2col_grad_bwd(stride, pads, residuals, dy):
   _, input_vjp = jax.vjp(lambda x_: _dense_conv(x_, w, stride, pads), x)
   (dx,) = input_vjp(dy)
   patches = _im2col(x, w.shape[:2], stride, pads, dy.shape[1:3])
-  dw = jnp.dot(patches.T, dy.reshape(-1, dy.shape[-1]))
+  # dy^T @ patches, transposed afterwards: XLA:CPU's GEMM is ~1.6x slower
+  # when its left operand is the transposed (huge) patch matrix.
+  dw = jnp.dot(dy.reshape(-1, dy.shape[-1]).T, patches).T
   return dx, dw.reshape(w.shape).astype(w.dtype)
 
 

@@ -16,8 +16,13 @@ Adam/AdamW variant with AGC, the reference's EMA of weights with its
 `(1 + t) / (10 + t)` warmup, the SAM ascent step, an AGC clip-rate metric and
 `make_optimizer`, which builds everything from `config.optimizer`.
 
-AGC itself is `optax.adaptive_grad_clip`, which matches the paper's formula
-exactly (checked against a NumPy re-derivation in tests/test_optim.py).
+AGC computes the same clipping as `optax.adaptive_grad_clip` (and the
+paper's formula; checked against a NumPy re-derivation in tests/test_optim.py)
+but takes every unit norm on a 2-D `(fan_in, units)` view of the tensor, one
+fused square-and-sum per leaf, which XLA:CPU runs several times faster than
+optax's reduction over the kept axes of an HWIO kernel; the norms are shared
+(XLA eliminates the duplicates) with the `global_norm` and clip-fraction
+metrics of the train step.
 """
 
 from __future__ import annotations
@@ -212,7 +217,6 @@ def adaptive_grad_clip(
   """
   _check_clipping(clipping, eps)
   _compile(exclude)  # Fails early on a bad regex.
-  inner = optax.adaptive_grad_clip(clipping, eps)
 
   def update_fn(updates, state, params=None):
     if params is None:
@@ -220,14 +224,23 @@ def adaptive_grad_clip(
         'adaptive_grad_clip needs the parameters: call '
         'tx.update(grads, opt_state, params).'
       )
-    # optax's norm rejects NumPy scalars (e.g. loaded checkpoints).
-    as_arrays = lambda t: jax.tree.map(jnp.asarray, t)
-    return inner.update(as_arrays(updates), state, as_arrays(params))
+    clip = lambda g, p: _agc_leaf(g, p, clipping, eps)
+    return jax.tree.map(clip, updates, params), state
 
-  tx = optax.GradientTransformation(inner.init, update_fn)
+  tx = optax.GradientTransformation(optax.init_empty_state, update_fn)
   if exclude:
     tx = optax.masked(tx, lambda p: agc_mask(p, exclude))
   return tx
+
+
+def _agc_leaf(g, p, clipping: float, eps: float) -> jax.Array:
+  """AGC of one leaf: optax's and the reference's formula and condition."""
+  g = jnp.asarray(g)
+  g_norm = unitwise_norm(g)
+  max_norm = clipping * jnp.maximum(unitwise_norm(p), eps)
+  # The 1e-6 only guards the division; where it matters nothing is clipped.
+  clipped = g * (max_norm / jnp.maximum(g_norm, 1e-6))
+  return jnp.where(g_norm < max_norm, g, clipped)
 
 
 def _unit_axes(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -243,6 +256,27 @@ def _unit_axes(shape: tuple[int, ...]) -> tuple[int, ...]:
   raise ValueError(f'AGC has no unit-wise norm for shape {shape}.')
 
 
+def unit_sq_norms(x: jax.Array) -> jax.Array:
+  """Squared L2 norm of each unit of `x`, as a vector (one entry per unit).
+
+  Computed on the 2-D view `(elements per unit, units)`: the unit axes are
+  always the leading ones, so this is a reshape, and XLA:CPU runs the
+  column sum of that view several times faster than a reduction over
+  (0, 1, 2) of an HWIO kernel. AGC, `global_norm` and `agc_clip_fraction`
+  all call this one function, so that inside one jitted step XLA computes
+  each leaf's norms once.
+
+  Args:
+    x: a parameter or gradient (see `unitwise_norm`).
+
+  Returns:
+    float vector of length `units` (1 for scalars and vectors).
+  """
+  x = jnp.asarray(x)
+  per_unit = math.prod(x.shape[: len(_unit_axes(x.shape))])
+  return jnp.sum(jnp.square(x.reshape(per_unit, -1)), axis=0)
+
+
 def unitwise_norm(x: jax.Array) -> jax.Array:
   """L2 norm of each unit, with the reduced axes kept (size 1).
 
@@ -254,7 +288,25 @@ def unitwise_norm(x: jax.Array) -> jax.Array:
     The norms, broadcastable against `x`.
   """
   x = jnp.asarray(x)
-  return jnp.sqrt(jnp.sum(jnp.square(x), _unit_axes(x.shape), keepdims=True))
+  kept = len(_unit_axes(x.shape))
+  norms = jnp.sqrt(unit_sq_norms(x))
+  return norms.reshape((1,) * kept + x.shape[kept:])
+
+
+def global_norm(tree: PyTree) -> jax.Array:
+  """L2 norm of a whole tree (as `optax.tree.norm`), from `unit_sq_norms`.
+
+  Summing the per-unit squares that AGC computes anyway lets XLA share
+  them, instead of another full pass over every parameter.
+
+  Args:
+    tree: gradients or parameters.
+
+  Returns:
+    A scalar.
+  """
+  leaves = jax.tree.leaves(tree)
+  return jnp.sqrt(sum(jnp.sum(unit_sq_norms(x)) for x in leaves))
 
 
 def agc_clip_fraction(

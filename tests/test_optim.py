@@ -119,6 +119,7 @@ AGC_SHAPES = {
   'vector': (16,),
   'linear': (32, 8),
   'conv_grouped': (3, 3, 4, 12),  # HWIO of a conv with 3 groups of 4.
+  'conv_1x1': (1, 1, 24, 8),  # Most NFNet weights: reduced on a 2-D view.
 }
 
 
@@ -140,6 +141,19 @@ def test_agc_matches_numpy(kind, zero_param):
   assert np.all(ratio <= 0.01 * (1 + 1e-6))
   if len(shape) >= 2 and not zero_param:
     assert 0 < np.mean(np.isclose(ratio, 0.01, rtol=1e-5)) < 1
+
+
+def test_global_and_unit_norms_match_numpy():
+  rng = np.random.default_rng(1)
+  tree = {k: rng.normal(size=shape) for k, shape in AGC_SHAPES.items()}
+  np_total = math.sqrt(sum(float(np.sum(x**2)) for x in tree.values()))
+  got = jax.jit(optim.global_norm)(to_f32(tree))
+  np.testing.assert_allclose(got, np_total, rtol=1e-6)
+  for x in tree.values():
+    unit = np.asarray(optim.unitwise_norm(jnp.asarray(x, jnp.float32)))
+    np.testing.assert_allclose(
+      np.broadcast_to(unit, np.shape(x)), np_unit_norm(x), rtol=1e-6
+    )
 
 
 def test_agc_zero_init_bias_moves_by_clipping_times_eps():

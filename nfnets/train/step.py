@@ -241,9 +241,9 @@ def make_train_step(
       'loss': loss,
       'top1': jnp.mean(topk_correct(logits, batch['labels'], 1)),
       'top5': jnp.mean(topk_correct(logits, batch['labels'], k5)),
-      'grad_norm': optax.tree.norm(grads),
+      'grad_norm': optim.global_norm(grads),
       # Also guards checkpoints: a finite loss can still yield bad weights.
-      'param_norm': optax.tree.norm(params),
+      'param_norm': optim.global_norm(params),
       'agc_clip_fraction': _clip_fraction(grads, state.params, opt_config),
       'lr': jnp.asarray(schedule_fn(state.step), jnp.float32),
     }
