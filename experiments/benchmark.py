@@ -84,6 +84,9 @@ def _model_specs() -> list[tuple[str, dict]]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  from nfnets import host_memory  # noqa: PLC0415
+
+  host_memory.keep_freed_memory()  # Before JAX starts its CPU backend.
   import jax  # noqa: PLC0415  (after flag parsing: fast --help)
 
   from nfnets import benchmark  # noqa: PLC0415

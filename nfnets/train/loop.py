@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nfnets import data, models, optim
+from nfnets import data, host_memory, models, optim
 from nfnets.train import checkpoint as ckpt_lib
 from nfnets.train import config as config_lib
 from nfnets.train import mesh as mesh_lib
@@ -137,15 +137,18 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
 
 
 def setup_runtime(train_config) -> None:
-  """Initialises multi-host JAX and the persistent compilation cache.
+  """Initialises multi-host JAX, the compilation cache and host malloc.
 
-  Must run before anything touches a JAX backend. Both settings are
+  Must run before anything touches a JAX backend. All settings are
   process-wide; an already-initialised distributed runtime or an explicitly
   configured cache directory (e.g. `JAX_COMPILATION_CACHE_DIR`) is kept.
+  `host_memory.keep_freed_memory` saves XLA:CPU from re-faulting its
+  per-step buffers (1-2 CPU-s per NFNet-F0 step on 2 cores).
 
   Args:
     train_config: `config.train`.
   """
+  host_memory.keep_freed_memory()
   dist = train_config.distributed
   if dist.enabled and not jax.distributed.is_initialized():
     # jax has no cross-process collectives on CPU unless one is chosen.
