@@ -348,16 +348,6 @@ def _forward_fn(logits_fn, dtype):
   return forward
 
 
-def _macs_per_image(setup: _Setup, image_size: int) -> float:
-  """Forward multiply-adds of one image, counted on the traced model."""
-  x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-  variables = jax.tree.map(
-    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
-    (setup.state.params, setup.state.model_state),
-  )
-  return flops.count_model_flops(setup.logits_fn, variables, x)
-
-
 def run_benchmark(
   model_config: ml_collections.ConfigDict,
   *,
@@ -420,8 +410,8 @@ def run_benchmark(
       forward_ms = _time_forward(setup, dtype, forward_steps)
   return _result(
     model_config, setup, compiled, device, train, forward_ms,
-    batch_size=batch_size, image_size=image_size, dtype=dtype,
-    compile_s=(compile_s, compile_cpu_s),
+    batch_size=batch_size, image_size=image_size, num_classes=num_classes,
+    dtype=dtype, compile_s=(compile_s, compile_cpu_s),
     steps=0 if compile_only else steps,
   )  # fmt: skip
 
@@ -453,9 +443,12 @@ def _time_forward(setup: _Setup, dtype: str, steps: int) -> float:
 
 
 def _result(model_config, setup, compiled, device, train, forward_ms, *,
-            batch_size, image_size, dtype, compile_s, steps):  # fmt: skip
+            batch_size, image_size, num_classes, dtype, compile_s,
+            steps):  # fmt: skip
   """Assembles the `BenchmarkResult` of one run."""
-  macs = _macs_per_image(setup, image_size)
+  macs = flops.count_model_macs(
+    model_config, image_size, num_classes=num_classes
+  )
   step_s = train['median'] / 1e3
   peak_gb, source = _peak_memory(compiled, device)
   xla_bytes = xla_memory_bytes(compiled)
