@@ -14,7 +14,8 @@ batch size, in bf16 on accelerators. `run_benchmark` does the same for any
 * peak memory: on GPU/TPU the device allocator's `peak_bytes_in_use`; on
   CPU, which has no allocator statistics, XLA's own accounting of the
   compiled step (`memory_analysis()`: arguments + outputs + temporaries -
-  aliased/donated bytes), i.e. the live buffers of one step. The process's
+  aliased/donated bytes), i.e. the live buffers of one step (also on
+  GPU/TPU after `compile_only`, when the step never ran). The process's
   peak RSS is reported beside it (it includes Python, the compiler and every
   other buffer the process ever held).
 
@@ -282,9 +283,14 @@ def device_peak_bytes(device) -> int | None:
   return int(stats['peak_bytes_in_use'])
 
 
-def _peak_memory(compiled, device) -> tuple[float, str]:
-  """(GB, source) of the train step's peak memory; see the module doc."""
-  peak = device_peak_bytes(device)
+def _peak_memory(compiled, device, step_ran: bool) -> tuple[float, str]:
+  """(GB, source) of the train step's peak memory; see the module doc.
+
+  The allocator's peak only covers the step once it has run: after a
+  compile-only run it holds just the initial state, so XLA's analysis of
+  the compiled step is reported instead.
+  """
+  peak = device_peak_bytes(device) if step_ran else None
   if peak is not None:
     return peak / 2**30, 'device peak_bytes_in_use'
   estimate = xla_memory_bytes(compiled)
@@ -450,7 +456,7 @@ def _result(model_config, setup, compiled, device, train, forward_ms, *,
     model_config, image_size, num_classes=num_classes
   )
   step_s = train['median'] / 1e3
-  peak_gb, source = _peak_memory(compiled, device)
+  peak_gb, source = _peak_memory(compiled, device, step_ran=steps > 0)
   xla_bytes = xla_memory_bytes(compiled)
   kwargs = dict(model_config.kwargs)
   return BenchmarkResult(

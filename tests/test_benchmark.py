@@ -166,3 +166,22 @@ def test_bn_resnet_runs_the_trainer_step_with_its_statistics():
   assert r.macs_per_image == resnet_macs((1, 1, 1, 1), 0.25, SIZE, classes=10)
   assert r.params == expected_resnet_params((1, 1, 1, 1), True, width=0.25,
                                             classes=10)  # fmt: skip
+
+
+class _DeviceWithAllocatorStats:
+  """Stands in for a GPU device: CPU devices report no allocator stats."""
+
+  def memory_stats(self):
+    return {'peak_bytes_in_use': 3 * 2**30}
+
+
+def test_peak_memory_ignores_the_allocator_before_the_step_ran():
+  # After a compile-only run the allocator's peak only holds the initial
+  # state, so the step's own memory must come from XLA's analysis.
+  compiled = jax.jit(lambda x: jnp.sin(x) * 2).lower(jnp.ones(1024)).compile()
+  device = _DeviceWithAllocatorStats()
+  ran_gb, ran_source = benchmark._peak_memory(compiled, device, step_ran=True)
+  assert (ran_gb, ran_source) == (3.0, 'device peak_bytes_in_use')
+  gb, source = benchmark._peak_memory(compiled, device, step_ran=False)
+  assert source.startswith('XLA memory_analysis')
+  assert gb * 2**30 == benchmark.xla_memory_bytes(compiled)
