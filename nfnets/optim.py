@@ -332,20 +332,24 @@ def agc_clip_fraction(
   _check_clipping(clipping, eps)
   if mask is None:
     mask = jax.tree.map(lambda _: True, params)
-  clipped, units = jnp.zeros((), jnp.float32), 0
+  grad_norms, param_norms = [], []
   for g, p, m in zip(
     jax.tree.leaves(grads),
     jax.tree.leaves(params),
     jax.tree.leaves(mask),
     strict=True,
   ):
-    if not m:
-      continue
-    max_norm = clipping * jnp.maximum(unitwise_norm(p), eps)
-    over = unitwise_norm(g) > max_norm
-    clipped += jnp.sum(over, dtype=jnp.float32)
-    units += over.size
-  return clipped / max(units, 1)
+    if m:
+      grad_norms.append(jnp.sqrt(unit_sq_norms(g)).ravel())
+      param_norms.append(jnp.sqrt(unit_sq_norms(p)).ravel())
+  if not grad_norms:
+    return jnp.zeros((), jnp.float32)
+  # One compare and one count over all units at once. Counting per leaf
+  # and adding the counts up made XLA:CPU's fusion pass superlinear in the
+  # number of leaves: 13 of F1's 118 s of compile, 215 s of F3's.
+  max_norm = clipping * jnp.maximum(jnp.concatenate(param_norms), eps)
+  over = jnp.concatenate(grad_norms) > max_norm
+  return jnp.mean(over, dtype=jnp.float32)
 
 
 # ---------------------------------------------------------------------------
