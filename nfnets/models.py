@@ -14,7 +14,7 @@ import haiku as hk
 import ml_collections
 from ml_collections import config_dict
 
-from nfnets import nf_regnet, nf_resnet, nfnet, resnet
+from nfnets import batched_init, nf_regnet, nf_resnet, nfnet, resnet
 
 MODELS = {
   'NFNet': nfnet.NFNet,
@@ -38,6 +38,10 @@ def default_config() -> ml_collections.ConfigDict:
         `nfnets.pretrained.read_params` reads.
       reinit_modules: modules of `init_from` that are re-initialised when
         their shapes differ (the classifier, for a new number of classes).
+      batched_init: draw the random initial weights with one sampler per
+        distribution (`nfnets.batched_init`; same distributions, 4-6x
+        faster to compile) rather than Haiku's one per parameter. False
+        gives exactly `hk.transform_with_state`'s values for a given key.
   """
   return ml_collections.ConfigDict(
     dict(
@@ -45,6 +49,7 @@ def default_config() -> ml_collections.ConfigDict:
       kwargs=nfnet_kwargs(),
       init_from='',
       reinit_modules=('NFNet/~/linear',),
+      batched_init=True,
     )
   )
 
@@ -132,17 +137,20 @@ def make_model(
   """Builds the transformed network from `config.model`.
 
   Args:
-    model_config: ConfigDict with `name` and `kwargs`.
+    model_config: ConfigDict with `name` and `kwargs`, and optionally
+      `batched_init` (default True; see `default_config`).
     num_classes: classifier width.
 
   Returns:
-    `hk.transform_with_state` of `forward(images, is_training) -> outputs
-    dict`: `init(rng, images, is_training)` gives `(params, state)` and
-    `apply(params, state, rng, images, is_training)` gives `(outputs,
-    new_state)` (rng may be None when not training). The state holds the
-    BatchNorm moving averages of BN ResNets and is `{}` for every other
-    model; in training mode `new_state` has the updated averages, in eval
-    mode (`is_training=False`) the averages are used and returned unchanged.
+    `hk.transform_with_state` (with batched random initialisation unless
+    `model_config.batched_init` is False) of
+    `forward(images, is_training) -> outputs dict`: `init(rng, images,
+    is_training)` gives `(params, state)` and `apply(params, state, rng,
+    images, is_training)` gives `(outputs, new_state)` (rng may be None
+    when not training). The state holds the BatchNorm moving averages of
+    BN ResNets and is `{}` for every other model; in training mode
+    `new_state` has the updated averages, in eval mode
+    (`is_training=False`) the averages are used and returned unchanged.
 
   Raises:
     ValueError: for an unknown name or kwargs the constructor does not take.
@@ -154,4 +162,8 @@ def make_model(
   def forward(images, is_training):
     return constructor(num_classes=num_classes, **kwargs)(images, is_training)
 
-  return hk.transform_with_state(forward)
+  if not model_config.get('batched_init', True):
+    return hk.transform_with_state(forward)
+  # Haiku's transform, but `init` draws all parameters of one distribution
+  # at once: jitted, it compiles 4-6x faster (see nfnets/batched_init.py).
+  return batched_init.transform_with_state(forward)

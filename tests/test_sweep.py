@@ -60,13 +60,18 @@ def test_launch_lines(ablation):
   )
 
 
-def test_two_by_two_sweep_end_to_end(tmp_path, ablation):
+def test_two_by_two_sweep_end_to_end(tmp_path, ablation, compilation_cache_dir):
   # Seeds change no compiled program, so with the persistent compilation
-  # cache (the trainer's default) the four points compile only once.
+  # cache (on by default; here the session's, not the user's ~/.cache)
+  # the four points compile only once.
   tiny = sweep_lib.Sweep(
     name='tiny',
     base_config=ablation.base_config,
-    overrides={**TINY, 'train.batch_size': 16},
+    overrides={
+      **TINY,
+      'train.batch_size': 16,
+      'train.compilation_cache_dir': compilation_cache_dir,
+    },
     axes=(('train.seed', (0, 1)), ('data.seed', (0, 1))),
     metrics=('eval/top1', 'train/loss'),
     labels={'train.seed': {0: 'zero'}},

@@ -38,8 +38,13 @@ def test_full_size_f0_train_step_at_batch_2():
   params, model_state = init(jax.random.PRNGKey(0))
   assert sum(x.size for x in jax.tree.leaves(params)) == F0_PARAMS
   assert model_state == {}  # Normalizer-free: no Haiku state.
-  state = step_lib.make_train_state(
-    params, model_state, tx, jax.random.PRNGKey(1), ema=True
+  # Replicated over the mesh like the trainer's state: the step returns it
+  # so, and an uncommitted input state would compile the step a second time.
+  state = mesh_lib.replicate(
+    step_lib.make_train_state(
+      params, model_state, tx, jax.random.PRNGKey(1), ema=True
+    ),
+    mesh,
   )
   step = jax.jit(
     step_lib.make_train_step(

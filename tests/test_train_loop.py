@@ -36,11 +36,6 @@ def _records(workdir):
     return [json.loads(line) for line in f]
 
 
-@pytest.fixture(scope='module')
-def cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('xla_cache'))
-
-
 def _hand_top1(config, params, model_state):
   """Top-1 over the whole eval split in one unpadded batch, by NumPy."""
   info = data.dataset_info(config.data)
@@ -56,9 +51,11 @@ def _hand_top1(config, params, model_state):
   return float(np.mean(np.argmax(logits, -1) == batch['labels']))
 
 
-def test_run_logs_evaluates_checkpoints_and_resumes(tmp_path, cache_dir):
+def test_run_logs_evaluates_checkpoints_and_resumes(
+  tmp_path, compilation_cache_dir
+):
   workdir = str(tmp_path / 'run')
-  config = tiny_config(cache_dir)
+  config = tiny_config(compilation_cache_dir)
   config.train.num_steps = 4
   config.train.log_every_steps = 2
   config.checkpoint.every_steps = 1
@@ -100,10 +97,10 @@ def test_run_logs_evaluates_checkpoints_and_resumes(tmp_path, cache_dir):
 
 
 def test_bn_resnet_trains_evaluates_and_resumes_with_its_statistics(
-  tmp_path, cache_dir
+  tmp_path, compilation_cache_dir
 ):
   workdir = str(tmp_path / 'bn')
-  config = tiny_config(cache_dir)
+  config = tiny_config(compilation_cache_dir)
   config.model.name = 'ResNet'  # Pre-activation BN-ResNet, 4 blocks.
   config.model.kwargs = ml_collections.ConfigDict(
     dict(width=0.25, depth=(1, 1, 1, 1))
@@ -137,10 +134,10 @@ def test_bn_resnet_trains_evaluates_and_resumes_with_its_statistics(
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
-  tmp_path, cache_dir
+  tmp_path, compilation_cache_dir
 ):
   workdir = str(tmp_path / 'nan')
-  config = tiny_config(cache_dir)
+  config = tiny_config(compilation_cache_dir)
   config.optimizer.name = 'sgd'
   config.optimizer.clipping = 0.0
   # LR 0 for the first step (warmup), then one that overflows the weights.

@@ -6,6 +6,11 @@ subprocess of `tests/train_harness.py` with its own
 All runs train the same tiny NFNet (dropout and stochastic depth on) with
 the same global batch, so the losses and parameters must agree up to float
 reassociation in the cross-device sums.
+
+Compiling dominates each run, so the runs share the session's compilation
+cache, and the 1-device and 8-device runs are made once (module fixtures)
+and serve both as each other's reference and as the single-process
+reference of the 2-process run.
 """
 
 import os
@@ -24,12 +29,6 @@ HARNESS = os.path.join(HERE, 'train_harness.py')
 TIMEOUT_S = 600
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope='module')
-def cache_dir(tmp_path_factory):
-  """A compilation cache shared by this module's runs (same programs)."""
-  return str(tmp_path_factory.mktemp('xla_cache'))
 
 
 def _env():
@@ -53,6 +52,7 @@ def _command(workdir, out, devices, cache_dir, *extra):
 
 
 def _run(tmp_path, name, devices, cache_dir, *extra):
+  """Runs the harness to the end; returns (its --out arrays, its stdout)."""
   workdir, out = tmp_path / name, tmp_path / f'{name}.npz'
   proc = subprocess.run(
     _command(workdir, out, devices, cache_dir, *extra),
@@ -84,9 +84,23 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_8_devices_match_1_device(tmp_path, cache_dir):
-  one, _ = _run(tmp_path, 'one', 1, cache_dir)
-  eight, stdout = _run(tmp_path, 'eight', 8, cache_dir)
+@pytest.fixture(scope='module')
+def one_device(tmp_path_factory, compilation_cache_dir):
+  """The default harness run on 1 device: (arrays, stdout)."""
+  tmp_path = tmp_path_factory.mktemp('one_device')
+  return _run(tmp_path, 'one', 1, compilation_cache_dir)
+
+
+@pytest.fixture(scope='module')
+def eight_devices(tmp_path_factory, compilation_cache_dir):
+  """The default harness run on 8 devices in 1 process: (arrays, stdout)."""
+  tmp_path = tmp_path_factory.mktemp('eight_devices')
+  return _run(tmp_path, 'eight', 8, compilation_cache_dir)
+
+
+def test_8_devices_match_1_device(one_device, eight_devices):
+  one, _ = one_device
+  eight, stdout = eight_devices
   assert '8 device(s) in 1 process(es)' in stdout
   _assert_same_run(one, eight)
   # The update really moved the params (the comparison is not vacuous).
@@ -95,9 +109,11 @@ def test_8_devices_match_1_device(tmp_path, cache_dir):
   assert 'not divisible by the number of devices (8)' in stdout
 
 
-def test_batchnorm_statistics_are_over_the_global_batch(tmp_path, cache_dir):
+def test_batchnorm_statistics_are_over_the_global_batch(
+  tmp_path, compilation_cache_dir
+):
   """A BN train step on 8 devices equals the 1-device step (sync BN)."""
-  run, _ = _run(tmp_path, 'bn', 8, cache_dir, '--bn_step_check')
+  run, _ = _run(tmp_path, 'bn', 8, compilation_cache_dir, '--bn_step_check')
   names = sorted(k.split('/', 1)[1] for k in run if k.startswith('single/'))
   assert any('mean_ema' in k for k in names)
   for name in names:
@@ -110,22 +126,25 @@ def test_batchnorm_statistics_are_over_the_global_batch(tmp_path, cache_dir):
   assert not np.allclose(run[f'sharded/{mean}'], run[f'local/{mean}'])
 
 
-def test_2_processes_match_1_process(tmp_path, cache_dir):
+def test_2_processes_match_1_process(
+  tmp_path, compilation_cache_dir, eight_devices
+):
+  # 2 processes of 4 devices against 1 process of 8 (the same mesh size).
   # 'slice': every host builds the same global batches and keeps its rows,
-  # so the data does not depend on the number of processes.
+  # so the data does not depend on the number of processes (with one
+  # process, 'slice' and the default 'shard' read the same batches).
   port = _free_port()
-  common = ['--set=train.host_input=slice']
   procs = [
     subprocess.Popen(
       _command(
         tmp_path / 'multi',
         tmp_path / 'multi.npz',
-        2,
-        cache_dir,
+        4,
+        compilation_cache_dir,
         '--num_processes=2',
         f'--process_id={i}',
         f'--port={port}',
-        *common,
+        '--set=train.host_input=slice',
       ),
       env=_env(),
       stdout=subprocess.PIPE,
@@ -137,9 +156,9 @@ def test_2_processes_match_1_process(tmp_path, cache_dir):
   outputs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
   for p, out in zip(procs, outputs, strict=True):
     assert p.returncode == 0, out[-5000:]
-  assert '4 device(s) in 2 process(es)' in outputs[0]
+  assert '8 device(s) in 2 process(es)' in outputs[0]
   multi = dict(np.load(tmp_path / 'multi.npz'))
-  single, _ = _run(tmp_path, 'single', 4, cache_dir, *common)
+  single, _ = eight_devices
   _assert_same_run(single, multi)
   np.testing.assert_allclose(single['eval_top1'], multi['eval_top1'])
 
@@ -156,7 +175,10 @@ def _wait_for_step(metrics_path, step, proc, deadline):
   return False
 
 
-def test_sigterm_then_resume_matches_uninterrupted_run(tmp_path, cache_dir):
+def test_sigterm_then_resume_matches_uninterrupted_run(
+  tmp_path, compilation_cache_dir
+):
+  cache_dir = compilation_cache_dir
   # 'skip' replays the data order after a restart, so the resumed run sees
   # exactly the batches the uninterrupted one did.
   steps = ['--set=train.num_steps=60', '--set=train.data_resume="skip"']
