@@ -150,8 +150,12 @@ def _with_creator(fn, creator: Creator, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
-def _plan(fn, rng, args, kwargs) -> dict[str, _Slot]:
-  """Each recognised parameter's sampler and place in its stream's draw."""
+def _plan(fn, rng, args, kwargs) -> tuple[dict[str, _Slot], dict[tuple, int]]:
+  """Each recognised parameter's slot in its stream, and each stream's size.
+
+  Found by an abstract `init` (`jax.eval_shape`) that records what every
+  parameter's initialiser would sample, in creation order.
+  """
   samplers = {}
 
   def record(next_creator, shape, dtype, init, context):
@@ -169,18 +173,16 @@ def _plan(fn, rng, args, kwargs) -> dict[str, _Slot]:
     offset = used.get(sampler.stream, 0)
     slots[name] = _Slot(sampler, offset, size)
     used[sampler.stream] = offset + size
-  return slots
+  return slots, used
 
 
-def _draw_streams(slots: dict[str, _Slot], key) -> dict[tuple, jax.Array]:
-  sizes = {}
-  for slot in slots.values():
-    stream = slot.sampler.stream
-    sizes[stream] = max(sizes.get(stream, 0), slot.offset + slot.size)
-  keys = jax.random.split(key, max(len(sizes), 1))
+def _draw_streams(sizes: dict[tuple, int], key) -> dict[tuple, jax.Array]:
+  """One flat draw per stream, each from its own key (in a fixed order)."""
+  streams = sorted(sizes)
+  keys = jax.random.split(key, max(len(streams), 1))
   return {
-    stream: draw(stream, k, size)
-    for (stream, size), k in zip(sorted(sizes.items()), keys, strict=False)
+    stream: draw(stream, k, sizes[stream])
+    for stream, k in zip(streams, keys, strict=False)
   }
 
 
@@ -201,9 +203,9 @@ def transform_with_state(fn) -> hk.TransformedWithState:
   def init(rng, *args, **kwargs):
     if rng is None:  # Nothing random can be drawn; Haiku says why.
       return base.init(rng, *args, **kwargs)
-    slots = _plan(fn, rng, args, kwargs)
+    slots, sizes = _plan(fn, rng, args, kwargs)
     draw_key, model_key = jax.random.split(rng)
-    streams = _draw_streams(slots, draw_key)
+    streams = _draw_streams(sizes, draw_key)
 
     def creator(next_creator, shape, dtype, init, context):
       slot = slots.get(context.full_name)
