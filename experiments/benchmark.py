@@ -59,6 +59,11 @@ _COMPILER_OPTIONS = flags.DEFINE_string(
   'JSON dict of XLA compiler options, e.g. '
   '\'{"xla_backend_optimization_level": 0}\'.',
 )  # fmt: skip
+_TRACE = flags.DEFINE_integer(
+  'trace_compile', 0,
+  'Print the N longest XLA compile events of each train step '
+  '(nfnets.compile_trace; 0 = off).',
+)  # fmt: skip
 _JSON = flags.DEFINE_string('json_out', '', 'Write results to this JSON file.')
 
 
@@ -79,6 +84,14 @@ def _model_specs() -> list[tuple[str, dict]]:
     else:
       specs.append((name, dict(extra)))
   return specs
+
+
+def _print_compile_events(events) -> None:
+  from nfnets import compile_trace  # noqa: PLC0415
+
+  print('XLA compile events (seconds summed by name; they nest and overlap):')
+  rows = [compile_trace.CompileEvent(*event) for event in events]
+  print(compile_trace.format_events(rows), flush=True)
 
 
 def main(argv):
@@ -109,9 +122,12 @@ def main(argv):
       forward_steps=_FWD.value,
       compile_only=_COMPILE_ONLY.value,
       compiler_options=json.loads(_COMPILER_OPTIONS.value) or None,
+      trace_compile=_TRACE.value > 0,
     )
     results.append(result)
     print(benchmark.format_table([result]).split('\n')[2], flush=True)
+    if _TRACE.value:
+      _print_compile_events(result.compile_events[: _TRACE.value])
   print(benchmark.format_table(results))
   if _JSON.value:
     with open(_JSON.value, 'w') as f:

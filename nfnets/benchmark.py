@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from nfnets import flops, models, nfnet, optim
+from nfnets import compile_trace, flops, models, nfnet, optim
 from nfnets.train import step as step_lib
 
 
@@ -103,6 +103,9 @@ class BenchmarkResult:
   peak_rss_gb: float
   remat: bool
   options: dict = dataclasses.field(default_factory=dict)
+  # With `trace_compile`: XLA's compile events summed by name, longest
+  # first (`nfnets.compile_trace`), as [name, seconds, count] lists.
+  compile_events: list = dataclasses.field(default_factory=list)
 
   def to_dict(self) -> dict:
     """Returns the result as a JSON-serialisable dict."""
@@ -366,6 +369,7 @@ def run_benchmark(
   forward_steps: int | None = None,
   compile_only: bool = False,
   compiler_options: dict | None = None,
+  trace_compile: bool = False,
 ) -> BenchmarkResult:
   """Benchmarks the train step (and forward pass) of one registry model.
 
@@ -385,6 +389,8 @@ def run_benchmark(
     compile_only: only compile (and measure memory); step times are NaN.
     compiler_options: XLA options for this compilation, e.g.
       {'xla_backend_optimization_level': 0} (see docs/performance.md).
+    trace_compile: record XLA's compile events (`compile_events`; the
+      tracing makes the compile a little slower).
 
   Returns:
     A `BenchmarkResult`.
@@ -401,9 +407,16 @@ def run_benchmark(
     model_config, batch_size, image_size, dtype, num_classes, device
   )
   t0, c0 = time.perf_counter(), time.process_time()
-  compiled = jax.jit(setup.step, donate_argnums=0).lower(
+  lowered = jax.jit(setup.step, donate_argnums=0).lower(
     setup.state, setup.batch
-  ).compile(compiler_options=compiler_options)  # fmt: skip
+  )  # fmt: skip
+  events = []
+  if trace_compile:
+    compiled, events = compile_trace.compile_with_events(
+      lowered, compiler_options
+    )
+  else:
+    compiled = lowered.compile(compiler_options)
   compile_s = time.perf_counter() - t0
   compile_cpu_s = time.process_time() - c0
   train = summarize_times([float('nan')])
@@ -414,12 +427,14 @@ def run_benchmark(
     forward_steps = steps if forward_steps is None else forward_steps
     if forward_steps > 0:
       forward_ms = _time_forward(setup, dtype, forward_steps)
-  return _result(
+  result = _result(
     model_config, setup, compiled, device, train, forward_ms,
     batch_size=batch_size, image_size=image_size, num_classes=num_classes,
     dtype=dtype, compile_s=(compile_s, compile_cpu_s),
     steps=0 if compile_only else steps,
   )  # fmt: skip
+  result.compile_events = [[e.name, e.seconds, e.count] for e in events]
+  return result
 
 
 def _time_train(compiled, setup: _Setup, steps: int, warmup: int):

@@ -32,7 +32,7 @@ def cli_run(tmp_path_factory):
     [sys.executable, '-m', 'experiments.benchmark', '--model=NFNet:F0',
      f'--batch_size={BATCH}', f'--image_size={SIZE}', f'--steps={STEPS}',
      '--warmup=1', '--forward_steps=1', f'--model_kwargs={json.dumps(TINY)}',
-     f'--json_out={out}'],
+     '--trace_compile=5', f'--json_out={out}'],
     capture_output=True, text=True, check=False, timeout=600,
   )  # fmt: skip
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -138,6 +138,18 @@ def test_cli_prints_the_table(cli_run):
   assert f'| NFNet-F0 | {SIZE} |' in stdout
   assert '| Model | Res | Params |' in stdout
   assert row['options']['depth'] == [1, 1, 1, 1]
+
+
+def test_cli_traces_the_compile(cli_run):
+  stdout, row = cli_run
+  lines = stdout.split('XLA compile events')[1].split('\n')[1:6]
+  events = {
+    name: (seconds, count) for name, seconds, count in row['compile_events']
+  }
+  seconds, count = events['backend_compile_and_load']
+  assert count == 1 and 0 < seconds <= row['compile_s']
+  assert len(lines) == 5 and all(line.split()[1] == 's' for line in lines)
+  assert lines[0].split()[3] == row['compile_events'][0][0].split()[0]
 
 
 def test_display_names_of_the_paper_baselines():
