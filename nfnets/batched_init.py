@@ -4,7 +4,8 @@ Haiku initialises every parameter with its own key and its own sampler: a
 threefry split, a threefry hash of the parameter's shape and an inverse-erf
 transform. Jitted, each parameter shape becomes its own large kernel, and
 XLA:CPU spends most of an init's compile time generating code for them
-(NFNet-F0: 12.8 s; F7: minutes; the 4-block test NFNet: 14.7 s).
+(NFNet-F0: 12.6 s, 2.0 s batched; F7: 3-4 min, 18.5 s batched; see
+docs/performance.md).
 
 `transform_with_state(fn)` is `hk.transform_with_state(fn)` whose `init`
 first collects each parameter's sampler (distribution, location, scale)
