@@ -84,10 +84,17 @@ def _leaves(params):
   }
 
 
-def test_nfnet_params_match_haiku_in_structure_constants_and_scale():
-  forward = _forward()
-  params, state = _init(batched_init.transform_with_state(forward))
-  ref_params, ref_state = _init(hk.transform_with_state(forward))
+@pytest.fixture(scope='module')
+def haiku_init():
+  """The tiny NFNet's (params, state) from Haiku's own init, seed 0."""
+  return _init(hk.transform_with_state(_forward()))
+
+
+def test_nfnet_params_match_haiku_in_structure_constants_and_scale(
+  haiku_init,
+):
+  params, state = _init(batched_init.transform_with_state(_forward()))
+  ref_params, ref_state = haiku_init
   assert state == ref_state == {}
   assert jax.tree.structure(params) == jax.tree.structure(ref_params)
   ref = _leaves(ref_params)
@@ -128,10 +135,10 @@ def test_make_model_init_is_batched_and_deterministic_per_seed():
   assert not np.array_equal(a[kernel], c[kernel])
 
 
-def test_batched_init_false_gives_haikus_values():
+def test_batched_init_false_gives_haikus_values(haiku_init):
   model = models.make_model(_model_config(batched_init=False), num_classes=10)
   got = _leaves(_init(model)[0])
-  want = _leaves(_init(hk.transform_with_state(_forward()))[0])
+  want = _leaves(haiku_init[0])
   assert got.keys() == want.keys()
   for name, value in got.items():
     np.testing.assert_array_equal(value, want[name])
