@@ -16,6 +16,7 @@ unchanged:
 * `signal_metrics`: the statistics behind signal propagation plots.
 """
 
+import contextlib
 import functools
 from collections.abc import Callable, Sequence
 
@@ -166,8 +167,30 @@ def standardize_weight(
 
 
 # Output positions (Ho * Wo) from which `conv2d_im2col_grad` computes the
-# weight gradient as one matmul; below it XLA's own is as fast.
+# weight gradient as one matmul; below it XLA's own is as fast (outside
+# loops: see `conv_grads_for_loops`).
 IM2COL_GRAD_MIN_POSITIONS = 16 * 16
+_loop_body_depth = 0
+
+
+@contextlib.contextmanager
+def conv_grads_for_loops():
+  """Split convs traced inside this context all take `conv2d_im2col_grad`.
+
+  For code that runs in a loop body (`hk.scan`, `lax.scan`): XLA:CPU runs
+  the gradients that `jax.vjp` gives a convolution (expressed through its
+  dimension labels) as naive loop nests there, 25x slower than outside a
+  loop, whatever the feature-map size (jax-ml/jax#12868).
+  `conv2d_im2col_grad`'s gradients are plain convolutions and matmuls,
+  which stay fast. Outside loops XLA's own gradient is as fast for small
+  maps and compiles faster, so the threshold applies there.
+  """
+  global _loop_body_depth
+  _loop_body_depth += 1
+  try:
+    yield
+  finally:
+    _loop_body_depth -= 1
 
 
 def _dense_conv(x, w, stride, padding):
@@ -192,11 +215,13 @@ def _im2col(x, kernel, stride, pads, out_hw):
 def conv2d_im2col_grad(x, w, stride, pads):
   """A dense NHWC/HWIO conv whose weight gradient is one im2col matmul.
 
-  Same forward pass as `lax.conv_general_dilated` and the same input
-  gradient; only the kernel gradient is computed differently, as
-  `patches(x)^T @ dy`. XLA:CPU computes it as a convolution whose window is
-  the whole feature map, which runs 2-4x slower at 48x48 or 96x96 (it was a
-  third of the NFNet-F0 train step). Results agree to float32 rounding.
+  Same forward pass as `lax.conv_general_dilated`; the input gradient is
+  the transposed convolution written out (`_conv_input_grad`) and the
+  kernel gradient is one matmul, `patches(x)^T @ dy`. XLA:CPU computes
+  the kernel gradient as a convolution whose window is the whole feature
+  map, which runs 2-4x slower at 48x48 or 96x96 (it was a third of the
+  NFNet-F0 train step), and, inside loops, both gradients as naive loop
+  nests (see `conv_grads_for_loops`). Results agree to float32 rounding.
 
   Args:
     x: input (N, H, W, C).
@@ -214,10 +239,33 @@ def _im2col_grad_fwd(x, w, stride, pads):
   return _dense_conv(x, w, stride, pads), (x, w)
 
 
+def _conv_input_grad(dy, w, stride, pads, in_hw):
+  """The input gradient of `_dense_conv` as a plain NHWC/HWIO convolution.
+
+  It is the transposed convolution: `dy` dilated by the stride, convolved
+  with the kernel flipped in space and with its in/out channels swapped.
+  `jax.vjp` expresses the same thing through the convolution's dimension
+  labels instead (`b01f_01oi`), which XLA:CPU only turns back into its fast
+  (Eigen) convolution outside loops: inside a `scan` body it falls back to
+  a naive loop nest, 25x slower (jax-ml/jax#12868). Written out like this,
+  it stays fast in both places.
+  """
+  kernel = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
+  grad_pads = []
+  for size, (lo, hi), k, s in zip(
+    in_hw, pads, w.shape[:2], stride, strict=True
+  ):
+    leftover = (size + lo + hi - k) % s  # Input rows no output reads.
+    grad_pads.append((k - 1 - lo, k - 1 - hi + leftover))
+  return jax.lax.conv_general_dilated(
+    dy, kernel, (1, 1), grad_pads, lhs_dilation=stride,
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+  )  # fmt: skip
+
+
 def _im2col_grad_bwd(stride, pads, residuals, dy):
   x, w = residuals
-  _, input_vjp = jax.vjp(lambda x_: _dense_conv(x_, w, stride, pads), x)
-  (dx,) = input_vjp(dy)
+  dx = _conv_input_grad(dy, w, stride, pads, x.shape[1:3])
   patches = _im2col(x, w.shape[:2], stride, pads, dy.shape[1:3])
   # dy^T @ patches, transposed afterwards: XLA:CPU's GEMM is ~1.6x slower
   # when its left operand is the transposed (huge) patch matrix.
@@ -240,7 +288,8 @@ def _split_dense_conv(x, w, stride, padding, rate):
       x.shape[1:3], pads, w.shape[:2], stride, strict=True
     )
   ]
-  if rate == (1, 1) and out_hw[0] * out_hw[1] >= IM2COL_GRAD_MIN_POSITIONS:
+  large = out_hw[0] * out_hw[1] >= IM2COL_GRAD_MIN_POSITIONS
+  if rate == (1, 1) and (large or _loop_body_depth):
     return conv2d_im2col_grad(x, w, tuple(stride), pads)
   return jax.lax.conv_general_dilated(
     x, w, stride, pads, rhs_dilation=rate,
@@ -480,7 +529,10 @@ class StochDepth(hk.Module):
 
   def __call__(self, x: jax.Array, is_training: bool) -> jax.Array:
     """Drops whole examples of `x` (any rank >= 1) when training."""
-    if not is_training or self.drop_rate == 0.0:
+    # drop_rate may be a traced per-block rate (NFNet's scan_blocks).
+    if not is_training or (
+      isinstance(self.drop_rate, (int, float)) and self.drop_rate == 0.0
+    ):
       return x
     keep = 1.0 - self.drop_rate
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)

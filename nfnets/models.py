@@ -78,6 +78,7 @@ def nfnet_kwargs(**overrides) -> ml_collections.ConfigDict:
       use_two_convs=True,
       grouped_conv='auto',
       remat=False,
+      scan_blocks=False,
       depth=config_dict.placeholder(tuple),
       group_size=128,
     )

@@ -254,6 +254,48 @@ class NFBlock(hk.Module):
     return out * skip_gain * self.alpha + shortcut, res_avg_var
 
 
+def _drop_rate(block: NFBlock) -> float:
+  return 0.0 if block.stoch_depth is None else block.stoch_depth.drop_rate
+
+
+def _set_drop_rate(block: NFBlock, rate) -> None:
+  if block.stoch_depth is not None:
+    block.stoch_depth.drop_rate = rate
+
+
+def _scan_signature(block: NFBlock) -> tuple | None:
+  """What must agree for blocks to share one scanned body (None: never)."""
+  if block.use_projection:  # Transition blocks: each one is different.
+    return None
+  return (block.in_ch, block.out_ch, block.width, block.groups,
+          block.stoch_depth is None)  # fmt: skip
+
+
+def _identical_runs(blocks: Sequence[NFBlock]) -> list[list[NFBlock]]:
+  """Splits `blocks` into maximal runs of consecutive scannable blocks."""
+  runs = []
+  for block in blocks:
+    sig = _scan_signature(block)
+    if runs and sig is not None and sig == _scan_signature(runs[-1][-1]):
+      runs[-1].append(block)
+    else:
+      runs.append([block])
+  return runs
+
+
+def _stack_block_params(params, prefixes: Sequence[str]) -> dict:
+  """`{relative/param name: stacked array}` of the blocks named `prefixes`."""
+  per_block = []
+  for prefix in prefixes:
+    leaves = {}
+    for module, values in params.items():
+      if module == prefix or module.startswith(prefix + '/'):
+        for name, value in values.items():
+          leaves[f'{module[len(prefix) :]}/{name}'] = value
+    per_block.append(leaves)
+  return {k: jnp.stack([b[k] for b in per_block]) for k in per_block[0]}
+
+
 def _make_block(spec: BlockSpec, **kwargs) -> NFBlock:
   """Builds the block of `spec`, named as in the reference checkpoints."""
   name = 'nf_block' if spec.index == 0 else f'nf_block_{spec.index}'
@@ -301,6 +343,7 @@ class NFNet(hk.Module):
     use_two_convs: bool = True,
     grouped_conv: str = 'auto',
     remat: bool = False,
+    scan_blocks: bool = False,
     depth: Sequence[int] | None = None,
     group_size: int = 128,
     in_channels: int = 3,
@@ -327,6 +370,10 @@ class NFNet(hk.Module):
       grouped_conv: 'auto' | 'split' | 'native' grouped-conv implementation
         ('auto' = split on CPU, native on GPU/TPU); same params and results.
       remat: rematerialise each block in the backward pass to save memory.
+      scan_blocks: run each stage's identical non-transition blocks as one
+        `hk.scan` over their stacked weights (same parameter names and
+        values; compile time no longer grows with depth, for F3-F7).
+        Initialisation and `return_metrics` always run unrolled.
       depth: blocks per stage overriding the variant's (for small models).
       group_size: channels per group in the 3x3 convs (128 in all variants).
       in_channels: expected image channels (3 for every released model).
@@ -338,6 +385,7 @@ class NFNet(hk.Module):
     self.drop_rate = config['drop_rate'] if drop_rate is None else drop_rate
     self.activation = layers.get_activation(activation)
     self.remat = remat
+    self.scan_blocks = scan_blocks
     self.in_channels = in_channels
     self.specs = block_specs(
       variant, width, alpha, stochdepth_rate, depth, group_size
@@ -402,7 +450,10 @@ class NFNet(hk.Module):
         out = self.activation(out)
     if return_metrics:
       outputs.update(layers.signal_metrics(out, 0))
-    for i, block in enumerate(self.blocks):
+    x_stem = out
+    if self.scan_blocks and not return_metrics and not hk.running_init():
+      out = self._scanned_blocks(out, is_training)
+    for i, block in enumerate(self.blocks if out is x_stem else ()):
       out, res_var = self._apply_block(block, out, is_training)
       if return_metrics:
         outputs.update(layers.signal_metrics(out, i + 1))
@@ -413,6 +464,50 @@ class NFNet(hk.Module):
       pool = hk.dropout(hk.next_rng_key(), self.drop_rate, pool)
     outputs['logits'] = self.fc(pool)
     return outputs
+
+  def _scanned_blocks(self, x, is_training):
+    """All blocks, each stage's run of identical blocks under one scan."""
+    params = hk.get_params()
+    for run in _identical_runs(self.blocks):
+      if len(run) == 1:
+        x, _ = self._apply_block(run[0], x, is_training)
+      else:
+        x = self._scan_run(run, params, x, is_training)
+    return x
+
+  def _scan_run(self, run, params, x, is_training):
+    """Applies `run[0]` once per block of `run`, with each block's weights.
+
+    The weights keep their per-block Haiku names (checkpoints unchanged):
+    they are stacked here, and a custom getter hands `run[0]` the slice of
+    the current iteration. `beta` and the stochastic-depth rate differ per
+    block and are scanned too. XLA then compiles one block body per run
+    instead of one per block. Stochastic depth draws from the scan's split
+    RNG keys, so its masks differ from the unrolled network's.
+    """
+    template = run[0]
+    stacked = _stack_block_params(params, [b.module_name for b in run])
+    betas = jnp.asarray([b.beta for b in run], x.dtype)
+    rates = jnp.asarray([_drop_rate(b) for b in run], jnp.float32)
+
+    def body(carry, xs):
+      weights, beta, rate = xs
+
+      def getter(next_getter, value, context):
+        del next_getter, value
+        return weights[context.full_name[len(template.module_name) :]]
+
+      saved = template.beta, _drop_rate(template)
+      template.beta = beta
+      _set_drop_rate(template, rate)
+      with hk.custom_getter(getter), layers.conv_grads_for_loops():
+        out, _ = self._apply_block(template, carry, is_training)
+      template.beta = saved[0]
+      _set_drop_rate(template, saved[1])
+      return out, None
+
+    out, _ = hk.scan(body, x, (stacked, betas, rates))
+    return out
 
   def _apply_block(self, block, x, is_training):
     if not self.remat:

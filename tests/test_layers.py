@@ -360,6 +360,6 @@ def test_split_conv_kernel_grad_matches_numpy(case):
     pads = padding
   want = np_conv_kernel_grad(x, dy, (k, k), (s, s), pads, groups)
   np.testing.assert_allclose(dw, want, rtol=1e-4, atol=1e-3)
-  # The input gradient is XLA's own; it must match the native conv's.
+  # The explicit input gradient must match XLA's own (the native conv's).
   _, vjp_native = jax.vjp(lambda x: conv(x, wt, 'native'), x)
   np.testing.assert_allclose(dx, vjp_native(dy)[0], rtol=1e-4, atol=1e-4)

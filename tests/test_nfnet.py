@@ -6,6 +6,7 @@ pass at 192 px; behavioural tests use shrunken models at 64 px.
 
 import functools
 import math
+import re
 
 import haiku as hk
 import jax
@@ -273,6 +274,51 @@ def test_remat_gives_same_loss_and_gradients(tiny):
   np.testing.assert_allclose(v, v0, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6)
+
+
+def test_scan_blocks_same_params_outputs_and_gradients():
+  # Stage 2 has a transition block and 2 identical blocks (one scan); stage
+  # 4's single non-transition block stays unrolled. The split grouped convs
+  # (the CPU default) are the ones that need care inside a loop; the scan
+  # itself is the same for native ones (2x slower to compile on CPU).
+  kw = dict(width=0.125, depth=(1, 3, 1, 2), group_size=16, drop_rate=0.0,
+            grouped_conv='split')  # fmt: skip
+  plain = _make(10, 'F0', stochdepth_rate=0.0, **kw)
+  scanned = _make(10, 'F0', stochdepth_rate=0.0, scan_blocks=True, **kw)
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+  params = plain.init(jax.random.PRNGKey(0), x, True)
+  shapes = lambda t: jax.tree.map(jnp.shape, t)
+  assert shapes(scanned.init(jax.random.PRNGKey(0), x, True)) == shapes(params)
+  # Skip gains init at 0 would make every block an identity: perturb them.
+  params = {
+    m: {k: v + 0.5 if k == 'skip_gain' else v for k, v in leaves.items()}
+    for m, leaves in params.items()
+  }
+
+  def loss(net, is_training):
+    return lambda p: jnp.sum(
+      net.apply(p, jax.random.PRNGKey(2), x, is_training)['logits'] ** 2
+    )
+
+  # Training mode without stochastic depth or dropout computes what eval does.
+  v0, g0 = jax.jit(jax.value_and_grad(loss(plain, True)))(params)
+  step = jax.jit(jax.value_and_grad(loss(scanned, True)))
+  compiled = step.lower(params).compile()
+  v, g = compiled(params)
+  np.testing.assert_allclose(v, v0, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  jaxpr = str(jax.make_jaxpr(loss(scanned, True))(params))
+  assert jaxpr.count('scan[') == 1
+  # XLA:CPU runs convolutions with other dimension labels as naive loop
+  # nests inside the scan's loop (25x slower): every conv, gradients
+  # included, must reach it in the plain NHWC/HWIO form.
+  in_loop = [
+    line for line in compiled.as_text().splitlines()
+    if ' convolution(' in line and '/while/body/' in line
+  ]  # fmt: skip
+  labels = {re.search(r'dim_labels=([^,\s]+)', s)[1] for s in in_loop}
+  assert labels == {'b01f_01io->b01f'}
 
 
 def test_width_depth_and_final_conv_options():
