@@ -297,7 +297,11 @@ def global_norm(tree: PyTree) -> jax.Array:
   """L2 norm of a whole tree (as `optax.tree.norm`), from `unit_sq_norms`.
 
   Summing the per-unit squares that AGC computes anyway lets XLA share
-  them, instead of another full pass over every parameter.
+  them, instead of another full pass over every parameter. The barrier is
+  what makes the sharing happen: without it XLA's simplifier folds
+  `sum(unit_sq_norms(x))` into one full reduction of `x**2`, a second
+  reduction beside AGC's, and then materialises `x**2` for the two (three
+  extra passes over each gradient; docs/performance.md).
 
   Args:
     tree: gradients or parameters.
@@ -306,7 +310,8 @@ def global_norm(tree: PyTree) -> jax.Array:
     A scalar.
   """
   leaves = jax.tree.leaves(tree)
-  return jnp.sqrt(sum(jnp.sum(unit_sq_norms(x)) for x in leaves))
+  per_unit = jax.lax.optimization_barrier([unit_sq_norms(x) for x in leaves])
+  return jnp.sqrt(jnp.sum(jnp.concatenate(per_unit)))
 
 
 def agc_clip_fraction(

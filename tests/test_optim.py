@@ -7,6 +7,7 @@ they compute the same quantities independently, in float64.
 
 import functools
 import math
+import re
 
 import haiku as hk
 import jax
@@ -154,6 +155,32 @@ def test_global_and_unit_norms_match_numpy():
     np.testing.assert_allclose(
       np.broadcast_to(unit, np.shape(x)), np_unit_norm(x), rtol=1e-6
     )
+
+
+def test_grad_norm_metric_shares_agc_unit_norms_in_compiled_step():
+  # The train step's `grad_norm` sums the unit norms AGC takes anyway. If
+  # XLA folds that sum into its own reduction of g**2, it materialises g**2
+  # for the two reductions: a second full-size array per kernel besides
+  # AGC's clipped output. This fails without the barrier in `global_norm`.
+  shapes = {'conv': (3, 3, 64, 128), 'linear': (256, 512)}
+
+  def agc_and_grad_norm(grads, params):
+    tx = optim.adaptive_grad_clip(0.01, eps=1e-3)
+    clipped, _ = tx.update(grads, tx.init(params), params)
+    return clipped, optim.global_norm(grads)
+
+  tree = {k: jnp.ones(s, jnp.float32) for k, s in shapes.items()}
+  hlo = jax.jit(agc_and_grad_norm).lower(tree, tree).compile().as_text()
+  entry = hlo[hlo.index('ENTRY') :].splitlines()
+  for shape in shapes.values():
+    full_size = 'f32[' + ','.join(map(str, shape)) + ']'
+    defines_full_size = re.compile(r'\s*\S+ = ' + re.escape(full_size))
+    produced = [
+      line
+      for line in entry
+      if defines_full_size.match(line) and 'parameter(' not in line
+    ]
+    assert len(produced) == 1, produced
 
 
 def test_agc_zero_init_bias_moves_by_clipping_times_eps():
