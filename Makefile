@@ -18,10 +18,13 @@ $(STAMP): requirements.txt requirements-dev.txt
 demo: $(STAMP)
 	$(PY) -m experiments.train --config=configs/quickstart.py --workdir=runs/quickstart
 
+# --dist loadscope: each test module runs on one worker, so a module fixture
+# is built once, not once per worker; the modules are sent longest first
+# (tests/conftest.py orders them), so the two workers finish together.
 test: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -n 2 tests
+	$(PY) -m pytest -n 2 --dist loadscope --no-loadscope-reorder tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
