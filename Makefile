@@ -21,10 +21,12 @@ demo: $(STAMP)
 # --dist loadscope: each test module runs on one worker, so a module fixture
 # is built once, not once per worker; the modules are sent longest first
 # (tests/conftest.py orders them), so the two workers finish together.
+# --durations lists the slowest tests, to keep LONGEST_MODULES_FIRST current.
 test: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -n 2 --dist loadscope --no-loadscope-reorder tests
+	$(PY) -m pytest -n 2 --dist loadscope --no-loadscope-reorder \
+		--durations=15 tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .

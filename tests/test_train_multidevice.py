@@ -33,7 +33,6 @@ pytestmark = pytest.mark.slow
 
 def _env():
   env = dict(os.environ)
-  env.pop('XLA_FLAGS', None)
   env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
   env['TF_CPP_MIN_LOG_LEVEL'] = '2'
   return env
