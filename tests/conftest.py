@@ -42,22 +42,26 @@ def compilation_cache_dir(tmp_path_factory):
 
 
 # Test modules by their cost on the 2-core CI machine, longest first
-# (pytest --durations, 2026-11-26: ~420, 250, 170, 110, 75 s, ...). `make
-# test` sends whole modules to the two workers in collection order
-# (`--dist loadscope --no-loadscope-reorder`); longest first keeps one
-# worker from starting a long module while the other runs out of work.
+# (pytest --durations=0, summed per module, 2026-11-26 at -O0: ~330, 180,
+# 140, 110, 60 s, ...). `make test` sends whole modules to the two workers
+# in collection order (`--dist loadscope --no-loadscope-reorder`); longest
+# first keeps one worker from starting a long module while the other runs
+# out of work.
 LONGEST_MODULES_FIRST = (
   'test_train_multidevice.py',
   'test_nfnet.py',
   'test_train_loop.py',
   'test_train_f0.py',
-  'test_benchmark.py',
-  'test_batched_init.py',
   'test_notebook.py',
-  'test_sweep.py',
-  'test_cli_eval_predict.py',
-  'test_train_step.py',
+  'test_benchmark.py',
   'test_spp.py',
+  'test_cli_eval_predict.py',
+  'test_batched_init.py',
+  'test_sweep.py',
+  'test_train_step.py',
+  'test_flops.py',
+  'test_optim.py',
+  'test_layers.py',
 )
 
 
