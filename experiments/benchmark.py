@@ -99,7 +99,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   from nfnets import host_memory  # noqa: PLC0415
 
-  host_memory.keep_freed_memory()  # Before JAX starts its CPU backend.
+  host_memory.keep_freed_memory_on_cpu()  # Before JAX starts a backend.
   import jax  # noqa: PLC0415  (after flag parsing: fast --help)
 
   from nfnets import benchmark  # noqa: PLC0415

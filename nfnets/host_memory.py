@@ -19,11 +19,26 @@ starts its CPU backend (a notebook whose backend is already running gets
 part of the gain). The same settings from outside the program, for any
 process: `GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:`
 `glibc.malloc.trim_threshold=68719476736` (one string, no space).
+
+On GPU/TPU the activations live in device memory, so the settings buy
+nothing there, while one arena serialises the mallocs of every host thread
+(XLA's parallel compiler and autotuner, tf.data's decoders). Programs
+therefore call `keep_freed_memory_on_cpu()`, which applies them only when
+JAX is expected to run on its CPU backend.
 """
 
 import ctypes
 import ctypes.util
+import glob
+import importlib.metadata
+import importlib.util
+import os
+import pkgutil
 import sys
+
+# Device nodes of the accelerators JAX has plugins for: NVIDIA and AMD GPUs,
+# and TPUs (v4 and older as accel*, newer ones through VFIO).
+_ACCELERATOR_NODES = ('nvidiactl', 'kfd', 'accel[0-9]*', 'vfio/[0-9]*')
 
 # mallopt parameter numbers from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
@@ -52,3 +67,47 @@ def keep_freed_memory() -> bool:
     (_M_TRIM_THRESHOLD, -1),  # -1: never give the heap top back.
   )
   return all(mallopt(param, value) == 1 for param, value in settings)
+
+
+def accelerator_expected(dev_dir: str = '/dev') -> bool:
+  """Whether JAX will pick a GPU/TPU backend, judged before it starts one.
+
+  The malloc settings must come before JAX's first backend starts, so this
+  reads what JAX will decide from: `jax_platforms` (`JAX_PLATFORMS`) when
+  set, else whether an accelerator plugin is installed and its device is
+  present (a plugin alone falls back to the CPU). Importing jax is fine:
+  backends start on first use.
+
+  Args:
+    dev_dir: where device nodes live (a parameter for tests).
+  """
+  import jax  # noqa: PLC0415  (only its config; no backend starts)
+
+  platforms = (jax.config.jax_platforms or '').strip()
+  if platforms:
+    return platforms.split(',')[0].strip() != 'cpu'
+  return _accelerator_plugin_installed() and any(
+    glob.glob(os.path.join(dev_dir, node)) for node in _ACCELERATOR_NODES
+  )
+
+
+def _accelerator_plugin_installed() -> bool:
+  """Whether JAX can find a GPU/TPU plugin (the ways JAX looks for them)."""
+  if importlib.util.find_spec('libtpu') is not None:
+    return True
+  if importlib.metadata.entry_points(group='jax_plugins'):
+    return True
+  try:
+    import jax_plugins  # noqa: PLC0415  (a namespace package, if any)
+  except ImportError:
+    return False
+  return any(pkgutil.iter_modules(jax_plugins.__path__))
+
+
+def keep_freed_memory_on_cpu() -> bool:
+  """`keep_freed_memory()` unless JAX is expected on an accelerator.
+
+  Returns:
+    True if the settings were applied.
+  """
+  return not accelerator_expected() and keep_freed_memory()

@@ -1,19 +1,25 @@
 """Tests for nfnets.host_memory: freed memory is reused, not re-faulted."""
 
+import os
 import subprocess
 import sys
 import textwrap
 
+import jax
 import pytest
 
-# Mallocs, writes and frees a 64 MB block twice; prints the minor page
-# faults of the second round. Without the settings glibc maps a fresh block
+from nfnets import host_memory
+
+# Applies the settings as programs do (for the CPU backend), then mallocs,
+# writes and frees a 64 MB block twice; prints the minor page faults of the
+# second round. Without the settings glibc maps a fresh block
 # (16,384 faults of 4 KiB); with them the freed block is reused.
 _PROBE = textwrap.dedent(
   """
   import ctypes, resource, sys
   from nfnets import host_memory
-  applied = host_memory.keep_freed_memory() if sys.argv[1] == 'on' else None
+  on = sys.argv[1] == 'on'
+  applied = host_memory.keep_freed_memory_on_cpu() if on else None
   libc = ctypes.CDLL('libc.so.6')
   libc.malloc.restype = ctypes.c_void_p
   libc.free.argtypes = (ctypes.c_void_p,)
@@ -35,6 +41,7 @@ def _second_round_faults(mode: str) -> tuple[str, int]:
   out = subprocess.run(
     [sys.executable, '-c', _PROBE, mode],
     capture_output=True, text=True, check=True,
+    env={**os.environ, 'JAX_PLATFORMS': 'cpu'},  # Also where a GPU is.
   ).stdout.split()  # fmt: skip
   return out[0], int(out[1])
 
@@ -47,3 +54,47 @@ def test_freed_blocks_are_reused_not_faulted_in_again():
   pages = (64 << 20) // 4096
   assert faults_default > pages // 2  # glibc mmaps a fresh block each time.
   assert faults_kept < pages // 100  # The same pages, already mapped.
+
+
+@pytest.fixture
+def set_platforms():
+  """Sets `jax_platforms` (what `JAX_PLATFORMS` sets) for one test."""
+  old = jax.config.jax_platforms
+  yield lambda platforms: jax.config.update('jax_platforms', platforms)
+  jax.config.update('jax_platforms', old)
+
+
+@pytest.mark.parametrize(
+  ('platforms', 'expected'),
+  [('cpu', False), ('cuda', True), ('tpu', True), ('cuda,cpu', True)],
+)
+def test_explicit_platforms_decide_the_backend(set_platforms, platforms,
+                                               expected):  # fmt: skip
+  set_platforms(platforms)
+  assert host_memory.accelerator_expected() == expected
+
+
+def _fake_plugin(root, monkeypatch):
+  """A `jax_plugins` namespace package holding one (unimported) plugin."""
+  (root / 'jax_plugins' / 'xla_fake_gpu').mkdir(parents=True)
+  (root / 'jax_plugins' / 'xla_fake_gpu' / '__init__.py').write_text('')
+  monkeypatch.syspath_prepend(str(root))
+  monkeypatch.delitem(sys.modules, 'jax_plugins', raising=False)
+
+
+def test_a_plugin_counts_only_with_its_device_present(
+  tmp_path, monkeypatch, set_platforms
+):
+  set_platforms(None)
+  dev = tmp_path / 'dev'
+  dev.mkdir()
+  if not host_memory.accelerator_expected(str(dev)):  # No plugin here...
+    _fake_plugin(tmp_path / 'site', monkeypatch)
+  assert not host_memory.accelerator_expected(str(dev))  # ...or no device.
+  (dev / 'nvidiactl').touch()
+  assert host_memory.accelerator_expected(str(dev))
+
+
+def test_settings_are_skipped_when_an_accelerator_is_expected(set_platforms):
+  set_platforms('cuda')
+  assert host_memory.keep_freed_memory_on_cpu() is False
