@@ -29,6 +29,7 @@ step as in training.
 
 import dataclasses
 import inspect
+import os
 import resource
 import statistics
 import sys
@@ -38,10 +39,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import ml_collections
 import numpy as np
 
-from nfnets import compile_trace, flops, models, nfnet, optim
+from nfnets import compile_trace, flops, host_memory, models, nfnet, optim
 from nfnets.train import step as step_lib
 
 
@@ -77,6 +79,9 @@ class BenchmarkResult:
     peak_rss_gb: the process's peak resident set size so far.
     remat: whether blocks were rematerialised.
     options: other options of the run (model kwargs, grouped conv, ...).
+    environment: what else changes the numbers: jax and jaxlib versions,
+      `XLA_FLAGS`, and whether the host malloc settings of
+      `nfnets.host_memory` were applied.
   """
 
   model: str
@@ -103,6 +108,7 @@ class BenchmarkResult:
   peak_rss_gb: float
   remat: bool
   options: dict = dataclasses.field(default_factory=dict)
+  environment: dict = dataclasses.field(default_factory=dict)
   # With `trace_compile`: XLA's compile events summed by name, longest
   # first (`nfnets.compile_trace`), as [name, seconds, count] lists.
   compile_events: list = dataclasses.field(default_factory=list)
@@ -499,7 +505,18 @@ def _result(model_config, setup, compiled, device, train, forward_ms, *,
     peak_rss_gb=_peak_rss_gb(),
     remat=bool(kwargs.get('remat', False)),
     options={k: _jsonable(v) for k, v in kwargs.items()},
+    environment=_environment(),
   )
+
+
+def _environment() -> dict:
+  """The software settings a result depends on besides its options."""
+  return {
+    'jax': jax.__version__,
+    'jaxlib': jaxlib.__version__,
+    'xla_flags': os.environ.get('XLA_FLAGS', ''),
+    'malloc_kept': host_memory.settings_applied(),
+  }
 
 
 def _jsonable(value):

@@ -45,6 +45,8 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
+_state = {'applied': False}
+
 
 def keep_freed_memory() -> bool:
   """Tells glibc malloc to keep freed memory mapped for reuse.
@@ -66,7 +68,16 @@ def keep_freed_memory() -> bool:
     (_M_MMAP_MAX, 0),
     (_M_TRIM_THRESHOLD, -1),  # -1: never give the heap top back.
   )
-  return all(mallopt(param, value) == 1 for param, value in settings)
+  _state['applied'] = all(mallopt(p, value) == 1 for p, value in settings)
+  return _state['applied']
+
+
+def settings_applied() -> bool:
+  """Whether this process called `keep_freed_memory` with success.
+
+  Benchmarks record it: the settings change both step and compile times.
+  """
+  return _state['applied']
 
 
 def accelerator_expected(dev_dir: str = '/dev') -> bool:

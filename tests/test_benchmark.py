@@ -9,6 +9,7 @@ benchmark uses.
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from nfnets import benchmark, flops
+from nfnets import benchmark, flops, host_memory
 from tests.test_flops import resnet_macs
 from tests.test_resnet import expected_resnet_params
 
@@ -138,6 +139,14 @@ def test_cli_prints_the_table(cli_run):
   assert f'| NFNet-F0 | {SIZE} |' in stdout
   assert '| Model | Res | Params |' in stdout
   assert row['options']['depth'] == [1, 1, 1, 1]
+
+
+def test_cli_records_what_else_changes_the_numbers(cli_run):
+  env = cli_run[1]['environment']
+  assert env['jax'] == jax.__version__
+  assert env['xla_flags'] == os.environ.get('XLA_FLAGS', '')
+  # The CLI keeps freed memory exactly when JAX runs on the CPU here.
+  assert env['malloc_kept'] == (not host_memory.accelerator_expected())
 
 
 def test_cli_traces_the_compile(cli_run):
