@@ -74,25 +74,37 @@ def test_explicit_platforms_decide_the_backend(set_platforms, platforms,
   assert host_memory.accelerator_expected() == expected
 
 
-def _fake_plugin(root, monkeypatch):
+@pytest.fixture
+def fake_plugin(tmp_path, monkeypatch):
   """A `jax_plugins` namespace package holding one (unimported) plugin."""
-  (root / 'jax_plugins' / 'xla_fake_gpu').mkdir(parents=True)
-  (root / 'jax_plugins' / 'xla_fake_gpu' / '__init__.py').write_text('')
-  monkeypatch.syspath_prepend(str(root))
-  monkeypatch.delitem(sys.modules, 'jax_plugins', raising=False)
+  package = tmp_path / 'site' / 'jax_plugins' / 'xla_fake_gpu'
+  package.mkdir(parents=True)
+  (package / '__init__.py').write_text('')
+  monkeypatch.syspath_prepend(str(tmp_path / 'site'))
+  saved = sys.modules.pop('jax_plugins', None)  # Found again, with the fake.
+  yield
+  sys.modules.pop('jax_plugins', None)
+  if saved is not None:
+    sys.modules['jax_plugins'] = saved
 
 
 def test_a_plugin_counts_only_with_its_device_present(
-  tmp_path, monkeypatch, set_platforms
+  tmp_path, fake_plugin, set_platforms
 ):
   set_platforms(None)
   dev = tmp_path / 'dev'
   dev.mkdir()
-  if not host_memory.accelerator_expected(str(dev)):  # No plugin here...
-    _fake_plugin(tmp_path / 'site', monkeypatch)
-  assert not host_memory.accelerator_expected(str(dev))  # ...or no device.
+  assert not host_memory.accelerator_expected(str(dev))  # Plugin, no device.
   (dev / 'nvidiactl').touch()
   assert host_memory.accelerator_expected(str(dev))
+
+
+def test_a_device_without_a_plugin_is_not_used_by_jax(tmp_path, set_platforms):
+  set_platforms(None)
+  if host_memory._accelerator_plugin_installed():
+    pytest.skip('an accelerator plugin is installed here')
+  (tmp_path / 'nvidiactl').touch()
+  assert not host_memory.accelerator_expected(str(tmp_path))
 
 
 def test_settings_are_skipped_when_an_accelerator_is_expected(set_platforms):
