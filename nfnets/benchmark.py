@@ -20,9 +20,10 @@ batch size, in bf16 on accelerators. `run_benchmark` does the same for any
   other buffer the process ever held).
 
 The timed train step is the one users train with, for every model family:
-`nfnets.train.step.make_train_step` (forward, backward, the optimizer from
-`nfnets.optim.make_optimizer`, i.e. AGC + weight decay + Nesterov SGD for
-the recipe, and the train metrics), jitted with the state donated. For
+`nfnets.train.step.make_hyperparam_train_step` (forward, backward, the
+optimizer of `nfnets.optim.build_optimizer`, i.e. AGC + weight decay +
+Nesterov SGD for the recipe, with its numbers as inputs, and the train
+metrics), jitted with the state donated. For
 BN-/SE-ResNets the state carries the BatchNorm statistics, updated by every
 step as in training.
 """
@@ -312,32 +313,35 @@ def _peak_memory(compiled, device, step_ran: bool) -> tuple[float, str]:
 class _Setup:
   """The pieces of one benchmark: jitted step, state, batch, forward."""
 
-  step: Callable
+  step: Callable  # (state, batch, hyperparams) -> (state, metrics).
   state: Any  # The newest train state (the older ones are donated).
   batch: dict
+  hyperparams: dict  # The optimizer's numbers, float32 inputs of the step.
   logits_fn: Callable  # ((params, model_state), images) -> logits, eval.
 
 
 def _recipe_optimizer(batch_size):
   opt_config = make_optimizer_config()
-  optimizer, schedule_fn = optim.make_optimizer(
+  hyperparams = optim.hyperparams(
     opt_config, steps_per_epoch=1000, total_steps=100000,
     global_batch_size=batch_size,
   )  # fmt: skip
-  return opt_config, optimizer, schedule_fn
+  optimizer, _ = optim.build_optimizer(opt_config, hyperparams)
+  return opt_config, optimizer, hyperparams
 
 
 def _build(model_config, batch_size, image_size, dtype, num_classes, device):
   """Initialises the model and the recipe's train step on `device`."""
-  opt_config, optimizer, schedule_fn = _recipe_optimizer(batch_size)
+  opt_config, optimizer, hyperparams = _recipe_optimizer(batch_size)
   batch = jax.device_put(
     _synthetic_batch(batch_size, image_size, num_classes), device
   )
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(0))
   model = models.make_model(model_config, num_classes)
-  step = step_lib.make_train_step(
-    model, optimizer, schedule_fn, num_classes=num_classes,
-    opt_config=opt_config, compute_dtype=dtype, label_smoothing=0.1,
+  # The trainer's step: the optimizer's numbers are inputs, not constants.
+  step = step_lib.make_hyperparam_train_step(
+    model, num_classes=num_classes, opt_config=opt_config,
+    compute_dtype=dtype, label_smoothing=0.1,
   )  # fmt: skip
   params, model_state = jax.jit(model.init, static_argnums=2)(
     init_rng, batch['images'][:1], True
@@ -350,7 +354,10 @@ def _build(model_config, batch_size, image_size, dtype, num_classes, device):
   def logits_fn(variables, x):  # Eval mode: BatchNorm's moving averages.
     return model.apply(*variables, None, x, False)[0]['logits']
 
-  return _Setup(step, state, batch, logits_fn)
+  inputs = jax.device_put(
+    {k: np.float32(v) for k, v in hyperparams.items()}, device
+  )
+  return _Setup(step, state, batch, inputs, logits_fn)
 
 
 def _forward_fn(logits_fn, dtype):
@@ -380,8 +387,8 @@ def run_benchmark(
   """Benchmarks the train step (and forward pass) of one registry model.
 
   Runs on the first device with synthetic data already on it. The train step
-  is `nfnets.train.step.make_train_step` with the recipe's optimizer
-  (AGC-SGD, EMA off), jitted with the state donated.
+  is the trainer's, `nfnets.train.step.make_hyperparam_train_step` with the
+  recipe's optimizer (AGC-SGD, EMA off), jitted with the state donated.
 
   Args:
     model_config: `config.model` (see `make_model_config`).
@@ -414,7 +421,7 @@ def run_benchmark(
   )
   t0, c0 = time.perf_counter(), time.process_time()
   lowered = jax.jit(setup.step, donate_argnums=0).lower(
-    setup.state, setup.batch
+    setup.state, setup.batch, setup.hyperparams
   )  # fmt: skip
   events = []
   if trace_compile:
@@ -448,7 +455,9 @@ def _time_train(compiled, setup: _Setup, steps: int, warmup: int):
   holder = {'state': setup.state}
 
   def call():
-    holder['state'], metrics = compiled(holder['state'], setup.batch)
+    holder['state'], metrics = compiled(
+      holder['state'], setup.batch, setup.hyperparams
+    )
     return metrics
 
   jax.block_until_ready(call())  # Warm-up outside the CPU-time window.

@@ -57,6 +57,12 @@ WD_EXCLUDE = (r'/(b|scale|offset)$', r'/[^/]*gain[^/]*$', r'/[^/]*bias[^/]*$')
 # LR scaling rule of the paper: `lr = base_lr * global_batch_size / 256`.
 LR_REFERENCE_BATCH_SIZE = 256
 
+
+def _traced(*values) -> bool:
+  """Whether any value is a tracer: a train step's input, checked earlier."""
+  return any(isinstance(v, jax.core.Tracer) for v in values)
+
+
 # ---------------------------------------------------------------------------
 # Parameter groups.
 # ---------------------------------------------------------------------------
@@ -217,6 +223,11 @@ def adaptive_grad_clip(
   """
   _check_clipping(clipping, eps)
   _compile(exclude)  # Fails early on a bad regex.
+  return _agc(clipping, eps, exclude)
+
+
+def _agc(clipping, eps, exclude) -> optax.GradientTransformation:
+  """`adaptive_grad_clip` without the checks: the numbers may be traced."""
 
   def update_fn(updates, state, params=None):
     if params is None:
@@ -334,7 +345,8 @@ def agc_clip_fraction(
   Returns:
     A float32 scalar in [0, 1]; 0 when nothing is clipped or masked in.
   """
-  _check_clipping(clipping, eps)
+  if not _traced(clipping, eps):
+    _check_clipping(clipping, eps)
   if mask is None:
     mask = jax.tree.map(lambda _: True, params)
   grad_norms, param_norms = [], []
@@ -376,19 +388,61 @@ def _check_weight_decay(weight_decay: float) -> None:
     )
 
 
+# The chains below take their numbers unchecked, as Python floats or as
+# traced scalars (`build_optimizer`); None turns a part off.
+
+
 def _maybe_agc(clipping, eps, agc_exclude) -> optax.GradientTransformation:
   if clipping is None:
     return optax.identity()
-  return adaptive_grad_clip(clipping, eps, exclude=agc_exclude)
+  return _agc(clipping, eps, agc_exclude)
 
 
 def _decay(weight_decay, wd_exclude) -> optax.GradientTransformation:
-  _compile(wd_exclude)  # Fails early on a bad regex.
-  if not weight_decay:
+  if weight_decay is None:
     return optax.identity()
   return optax.add_decayed_weights(
     weight_decay, mask=lambda p: weight_decay_mask(p, wd_exclude)
   )
+
+
+def _sgd_chain(
+  lr, *, momentum, nesterov, weight_decay, clipping, eps, agc_exclude,
+  wd_exclude,
+) -> optax.GradientTransformation:  # fmt: skip
+  return optax.chain(
+    _maybe_agc(clipping, eps, agc_exclude),
+    _decay(weight_decay, wd_exclude),
+    optax.trace(decay=momentum, nesterov=nesterov),
+    optax.scale_by_learning_rate(lr),
+  )
+
+
+def _adam_chain(
+  lr, *, b1, b2, eps, weight_decay, decoupled, clipping, agc_eps,
+  agc_exclude, wd_exclude,
+) -> optax.GradientTransformation:  # fmt: skip
+  decay = _decay(weight_decay, wd_exclude)
+  return optax.chain(
+    _maybe_agc(clipping, agc_eps, agc_exclude),
+    optax.identity() if decoupled else decay,
+    optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+    decay if decoupled else optax.identity(),
+    optax.scale_by_learning_rate(lr),
+  )
+
+
+def _check_groups(agc_exclude, wd_exclude) -> None:
+  _compile(agc_exclude)  # Fail early on a bad regex.
+  _compile(wd_exclude)
+
+
+def _check_shared(weight_decay, clipping, eps, agc_exclude, wd_exclude):
+  """The checks `sgd_agc` and `adam_agc` share."""
+  _check_weight_decay(weight_decay)
+  if clipping is not None:
+    _check_clipping(clipping, eps)
+  _check_groups(agc_exclude, wd_exclude)
 
 
 def sgd_agc(
@@ -421,13 +475,12 @@ def sgd_agc(
     An `optax.GradientTransformation`; its `update` needs `params`.
   """
   _check_momentum(momentum)
-  _check_weight_decay(weight_decay)
-  return optax.chain(
-    _maybe_agc(clipping, eps, agc_exclude),
-    _decay(weight_decay, wd_exclude),
-    optax.trace(decay=momentum, nesterov=nesterov),
-    optax.scale_by_learning_rate(learning_rate),
-  )
+  _check_shared(weight_decay, clipping, eps, agc_exclude, wd_exclude)
+  return _sgd_chain(
+    learning_rate, momentum=momentum, nesterov=nesterov,
+    weight_decay=weight_decay or None, clipping=clipping, eps=eps,
+    agc_exclude=agc_exclude, wd_exclude=wd_exclude,
+  )  # fmt: skip
 
 
 def adam_agc(
@@ -466,15 +519,12 @@ def adam_agc(
   _check_momentum(b1)
   if not 0.0 <= b2 < 1.0:
     raise ValueError(f'Adam b2 must be in [0, 1), got {b2}.')
-  _check_weight_decay(weight_decay)
-  decay = _decay(weight_decay, wd_exclude)
-  return optax.chain(
-    _maybe_agc(clipping, agc_eps, agc_exclude),
-    optax.identity() if decoupled else decay,
-    optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
-    decay if decoupled else optax.identity(),
-    optax.scale_by_learning_rate(learning_rate),
-  )
+  _check_shared(weight_decay, clipping, agc_eps, agc_exclude, wd_exclude)
+  return _adam_chain(
+    learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay or None,
+    decoupled=decoupled, clipping=clipping, agc_eps=agc_eps,
+    agc_exclude=agc_exclude, wd_exclude=wd_exclude,
+  )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
@@ -529,6 +579,23 @@ def make_lr_schedule(
   Returns:
     A function of the step count (int or array) returning the LR (float32).
   """
+  return warmup_cosine(
+    **_schedule_values(
+      base_lr,
+      total_steps=total_steps,
+      warmup_steps=warmup_steps,
+      min_lr=min_lr,
+      global_batch_size=global_batch_size,
+      scale_by_batch=scale_by_batch,
+    )
+  )
+
+
+def _schedule_values(
+  base_lr, *, total_steps, warmup_steps, min_lr, global_batch_size,
+  scale_by_batch,
+) -> dict[str, float]:  # fmt: skip
+  """Checks `make_lr_schedule`'s arguments; returns `warmup_cosine`'s."""
   if scale_by_batch and global_batch_size is None:
     raise ValueError('scale_by_batch=True needs global_batch_size.')
   peak = scaled_lr(base_lr, global_batch_size or 1, scale_by_batch)
@@ -539,15 +606,49 @@ def make_lr_schedule(
     )
   if min_lr < 0 or base_lr < 0:
     raise ValueError(f'LRs must be >= 0, got lr={base_lr}, min_lr={min_lr}.')
+  # Derived in float64, then rounded once to float32 where they are used.
+  return {
+    'lr_peak': peak,
+    'lr_min': float(min_lr),
+    'lr_half_range': 0.5 * (peak - min_lr),
+    'lr_warmup_slope': peak / warmup_steps if warmup_steps > 0 else 0.0,
+    'warmup_steps': float(warmup_steps),
+    'inv_decay_steps': 1.0 / (total_steps - warmup_steps),
+  }
+
+
+def warmup_cosine(
+  lr_peak, lr_min, lr_half_range, lr_warmup_slope, warmup_steps,
+  inv_decay_steps,
+) -> Schedule:  # fmt: skip
+  """The formula of `make_lr_schedule`, from its derived numbers.
+
+  The numbers may be Python floats or float32 scalars traced as inputs of a
+  train step (`build_optimizer`). Both give the same bits because the
+  formula has no division: XLA rewrites `x / constant` as a multiplication
+  by the constant's reciprocal but keeps `x / input`, which differ in the
+  last bit. Nothing branches on the numbers in Python either: no warmup is
+  `warmup_steps == 0`.
+
+  Args:
+    lr_peak: the LR at the end of the warmup.
+    lr_min: the final LR.
+    lr_half_range: `(lr_peak - lr_min) / 2`.
+    lr_warmup_slope: `lr_peak / warmup_steps` (0 without a warmup).
+    warmup_steps: length of the linear warmup (0 for none).
+    inv_decay_steps: `1 / (total_steps - warmup_steps)`.
+
+  Returns:
+    A function of the step count returning the LR (float32).
+  """
+  del lr_peak  # Implied by the others; kept so `hyperparams` reads whole.
 
   def schedule(step):
     t = jnp.asarray(step, jnp.float32)
-    frac = jnp.clip((t - warmup_steps) / (total_steps - warmup_steps), 0, 1)
-    cos = min_lr + 0.5 * (peak - min_lr) * (1 + jnp.cos(math.pi * frac))
-    if warmup_steps == 0:
-      return cos.astype(jnp.float32)
-    warm = peak * t / warmup_steps
-    return jnp.where(t <= warmup_steps, warm, cos).astype(jnp.float32)
+    frac = jnp.clip((t - warmup_steps) * inv_decay_steps, 0, 1)
+    cos = lr_min + lr_half_range * (1 + jnp.cos(math.pi * frac))
+    in_warmup = (t <= warmup_steps) & (jnp.asarray(warmup_steps) > 0)
+    return jnp.where(in_warmup, lr_warmup_slope * t, cos).astype(jnp.float32)
 
   return schedule
 
@@ -571,7 +672,7 @@ def ema_decay(step: jax.Array, decay: float) -> jax.Array:
     The decay to use at this step (float32).
   """
   t = jnp.asarray(step, jnp.float32)
-  return jnp.minimum(jnp.float32(decay), (1.0 + t) / (10.0 + t))
+  return jnp.minimum(jnp.asarray(decay, jnp.float32), (1.0 + t) / (10.0 + t))
 
 
 def ema_update(
@@ -615,7 +716,7 @@ def sam_perturb(
   Returns:
     The perturbed parameters.
   """
-  if not rho >= 0:
+  if not _traced(rho) and not rho >= 0:
     raise ValueError(f'SAM rho must be >= 0, got {rho} (the paper: 0.05).')
   scale = rho / jnp.maximum(optax.tree.norm(grads), eps)
   return jax.tree.map(
@@ -658,30 +759,33 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _build_sgd(c, lr: LearningRate, clipping) -> optax.GradientTransformation:
-  return sgd_agc(
+def _build_sgd(c, hp, lr: Schedule) -> optax.GradientTransformation:
+  return _sgd_chain(
     lr,
-    momentum=c.momentum,
+    momentum=hp['momentum'],
     nesterov=c.nesterov,
-    weight_decay=c.weight_decay,
-    clipping=clipping,
-    eps=c.eps,
+    weight_decay=hp['weight_decay'] if c.weight_decay else None,
+    clipping=hp['clipping'] if c.clipping else None,
+    eps=hp['eps'],
     agc_exclude=tuple(c.agc_exclude),
     wd_exclude=tuple(c.wd_exclude),
   )
 
 
 def _adam_builder(decoupled: bool):
-  def build(c, lr: LearningRate, clipping) -> optax.GradientTransformation:
-    return adam_agc(
+  def build(c, hp, lr: Schedule) -> optax.GradientTransformation:
+    # b1, b2 and eps stay constants: optax computes `1 - b` inside, and
+    # `1 - b` of a float32 input is not the float32 of the exact `1 - b`
+    # (0.100000024 for b = 0.9), so inputs would change Adam's bits.
+    return _adam_chain(
       lr,
       b1=c.momentum,
       b2=c.beta2,
       eps=c.adam_eps,
-      weight_decay=c.weight_decay,
+      weight_decay=hp['weight_decay'] if c.weight_decay else None,
       decoupled=decoupled,
-      clipping=clipping,
-      agc_eps=c.eps,
+      clipping=hp['clipping'] if c.clipping else None,
+      agc_eps=hp['eps'],
       agc_exclude=tuple(c.agc_exclude),
       wd_exclude=tuple(c.wd_exclude),
     )
@@ -689,7 +793,9 @@ def _adam_builder(decoupled: bool):
   return build
 
 
-# name -> builder(opt_config, learning_rate, clipping or None).
+# name -> builder(opt_config, hyperparams, lr schedule). The config decides
+# the structure (which parts are on, Nesterov, the parameter groups), the
+# hyperparameters every number.
 OPTIMIZERS = {
   'sgd_agc': _build_sgd,
   'sgd': _build_sgd,
@@ -707,16 +813,103 @@ def _resolve_clipping(c) -> float | None:
       "optimizer.name='sgd_agc' needs optimizer.clipping > 0, got "
       f"{clipping}. For SGD without AGC use name='sgd' with clipping=0."
     )
+  if clipping:
+    _check_clipping(clipping, c.eps)
   return clipping or None  # 0 and None both mean no AGC.
 
 
-def _validate_extras(c) -> None:
+def _validate(c) -> None:
+  if c.name not in OPTIMIZERS:
+    raise ValueError(
+      f'Unknown optimizer.name {c.name!r}; valid names: {sorted(OPTIMIZERS)}.'
+    )
+  _resolve_clipping(c)
+  _check_momentum(c.momentum)
+  _check_weight_decay(c.weight_decay)
+  if c.name.startswith('adam') and not 0.0 <= c.beta2 < 1.0:
+    raise ValueError(f'Adam beta2 must be in [0, 1), got {c.beta2}.')
+  _check_groups(tuple(c.agc_exclude), tuple(c.wd_exclude))
   if not c.sam_rho >= 0:
     raise ValueError(f'optimizer.sam_rho must be >= 0, got {c.sam_rho}.')
   if not 0.0 <= c.ema_decay < 1.0:
     raise ValueError(
       f'optimizer.ema_decay must be in [0, 1) (0 = off), got {c.ema_decay}.'
     )
+
+
+def hyperparams(
+  opt_config: ml_collections.ConfigDict,
+  *,
+  steps_per_epoch: float,
+  total_steps: int,
+  global_batch_size: int,
+) -> dict[str, float]:
+  """Every number of the optimizer, checked, as a flat dict of floats.
+
+  These are what a sweep varies (LR, warmup, run length, momentum, weight
+  decay, AGC's lambda and eps, EMA decay, SAM's rho). The trainer hands
+  them to the jitted train step as float32 inputs rather than baking them
+  into the program as constants, so runs that differ only in these numbers
+  compile the same program: the second point of an LR or clipping sweep
+  loads the first one's executable from the persistent compilation cache.
+  What stays in the program is the structure: `optimizer.name`,
+  `nesterov`, the parameter groups, and whether AGC (`clipping` > 0),
+  weight decay, SAM and the EMA are on at all; and Adam's `momentum` (b1),
+  `beta2` and `adam_eps` (see `_adam_builder`). With these inputs the step
+  computes the bits it computes with the numbers as constants
+  (tests/test_hyperparam_step.py).
+
+  Args:
+    opt_config: a ConfigDict shaped like `default_config()`.
+    steps_per_epoch: optimizer steps per epoch, may be fractional
+      (train examples / global batch size); converts `warmup_epochs`.
+    total_steps: the training length; the cosine reaches `min_lr` here.
+    global_batch_size: images per step over all devices (LR scaling).
+
+  Returns:
+    name -> float: the LR schedule's `warmup_cosine` arguments and
+    `momentum`, `weight_decay`, `clipping` (0 when off), `eps`,
+    `ema_decay`, `sam_rho` from the config.
+  """
+  c = opt_config
+  _validate(c)
+  warmup = c.warmup_steps
+  if warmup is None:
+    warmup = c.warmup_epochs * steps_per_epoch
+  values = _schedule_values(
+    c.lr,
+    total_steps=total_steps,
+    warmup_steps=warmup,
+    min_lr=c.min_lr,
+    global_batch_size=global_batch_size,
+    scale_by_batch=c.scale_lr_by_batch,
+  )
+  for name in ('momentum', 'weight_decay', 'eps', 'ema_decay', 'sam_rho'):
+    values[name] = float(c[name])
+  values['clipping'] = float(c.clipping or 0.0)
+  return values
+
+
+def build_optimizer(
+  opt_config: ml_collections.ConfigDict, hp: dict
+) -> tuple[optax.GradientTransformation, Schedule]:
+  """The optimizer of `opt_config`'s structure with the numbers of `hp`.
+
+  Args:
+    opt_config: decides the structure (see `hyperparams`); checked by
+      `hyperparams`, not here.
+    hp: `hyperparams(opt_config, ...)`, as Python floats or as (traced)
+      float32 scalars. Every choice of values gives an optimizer state of the
+      same structure, so a state initialised with one serves all.
+
+  Returns:
+    `(tx, schedule)`, as `make_optimizer`.
+  """
+  schedule = warmup_cosine(
+    hp['lr_peak'], hp['lr_min'], hp['lr_half_range'], hp['lr_warmup_slope'],
+    hp['warmup_steps'], hp['inv_decay_steps'],
+  )  # fmt: skip
+  return OPTIMIZERS[opt_config.name](opt_config, hp, schedule), schedule
 
 
 def make_optimizer(
@@ -728,33 +921,23 @@ def make_optimizer(
 ) -> tuple[optax.GradientTransformation, Schedule]:
   """Builds the optimizer and its LR schedule from `config.optimizer`.
 
+  Its numbers are constants of whatever program uses it; the trainer uses
+  `hyperparams` and `build_optimizer` inside the step instead.
+
   Args:
     opt_config: a ConfigDict shaped like `default_config()`.
-    steps_per_epoch: optimizer steps per epoch, may be fractional
-      (train examples / global batch size); converts `warmup_epochs`.
-    total_steps: the training length; the cosine reaches `min_lr` here.
-    global_batch_size: images per step over all devices (LR scaling).
+    steps_per_epoch: as for `hyperparams`.
+    total_steps: as for `hyperparams`.
+    global_batch_size: as for `hyperparams`.
 
   Returns:
     `(tx, schedule)`: the transformation (its `update` needs `params`) and
     the step -> LR function it uses, for logging.
   """
-  c = opt_config
-  if c.name not in OPTIMIZERS:
-    raise ValueError(
-      f'Unknown optimizer.name {c.name!r}; valid names: {sorted(OPTIMIZERS)}.'
-    )
-  _validate_extras(c)
-  clipping = _resolve_clipping(c)
-  warmup = c.warmup_steps
-  if warmup is None:
-    warmup = c.warmup_epochs * steps_per_epoch
-  schedule = make_lr_schedule(
-    c.lr,
+  hp = hyperparams(
+    opt_config,
+    steps_per_epoch=steps_per_epoch,
     total_steps=total_steps,
-    warmup_steps=warmup,
-    min_lr=c.min_lr,
     global_batch_size=global_batch_size,
-    scale_by_batch=c.scale_lr_by_batch,
   )
-  return OPTIMIZERS[c.name](c, schedule, clipping), schedule
+  return build_optimizer(opt_config, hp)

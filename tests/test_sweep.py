@@ -2,9 +2,11 @@
 
 import csv
 import json
+import logging
 import math
 import os
 
+import jax
 import pytest
 
 from nfnets import sweep as sweep_lib
@@ -60,10 +62,30 @@ def test_launch_lines(ablation):
   )
 
 
-def test_two_by_two_sweep_end_to_end(tmp_path, ablation, compilation_cache_dir):
-  # Seeds change no compiled program, so with the persistent compilation
-  # cache (on by default; here the session's, not the user's ~/.cache)
-  # the four points compile only once.
+@pytest.fixture
+def cache_log(caplog):
+  """Persistent-cache hits and misses by module name, for every compile."""
+  key = 'jax_persistent_cache_min_compile_time_secs'
+  before = getattr(jax.config, key)
+  jax.config.update(key, 0.0)  # However fast the tiny step compiles.
+  caplog.set_level(logging.DEBUG, logger='jax._src.compiler')
+  yield caplog
+  jax.config.update(key, before)
+
+
+def _cache_events(caplog, module: str) -> tuple[int, int]:
+  messages = [r.getMessage() for r in caplog.records]
+  hits = sum(f"cache hit for '{module}'" in m for m in messages)
+  misses = sum(f"CACHE MISS for '{module}'" in m for m in messages)
+  return hits, misses
+
+
+def test_two_by_two_sweep_end_to_end(
+  tmp_path, ablation, compilation_cache_dir, cache_log
+):
+  # The optimizer's numbers are inputs of the train step, so with the
+  # persistent compilation cache (on by default; here the session's, not the
+  # user's ~/.cache) the four points compile the step at most once.
   tiny = sweep_lib.Sweep(
     name='tiny',
     base_config=ablation.base_config,
@@ -72,9 +94,9 @@ def test_two_by_two_sweep_end_to_end(tmp_path, ablation, compilation_cache_dir):
       'train.batch_size': 16,
       'train.compilation_cache_dir': compilation_cache_dir,
     },
-    axes=(('train.seed', (0, 1)), ('data.seed', (0, 1))),
+    axes=(('optimizer.lr', (0.4, 0.8)), ('optimizer.clipping', (0.02, 0.04))),
     metrics=('eval/top1', 'train/loss'),
-    labels={'train.seed': {0: 'zero'}},
+    labels={'optimizer.lr': {0.4: 'low'}},
   )
   rows = sweep_lib.run_sweep(tiny, str(tmp_path), log=lambda *_: None)
   assert [r['status'] for r in rows] == ['ok'] * 4
@@ -82,21 +104,23 @@ def test_two_by_two_sweep_end_to_end(tmp_path, ablation, compilation_cache_dir):
     assert 0.0 <= row['eval/top1'] <= 1.0
     assert math.isfinite(row['train/loss'])
   # Each point trained in its own workdir, which holds its result.
-  with open(tmp_path / 'train.seed=1,data.seed=1' / 'sweep_result.json') as f:
+  with open(tmp_path / 'lr=0.8,clipping=0.04' / 'sweep_result.json') as f:
     assert json.load(f)['metrics']['eval/top1'] == rows[3]['eval/top1']
   with open(tmp_path / 'results.csv') as f:
     table = list(csv.DictReader(f))
-  assert [(r['train.seed'], r['data.seed']) for r in table] == [
-    ('0', '0'),
-    ('0', '1'),
-    ('1', '0'),
-    ('1', '1'),
+  assert [(r['optimizer.lr'], r['optimizer.clipping']) for r in table] == [
+    ('0.4', '0.02'),
+    ('0.4', '0.04'),
+    ('0.8', '0.02'),
+    ('0.8', '0.04'),
   ]
-  # Different init seeds give different runs.
+  # Different LRs give different runs, from one compiled train step.
   assert rows[0]['train/loss'] != rows[2]['train/loss']
+  hits, misses = _cache_events(cache_log, 'jit_step')
+  assert misses <= 1 and hits + misses == 4, (hits, misses)
   markdown = (tmp_path / 'results.md').read_text()
-  assert '| train.seed \\ data.seed | 0 | 1 |' in markdown
-  row0 = f'| zero | {rows[0]["eval/top1"]:.4f} | {rows[1]["eval/top1"]:.4f} |'
+  assert '| optimizer.lr \\ optimizer.clipping | 0.02 | 0.04 |' in markdown
+  row0 = f'| low | {rows[0]["eval/top1"]:.4f} | {rows[1]["eval/top1"]:.4f} |'
   assert row0 in markdown
   assert os.path.getsize(tmp_path / 'results.png') > 1000
   # Rerunning finds every result and trains nothing.

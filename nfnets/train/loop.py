@@ -193,14 +193,15 @@ def _build_run(config, workdir: str) -> _Run:
   info = data.dataset_info(config.data)
   total_steps, steps_per_epoch = _run_length(config, info.num_train_examples)
   model = models.make_model(config.model, info.num_classes)
-  optimizer, schedule_fn = optim.make_optimizer(
+  hyperparams = optim.hyperparams(
     config.optimizer,
     steps_per_epoch=steps_per_epoch,
     total_steps=total_steps,
     global_batch_size=config.train.batch_size,
   )
+  optimizer, schedule_fn = optim.build_optimizer(config.optimizer, hyperparams)
   train_step, eval_step = _jit_steps(
-    config, mesh, model, optimizer, schedule_fn, info.num_classes
+    config, mesh, model, hyperparams, info.num_classes
   )
   is_chief = jax.process_index() == 0
   if is_chief:
@@ -228,12 +229,16 @@ def _build_run(config, workdir: str) -> _Run:
   )
 
 
-def _jit_steps(config, mesh, model, optimizer, schedule_fn, num_classes):
-  """Returns the jitted train step (state donated) and eval step."""
-  step_fn = step_lib.make_train_step(
+def _jit_steps(config, mesh, model, hyperparams, num_classes):
+  """Returns the jitted train step (state donated) and eval step.
+
+  The train step takes the optimizer's numbers as replicated inputs
+  (`make_hyperparam_train_step`), bound here, so the loop calls
+  `train_step(state, batch)` and runs that differ only in those numbers
+  compile the same program.
+  """
+  step_fn = step_lib.make_hyperparam_train_step(
     model,
-    optimizer,
-    schedule_fn,
     num_classes=num_classes,
     opt_config=config.optimizer,
     compute_dtype=config.train.compute_dtype,
@@ -241,12 +246,19 @@ def _jit_steps(config, mesh, model, optimizer, schedule_fn, num_classes):
   )
   repl = mesh_lib.replicated_sharding(mesh)
   batch = mesh_lib.batch_sharding(mesh)
-  train_step = jax.jit(
+  jitted = jax.jit(
     step_fn,
-    in_shardings=(repl, batch),
+    in_shardings=(repl, batch, repl),
     out_shardings=(repl, repl),
     donate_argnums=0,
   )
+  inputs = mesh_lib.replicate(
+    {k: np.float32(v) for k, v in hyperparams.items()}, mesh
+  )
+
+  def train_step(state, batch):
+    return jitted(state, batch, inputs)
+
   eval_step = jax.jit(
     step_lib.make_eval_step(model, num_classes),
     in_shardings=(repl, repl, batch),

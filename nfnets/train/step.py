@@ -1,11 +1,14 @@
 """The train state, the pure train step and the eval step.
 
 `make_train_step` returns a pure `(state, batch) -> (state, metrics)`
-function; the loop jits it once with the state donated. Mixed precision
-follows the paper: float32 master weights are cast to the compute dtype (and
-the images with them) for the forward and backward pass, logits are cast
-back to float32 before the loss, and the gradients arrive in float32
-because they are taken with respect to the float32 weights.
+function; `make_hyperparam_train_step` the same with the optimizer's
+numbers as a third input, which the loop jits once with the state donated
+(so a sweep over LR, clipping or weight decay compiles one program).
+
+Mixed precision follows the paper: float32 master weights are cast to the
+compute dtype (and the images with them) for the forward and backward pass,
+logits are cast back to float32 before the loss, and the gradients arrive in
+float32 because they are taken with respect to the float32 weights.
 
 Every model is an `hk.transform_with_state`: the Haiku state (the BatchNorm
 moving averages of BN ResNets, `{}` for the normalizer-free models) rides in
@@ -177,6 +180,9 @@ def make_train_step(
   the second forward pass (at the ascent point) only provides the gradient;
   its state is discarded.
 
+  The optimizer's numbers are constants of the compiled step here; the
+  trainer uses `make_hyperparam_train_step`, which takes them as inputs.
+
   Args:
     model: the transformed network (`models.make_model`);
       `apply(params, state, rng, images, is_training)` returns `(outputs,
@@ -193,6 +199,65 @@ def make_train_step(
     The step function. Metrics (float32 scalars): loss, top1, top5 (against
     the unmixed labels), grad_norm (before clipping), param_norm (after the
     update), agc_clip_fraction and lr.
+  """
+  body = _step_body(
+    model, num_classes, opt_config, compute_dtype, label_smoothing
+  )
+  values = {k: opt_config[k] for k in ('sam_rho', 'ema_decay', 'eps')}
+  values['clipping'] = opt_config.clipping
+
+  def step(state: TrainState, batch):
+    return body(state, batch, optimizer, schedule_fn, values)
+
+  return step
+
+
+def make_hyperparam_train_step(
+  model: hk.TransformedWithState,
+  *,
+  num_classes: int,
+  opt_config,
+  compute_dtype: str,
+  label_smoothing: float,
+):
+  """The train step with the optimizer's numbers as an input.
+
+  `(state, batch, hyperparams) -> (state, metrics)`, where `hyperparams`
+  is `optim.hyperparams(opt_config, ...)` as float32 scalars (the LR
+  schedule, momentum, weight decay, AGC's lambda and eps, EMA decay, SAM's
+  rho). It computes what `make_train_step` does with the optimizer of
+  `optim.make_optimizer`, bit for bit, but the compiled program is the same
+  for any values of those numbers, so runs of a sweep over them share one
+  entry of the persistent compilation cache (see `optim.hyperparams` for
+  what still changes the program).
+
+  Args:
+    model: as for `make_train_step`.
+    num_classes: number of classes of the labels.
+    opt_config: `config.optimizer`, already checked by `optim.hyperparams`;
+      its structure (name, Nesterov, groups, which parts are on) is fixed.
+    compute_dtype: 'float32' or 'bfloat16' for the forward/backward pass.
+    label_smoothing: label smoothing weight (a constant of the program).
+
+  Returns:
+    The step function; metrics as `make_train_step`'s.
+  """
+  body = _step_body(
+    model, num_classes, opt_config, compute_dtype, label_smoothing
+  )
+
+  def step(state: TrainState, batch, hyperparams):
+    optimizer, schedule_fn = optim.build_optimizer(opt_config, hyperparams)
+    return body(state, batch, optimizer, schedule_fn, hyperparams)
+
+  return step
+
+
+def _step_body(model, num_classes, opt_config, compute_dtype, label_smoothing):
+  """`(state, batch, optimizer, schedule_fn, values) -> (state, metrics)`.
+
+  `values` holds sam_rho, ema_decay, clipping and eps (floats or traced);
+  `opt_config` decides whether SAM and the clip fraction are on.
   """
   dtype = jnp.dtype(compute_dtype)
   k5 = min(5, num_classes)
@@ -212,7 +277,7 @@ def make_train_step(
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def step(state: TrainState, batch):
+  def body(state: TrainState, batch, optimizer, schedule_fn, values):
     rng = jax.random.fold_in(state.rng, state.step)
     (loss, (logits, model_state)), grads = grad_fn(
       state.params, state.model_state, batch, rng
@@ -223,19 +288,19 @@ def make_train_step(
     )
     if opt_config.sam_rho:
       # SAM: the update uses the gradient at the ascent point.
-      perturbed = optim.sam_perturb(state.params, grads, opt_config.sam_rho)
+      perturbed = optim.sam_perturb(state.params, grads, values['sam_rho'])
       (_, _), grads = grad_fn(perturbed, state.model_state, batch, rng)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema_params = state.ema_params
     if ema_params is not None:
       ema_params = optim.ema_update(
-        ema_params, params, state.step, opt_config.ema_decay
+        ema_params, params, state.step, values['ema_decay']
       )
     ema_model_state = state.ema_model_state
     if ema_model_state is not None:
       ema_model_state = ema_update_model_state(
-        ema_model_state, model_state, state.step, opt_config.ema_decay
+        ema_model_state, model_state, state.step, values['ema_decay']
       )
     metrics = {
       'loss': loss,
@@ -244,7 +309,9 @@ def make_train_step(
       'grad_norm': optim.global_norm(grads),
       # Also guards checkpoints: a finite loss can still yield bad weights.
       'param_norm': optim.global_norm(params),
-      'agc_clip_fraction': _clip_fraction(grads, state.params, opt_config),
+      'agc_clip_fraction': _clip_fraction(
+        grads, state.params, opt_config, values
+      ),
       'lr': jnp.asarray(schedule_fn(state.step), jnp.float32),
     }
     new_state = TrainState(
@@ -258,16 +325,16 @@ def make_train_step(
     )
     return new_state, metrics
 
-  return step
+  return body
 
 
-def _clip_fraction(grads, params, opt_config):
+def _clip_fraction(grads, params, opt_config, values):
   """Fraction of units AGC clips this step (0 when AGC is off)."""
   if not opt_config.clipping:
     return jnp.zeros((), jnp.float32)
   mask = optim.agc_mask(params, exclude=opt_config.agc_exclude)
   frac = optim.agc_clip_fraction(
-    grads, params, opt_config.clipping, opt_config.eps, mask
+    grads, params, values['clipping'], values['eps'], mask
   )
   return jnp.asarray(frac, jnp.float32)
 
