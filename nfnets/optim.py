@@ -579,16 +579,26 @@ def make_lr_schedule(
   Returns:
     A function of the step count (int or array) returning the LR (float32).
   """
-  return warmup_cosine(
-    **_schedule_values(
-      base_lr,
-      total_steps=total_steps,
-      warmup_steps=warmup_steps,
-      min_lr=min_lr,
-      global_batch_size=global_batch_size,
-      scale_by_batch=scale_by_batch,
-    )
+  values = _schedule_values(
+    base_lr,
+    total_steps=total_steps,
+    warmup_steps=warmup_steps,
+    min_lr=min_lr,
+    global_batch_size=global_batch_size,
+    scale_by_batch=scale_by_batch,
   )
+  return _schedule_of(values)
+
+
+# `warmup_cosine`'s arguments, as keys of `hyperparams`.
+_SCHEDULE_KEYS = (
+  'lr_min', 'lr_half_range', 'lr_warmup_slope', 'warmup_steps',
+  'inv_decay_steps',
+)  # fmt: skip
+
+
+def _schedule_of(values) -> Schedule:
+  return warmup_cosine(**{k: values[k] for k in _SCHEDULE_KEYS})
 
 
 def _schedule_values(
@@ -618,9 +628,8 @@ def _schedule_values(
 
 
 def warmup_cosine(
-  lr_peak, lr_min, lr_half_range, lr_warmup_slope, warmup_steps,
-  inv_decay_steps,
-) -> Schedule:  # fmt: skip
+  lr_min, lr_half_range, lr_warmup_slope, warmup_steps, inv_decay_steps
+) -> Schedule:
   """The formula of `make_lr_schedule`, from its derived numbers.
 
   The numbers may be Python floats or float32 scalars traced as inputs of a
@@ -631,7 +640,6 @@ def warmup_cosine(
   `warmup_steps == 0`.
 
   Args:
-    lr_peak: the LR at the end of the warmup.
     lr_min: the final LR.
     lr_half_range: `(lr_peak - lr_min) / 2`.
     lr_warmup_slope: `lr_peak / warmup_steps` (0 without a warmup).
@@ -641,7 +649,6 @@ def warmup_cosine(
   Returns:
     A function of the step count returning the LR (float32).
   """
-  del lr_peak  # Implied by the others; kept so `hyperparams` reads whole.
 
   def schedule(step):
     t = jnp.asarray(step, jnp.float32)
@@ -867,9 +874,9 @@ def hyperparams(
     global_batch_size: images per step over all devices (LR scaling).
 
   Returns:
-    name -> float: the LR schedule's `warmup_cosine` arguments and
-    `momentum`, `weight_decay`, `clipping` (0 when off), `eps`,
-    `ema_decay`, `sam_rho` from the config.
+    name -> float: `lr_peak` (for reference), the LR schedule's
+    `warmup_cosine` arguments and `momentum`, `weight_decay`, `clipping`
+    (0 when off), `eps`, `ema_decay`, `sam_rho` from the config.
   """
   c = opt_config
   _validate(c)
@@ -905,10 +912,7 @@ def build_optimizer(
   Returns:
     `(tx, schedule)`, as `make_optimizer`.
   """
-  schedule = warmup_cosine(
-    hp['lr_peak'], hp['lr_min'], hp['lr_half_range'], hp['lr_warmup_slope'],
-    hp['warmup_steps'], hp['inv_decay_steps'],
-  )  # fmt: skip
+  schedule = _schedule_of(hp)
   return OPTIMIZERS[opt_config.name](opt_config, hp, schedule), schedule
 
 

@@ -116,11 +116,8 @@ def test_schedule_from_inputs_matches_constants_and_numpy():
 
 
 def _schedule_args(values):
-  keys = (
-    'lr_peak', 'lr_min', 'lr_half_range', 'lr_warmup_slope', 'warmup_steps',
-    'inv_decay_steps',
-  )  # fmt: skip
-  return {k: values[k] for k in keys}
+  keys = ('lr_min', 'lr_half_range', 'lr_warmup_slope', 'warmup_steps')
+  return {k: values[k] for k in (*keys, 'inv_decay_steps')}
 
 
 def _np_schedule(config, *, steps_per_epoch, total_steps, global_batch_size):
