@@ -126,6 +126,12 @@ def main(argv):
     )
     results.append(result)
     print(benchmark.format_table([result]).split('\n')[2], flush=True)
+    print(
+      f'  compiled step: {result.fusions} fusions, {result.distinct_kernels}'
+      f' distinct kernels; by source (fusions, distinct): '
+      f'{result.kernels_by_source}',
+      flush=True,
+    )
     if _TRACE.value:
       _print_compile_events(result.compile_events[: _TRACE.value])
   print(benchmark.format_table(results))

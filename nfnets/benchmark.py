@@ -44,7 +44,15 @@ import jaxlib
 import ml_collections
 import numpy as np
 
-from nfnets import compile_trace, flops, host_memory, models, nfnet, optim
+from nfnets import (
+  compile_trace,
+  flops,
+  host_memory,
+  kernel_census,
+  models,
+  nfnet,
+  optim,
+)
 from nfnets.train import step as step_lib
 
 
@@ -78,6 +86,12 @@ class BenchmarkResult:
     xla_memory_gb: XLA's accounting of the compiled train step's buffers
       (arguments + outputs + temporaries - donated), on every backend.
     peak_rss_gb: the process's peak resident set size so far.
+    fusions: fusion instructions of the compiled train step.
+    distinct_kernels: distinct fused computations among them: XLA:CPU
+      generates code once per distinct kernel, which is most of its compile
+      time (`nfnets.kernel_census`).
+    kernels_by_source: {forward, backward, other, unnamed} -> [fusions,
+      distinct kernels].
     remat: whether blocks were rematerialised.
     options: other options of the run (model kwargs, grouped conv, ...).
     environment: what else changes the numbers: jax and jaxlib versions,
@@ -107,6 +121,9 @@ class BenchmarkResult:
   memory_source: str
   xla_memory_gb: float
   peak_rss_gb: float
+  fusions: int
+  distinct_kernels: int
+  kernels_by_source: dict
   remat: bool
   options: dict = dataclasses.field(default_factory=dict)
   environment: dict = dataclasses.field(default_factory=dict)
@@ -488,6 +505,7 @@ def _result(model_config, setup, compiled, device, train, forward_ms, *,
   step_s = train['median'] / 1e3
   peak_gb, source = _peak_memory(compiled, device, step_ran=steps > 0)
   xla_bytes = xla_memory_bytes(compiled)
+  kernels = kernel_census.census(compiled.as_text())
   kwargs = dict(model_config.kwargs)
   return BenchmarkResult(
     model=display_name(model_config),
@@ -512,6 +530,9 @@ def _result(model_config, setup, compiled, device, train, forward_ms, *,
     memory_source=source,
     xla_memory_gb=float('nan') if xla_bytes is None else xla_bytes / 2**30,
     peak_rss_gb=_peak_rss_gb(),
+    fusions=kernels.fusions,
+    distinct_kernels=kernels.distinct_kernels,
+    kernels_by_source={k: list(v) for k, v in kernels.by_source.items()},
     remat=bool(kwargs.get('remat', False)),
     options={k: _jsonable(v) for k, v in kwargs.items()},
     environment=_environment(),

@@ -67,6 +67,16 @@ def test_result_numbers_are_finite_and_consistent(tiny_result):
   assert r.remat is False
 
 
+def test_result_counts_the_compiled_kernels(tiny_result):
+  r = tiny_result
+  assert 0 < r.distinct_kernels < r.fusions
+  counts = r.kernels_by_source
+  # A train step has all three parts: forward, backward and the update.
+  assert {'forward', 'backward', 'other'} <= set(counts)
+  assert sum(n for n, _ in counts.values()) == r.fusions
+  assert all(0 < d <= n for n, d in counts.values())
+
+
 def test_macs_match_the_paper_formula(tiny_result):
   expected = flops.count_flops(
     'F0', SIZE, width=0.125, depth=(1, 1, 1, 1), group_size=128
@@ -137,6 +147,7 @@ def test_default_image_size_and_dtype():
 def test_cli_prints_the_table(cli_run):
   stdout, row = cli_run
   assert f'| NFNet-F0 | {SIZE} |' in stdout
+  assert f'{row["distinct_kernels"]} distinct kernels' in stdout
   assert '| Model | Res | Params |' in stdout
   assert row['options']['depth'] == [1, 1, 1, 1]
 
