@@ -358,8 +358,9 @@ def _build(model_config, batch_size, image_size, dtype, num_classes, device):
   # The trainer's step: the optimizer's numbers are inputs, not constants.
   step = step_lib.make_hyperparam_train_step(
     model, num_classes=num_classes, opt_config=opt_config,
-    compute_dtype=dtype, label_smoothing=0.1,
+    compute_dtype=dtype,
   )  # fmt: skip
+  hyperparams.update(step_lib.label_smoothing_inputs(0.1, num_classes))
   params, model_state = jax.jit(model.init, static_argnums=2)(
     init_rng, batch['images'][:1], True
   )

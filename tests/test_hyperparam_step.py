@@ -1,4 +1,4 @@
-"""The train step with the optimizer's numbers as inputs.
+"""The train step with the optimizer's and label smoothing's numbers as inputs.
 
 `make_hyperparam_train_step` must compute exactly what the step with the
 same numbers baked in computes (the reference is `make_train_step` with
@@ -39,10 +39,13 @@ def _opt_config(**overrides):
 
 
 def _batch(seed):
+  """A MixUp-style batch: the targets use labels, mix_labels and ratio."""
   rng = np.random.RandomState(seed)
   return {
     'images': rng.randn(8, 6, 6, 3).astype(np.float32),
     'labels': rng.randint(0, NUM_CLASSES, 8).astype(np.int32),
+    'mix_labels': rng.randint(0, NUM_CLASSES, 8).astype(np.int32),
+    'ratio': rng.uniform(size=8).astype(np.float32),
   }
 
 
@@ -57,8 +60,9 @@ def _initial_state(model, opt_config):
   )
 
 
-def _inputs(opt_config, **run):
+def _inputs(opt_config, smoothing=0.1, **run):
   values = optim.hyperparams(opt_config, **{**RUN, **run})
+  values.update(step_lib.label_smoothing_inputs(smoothing, NUM_CLASSES))
   return {k: jnp.float32(v) for k, v in values.items()}
 
 
@@ -66,12 +70,11 @@ def _both_steps(model, opt_config):
   """(constant step, hyperparameter step), both jitted."""
   tx, schedule = optim.make_optimizer(opt_config, **RUN)
   kw = dict(
-    num_classes=NUM_CLASSES,
-    opt_config=opt_config,
-    compute_dtype='float32',
-    label_smoothing=0.1,
+    num_classes=NUM_CLASSES, opt_config=opt_config, compute_dtype='float32'
   )
-  constant = step_lib.make_train_step(model, tx, schedule, **kw)
+  constant = step_lib.make_train_step(
+    model, tx, schedule, label_smoothing=0.1, **kw
+  )
   traced = step_lib.make_hyperparam_train_step(model, **kw)
   return jax.jit(constant), jax.jit(traced)
 
@@ -145,17 +148,19 @@ def test_program_does_not_depend_on_the_numbers():
   )  # fmt: skip
   state = _initial_state(model, base)
   batch = _batch(0)
-  kw = dict(
-    num_classes=NUM_CLASSES, opt_config=None, compute_dtype='float32',
-    label_smoothing=0.1,
-  )  # fmt: skip
+  kw = dict(num_classes=NUM_CLASSES, compute_dtype='float32')
   texts, constant_texts = [], []
-  for config, run in ((base, {}), (other, {'total_steps': 99})):
-    kw['opt_config'] = config
-    step = step_lib.make_hyperparam_train_step(model, **kw)
-    texts.append(_lowered_text(step, state, batch, _inputs(config, **run)))
+  for config, smoothing, run in (
+    (base, 0.1, {}),
+    (other, 0.2, {'total_steps': 99}),
+  ):
+    step = step_lib.make_hyperparam_train_step(model, opt_config=config, **kw)
+    inputs = _inputs(config, smoothing, **run)
+    texts.append(_lowered_text(step, state, batch, inputs))
     tx, schedule = optim.make_optimizer(config, **{**RUN, **run})
-    constant = step_lib.make_train_step(model, tx, schedule, **kw)
+    constant = step_lib.make_train_step(
+      model, tx, schedule, opt_config=config, label_smoothing=smoothing, **kw
+    )
     constant_texts.append(_lowered_text(constant, state, batch))
   assert texts[0] == texts[1]
   # The control: with the numbers as constants the programs differ.
@@ -169,7 +174,7 @@ def test_structure_still_changes_the_program():
   for config in (_opt_config(), _opt_config(nesterov=False)):
     step = step_lib.make_hyperparam_train_step(
       model, num_classes=NUM_CLASSES, opt_config=config,
-      compute_dtype='float32', label_smoothing=0.1,
+      compute_dtype='float32',
     )  # fmt: skip
     texts.append(_lowered_text(step, state, _batch(0), _inputs(config)))
   assert texts[0] != texts[1]

@@ -193,11 +193,11 @@ def _build_run(config, workdir: str) -> _Run:
   info = data.dataset_info(config.data)
   total_steps, steps_per_epoch = _run_length(config, info.num_train_examples)
   model = models.make_model(config.model, info.num_classes)
-  hyperparams = optim.hyperparams(
-    config.optimizer,
+  hyperparams = step_lib.step_hyperparams(
+    config,
+    num_classes=info.num_classes,
     steps_per_epoch=steps_per_epoch,
     total_steps=total_steps,
-    global_batch_size=config.train.batch_size,
   )
   optimizer, schedule_fn = optim.build_optimizer(config.optimizer, hyperparams)
   train_step, eval_step = _jit_steps(
@@ -242,7 +242,6 @@ def _jit_steps(config, mesh, model, hyperparams, num_classes):
     num_classes=num_classes,
     opt_config=config.optimizer,
     compute_dtype=config.train.compute_dtype,
-    label_smoothing=config.train.label_smoothing,
   )
   repl = mesh_lib.replicated_sharding(mesh)
   batch = mesh_lib.batch_sharding(mesh)

@@ -139,12 +139,40 @@ def make_targets(batch, num_classes: int, label_smoothing: float):
   Returns:
     float32 [B, num_classes] targets summing to 1.
   """
+  smoothing = label_smoothing_inputs(label_smoothing, num_classes)
+  return _targets(batch, num_classes, smoothing)
+
+
+def label_smoothing_inputs(
+  label_smoothing: float, num_classes: int
+) -> dict[str, float]:
+  """`make_targets`' two numbers, `1 - s` and `s / num_classes`.
+
+  Computed in float64 and rounded once, as Python did when they were
+  constants, so the train step can take them as float32 inputs
+  (`make_hyperparam_train_step`) and still give the same bits.
+
+  Args:
+    label_smoothing: smoothing weight s, in [0, 1).
+    num_classes: number of classes.
+
+  Returns:
+    {'label_keep': 1 - s, 'label_floor': s / num_classes}.
+  """
+  return {
+    'label_keep': 1.0 - label_smoothing,
+    'label_floor': label_smoothing / num_classes,
+  }
+
+
+def _targets(batch, num_classes: int, smoothing):
+  """`make_targets` from `label_smoothing_inputs` (floats or traced)."""
   y = jax.nn.one_hot(batch['labels'], num_classes, dtype=jnp.float32)
   if 'mix_labels' in batch:
     ratio = batch['ratio'].astype(jnp.float32)[:, None]
     y_mix = jax.nn.one_hot(batch['mix_labels'], num_classes, dtype=jnp.float32)
     y = ratio * y + (1.0 - ratio) * y_mix
-  return (1.0 - label_smoothing) * y + label_smoothing / num_classes
+  return smoothing['label_keep'] * y + smoothing['label_floor']
 
 
 def softmax_cross_entropy(logits, targets):
@@ -200,11 +228,10 @@ def make_train_step(
     the unmixed labels), grad_norm (before clipping), param_norm (after the
     update), agc_clip_fraction and lr.
   """
-  body = _step_body(
-    model, num_classes, opt_config, compute_dtype, label_smoothing
-  )
+  body = _step_body(model, num_classes, opt_config, compute_dtype)
   values = {k: opt_config[k] for k in ('sam_rho', 'ema_decay', 'eps')}
   values['clipping'] = opt_config.clipping
+  values.update(label_smoothing_inputs(label_smoothing, num_classes))
 
   def step(state: TrainState, batch):
     return body(state, batch, optimizer, schedule_fn, values)
@@ -218,18 +245,18 @@ def make_hyperparam_train_step(
   num_classes: int,
   opt_config,
   compute_dtype: str,
-  label_smoothing: float,
 ):
   """The train step with the optimizer's numbers as an input.
 
   `(state, batch, hyperparams) -> (state, metrics)`, where `hyperparams`
-  is `optim.hyperparams(opt_config, ...)` as float32 scalars (the LR
-  schedule, momentum, weight decay, AGC's lambda and eps, EMA decay, SAM's
-  rho). It computes what `make_train_step` does with the optimizer of
-  `optim.make_optimizer`, bit for bit, but the compiled program is the same
-  for any values of those numbers, so runs of a sweep over them share one
-  entry of the persistent compilation cache (see `optim.hyperparams` for
-  what still changes the program).
+  is `step_hyperparams(...)` as float32 scalars: the optimizer's numbers
+  (`optim.hyperparams`: the LR schedule, momentum, weight decay, AGC's
+  lambda and eps, EMA decay, SAM's rho) and label smoothing's. It computes
+  what `make_train_step` does with the optimizer of `optim.make_optimizer`,
+  bit for bit, but the compiled program is the same for any values of those
+  numbers, so runs of a sweep over them share one entry of the persistent
+  compilation cache (see `optim.hyperparams` for what still changes the
+  program).
 
   Args:
     model: as for `make_train_step`.
@@ -237,14 +264,11 @@ def make_hyperparam_train_step(
     opt_config: `config.optimizer`, already checked by `optim.hyperparams`;
       its structure (name, Nesterov, groups, which parts are on) is fixed.
     compute_dtype: 'float32' or 'bfloat16' for the forward/backward pass.
-    label_smoothing: label smoothing weight (a constant of the program).
 
   Returns:
     The step function; metrics as `make_train_step`'s.
   """
-  body = _step_body(
-    model, num_classes, opt_config, compute_dtype, label_smoothing
-  )
+  body = _step_body(model, num_classes, opt_config, compute_dtype)
 
   def step(state: TrainState, batch, hyperparams):
     optimizer, schedule_fn = optim.build_optimizer(opt_config, hyperparams)
@@ -253,16 +277,42 @@ def make_hyperparam_train_step(
   return step
 
 
-def _step_body(model, num_classes, opt_config, compute_dtype, label_smoothing):
+def step_hyperparams(
+  config, *, num_classes: int, steps_per_epoch: float, total_steps: int
+) -> dict[str, float]:
+  """The numbers `make_hyperparam_train_step` takes, from a full config.
+
+  Args:
+    config: an experiment config (reads `optimizer`, `train.batch_size`
+      and `train.label_smoothing`).
+    num_classes: number of classes of the labels.
+    steps_per_epoch: optimizer steps per epoch (for `warmup_epochs`).
+    total_steps: the run length.
+
+  Returns:
+    `optim.hyperparams(...)` and `label_smoothing_inputs(...)` in one dict.
+  """
+  values = optim.hyperparams(
+    config.optimizer,
+    steps_per_epoch=steps_per_epoch,
+    total_steps=total_steps,
+    global_batch_size=config.train.batch_size,
+  )
+  smoothing = config.train.label_smoothing
+  return {**values, **label_smoothing_inputs(smoothing, num_classes)}
+
+
+def _step_body(model, num_classes, opt_config, compute_dtype):
   """`(state, batch, optimizer, schedule_fn, values) -> (state, metrics)`.
 
-  `values` holds sam_rho, ema_decay, clipping and eps (floats or traced);
-  `opt_config` decides whether SAM and the clip fraction are on.
+  `values` holds sam_rho, ema_decay, clipping, eps, label_keep and
+  label_floor (floats or traced); `opt_config` decides whether SAM and the
+  clip fraction are on.
   """
   dtype = jnp.dtype(compute_dtype)
   k5 = min(5, num_classes)
 
-  def loss_fn(params, model_state, batch, rng):
+  def loss_fn(params, model_state, batch, targets, rng):
     out, new_model_state = model.apply(
       cast_floats(params, dtype),
       model_state,
@@ -271,7 +321,6 @@ def _step_body(model, num_classes, opt_config, compute_dtype, label_smoothing):
       True,
     )
     logits = out['logits'].astype(jnp.float32)
-    targets = make_targets(batch, num_classes, label_smoothing)
     loss = jnp.mean(softmax_cross_entropy(logits, targets))
     return loss, (logits, new_model_state)
 
@@ -279,8 +328,9 @@ def _step_body(model, num_classes, opt_config, compute_dtype, label_smoothing):
 
   def body(state: TrainState, batch, optimizer, schedule_fn, values):
     rng = jax.random.fold_in(state.rng, state.step)
+    targets = _targets(batch, num_classes, values)
     (loss, (logits, model_state)), grads = grad_fn(
-      state.params, state.model_state, batch, rng
+      state.params, state.model_state, batch, targets, rng
     )
     # The state keeps its dtypes whatever the compute dtype.
     model_state = jax.tree.map(
@@ -289,7 +339,7 @@ def _step_body(model, num_classes, opt_config, compute_dtype, label_smoothing):
     if opt_config.sam_rho:
       # SAM: the update uses the gradient at the ascent point.
       perturbed = optim.sam_perturb(state.params, grads, values['sam_rho'])
-      (_, _), grads = grad_fn(perturbed, state.model_state, batch, rng)
+      (_, _), grads = grad_fn(perturbed, state.model_state, batch, targets, rng)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema_params = state.ema_params
