@@ -81,7 +81,7 @@ def _cache_events(caplog, module: str) -> tuple[int, int]:
 
 
 def test_two_by_two_sweep_end_to_end(
-  tmp_path, ablation, compilation_cache_dir, cache_log
+  tmp_path, ablation, compilation_cache_dir, cache_log, capsys
 ):
   # The optimizer's numbers are inputs of the train step, so with the
   # persistent compilation cache (on by default; here the session's, not the
@@ -118,6 +118,9 @@ def test_two_by_two_sweep_end_to_end(
   assert rows[0]['train/loss'] != rows[2]['train/loss']
   hits, misses = _cache_events(cache_log, 'jit_step')
   assert misses <= 1 and hits + misses == 4, (hits, misses)
+  # The trainer tells which points loaded their step from the cache.
+  printed = capsys.readouterr().out
+  assert printed.count('came from the persistent compilation cache') == hits
   markdown = (tmp_path / 'results.md').read_text()
   assert '| optimizer.lr \\ optimizer.clipping | 0.02 | 0.04 |' in markdown
   row0 = f'| low | {rows[0]["eval/top1"]:.4f} | {rows[1]["eval/top1"]:.4f} |'

@@ -402,6 +402,17 @@ def _train(run: _Run, state, checkpointer, guard):
   )
   batches = _train_iterator(config, start)
   run.progress.print('Compiling the train step (the first step waits for it)')
+  cache_hits = _CacheHitCounter()
+  try:
+    return _train_steps(run, state, checkpointer, guard, batches, cache_hits)
+  finally:
+    cache_hits.close()
+
+
+def _train_steps(run: _Run, state, checkpointer, guard, batches, cache_hits):
+  """The loop of `_train`, from the state's step to the end or SIGTERM."""
+  config = run.config
+  start = int(state.step)
   window, last = [], {}
   for step in range(start, run.total_steps):
     t0 = time.perf_counter()
@@ -410,7 +421,7 @@ def _train(run: _Run, state, checkpointer, guard):
     window.append(metrics)
     done = step + 1
     if step == start:
-      _report_compile(run, state, done, t0)
+      _report_compile(run, state, done, t0, cache_hits)
     # Across hosts the check is a collective, so only do it when logging.
     stop = (
       jax.process_count() == 1
@@ -435,10 +446,42 @@ def _is_due(done: int, every: int, end: int | None = None) -> bool:
   return (every > 0 and done % every == 0) or done == end
 
 
-def _report_compile(run: _Run, state, done: int, t0: float) -> None:
+class _CacheHitCounter:
+  """Counts persistent compilation cache hits until closed.
+
+  Only the train step compiles during the first step, so a hit then means
+  the step was loaded from the cache, e.g. for a later point of a sweep
+  over the step's inputs (`step.step_hyperparams`).
+  """
+
+  _EVENT = '/jax/compilation_cache/cache_hits'
+
+  def __init__(self):
+    self.hits = 0
+    self._listener = self._on_event  # The same object to unregister.
+    jax.monitoring.register_event_listener(self._listener)
+
+  def _on_event(self, event: str, **_) -> None:
+    if event == self._EVENT:
+      self.hits += 1
+
+  def close(self) -> None:
+    if self._listener is not None:
+      jax.monitoring.unregister_event_listener(self._listener)
+      self._listener = None
+
+
+def _report_compile(run: _Run, state, done, t0, cache_hits) -> None:
   """Waits for the first step (incl. compilation) and starts the clock."""
   jax.block_until_ready(state.step)
-  run.progress.print(f'First step (compilation included) took {_since(t0)}.')
+  took = _since(t0)
+  if cache_hits.hits:
+    message = f'First step took {took} (the train step came from the '
+    message += 'persistent compilation cache).'
+  else:
+    message = f'First step (compilation included) took {took}.'
+  cache_hits.close()
+  run.progress.print(message)
   run.progress.start(done)
 
 
