@@ -337,19 +337,23 @@ class _Setup:
   logits_fn: Callable  # ((params, model_state), images) -> logits, eval.
 
 
-def _recipe_optimizer(batch_size):
+def _recipe_optimizer(batch_size, num_classes):
+  """The recipe's optimizer and the step's inputs (label smoothing 0.1)."""
   opt_config = make_optimizer_config()
   hyperparams = optim.hyperparams(
     opt_config, steps_per_epoch=1000, total_steps=100000,
     global_batch_size=batch_size,
   )  # fmt: skip
   optimizer, _ = optim.build_optimizer(opt_config, hyperparams)
+  hyperparams.update(step_lib.label_smoothing_inputs(0.1, num_classes))
   return opt_config, optimizer, hyperparams
 
 
 def _build(model_config, batch_size, image_size, dtype, num_classes, device):
   """Initialises the model and the recipe's train step on `device`."""
-  opt_config, optimizer, hyperparams = _recipe_optimizer(batch_size)
+  opt_config, optimizer, hyperparams = _recipe_optimizer(
+    batch_size, num_classes
+  )
   batch = jax.device_put(
     _synthetic_batch(batch_size, image_size, num_classes), device
   )
@@ -360,7 +364,6 @@ def _build(model_config, batch_size, image_size, dtype, num_classes, device):
     model, num_classes=num_classes, opt_config=opt_config,
     compute_dtype=dtype,
   )  # fmt: skip
-  hyperparams.update(step_lib.label_smoothing_inputs(0.1, num_classes))
   params, model_state = jax.jit(model.init, static_argnums=2)(
     init_rng, batch['images'][:1], True
   )

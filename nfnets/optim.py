@@ -811,18 +811,15 @@ OPTIMIZERS = {
 }
 
 
-def _resolve_clipping(c) -> float | None:
-  clipping = c.clipping
-  if clipping is not None and clipping < 0:
-    _check_clipping(clipping, c.eps)
-  if c.name == 'sgd_agc' and not clipping:
+def _check_config_clipping(c) -> None:
+  """0 and None both mean no AGC; anything else must be a valid lambda."""
+  if c.name == 'sgd_agc' and not c.clipping:
     raise ValueError(
       "optimizer.name='sgd_agc' needs optimizer.clipping > 0, got "
-      f"{clipping}. For SGD without AGC use name='sgd' with clipping=0."
+      f"{c.clipping}. For SGD without AGC use name='sgd' with clipping=0."
     )
-  if clipping:
-    _check_clipping(clipping, c.eps)
-  return clipping or None  # 0 and None both mean no AGC.
+  if c.clipping:
+    _check_clipping(c.clipping, c.eps)
 
 
 def _validate(c) -> None:
@@ -830,7 +827,7 @@ def _validate(c) -> None:
     raise ValueError(
       f'Unknown optimizer.name {c.name!r}; valid names: {sorted(OPTIMIZERS)}.'
     )
-  _resolve_clipping(c)
+  _check_config_clipping(c)
   _check_momentum(c.momentum)
   _check_weight_decay(c.weight_decay)
   if c.name.startswith('adam') and not 0.0 <= c.beta2 < 1.0:
