@@ -178,13 +178,22 @@ def _plan(fn, rng, args, kwargs) -> tuple[dict[str, _Slot], dict[tuple, int]]:
 
 
 def _draw_streams(sizes: dict[tuple, int], key) -> dict[tuple, jax.Array]:
-  """One flat draw per stream, each from its own key (in a fixed order)."""
+  """One flat draw per stream, each from its own key (in a fixed order).
+
+  Each draw is materialised behind an optimisation barrier. Without it,
+  XLA:GPU fuses the sampler (threefry, inverse erf) into every parameter's
+  slice and then fuses those kernels horizontally into a few huge ones,
+  which `ptxas` takes minutes to assemble (NFNet-F1's init: over 3 min,
+  see docs/performance.md). Behind the barrier the sampler is one kernel
+  and each slice is a small scale-and-shift. The values are unchanged.
+  """
   streams = sorted(sizes)
   keys = jax.random.split(key, max(len(streams), 1))
-  return {
+  draws = {
     stream: draw(stream, k, sizes[stream])
     for stream, k in zip(streams, keys, strict=False)
   }
+  return jax.lax.optimization_barrier(draws)
 
 
 def transform_with_state(fn) -> hk.TransformedWithState:

@@ -72,6 +72,9 @@ class BenchmarkResult:
     compile_s: seconds to lower and compile the train step.
     compile_cpu_s: CPU seconds of this process during compilation (robust
       to other processes competing for the cores).
+    init_s: seconds from nothing to the initial train state on the device:
+      compiling and running the jitted parameter init and the optimizer
+      state's init (on a GPU, `ptxas` time for the init's kernels counts).
     step_ms: median train step time.
     step_cpu_ms: mean CPU time of this process per train step (all
       threads; on a shared machine a load-independent cross-check).
@@ -109,6 +112,7 @@ class BenchmarkResult:
   macs_per_image: float
   compile_s: float
   compile_cpu_s: float
+  init_s: float
   step_ms: float
   step_cpu_ms: float
   step_ms_min: float
@@ -437,9 +441,12 @@ def run_benchmark(
   dtype = dtype or default_dtype()
   image_size = image_size or default_image_size(model_config)
   device = jax.devices()[0]
+  t_init = time.perf_counter()
   setup = _build(
     model_config, batch_size, image_size, dtype, num_classes, device
   )
+  jax.block_until_ready(setup.state)
+  init_s = time.perf_counter() - t_init
   t0, c0 = time.perf_counter(), time.process_time()
   lowered = jax.jit(setup.step, donate_argnums=0).lower(
     setup.state, setup.batch, setup.hyperparams
@@ -464,7 +471,7 @@ def run_benchmark(
   result = _result(
     model_config, setup, compiled, device, train, forward_ms,
     batch_size=batch_size, image_size=image_size, num_classes=num_classes,
-    dtype=dtype, compile_s=(compile_s, compile_cpu_s),
+    dtype=dtype, compile_s=(compile_s, compile_cpu_s), init_s=init_s,
     steps=0 if compile_only else steps,
   )  # fmt: skip
   result.compile_events = [[e.name, e.seconds, e.count] for e in events]
@@ -501,7 +508,7 @@ def _time_forward(setup: _Setup, dtype: str, steps: int) -> float:
 
 def _result(model_config, setup, compiled, device, train, forward_ms, *,
             batch_size, image_size, num_classes, dtype, compile_s,
-            steps):  # fmt: skip
+            init_s, steps):  # fmt: skip
   """Assembles the `BenchmarkResult` of one run."""
   macs = flops.count_model_macs(
     model_config, image_size, num_classes=num_classes
@@ -522,6 +529,7 @@ def _result(model_config, setup, compiled, device, train, forward_ms, *,
     macs_per_image=macs,
     compile_s=compile_s[0],
     compile_cpu_s=compile_s[1],
+    init_s=init_s,
     step_ms=train['median'],
     step_cpu_ms=train['cpu'],
     step_ms_min=train['min'],
@@ -575,6 +583,7 @@ TABLE_COLUMNS = (
   ('TFLOP/s', '{:.3f}', lambda r: r.tflops),
   ('Fwd ms', '{:.1f}', lambda r: r.forward_ms),
   ('Compile s', '{:.1f}', lambda r: r.compile_s),
+  ('Init s', '{:.1f}', lambda r: r.init_s),
   ('Peak GB', '{:.2f}', lambda r: r.peak_memory_gb),
 )
 
