@@ -51,7 +51,7 @@ def test_result_numbers_are_finite_and_consistent(tiny_result):
   assert r.model == 'NFNet-F0'
   assert (r.batch_size, r.image_size, r.dtype) == (BATCH, SIZE, 'float32')
   assert r.steps == STEPS and r.num_devices == 1
-  names = ('compile_s', 'compile_cpu_s', 'step_ms', 'step_cpu_ms')
+  names = ('compile_s', 'compile_cpu_s', 'init_s', 'step_ms', 'step_cpu_ms')
   for name in names + ('step_ms_min', 'forward_ms', 'tflops'):
     value = getattr(r, name)
     assert math.isfinite(value) and value > 0, name
