@@ -144,16 +144,22 @@ def test_batched_init_false_gives_haikus_values(haiku_init):
     np.testing.assert_array_equal(value, want[name])
 
 
-def _count_random_bits(jaxpr) -> int:
-  """Number of `random_bits` calls (one per sampler) in a jaxpr, nested."""
-  count = 0
+def _eqns(jaxpr, name):
+  """The equations of primitive `name` in a jaxpr, nested ones included."""
+  found = []
   for eqn in jaxpr.eqns:
-    count += eqn.primitive.name == 'random_bits'
+    if eqn.primitive.name == name:
+      found.append(eqn)
     for param in eqn.params.values():
       inner = getattr(param, 'jaxpr', param)
       if hasattr(inner, 'eqns'):
-        count += _count_random_bits(inner)
-  return count
+        found += _eqns(inner, name)
+  return found
+
+
+def _count_random_bits(jaxpr) -> int:
+  """Number of `random_bits` calls (one per sampler) in a jaxpr, nested."""
+  return len(_eqns(jaxpr, 'random_bits'))
 
 
 def _samplers(transformed):
@@ -173,19 +179,6 @@ def test_number_of_samplers_does_not_grow_with_depth():
   haiku = [_samplers(hk.transform_with_state(f)) for f in (shallow, deep)]
   assert batched[0] == batched[1]
   assert haiku[1] > haiku[0] > 4 * batched[0]
-
-
-def _eqns(jaxpr, name):
-  """The equations of primitive `name` in a jaxpr, nested ones included."""
-  found = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == name:
-      found.append(eqn)
-    for param in eqn.params.values():
-      inner = getattr(param, 'jaxpr', param)
-      if hasattr(inner, 'eqns'):
-        found += _eqns(inner, name)
-  return found
 
 
 def test_every_draw_is_materialised_behind_one_barrier():
