@@ -11,8 +11,9 @@
 # the environment), DIR/<variant>.log and DIR/top.log; prints the tables.
 # A model whose run passes LIMIT_S seconds (default 300) is stopped and the
 # next one runs (the script then exits 1): read top.log for which process
-# was busy. The H100 runs of "The H100 again" in docs/performance.md were
-# taken this way.
+# was busy. PYTHON picks the interpreter (default: python, else python3).
+# The H100 runs of "The H100 again" in docs/performance.md were taken this
+# way.
 set -uo pipefail
 
 dest="${1:-gpu_benchmark}"
@@ -20,6 +21,9 @@ shift || true
 variants=("$@")
 [[ ${#variants[@]} -eq 0 ]] && variants=(F0 F1)
 limit="${LIMIT_S:-300}"
+# The interpreter: $PYTHON, else `python`, else `python3` (GPU images often
+# have only the latter).
+python="${PYTHON:-$(command -v python || command -v python3)}"
 mkdir -p "${dest}"
 export PYTHONUNBUFFERED=1
 
@@ -40,7 +44,7 @@ trap 'kill ${sampler} 2>/dev/null' EXIT
 failed=0
 for v in "${variants[@]}"; do
   start=$(date +%s)
-  timeout "${limit}" python -m experiments.benchmark --model=NFNet \
+  timeout "${limit}" "${python}" -m experiments.benchmark --model=NFNet \
     --variant="${v}" --batch_size=32 --steps=20 \
     --json_out="${dest}/${v}.json" >"${dest}/${v}.log" 2>&1
   rc=$?
