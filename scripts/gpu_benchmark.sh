@@ -21,8 +21,7 @@ shift || true
 variants=("$@")
 [[ ${#variants[@]} -eq 0 ]] && variants=(F0 F1)
 limit="${LIMIT_S:-300}"
-# The interpreter: $PYTHON, else `python`, else `python3` (GPU images often
-# have only the latter).
+# GPU images often have only python3.
 python="${PYTHON:-$(command -v python || command -v python3)}"
 mkdir -p "${dest}"
 export PYTHONUNBUFFERED=1

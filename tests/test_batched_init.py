@@ -157,17 +157,13 @@ def _eqns(jaxpr, name):
   return found
 
 
-def _count_random_bits(jaxpr) -> int:
-  """Number of `random_bits` calls (one per sampler) in a jaxpr, nested."""
-  return len(_eqns(jaxpr, 'random_bits'))
-
-
 def _samplers(transformed):
+  """Number of `random_bits` calls (one per sampler) in the init, nested."""
   images = jnp.zeros((1, 32, 32, 3))
   closed = jax.make_jaxpr(lambda r: transformed.init(r, images, True))(
     jax.random.PRNGKey(0)
   )
-  return _count_random_bits(closed.jaxpr)
+  return len(_eqns(closed.jaxpr, 'random_bits'))
 
 
 def test_number_of_samplers_does_not_grow_with_depth():
