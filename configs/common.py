@@ -16,7 +16,8 @@ here fails at load time instead of being silently ignored.
 
 import ml_collections
 
-from nfnets import data, models, nfnet, optim
+from nfnets import data, models, optim
+from nfnets.models import nfnet
 from nfnets.train import config as train_config
 
 # ImageNet eval batch: divides 8, 16, ..., 512 devices; padding handles the
@@ -52,7 +53,7 @@ def parse_variant(base: str, arg: str | None) -> str:
     arg: the text after ':' in --config, or None.
 
   Returns:
-    A key of `nfnets.nfnet.VARIANTS`.
+    A key of `nfnets.models.nfnet.VARIANTS`.
 
   Raises:
     ValueError: for any other argument.
@@ -88,7 +89,7 @@ def nfnet_config(variant: str) -> ml_collections.ConfigDict:
   """Returns the locked ImageNet training config for NFNet-`variant`.
 
   Args:
-    variant: a key of `nfnets.nfnet.VARIANTS` ('F0'..'F7', 'F0+'..'F7+').
+    variant: a key of `nfnets.models.nfnet.VARIANTS` ('F0'..'F7', 'F0+'..'F7+').
 
   Returns:
     The locked config.

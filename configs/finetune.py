@@ -18,7 +18,8 @@ follow it. Point `config.data` at your own data with
 """
 
 from configs import common
-from nfnets import models, nfnet
+from nfnets import models
+from nfnets.models import nfnet
 
 
 def get_config(arg=None):

@@ -1,4 +1,4 @@
-r"""Times training steps of registry models: a thin CLI over nfnets.benchmark.
+r"""Times training steps of registry models: a CLI over nfnets.perf.benchmark.
 
     python -m experiments.benchmark                      # NFNet-F0, b8, 192px
     python -m experiments.benchmark --model=NFNet --variant=F0,F1 \
@@ -62,7 +62,7 @@ _COMPILER_OPTIONS = flags.DEFINE_string(
 _TRACE = flags.DEFINE_integer(
   'trace_compile', 0,
   'Print the N longest XLA compile events of each train step '
-  '(nfnets.compile_trace; 0 = off).',
+  '(nfnets.perf.compile_trace; 0 = off).',
 )  # fmt: skip
 _JSON = flags.DEFINE_string('json_out', '', 'Write results to this JSON file.')
 
@@ -87,7 +87,7 @@ def _model_specs() -> list[tuple[str, dict]]:
 
 
 def _print_compile_events(events) -> None:
-  from nfnets import compile_trace  # noqa: PLC0415
+  from nfnets.perf import compile_trace  # noqa: PLC0415
 
   print('XLA compile events (seconds summed by name; they nest and overlap):')
   rows = [compile_trace.CompileEvent(*event) for event in events]
@@ -97,12 +97,12 @@ def _print_compile_events(events) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  from nfnets import host_memory  # noqa: PLC0415
+  from nfnets.train import runtime  # noqa: PLC0415
 
-  host_memory.keep_freed_memory_on_cpu()  # Before JAX starts a backend.
+  runtime.keep_freed_memory_on_cpu()  # Before JAX starts a backend.
   import jax  # noqa: PLC0415  (after flag parsing: fast --help)
 
-  from nfnets import benchmark  # noqa: PLC0415
+  from nfnets.perf import benchmark  # noqa: PLC0415
 
   if _CACHE.value:
     jax.config.update(

@@ -36,7 +36,8 @@ flags.mark_flags_as_required(['input', 'output'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  from nfnets import pretrained, timm_interop  # Deferred: fast --help.
+  from nfnets import pretrained  # Deferred: fast --help.
+  from nfnets.pretrained import timm_interop
 
   kwargs = json.loads(_MODEL_KWARGS.value)
   try:

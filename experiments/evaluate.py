@@ -53,7 +53,7 @@ def main(argv):
     # Orbax logs every checkpoint operation at INFO.
     logging.set_verbosity(logging.WARNING)
   # Deferred so --help and flag errors stay fast.
-  from nfnets import evaluation
+  from nfnets.train import evaluation
 
   try:
     results = evaluation.evaluate_from(

@@ -37,7 +37,8 @@ def main(argv):
   if not paths:
     raise app.UsageError('Pass one or more image files after the flags.')
   # Deferred so --help and flag errors stay fast.
-  from nfnets import inference, pretrained
+  from nfnets import pretrained
+  from nfnets.pretrained import inference
 
   kwargs = json.loads(_MODEL_KWARGS.value) if _MODEL_KWARGS.value else None
   try:

@@ -4,7 +4,7 @@ r"""Signal Propagation Plots of NF and BN ResNets at initialisation.
     # an unnormalised ResNet-50, on N(0, 1) inputs:
     python -m experiments.spp --outdir=runs/spp
 
-    # Any models of nfnets.spp.SPP_MODELS, on real (digits) images:
+    # Any models of nfnets.research.spp.SPP_MODELS, on real (digits) images:
     python -m experiments.spp --models=nf_resnet50,bn_resnet50_v1 \
       --inputs=digits --outdir=runs/spp_digits
 
@@ -18,7 +18,7 @@ from absl import app, flags
 _MODELS = flags.DEFINE_list(
   'models',
   'nf_resnet50,bn_resnet50_v2,unnormalized_resnet50',
-  'Keys of nfnets.spp.SPP_MODELS.',
+  'Keys of nfnets.research.spp.SPP_MODELS.',
 )
 _INPUTS = flags.DEFINE_enum(
   'inputs', 'gaussian', ['gaussian', 'digits', 'folder'], 'Input batch.'
@@ -38,7 +38,7 @@ _OUTDIR = flags.DEFINE_string('outdir', 'runs/spp', 'Output directory.')
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  from nfnets import spp  # noqa: PLC0415  (keeps --help fast)
+  from nfnets.research import spp  # noqa: PLC0415  (keeps --help fast)
 
   images = spp.load_images(
     _INPUTS.value,

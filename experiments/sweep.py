@@ -26,7 +26,7 @@ flags.mark_flags_as_required(['sweep', 'outdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  from nfnets import sweep  # noqa: PLC0415  (keeps --help fast)
+  from nfnets.research import sweep  # noqa: PLC0415  (keeps --help fast)
 
   spec = sweep.load_sweep(_SWEEP.value)
   if _LAUNCH.value:

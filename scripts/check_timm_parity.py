@@ -1,6 +1,7 @@
 """Checks our NFNet against timm's PyTorch `dm_nfnet_f*` on the same weights.
 
-An independent fidelity check of the model and of `nfnets.timm_interop`:
+An independent fidelity check of the model and of
+`nfnets.pretrained.timm_interop`:
 random weights (gains, biases and skip gains randomised too, so that every
 residual branch contributes) are exported to a timm state dict, loaded into
 timm's model, and both networks run the same images in eval mode. Needs
@@ -79,7 +80,7 @@ def main():
   import timm  # noqa: PLC0415
   import torch  # noqa: PLC0415
 
-  from nfnets import timm_interop  # noqa: PLC0415
+  from nfnets.pretrained import timm_interop  # noqa: PLC0415
 
   args = _parse()
   rng = np.random.default_rng(0)

@@ -28,7 +28,7 @@ def compilation_cache_dir(tmp_path_factory):
 
   The training tests compile the same programs (the tiny NFNet's init, train
   and eval steps for a device count and a schedule) several times, in this
-  process and in subprocesses of `tests/train_harness.py`. Compiling
+  process and in subprocesses of `tests/support/train_harness.py`. Compiling
   dominates their cost, and JAX's cache key is the program and the compiler
   options (`--xla_force_host_platform_device_count` excluded), so every run
   after the first loads the executables from here. pytest-xdist workers
@@ -48,9 +48,9 @@ def compilation_cache_dir(tmp_path_factory):
 # first keeps one worker from starting a long module while the other runs
 # out of work.
 LONGEST_MODULES_FIRST = (
-  'test_train_multidevice.py',
+  'test_multidevice.py',
   'test_nfnet.py',
-  'test_train_loop.py',
+  'test_loop.py',
   'test_train_f0.py',
   'test_notebook.py',
   'test_benchmark.py',
@@ -58,7 +58,7 @@ LONGEST_MODULES_FIRST = (
   'test_cli_eval_predict.py',
   'test_batched_init.py',
   'test_sweep.py',
-  'test_train_step.py',
+  'test_step.py',
   'test_flops.py',
   'test_optim.py',
   'test_layers.py',

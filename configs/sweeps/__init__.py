@@ -1,1 +1,1 @@
-"""Sweep definitions for `python -m experiments.sweep` (see nfnets/sweep.py)."""
+"""Sweep definitions for `python -m experiments.sweep` (nfnets.research)."""

@@ -22,7 +22,7 @@ batch 256):
 import ml_collections
 
 from configs import common
-from nfnets import sweep as sweep_lib
+from nfnets.research import sweep as sweep_lib
 
 
 def nf_resnet_kwargs(**overrides) -> ml_collections.ConfigDict:

@@ -41,12 +41,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nfnets import data, host_memory, models, optim
+from nfnets import data, models, optim
 from nfnets.train import checkpoint as ckpt_lib
 from nfnets.train import config as config_lib
 from nfnets.train import mesh as mesh_lib
+from nfnets.train import runtime, writers
 from nfnets.train import step as step_lib
-from nfnets.train import writers
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -142,14 +142,14 @@ def setup_runtime(train_config) -> None:
   Must run before anything touches a JAX backend. All settings are
   process-wide; an already-initialised distributed runtime or an explicitly
   configured cache directory (e.g. `JAX_COMPILATION_CACHE_DIR`) is kept.
-  `host_memory.keep_freed_memory_on_cpu` saves XLA:CPU from re-faulting its
+  `runtime.keep_freed_memory_on_cpu` saves XLA:CPU from re-faulting its
   per-step buffers (1-2 CPU-s per NFNet-F0 step on 2 cores); it leaves
   malloc alone when JAX is expected on a GPU/TPU.
 
   Args:
     train_config: `config.train`.
   """
-  host_memory.keep_freed_memory_on_cpu()
+  runtime.keep_freed_memory_on_cpu()
   dist = train_config.distributed
   if dist.enabled and not jax.distributed.is_initialized():
     # jax has no cross-process collectives on CPU unless one is chosen.
@@ -291,7 +291,7 @@ def abstract_train_state(config, num_classes: int) -> step_lib.TrainState:
   """Shapes and dtypes of the `TrainState` a run of `config` keeps.
 
   Nothing is computed (`jax.eval_shape`); the result is the target for
-  restoring the run's checkpoints elsewhere, e.g. `nfnets.evaluation`.
+  restoring the run's checkpoints elsewhere, e.g. `nfnets.train.evaluation`.
 
   Args:
     config: the run's config (model, optimizer, data.train_image_size,

@@ -1,0 +1,170 @@
+"""Model registry: `config.model` -> a Haiku-transformed network.
+
+`MODELS` maps `config.model.name` to a Haiku module constructor that takes
+`num_classes` plus `config.model.kwargs`; `make_model` wraps it with
+`hk.transform_with_state` into a forward function `(images, is_training) ->
+outputs` whose outputs dict has at least 'logits'. Every model goes through
+the same path: BatchNorm ResNets keep their moving statistics in the Haiku
+state, the normalizer-free models simply have an empty state (`{}`).
+"""
+
+import inspect
+
+import haiku as hk
+import ml_collections
+from ml_collections import config_dict
+
+from nfnets.models import batched_init, nf_regnet, nf_resnet, nfnet, resnet
+
+MODELS = {
+  'NFNet': nfnet.NFNet,
+  'NF_ResNet': nf_resnet.NFResNet,
+  'NF_RegNet': nf_regnet.NFRegNet,
+  'ResNet': resnet.ResNet,
+}
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Returns `config.model` for NFNet-F0 with the paper's training kwargs.
+
+  Returns:
+    A ConfigDict with keys:
+      name: key of `MODELS`.
+      kwargs: constructor keyword arguments (without num_classes). Every
+        NFNet argument settable from the command line is listed, so
+        `--config.model.kwargs.width=0.5` style overrides work; None-valued
+        ones are typed placeholders (None = the variant's value).
+      init_from: path of weights to start from ('' = random init); any format
+        `nfnets.pretrained.read_params` reads.
+      reinit_modules: modules of `init_from` that are re-initialised when
+        their shapes differ (the classifier, for a new number of classes).
+      batched_init: draw the random initial weights with one sampler per
+        distribution (`nfnets.models.batched_init`; same distributions, 4-6x
+        faster to compile) rather than Haiku's one per parameter. False
+        gives exactly `hk.transform_with_state`'s values for a given key.
+  """
+  return ml_collections.ConfigDict(
+    dict(
+      name='NFNet',
+      kwargs=nfnet_kwargs(),
+      init_from='',
+      reinit_modules=('NFNet/~/linear',),
+      batched_init=True,
+    )
+  )
+
+
+def nfnet_kwargs(**overrides) -> ml_collections.ConfigDict:
+  """Returns every command-line-settable `NFNet` kwarg, with the recipe's.
+
+  Args:
+    **overrides: values replacing the defaults (keys must exist).
+
+  Returns:
+    A locked ConfigDict: the paper's training kwargs for F0 (stochastic depth
+    0.25, the variant's dropout), grouped convs chosen by backend.
+  """
+  kwargs = ml_collections.ConfigDict(
+    dict(
+      variant='F0',
+      width=1.0,
+      se_ratio=0.5,
+      alpha=0.2,
+      stochdepth_rate=0.25,
+      drop_rate=config_dict.placeholder(float),
+      activation='gelu',
+      final_conv_mult=2.0,
+      final_conv_ch=config_dict.placeholder(int),
+      use_two_convs=True,
+      grouped_conv='auto',
+      remat=False,
+      scan_blocks=False,
+      depth=config_dict.placeholder(tuple),
+      group_size=128,
+    )
+  )
+  kwargs.lock()
+  kwargs.update(overrides)
+  return kwargs
+
+
+def get_constructor(name: str):
+  """Returns the registered constructor `name`; lists valid names if absent.
+
+  Args:
+    name: a key of `MODELS`.
+
+  Returns:
+    The Haiku module class.
+
+  Raises:
+    ValueError: for an unknown name.
+  """
+  if name not in MODELS:
+    raise ValueError(
+      f'Unknown config.model.name {name!r}; valid names: {sorted(MODELS)}.'
+    )
+  return MODELS[name]
+
+
+def check_kwargs(name: str, kwargs) -> None:
+  """Raises a ValueError naming the kwargs the constructor does not take.
+
+  Switching `config.model.name` from the command line keeps the NFNet
+  kwargs of the config file; this says how to replace them.
+
+  Args:
+    name: a key of `MODELS`.
+    kwargs: the constructor keyword arguments (without num_classes).
+
+  Raises:
+    ValueError: for an unknown name or unexpected keyword arguments.
+  """
+  params = inspect.signature(get_constructor(name)).parameters
+  unexpected = sorted(set(kwargs) - set(params) - {'num_classes', 'name'})
+  if unexpected:
+    valid = sorted(set(params) - {'self', 'num_classes', 'name'})
+    raise ValueError(
+      f'config.model.kwargs has {unexpected}, which {name} does not take '
+      f'(its arguments: {valid}). When changing config.model.name, replace '
+      'the whole kwargs dict, e.g. --config.model.name=ResNet '
+      "\"--config.model.kwargs={'width': 0.25, 'depth': (1, 1, 1, 1)}\"."
+    )
+
+
+def make_model(
+  model_config: ml_collections.ConfigDict, num_classes: int
+) -> hk.TransformedWithState:
+  """Builds the transformed network from `config.model`.
+
+  Args:
+    model_config: ConfigDict with `name` and `kwargs`, and optionally
+      `batched_init` (default True; see `default_config`).
+    num_classes: classifier width.
+
+  Returns:
+    `hk.transform_with_state` (with batched random initialisation unless
+    `model_config.batched_init` is False) of
+    `forward(images, is_training) -> outputs dict`: `init(rng, images,
+    is_training)` gives `(params, state)` and `apply(params, state, rng,
+    images, is_training)` gives `(outputs, new_state)` (rng may be None
+    when not training). The state holds the BatchNorm moving averages of
+    BN ResNets and is `{}` for every other model; in training mode
+    `new_state` has the updated averages, in eval mode
+    (`is_training=False`) the averages are used and returned unchanged.
+
+  Raises:
+    ValueError: for an unknown name or kwargs the constructor does not take.
+  """
+  constructor = get_constructor(model_config.name)
+  kwargs = dict(model_config.kwargs)
+  check_kwargs(model_config.name, kwargs)
+
+  def forward(images, is_training):
+    return constructor(num_classes=num_classes, **kwargs)(images, is_training)
+
+  if not model_config.get('batched_init', True):
+    return hk.transform_with_state(forward)
+  # Haiku's transform, but `init` draws all parameters of one distribution
+  # at once: jitted, it compiles 4-6x faster (see models/batched_init.py).
+  return batched_init.transform_with_state(forward)

@@ -1,0 +1,177 @@
+"""Classifying image files with pretrained NFNets.
+
+`predict_files` classifies images with DeepMind's demo preprocessing (as in
+their Colab: a bicubic resize to (S+32)^2 ignoring the aspect ratio, a centre
+crop of S, then per-channel normalisation) and labels 1000-class outputs with
+the bundled ImageNet class names. It uses PIL rather than TensorFlow, so
+prediction starts fast and runs wherever jax does. For dataset evaluation see
+`nfnets.train.evaluation`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+
+import haiku as hk
+import jax
+import numpy as np
+import PIL.Image
+
+from nfnets import pretrained
+from nfnets.models import nfnet
+
+# ImageNet channel statistics in 0..255, as in nfnets.data.preprocess (not
+# imported from there: that module pulls in TensorFlow).
+MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+CROP_PADDING = 32
+
+CLASS_NAMES_FILE = os.path.join(
+  os.path.dirname(__file__), 'assets', 'imagenet_classes.txt'
+)
+
+
+def imagenet_class_names() -> list[str]:
+  """The 1000 ImageNet class names, in the synset order of tfds's labels."""
+  with open(CLASS_NAMES_FILE) as f:
+    return [line.rstrip('\n') for line in f]
+
+
+# ----------------------------------------------------------------------------
+# Prediction on image files.
+# ----------------------------------------------------------------------------
+
+
+def model_spec(path: str, variant: str | None, model_kwargs: Mapping | None):
+  """Variant and NFNet kwargs: explicit values, else the file's metadata.
+
+  Files written by `pretrained.save_params` may record `variant` and a JSON
+  `model_kwargs`; DeepMind's pickles record nothing (variant F0 assumed).
+
+  Args:
+    path: the weights file.
+    variant: explicit variant, or None to read it from the file.
+    model_kwargs: explicit NFNet kwargs, or None to read them from the file.
+
+  Returns:
+    (variant, model_kwargs dict).
+  """
+  metadata = pretrained.read_metadata(path)
+  if variant is None:
+    variant = metadata.get('variant', 'F0')
+  if model_kwargs is None:
+    model_kwargs = json.loads(metadata.get('model_kwargs', '{}'))
+  return variant, dict(model_kwargs)
+
+
+def make_forward(
+  variant: str, num_classes: int, *, return_metrics: bool = True, **kwargs
+):
+  """Returns a jitted inference `(params, images) -> outputs dict`.
+
+  Args:
+    variant: NFNet variant.
+    num_classes: classifier width.
+    return_metrics: also return the signal-propagation metrics
+      (`avg_sq_mean_i`, `avg_var_i`, `res_avg_var_k`).
+    **kwargs: further `NFNet` constructor arguments.
+
+  Returns:
+    The jitted apply function; outputs hold 'logits' and 'pool' too.
+  """
+
+  def forward(images):
+    net = nfnet.NFNet(num_classes=num_classes, variant=variant, **kwargs)
+    return net(images, is_training=False, return_metrics=return_metrics)
+
+  return jax.jit(hk.without_apply_rng(hk.transform(forward)).apply)
+
+
+def load_image(path: str, image_size: int) -> np.ndarray:
+  """Reads one image file into a normalised float32 [S, S, 3] array.
+
+  Args:
+    path: any image PIL reads (greyscale and RGBA are converted to RGB).
+    image_size: output size S (the variant's test_imsize by default).
+
+  Returns:
+    The image resized (bicubic) to (S+32)^2, centre-cropped to S and
+    normalised with the ImageNet mean and standard deviation.
+  """
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'No image file at {path!r}.')
+  try:
+    with PIL.Image.open(path) as image:
+      image = image.convert('RGB')
+  except PIL.UnidentifiedImageError as e:
+    raise FileNotFoundError(
+      f'{path!r} is not an image file PIL can read.'
+    ) from e
+  big = image_size + CROP_PADDING
+  image = image.resize((big, big), PIL.Image.Resampling.BICUBIC)
+  off = CROP_PADDING // 2
+  pixels = np.asarray(image, np.float32)[
+    off : off + image_size, off : off + image_size
+  ]
+  return (pixels - np.float32(MEAN_RGB)) / np.float32(STDDEV_RGB)
+
+
+def top_k(logits: np.ndarray, class_names: Sequence[str], k: int = 5):
+  """Top-k (class name, probability) per row of `logits`.
+
+  Args:
+    logits: [N, C] logits.
+    class_names: C names.
+    k: how many classes per row.
+
+  Returns:
+    N lists of k (name, softmax probability) pairs, most probable first.
+  """
+  logits = np.asarray(logits, np.float64)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  order = np.argsort(-probs, axis=-1, kind='stable')[:, :k]
+  return [[(class_names[i], float(p[i])) for i in row]
+          for row, p in zip(order, probs, strict=True)]  # fmt: skip
+
+
+def predict_files(
+  paths: Sequence[str],
+  weights: str,
+  *,
+  variant: str | None = None,
+  model_kwargs: Mapping | None = None,
+  image_size: int | None = None,
+  k: int = 5,
+) -> list[list[tuple[str, float]]]:
+  """Classifies image files with pretrained weights.
+
+  Args:
+    paths: image files.
+    weights: any weights file `nfnets.pretrained.load` reads.
+    variant: NFNet variant; None = the file's metadata, else 'F0'.
+    model_kwargs: extra NFNet kwargs; None = the file's metadata.
+    image_size: input size; None = the variant's test_imsize.
+    k: how many classes to return per image.
+
+  Returns:
+    Per image, the top-k (class name, probability), best first. Names are the
+    ImageNet classes for 1000-class weights, else 'class_<i>'.
+  """
+  variant, model_kwargs = model_spec(weights, variant, model_kwargs)
+  params = pretrained.load(weights, variant, **model_kwargs)
+  num_classes = params[pretrained.CLASSIFIER_MODULE]['b'].shape[0]
+  names = (
+    imagenet_class_names()
+    if num_classes == 1000
+    else [f'class_{i}' for i in range(num_classes)]
+  )
+  size = image_size or nfnet.get_variant(variant)['test_imsize']
+  images = np.stack([load_image(p, size) for p in paths])
+  forward = make_forward(
+    variant, num_classes, return_metrics=False, **model_kwargs
+  )
+  logits = forward(params, images)['logits']
+  return top_k(np.asarray(logits), names, min(k, num_classes))

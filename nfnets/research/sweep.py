@@ -1,0 +1,472 @@
+"""Config sweeps: a grid of overrides, one training run per point, a table.
+
+A sweep file is a Python file with `get_sweep()` returning a `Sweep`: a base
+config file plus an ordered grid of dotted config keys and their values
+(e.g. `optimizer.clipping` x `train.batch_size`). `run_sweep` expands the
+grid, trains every point with `nfnets.train.train_and_evaluate` in its own
+workdir `<outdir>/<point>` (sequentially, in this process), and collects
+the final metrics into `results.csv`, `results.md` and `results.png`.
+
+A point that already has `sweep_result.json` in its workdir is not run
+again, so an interrupted sweep continues where it stopped. A point whose
+loss becomes NaN/Inf is recorded as 'diverged' (that is a result, not an
+error, in a stability ablation). `launch_lines` prints one
+`python -m experiments.train` command per point instead, for a cluster.
+"""
+
+import copy
+import csv
+import dataclasses
+import importlib.util
+import itertools
+import json
+import math
+import os
+import re
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import ml_collections
+
+RESULT_FILE = 'sweep_result.json'
+STATUS_OK, STATUS_DIVERGED, STATUS_FAILED = 'ok', 'diverged', 'failed'
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+  """A grid of config overrides on top of a base config file.
+
+  Attributes:
+    name: short name, used in titles.
+    base_config: path of a config file, optionally with ':arg' (as for
+      `--config`), relative to the working directory.
+    axes: ordered (dotted key, values) pairs; the grid is their product.
+    overrides: dotted key -> value applied to every point first.
+    metrics: metric names to collect (keys of the `TrainResult.metrics`,
+      e.g. 'eval/top1', 'train/loss').
+    plot_metric: metric of the Markdown pivot table and the plot.
+    labels: optional display names of axis values: key -> {value: label}
+      (e.g. clipping 0.0 -> 'none').
+  """
+
+  name: str
+  base_config: str
+  axes: Sequence[tuple[str, Sequence[Any]]]
+  overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  metrics: Sequence[str] = ('eval/top1', 'train/loss')
+  plot_metric: str = 'eval/top1'
+  labels: Mapping[str, Mapping[Any, str]] = dataclasses.field(
+    default_factory=dict
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+  """One grid point: its directory name and its overrides (axis order)."""
+
+  name: str
+  overrides: dict[str, Any]
+
+
+def _load_module(path: str, what: str):
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{what} file {path!r} does not exist.')
+  module_name = '_sweep_' + re.sub(r'\W', '_', os.path.abspath(path))
+  spec = importlib.util.spec_from_file_location(module_name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def load_sweep(path: str) -> Sweep:
+  """Imports a sweep file and returns its `get_sweep()`.
+
+  Args:
+    path: path of a Python file defining `get_sweep() -> Sweep`.
+
+  Returns:
+    The `Sweep`.
+  """
+  module = _load_module(path, 'Sweep')
+  if not hasattr(module, 'get_sweep'):
+    raise ValueError(
+      f'{path} defines no get_sweep(); see nfnets/research/sweep.py.'
+    )
+  sweep = module.get_sweep()
+  if not sweep.axes:
+    raise ValueError(f'Sweep {sweep.name!r} has no axes.')
+  return sweep
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """Loads `path[:arg]` the way `--config=path[:arg]` does.
+
+  Args:
+    spec: config file path, optionally followed by ':arg'.
+
+  Returns:
+    The file's `get_config(arg)` (or `get_config()` without an arg).
+  """
+  path, _, arg = spec.partition(':')
+  module = _load_module(path, 'Config')
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def _format_value(value: Any) -> str:
+  if isinstance(value, float):
+    return f'{value:g}'
+  if isinstance(value, list | tuple):
+    return 'x'.join(_format_value(v) for v in value)
+  return str(value)
+
+
+def point_name(overrides: Mapping[str, Any]) -> str:
+  """A directory-safe name, e.g. 'clipping=0.01,batch_size=64'.
+
+  Args:
+    overrides: dotted key -> value, in axis order.
+
+  Returns:
+    Each key's last component (the full key where two last components
+    coincide) with its value, joined by commas.
+  """
+  last = [key.rsplit('.', 1)[-1] for key in overrides]
+  parts = [
+    f'{short if last.count(short) == 1 else key}={_format_value(value)}'
+    for short, (key, value) in zip(last, overrides.items(), strict=True)
+  ]
+  return re.sub(r'[^\w.,=+-]', '_', ','.join(parts))
+
+
+def expand(sweep: Sweep) -> list[Point]:
+  """The grid's points, the last axis varying fastest.
+
+  Args:
+    sweep: the sweep.
+
+  Returns:
+    One `Point` per combination of axis values.
+  """
+  keys = [key for key, _ in sweep.axes]
+  values = [list(vals) for _, vals in sweep.axes]
+  for key, vals in zip(keys, values, strict=True):
+    if not vals:
+      raise ValueError(f'Sweep axis {key!r} has no values.')
+  if len(set(keys)) != len(keys):
+    raise ValueError(f'Sweep axes repeat a key: {keys}.')
+  points = []
+  for combo in itertools.product(*values):
+    overrides = dict(zip(keys, combo, strict=True))
+    points.append(Point(point_name(overrides), overrides))
+  return points
+
+
+def apply_overrides(
+  config: ml_collections.ConfigDict, overrides: Mapping[str, Any]
+) -> ml_collections.ConfigDict:
+  """A copy of `config` with dotted keys set, like `--config.a.b=value`.
+
+  Args:
+    config: the base config (not modified).
+    overrides: dotted key -> value; every key must already exist.
+
+  Returns:
+    The new config.
+
+  Raises:
+    KeyError: for a key the config does not have (listing the valid ones).
+  """
+  config = copy.deepcopy(config)
+  for dotted, value in overrides.items():
+    *parents, leaf = dotted.split('.')
+    node = config
+    for part in parents:
+      if part not in node:
+        raise KeyError(
+          f'Sweep key {dotted!r}: no {part!r} in the config; valid keys '
+          f'there: {sorted(node)}.'
+        )
+      node = node[part]
+    if leaf not in node:
+      raise KeyError(
+        f'Sweep key {dotted!r}: no {leaf!r} in the config; valid keys '
+        f'there: {sorted(node)}.'
+      )
+    node[leaf] = value
+  return config
+
+
+def point_configs(
+  sweep: Sweep, base: ml_collections.ConfigDict | None = None
+) -> list[tuple[Point, ml_collections.ConfigDict]]:
+  """Every point with its full config (checks all keys before any run).
+
+  Args:
+    sweep: the sweep.
+    base: the base config; loaded from `sweep.base_config` when None.
+
+  Returns:
+    (point, config) pairs.
+  """
+  base = load_config(sweep.base_config) if base is None else base
+  base = apply_overrides(base, sweep.overrides)
+  return [(p, apply_overrides(base, p.overrides)) for p in expand(sweep)]
+
+
+def _cli_value(value: Any) -> str:
+  if isinstance(value, list | tuple):
+    return "'(" + ','.join(str(v) for v in value) + ",)'"
+  return str(value)
+
+
+def launch_lines(sweep: Sweep, outdir: str) -> list[str]:
+  """One `python -m experiments.train` command per point (for a cluster).
+
+  Args:
+    sweep: the sweep.
+    outdir: parent of the points' workdirs.
+
+  Returns:
+    Shell command lines.
+  """
+  lines = []
+  for point in expand(sweep):
+    overrides = {**sweep.overrides, **point.overrides}
+    flags = ' '.join(
+      f'--config.{key}={_cli_value(value)}' for key, value in overrides.items()
+    )
+    workdir = os.path.join(outdir, point.name)
+    lines.append(
+      f'python -m experiments.train --config={sweep.base_config} '
+      f"--workdir='{workdir}' {flags}"
+    )
+  return lines
+
+
+def run_point(config, workdir: str, train_fn: Callable, log=print) -> dict:
+  """Trains one point unless its workdir already holds a result.
+
+  Args:
+    config: the point's full config.
+    workdir: the point's workdir.
+    train_fn: `(config, workdir) -> TrainResult`, normally
+      `nfnets.train.train_and_evaluate`.
+    log: progress printer.
+
+  Returns:
+    dict(status, metrics, seconds[, error]), also saved to
+    `<workdir>/sweep_result.json`.
+  """
+  path = os.path.join(workdir, RESULT_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      log(f'  already done ({path}); skipping')
+      return json.load(f)
+  from nfnets.train import NonFiniteLossError  # noqa: PLC0415
+
+  t0 = time.perf_counter()
+  result = dict(status=STATUS_OK, metrics={})
+  try:
+    out = train_fn(config, workdir)
+    if out.preempted:
+      raise KeyboardInterrupt('Run preempted; rerun the sweep to continue.')
+    result['metrics'] = {k: float(v) for k, v in out.metrics.items()}
+  except NonFiniteLossError as e:
+    result.update(status=STATUS_DIVERGED, error=str(e))
+    step = re.search(r'at step (\d+)', str(e))
+    if step:
+      result['diverged_step'] = int(step.group(1))
+  except (ValueError, RuntimeError, OSError) as e:
+    log(traceback.format_exc())
+    result.update(status=STATUS_FAILED, error=f'{type(e).__name__}: {e}')
+  result['seconds'] = time.perf_counter() - t0
+  os.makedirs(workdir, exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(result, f, indent=2, sort_keys=True)
+  return result
+
+
+def run_sweep(
+  sweep: Sweep,
+  outdir: str,
+  *,
+  base: ml_collections.ConfigDict | None = None,
+  train_fn: Callable | None = None,
+  log=print,
+) -> list[dict]:
+  """Runs every point of `sweep` in `outdir/<point>` and writes the tables.
+
+  Args:
+    sweep: the sweep.
+    outdir: output directory (results.csv, results.md, results.png).
+    base: base config; loaded from `sweep.base_config` when None.
+    train_fn: `(config, workdir) -> TrainResult`; default
+      `nfnets.train.train_and_evaluate`.
+    log: progress printer.
+
+  Returns:
+    One row per point: the axis values, 'status', 'seconds' and the metrics.
+  """
+  if train_fn is None:
+    from nfnets.train import train_and_evaluate  # noqa: PLC0415
+
+    train_fn = train_and_evaluate
+  configured = point_configs(sweep, base)
+  rows = []
+  for i, (point, config) in enumerate(configured):
+    log(f'[{i + 1}/{len(configured)}] {sweep.name}: {point.name}')
+    result = run_point(config, os.path.join(outdir, point.name), train_fn, log)
+    row = {**point.overrides, 'status': result['status']}
+    if 'diverged_step' in result:
+      row['status'] += f' (step {result["diverged_step"]})'
+    row['seconds'] = round(result.get('seconds', 0.0), 1)
+    for metric in sweep.metrics:
+      row[metric] = result['metrics'].get(metric, math.nan)
+    rows.append(row)
+    log(f'  -> {_summary(row, sweep)}')
+    write_results(sweep, rows, outdir)
+  return rows
+
+
+def _summary(row: Mapping, sweep: Sweep) -> str:
+  if row['status'] != STATUS_OK:
+    return row['status']
+  return ', '.join(f'{m} {row[m]:.4f}' for m in sweep.metrics)
+
+
+def write_results(sweep: Sweep, rows: Sequence[Mapping], outdir: str) -> None:
+  """Writes results.csv, results.md and results.png for `rows`.
+
+  Args:
+    sweep: the sweep.
+    rows: `run_sweep`'s rows so far.
+    outdir: output directory.
+  """
+  os.makedirs(outdir, exist_ok=True)
+  keys = [key for key, _ in sweep.axes]
+  columns = [*keys, 'status', 'seconds', *sweep.metrics]
+  with open(os.path.join(outdir, 'results.csv'), 'w', newline='') as f:
+    writer = csv.DictWriter(f, columns)
+    writer.writeheader()
+    for row in rows:
+      writer.writerow({c: row.get(c, '') for c in columns})
+  with open(os.path.join(outdir, 'results.md'), 'w') as f:
+    f.write(markdown_table(sweep, rows))
+  plot_results(sweep, rows, os.path.join(outdir, 'results.png'))
+
+
+def _label(sweep: Sweep, key: str, value: Any) -> str:
+  return sweep.labels.get(key, {}).get(value, _format_value(value))
+
+
+def _cell(row: Mapping | None, metric: str) -> str:
+  if row is None:
+    return ''
+  if row['status'] != STATUS_OK:
+    return row['status']
+  return f'{row[metric]:.4f}'
+
+
+def markdown_table(sweep: Sweep, rows: Sequence[Mapping]) -> str:
+  """Markdown: a pivot of `plot_metric` (first axis x last axis) + all rows.
+
+  Args:
+    sweep: the sweep.
+    rows: `run_sweep`'s rows.
+
+  Returns:
+    The Markdown text.
+  """
+  keys = [key for key, _ in sweep.axes]
+  lines = [f'## {sweep.name}: {sweep.plot_metric}', '']
+  if len(keys) == 2:
+    (row_key, row_vals), (col_key, col_vals) = sweep.axes
+    lines.append(
+      f'| {row_key} \\ {col_key} | '
+      + ' | '.join(_label(sweep, col_key, v) for v in col_vals)
+      + ' |'
+    )
+    lines.append('|---' * (len(col_vals) + 1) + '|')
+    for rv in row_vals:
+      cells = []
+      for cv in col_vals:
+        match = [r for r in rows if r[row_key] == rv and r[col_key] == cv]
+        cells.append(_cell(match[0] if match else None, sweep.plot_metric))
+      lines.append(
+        f'| {_label(sweep, row_key, rv)} | ' + ' | '.join(cells) + ' |'
+      )
+    lines += ['', '## All points', '']
+  header = [*keys, 'status', *sweep.metrics, 'seconds']
+  lines.append('| ' + ' | '.join(header) + ' |')
+  lines.append('|---' * len(header) + '|')
+  for row in rows:
+    cells = [_label(sweep, k, row[k]) for k in keys] + [row['status']]
+    ok = row['status'] == STATUS_OK
+    cells += [_cell(row, m) if ok else '-' for m in sweep.metrics]
+    cells.append(f'{row["seconds"]}')
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def plot_results(sweep: Sweep, rows: Sequence[Mapping], path: str) -> None:
+  """Plots `plot_metric` against the last axis, one line per other value.
+
+  Diverged or failed points are drawn as red crosses at the bottom.
+
+  Args:
+    sweep: the sweep.
+    rows: `run_sweep`'s rows.
+    path: output PNG.
+  """
+  import matplotlib  # noqa: PLC0415  (plotting is optional at import time)
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  x_key, x_vals = sweep.axes[-1]
+  series = _series(sweep, rows)
+  fig, ax = plt.subplots(figsize=(5.2, 3.6))
+  xs = range(len(x_vals))
+  for k, (label, by_x) in enumerate(series.items()):
+    ys = [_metric_or_nan(by_x.get(v), sweep.plot_metric) for v in x_vals]
+    (line,) = ax.plot(xs, ys, marker='o', label=label)
+    bad = [i for i, v in enumerate(x_vals) if _is_bad(by_x.get(v))]
+    # Crosses in the series' colour, staggered so coincident ones show.
+    offset = 0.08 * (k - (len(series) - 1) / 2)
+    ax.plot(
+      [i + offset for i in bad], [0.0] * len(bad), 'x',
+      color=line.get_color(), markersize=9, markeredgewidth=2,
+    )  # fmt: skip
+  ax.set_xticks(list(xs), [_label(sweep, x_key, v) for v in x_vals])
+  ax.set_xlabel(x_key)
+  ax.set_ylabel(sweep.plot_metric)
+  ax.set_title(f'{sweep.name}\n(x at 0: diverged or failed)', fontsize=8)
+  if len(series) > 1:
+    ax.legend(fontsize=8)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+
+
+def _series(sweep: Sweep, rows: Sequence[Mapping]) -> dict[str, dict]:
+  """Groups rows by all axes but the last: label -> {x value: row}."""
+  x_key = sweep.axes[-1][0]
+  other = [key for key, _ in sweep.axes[:-1]]
+  series = {}
+  for row in rows:
+    label = ', '.join(f'{k}={_label(sweep, k, row[k])}' for k in other)
+    series.setdefault(label or sweep.plot_metric, {})[row[x_key]] = row
+  return series
+
+
+def _is_bad(row: Mapping | None) -> bool:
+  return row is not None and row['status'] != STATUS_OK
+
+
+def _metric_or_nan(row: Mapping | None, metric: str) -> float:
+  if row is None or row['status'] != STATUS_OK:
+    return math.nan
+  return row[metric]

@@ -1,0 +1,152 @@
+"""Tests for nfnets.models.resnet: the BatchNorm ResNet baselines.
+
+Parameter counts are checked against torchvision's published ResNet-50
+count and a hand formula over the reference's layer definitions
+(dm-reference.md section 7: BN after/before each conv, no conv biases).
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nfnets import models
+from nfnets.models import resnet
+
+R50 = (3, 4, 6, 3)
+
+
+# Haiku's init compiles 2-3x faster on CPU with an RngBitGenerator key.
+def _fast_key():
+  return jax.random.key(0, impl='unsafe_rbg')
+
+
+def _bn(c):
+  return 2 * c  # scale + offset
+
+
+def expected_resnet_params(
+  depth, preactivation, se=None, width=4, classes=1000
+):
+  """Hand count of a (pre- or post-activation) BN ResNet."""
+  total = 7 * 7 * 3 * 16 * width
+  total += 0 if preactivation else _bn(16 * width)  # initial_bn
+  in_ch = 16 * width
+  for mult, blocks in zip((64, 128, 256, 512), depth, strict=True):
+    out_ch, mid = mult * width, mult * width // 4
+    for b in range(blocks):
+      total += in_ch * mid + 9 * mid * mid + mid * out_ch
+      # v2 normalises each conv's input (bn0 on in_ch, bn1/bn2 on mid); v1
+      # each conv's output (bn0/bn1 on mid, bn2 on out_ch).
+      if preactivation:
+        total += _bn(in_ch) + 2 * _bn(mid)
+      else:
+        total += 2 * _bn(mid) + _bn(out_ch)
+      if b == 0:
+        total += in_ch * out_ch + (0 if preactivation else _bn(out_ch))
+      if se is not None:
+        hidden = int(out_ch * se)
+        total += out_ch * hidden + hidden + hidden * out_ch + out_ch
+      in_ch = out_ch
+  total += _bn(in_ch) if preactivation else 0  # final_bn
+  return total + in_ch * classes + classes
+
+
+def _shapes(**kwargs):
+  net = resnet.make_transformed(1000, **kwargs)
+  x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+  return jax.eval_shape(
+    lambda r, x: net.init(r, x, True), jax.random.PRNGKey(0), x
+  )
+
+
+def _count(tree):
+  return sum(math.prod(p.shape) for p in jax.tree.leaves(tree))
+
+
+def test_post_activation_resnet50_matches_torchvision_count():
+  params, state = _shapes(preactivation=False)
+  # torchvision.models.resnet50: 25,557,032 parameters.
+  assert _count(params) == 25_557_032
+  assert _count(params) == expected_resnet_params(R50, preactivation=False)
+  assert state, 'BatchNorm keeps its moving averages in Haiku state'
+
+
+@pytest.mark.parametrize('use_se', [False, True])
+def test_pre_activation_counts(use_se):
+  params, _ = _shapes(preactivation=True, use_se=use_se)
+  se = 0.25 if use_se else None
+  assert _count(params) == expected_resnet_params(R50, True, se=se)
+
+
+def test_reference_names():
+  params, _ = _shapes(preactivation=True)
+  assert 'ResNet/~/final_bn' in params and 'ResNet/~/initial_bn' not in params
+  assert 'ResNet/~/res_block_v2_15/~/bn2' in params
+  assert 'ResNet/~/res_block_v2/~/conv_shortcut' in params
+  params, _ = _shapes(preactivation=False)
+  # The reference builds shortcut_bn inside __call__, hence no '~'.
+  assert 'ResNet/~/res_block_v1_3/shortcut_bn' in params
+  assert 'ResNet/~/final_bn' not in params
+  conv = params['ResNet/~/res_block_v1_3/~/conv1']
+  assert set(conv) == {'w'}  # No conv bias.
+
+
+def test_batchnorm_normalises_block_outputs_in_training():
+  """Post-activation BN ResNet: each branch output has unit variance."""
+  net = resnet.make_transformed(
+    5, width=0.25, depth=(1, 1, 1, 1), preactivation=False
+  )
+  x = 3.0 + 5.0 * jax.random.normal(jax.random.PRNGKey(0), (8, 32, 32, 3))
+  init = jax.jit(lambda r, x: net.init(r, x, True))
+  params, state = init(_fast_key(), x)
+  apply = jax.jit(
+    lambda p, s, x: net.apply(p, s, None, x, True, return_metrics=True)
+  )
+  out, new_state = apply(params, state, x)
+  # bn2 (scale 1, offset 0 at init) normalises each branch channel over the
+  # batch: the average channel variance is 1 up to BN's eps.
+  for i in range(4):
+    np.testing.assert_allclose(out[f'res_avg_var_{i}'], 1.0, rtol=1e-3)
+  assert float(jnp.abs(out['logits']).max()) == 0.0  # Zero-init classifier.
+  # Training updates the moving averages kept in state.
+  changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), state, new_state)
+  assert any(jax.tree.leaves(changed))
+
+
+def test_registry_builds_bn_resnets_with_state():
+  config = models.default_config()
+  config.unlock()
+  config.name = 'ResNet'
+  config.kwargs = dict(width=0.25, depth=(1, 1, 1, 1), use_se=True)
+  model = models.make_model(config, 10)
+  x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+  params, state = jax.eval_shape(
+    lambda r, x: model.init(r, x, True), jax.random.PRNGKey(0), x
+  )
+  # Pre-activation: bn0, bn1, bn2 in each of the 4 blocks and final_bn, each
+  # keeping a mean and a variance EMA in the state.
+  bn_layers = {k.rsplit('/~/', 1)[0] for k in state}
+  assert len(bn_layers) == 4 * 3 + 1
+  assert len(state) == 2 * len(bn_layers)
+  names = ('bn0', 'bn1', 'bn2', 'final_bn')
+  assert bn_layers == {k for k in params if k.rsplit('/', 1)[-1] in names}
+  # A normalizer-free model has an empty state.
+  config.kwargs = dict(width=0.25, depth=(1, 1, 1, 1), norm='none')
+  _, state = jax.eval_shape(
+    lambda r, x: models.make_model(config, 10).init(r, x, True),
+    jax.random.PRNGKey(0),
+    x,
+  )
+  assert state == {}
+
+
+def test_registry_names_kwargs_of_another_model():
+  config = models.default_config()  # NFNet kwargs.
+  config.name = 'ResNet'
+  with pytest.raises(ValueError, match=r"\['alpha'.*--config.model.kwargs="):
+    models.make_model(config, 10)
+  with pytest.raises(ValueError, match='batch_norm'):
+    resnet.make_norm('layer_norm')

@@ -1,0 +1,221 @@
+"""Tests for nfnets.perf.benchmark and experiments/benchmark.py on a tiny NFNet.
+
+These check the output format, hand-computable statistics and that every
+number is finite and consistent, never timings. The FLOP count is checked
+against the paper's formula (`nfnets.models.flops.count_flops`, read off the
+architecture description), which is independent of the traced count the
+benchmark uses.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from nfnets.models import flops
+from nfnets.perf import benchmark
+from nfnets.train import runtime
+from tests.models.test_flops import resnet_macs
+from tests.models.test_resnet import expected_resnet_params
+
+TINY = dict(width=0.125, depth=[1, 1, 1, 1], group_size=128)
+BATCH, SIZE, STEPS = 2, 32, 2
+
+
+@pytest.fixture(scope='module')
+def cli_run(tmp_path_factory):
+  """One CLI run on a tiny NFNet (one compile for the whole file)."""
+  out = tmp_path_factory.mktemp('bench') / 'bench.json'
+  proc = subprocess.run(
+    [sys.executable, '-m', 'experiments.benchmark', '--model=NFNet:F0',
+     f'--batch_size={BATCH}', f'--image_size={SIZE}', f'--steps={STEPS}',
+     '--warmup=1', '--forward_steps=1', f'--model_kwargs={json.dumps(TINY)}',
+     '--trace_compile=5', f'--json_out={out}'],
+    capture_output=True, text=True, check=False, timeout=600,
+  )  # fmt: skip
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (row,) = json.loads(out.read_text())
+  return proc.stdout, row
+
+
+@pytest.fixture(scope='module')
+def tiny_result(cli_run):
+  return benchmark.BenchmarkResult(**cli_run[1])
+
+
+def test_result_numbers_are_finite_and_consistent(tiny_result):
+  r = tiny_result
+  assert r.model == 'NFNet-F0'
+  assert (r.batch_size, r.image_size, r.dtype) == (BATCH, SIZE, 'float32')
+  assert r.steps == STEPS and r.num_devices == 1
+  names = ('compile_s', 'compile_cpu_s', 'init_s', 'step_ms', 'step_cpu_ms')
+  for name in names + ('step_ms_min', 'forward_ms', 'tflops'):
+    value = getattr(r, name)
+    assert math.isfinite(value) and value > 0, name
+  assert r.step_ms_min <= r.step_ms
+  assert r.step_ms_iqr >= 0
+  # images/s and TFLOP/s follow from the median step time by definition.
+  assert r.images_per_s == pytest.approx(BATCH / (r.step_ms / 1e3))
+  assert r.tflops == pytest.approx(
+    2 * 3 * r.macs_per_image * BATCH / (r.step_ms / 1e3) / 1e12
+  )
+  assert r.peak_memory_gb > 0 and r.xla_memory_gb > 0 and r.peak_rss_gb > 0
+  assert r.memory_source
+  assert r.remat is False
+
+
+def test_result_counts_the_compiled_kernels(tiny_result):
+  r = tiny_result
+  assert 0 < r.distinct_kernels < r.fusions
+  counts = r.kernels_by_source
+  # A train step has all three parts: forward, backward and the update.
+  assert {'forward', 'backward', 'other'} <= set(counts)
+  assert sum(n for n, _ in counts.values()) == r.fusions
+  assert all(0 < d <= n for n, d in counts.values())
+
+
+def test_macs_match_the_paper_formula(tiny_result):
+  expected = flops.count_flops(
+    'F0', SIZE, width=0.125, depth=(1, 1, 1, 1), group_size=128
+  )
+  assert tiny_result.macs_per_image == pytest.approx(expected)
+
+
+def test_params_match_hand_count_of_final_layer(tiny_result):
+  # The classifier alone has final_ch * 1000 + 1000 parameters; final_ch
+  # is 2 * int(1536 * 0.125) = 384.
+  assert tiny_result.params > 384 * 1000 + 1000
+
+
+def test_table_and_json(tiny_result):
+  table = benchmark.format_table([tiny_result, tiny_result])
+  lines = table.split('\n')
+  headers = [c.strip() for c in lines[0].strip('|').split('|')]
+  assert headers[:3] == ['Model', 'Res', 'Params']
+  assert 'Train ms/step' in headers and 'Peak GB' in headers
+  rows = [line for line in lines[2:] if line.startswith('| NFNet-F0')]
+  assert len(rows) == 2
+  cells = [c.strip() for c in rows[0].strip('|').split('|')]
+  assert len(cells) == len(headers)
+  assert float(cells[headers.index('Train ms/step')]) == pytest.approx(
+    tiny_result.step_ms, abs=0.06
+  )
+  assert 'Device: cpu x1' in table
+  assert json.loads(json.dumps(tiny_result.to_dict()))['model'] == 'NFNet-F0'
+
+
+def test_summarize_times_by_hand():
+  stats = benchmark.summarize_times([1.0, 2.0, 3.0, 4.0])
+  # Median 2.5 s; numpy's linear percentiles: q1 = 1.75 s, q3 = 3.25 s.
+  assert stats == pytest.approx({'median': 2500, 'min': 1000, 'iqr': 1500})
+
+
+def test_time_calls_counts_warmup_and_steps():
+  calls = []
+
+  def fn():
+    calls.append(1)
+    return jnp.ones(3) * len(calls)
+
+  times = benchmark.time_calls(fn, steps=4, warmup=2)
+  assert len(times) == 4 and len(calls) == 6
+  assert all(t >= 0 for t in times)
+
+
+def test_xla_memory_of_a_simple_function():
+  x = jnp.zeros((1000,), jnp.float32)
+  compiled = jax.jit(lambda a: a + 1).lower(x).compile()
+  nbytes = benchmark.xla_memory_bytes(compiled)
+  # One 4000-byte argument and one 4000-byte output, no donation.
+  assert 8000 <= nbytes < 8000 + 4096
+
+
+def test_unknown_model_lists_valid_names():
+  with pytest.raises(ValueError, match='NFNet'):
+    benchmark.make_model_config('NoSuchNet')
+
+
+def test_default_image_size_and_dtype():
+  config = benchmark.make_model_config('NFNet', variant='F1')
+  assert benchmark.default_image_size(config) == 224  # F1's train size.
+  assert benchmark.default_dtype() == 'float32'  # Tests run on CPU.
+
+
+def test_cli_prints_the_table(cli_run):
+  stdout, row = cli_run
+  assert f'| NFNet-F0 | {SIZE} |' in stdout
+  assert f'{row["distinct_kernels"]} distinct kernels' in stdout
+  assert '| Model | Res | Params |' in stdout
+  assert row['options']['depth'] == [1, 1, 1, 1]
+
+
+def test_cli_records_what_else_changes_the_numbers(cli_run):
+  env = cli_run[1]['environment']
+  assert env['jax'] == jax.__version__
+  assert env['xla_flags'] == os.environ.get('XLA_FLAGS', '')
+  # The CLI keeps freed memory exactly when JAX runs on the CPU here.
+  assert env['malloc_kept'] == (not runtime.accelerator_expected())
+
+
+def test_cli_traces_the_compile(cli_run):
+  stdout, row = cli_run
+  lines = stdout.split('XLA compile events')[1].split('\n')[1:6]
+  events = {
+    name: (seconds, count) for name, seconds, count in row['compile_events']
+  }
+  seconds, count = events['backend_compile_and_load']
+  assert count == 1 and 0 < seconds <= row['compile_s']
+  assert len(lines) == 5 and all(line.split()[1] == 's' for line in lines)
+  assert lines[0].split()[3] == row['compile_events'][0][0].split()[0]
+
+
+def test_display_names_of_the_paper_baselines():
+  names = [
+    benchmark.display_name(benchmark.make_model_config(name, **kwargs))
+    for name, kwargs in [
+      ('NFNet', dict(variant='F1')),
+      ('NF_ResNet', {}),
+      ('ResNet', {}),
+      ('ResNet', dict(use_se=True)),
+    ]
+  ]
+  assert names == ['NFNet-F1', 'NF-ResNet-50', 'BN-ResNet-50', 'SE-ResNet-50']
+
+
+def test_bn_resnet_runs_the_trainer_step_with_its_statistics():
+  """A BN-ResNet is timed with the trainer's step, its state carried."""
+  config = benchmark.make_model_config('ResNet', width=0.25, depth=[1, 1, 1, 1])
+  r = benchmark.run_benchmark(
+    config, batch_size=BATCH, image_size=SIZE, steps=1, warmup=1,
+    forward_steps=1, num_classes=10,
+  )  # fmt: skip
+  assert r.model == 'BN-ResNet-50' and r.steps == 1
+  assert math.isfinite(r.step_ms) and math.isfinite(r.forward_ms)
+  # Multiply-adds by hand (tests/models/test_flops.py): convs and classifier.
+  assert r.macs_per_image == resnet_macs((1, 1, 1, 1), 0.25, SIZE, classes=10)
+  assert r.params == expected_resnet_params((1, 1, 1, 1), True, width=0.25,
+                                            classes=10)  # fmt: skip
+
+
+class _DeviceWithAllocatorStats:
+  """Stands in for a GPU device: CPU devices report no allocator stats."""
+
+  def memory_stats(self):
+    return {'peak_bytes_in_use': 3 * 2**30}
+
+
+def test_peak_memory_ignores_the_allocator_before_the_step_ran():
+  # After a compile-only run the allocator's peak only holds the initial
+  # state, so the step's own memory must come from XLA's analysis.
+  compiled = jax.jit(lambda x: jnp.sin(x) * 2).lower(jnp.ones(1024)).compile()
+  device = _DeviceWithAllocatorStats()
+  ran_gb, ran_source = benchmark._peak_memory(compiled, device, step_ran=True)
+  assert (ran_gb, ran_source) == (3.0, 'device peak_bytes_in_use')
+  gb, source = benchmark._peak_memory(compiled, device, step_ran=False)
+  assert source.startswith('XLA memory_analysis')
+  assert gb * 2**30 == benchmark.xla_memory_bytes(compiled)

@@ -1,0 +1,159 @@
+"""Tests for research.sweep: grid expansion, overrides, a real 2x2 sweep."""
+
+import csv
+import json
+import logging
+import math
+import os
+
+import jax
+import pytest
+
+from nfnets.research import sweep as sweep_lib
+
+SWEEP_FILE = 'configs/sweeps/agc_ablation.py'
+
+# Shrinks the AGC ablation's base config to seconds per point.
+TINY = {
+  'model.kwargs.width': 0.25,
+  'train.num_steps': 3,
+  'optimizer.warmup_epochs': 0.0,
+  'train.log_every_steps': 1,
+  'eval.batch_size': 128,
+}
+
+
+@pytest.fixture(scope='module')
+def ablation():
+  return sweep_lib.load_sweep(SWEEP_FILE)
+
+
+def test_ablation_file_defines_the_grid(ablation):
+  points = sweep_lib.expand(ablation)
+  assert len(points) == 8  # 4 clipping thresholds x 2 batch sizes.
+  assert points[0].overrides == {
+    'optimizer.clipping': 0.0,
+    'train.batch_size': 64,
+  }
+  assert points[1].name == 'clipping=0,batch_size=256'  # Last axis fastest.
+  configured = sweep_lib.point_configs(ablation)
+  config = configured[-1][1]
+  assert config.optimizer.clipping == 0.16 and config.train.batch_size == 256
+  assert config.model.name == 'NF_ResNet'
+
+
+def test_overrides_copy_and_reject_unknown_keys(ablation):
+  base = sweep_lib.load_config(ablation.base_config)
+  new = sweep_lib.apply_overrides(base, {'optimizer.lr': 0.5})
+  assert new.optimizer.lr == 0.5 and base.optimizer.lr == 1.6
+  with pytest.raises(KeyError, match='clipping'):
+    sweep_lib.apply_overrides(base, {'optimizer.cliping': 0.1})
+  with pytest.raises(KeyError, match='optimizer'):
+    sweep_lib.apply_overrides(base, {'optimiser.lr': 0.1})
+
+
+def test_launch_lines(ablation):
+  lines = sweep_lib.launch_lines(ablation, 'runs/agc')
+  assert len(lines) == 8
+  assert lines[3] == (
+    'python -m experiments.train --config=configs/sweeps/agc_ablation.py '
+    "--workdir='runs/agc/clipping=0.01,batch_size=256' "
+    '--config.optimizer.clipping=0.01 --config.train.batch_size=256'
+  )
+
+
+@pytest.fixture
+def cache_log(caplog):
+  """Persistent-cache hits and misses by module name, for every compile."""
+  key = 'jax_persistent_cache_min_compile_time_secs'
+  before = getattr(jax.config, key)
+  jax.config.update(key, 0.0)  # However fast the tiny step compiles.
+  caplog.set_level(logging.DEBUG, logger='jax._src.compiler')
+  yield caplog
+  jax.config.update(key, before)
+
+
+def _cache_events(caplog, module: str) -> tuple[int, int]:
+  messages = [r.getMessage() for r in caplog.records]
+  hits = sum(f"cache hit for '{module}'" in m for m in messages)
+  misses = sum(f"CACHE MISS for '{module}'" in m for m in messages)
+  return hits, misses
+
+
+def test_two_by_two_sweep_end_to_end(
+  tmp_path, ablation, compilation_cache_dir, cache_log, capsys
+):
+  # The optimizer's numbers are inputs of the train step, so with the
+  # persistent compilation cache (on by default; here the session's, not the
+  # user's ~/.cache) the four points compile the step at most once.
+  tiny = sweep_lib.Sweep(
+    name='tiny',
+    base_config=ablation.base_config,
+    overrides={
+      **TINY,
+      'train.batch_size': 16,
+      'train.compilation_cache_dir': compilation_cache_dir,
+    },
+    axes=(('optimizer.lr', (0.4, 0.8)), ('optimizer.clipping', (0.02, 0.04))),
+    metrics=('eval/top1', 'train/loss'),
+    labels={'optimizer.lr': {0.4: 'low'}},
+  )
+  rows = sweep_lib.run_sweep(tiny, str(tmp_path), log=lambda *_: None)
+  assert [r['status'] for r in rows] == ['ok'] * 4
+  for row in rows:
+    assert 0.0 <= row['eval/top1'] <= 1.0
+    assert math.isfinite(row['train/loss'])
+  # Each point trained in its own workdir, which holds its result.
+  with open(tmp_path / 'lr=0.8,clipping=0.04' / 'sweep_result.json') as f:
+    assert json.load(f)['metrics']['eval/top1'] == rows[3]['eval/top1']
+  with open(tmp_path / 'results.csv') as f:
+    table = list(csv.DictReader(f))
+  assert [(r['optimizer.lr'], r['optimizer.clipping']) for r in table] == [
+    ('0.4', '0.02'),
+    ('0.4', '0.04'),
+    ('0.8', '0.02'),
+    ('0.8', '0.04'),
+  ]
+  # Different LRs give different runs, from one compiled train step.
+  assert rows[0]['train/loss'] != rows[2]['train/loss']
+  hits, misses = _cache_events(cache_log, 'jit_step')
+  assert misses <= 1 and hits + misses == 4, (hits, misses)
+  # The trainer tells which points loaded their step from the cache.
+  printed = capsys.readouterr().out
+  assert printed.count('came from the persistent compilation cache') == hits
+  markdown = (tmp_path / 'results.md').read_text()
+  assert '| optimizer.lr \\ optimizer.clipping | 0.02 | 0.04 |' in markdown
+  row0 = f'| low | {rows[0]["eval/top1"]:.4f} | {rows[1]["eval/top1"]:.4f} |'
+  assert row0 in markdown
+  assert os.path.getsize(tmp_path / 'results.png') > 1000
+  # Rerunning finds every result and trains nothing.
+  again = sweep_lib.run_sweep(
+    tiny, str(tmp_path), train_fn=_must_not_train, log=lambda *_: None
+  )
+  assert again == rows
+
+
+def _must_not_train(config, workdir):
+  raise AssertionError(f'{workdir} was trained again.')
+
+
+def test_markdown_marks_diverged_points():
+  sweep = sweep_lib.Sweep(
+    name='s',
+    base_config='',
+    axes=(('a.x', (1, 2)), ('a.y', (3,))),
+    metrics=('eval/top1',),
+  )
+  rows = [
+    {'a.x': 1, 'a.y': 3, 'status': 'ok', 'seconds': 1.0, 'eval/top1': 0.5},
+    {
+      'a.x': 2,
+      'a.y': 3,
+      'status': 'diverged',
+      'seconds': 1.0,
+      'eval/top1': math.nan,
+    },
+  ]
+  text = sweep_lib.markdown_table(sweep, rows)
+  assert '| 1 | 0.5000 |' in text
+  assert '| 2 | diverged |' in text

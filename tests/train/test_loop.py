@@ -1,0 +1,162 @@
+"""End-to-end tests of nfnets.train.loop on one device (tiny NFNet, digits).
+
+Multi-device, multi-process and SIGTERM runs are in test_train_multidevice.py;
+the full-size F0 step is in test_train_f0.py.
+"""
+
+import glob
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from nfnets import data, models
+from nfnets.train import NonFiniteLossError, train_and_evaluate
+from tests.support.train_harness import tiny_config
+
+BN_STEPS = 12
+
+TRAIN_KEYS = {
+  'train/loss',
+  'train/top1',
+  'train/top5',
+  'train/grad_norm',
+  'train/param_norm',
+  'train/agc_clip_fraction',
+  'train/lr',
+  'train/epoch',
+}
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def _hand_top1(config, params, model_state):
+  """Top-1 over the whole eval split in one unpadded batch, by NumPy."""
+  info = data.dataset_info(config.data)
+  (batch,) = list(
+    data.make_eval_iterator(
+      config.data, global_batch_size=info.num_eval_examples
+    )
+  )
+  assert batch['mask'].min() == 1.0
+  model = models.make_model(config.model, info.num_classes)
+  out, _ = model.apply(params, model_state, None, batch['images'], False)
+  logits = out['logits']
+  return float(np.mean(np.argmax(logits, -1) == batch['labels']))
+
+
+def test_run_logs_evaluates_checkpoints_and_resumes(
+  tmp_path, compilation_cache_dir
+):
+  workdir = str(tmp_path / 'run')
+  config = tiny_config(compilation_cache_dir)
+  config.train.num_steps = 4
+  config.train.log_every_steps = 2
+  config.checkpoint.every_steps = 1
+  config.checkpoint.max_to_keep = 2
+  config.eval.batch_size = 112  # 360 test digits: 4 batches, 88 padded.
+  result = train_and_evaluate(config, workdir)
+
+  assert int(result.state.step) == 4 and not result.preempted
+  records = _records(workdir)
+  train = [r for r in records if 'train/loss' in r]
+  assert [r['step'] for r in train] == [2, 4]
+  assert TRAIN_KEYS <= set(train[0])
+  assert all(np.isfinite(r['train/loss']) for r in train)
+  evals = [r for r in records if 'eval/top1' in r]
+  assert len(evals) == 1 and evals[0]['step'] == 4
+  assert evals[0]['eval/num_examples'] == 360
+  assert 'eval_ema/top1' in evals[0]
+  # Padding is masked out: the same top-1 as one unpadded NumPy pass.
+  state = jax.device_get(result.state)
+  want = _hand_top1(config, state.params, state.model_state)
+  assert evals[0]['eval/top1'] == pytest.approx(want, abs=1e-6)
+  assert result.metrics['eval/top1'] == evals[0]['eval/top1']
+
+  with open(os.path.join(workdir, 'config.json')) as f:
+    saved = json.load(f)
+  assert saved['train']['num_steps'] == 4
+  assert saved['model']['kwargs']['width'] == 0.0625
+  assert glob.glob(os.path.join(workdir, 'tensorboard', 'events.out.*'))
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+  assert steps == [3, 4]
+
+  # Resuming with a longer schedule continues from step 4, not from 0.
+  config.train.num_steps = 6
+  resumed = train_and_evaluate(config, workdir)
+  assert int(resumed.state.step) == 6
+  later = [r['step'] for r in _records(workdir) if 'train/loss' in r]
+  assert later == [2, 4, 6]
+
+
+def test_bn_resnet_trains_evaluates_and_resumes_with_its_statistics(
+  tmp_path, compilation_cache_dir
+):
+  workdir = str(tmp_path / 'bn')
+  config = tiny_config(compilation_cache_dir)
+  config.model.name = 'ResNet'  # Pre-activation BN-ResNet, 4 blocks.
+  config.model.kwargs = ml_collections.ConfigDict(
+    dict(width=0.25, depth=(1, 1, 1, 1))
+  )
+  config.train.batch_size = 32
+  config.train.num_steps = BN_STEPS
+  config.train.log_every_steps = BN_STEPS
+  first = train_and_evaluate(config, workdir)
+
+  state = jax.device_get(first.state)
+  stats = state.model_state['ResNet/~/final_bn/~/var_ema']
+  assert int(stats['counter']) == BN_STEPS  # One update per train step.
+  assert jax.tree.structure(state.ema_model_state) == jax.tree.structure(
+    state.model_state
+  )
+  # Better than chance (0.1) on the 360 held-out digits, with the moving
+  # statistics (eval mode), for the raw and the EMA weights.
+  assert first.metrics['eval/top1'] > 0.3
+  assert first.metrics['eval_ema/top1'] > 0.3
+
+  # Rerunning restores the final checkpoint (nothing left to train): the
+  # statistics come back exactly, so the evaluation is the same.
+  again = train_and_evaluate(config, workdir)
+  restored = jax.device_get(again.state)
+  assert int(restored.step) == BN_STEPS
+  for name in ('model_state', 'ema_model_state'):
+    jax.tree.map(np.testing.assert_array_equal, getattr(restored, name),
+                 getattr(state, name))  # fmt: skip
+  for key in ('eval/top1', 'eval/loss', 'eval_ema/loss'):
+    assert again.metrics[key] == first.metrics[key]
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
+  tmp_path, compilation_cache_dir
+):
+  workdir = str(tmp_path / 'nan')
+  config = tiny_config(compilation_cache_dir)
+  config.optimizer.name = 'sgd'
+  config.optimizer.clipping = 0.0
+  # LR 0 for the first step (warmup), then one that overflows the weights.
+  config.optimizer.lr = 1e38
+  config.optimizer.warmup_steps = 1
+  config.train.num_steps = 6
+  config.train.log_every_steps = 3
+  config.checkpoint.every_steps = 1
+  with pytest.raises(
+    NonFiniteLossError, match=r'Non-finite loss at step 2 '
+  ) as e:
+    train_and_evaluate(config, workdir)
+  assert 'last good checkpoint (step 1)' in str(e.value)
+  kept = [d for d in os.listdir(os.path.join(workdir, 'checkpoints'))]
+  assert [d for d in kept if d.isdigit()] == ['1']
+
+
+def test_unknown_model_name_lists_valid_ones(tmp_path):
+  config = tiny_config()
+  config.model.name = 'NFNett'
+  with pytest.raises(ValueError, match=r"valid names: \['NFNet'"):
+    train_and_evaluate(config, str(tmp_path))
