@@ -25,12 +25,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
+	$(PY) scripts/check_structure.py
 	$(PY) -m pytest -n 2 --dist loadscope --no-loadscope-reorder \
 		--durations=15 tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
+	$(PY) scripts/check_structure.py
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .

@@ -1,1 +1,22 @@
-"""Experiments package."""
+"""Command-line entry points, each run as `python -m experiments.<name>`.
+
+Each module is an absl program: it parses flags and calls the library
+(`nfnets`), where the work and its tests live, mostly through a single
+function (`benchmark_input` also builds its small dataset and timing loops
+itself). The programs:
+
+* `train`: train and evaluate a config (`nfnets.train.train_and_evaluate`);
+* `evaluate`: evaluate weights or a training run on a dataset split;
+* `predict`: classify image files with pretrained weights;
+* `convert_weights`: convert weights files to safetensors, `.npz` or timm;
+* `prepare_imagenet`: build the tfds ImageNet from the official tar files;
+* `benchmark`: time training steps, the paper's speed protocol;
+* `benchmark_input`: throughput of the input pipeline;
+* `spp`: signal-propagation plots at initialisation;
+* `sweep`: run a grid of config overrides and tabulate the results.
+
+`scripts/` holds the rest: shell helpers (weight download, ImageNet
+preparation, the GPU benchmark wrapper), the repository's structure check,
+and standalone studies that compare with other code (timm parity and speed,
+which need torch) or reproduce one result (the AGC stability study).
+"""

@@ -1,4 +1,4 @@
-r"""Times training steps of registry models: a CLI over nfnets.perf.benchmark.
+r"""Times training steps of registry models: `nfnets.perf.benchmark`'s CLI.
 
     python -m experiments.benchmark                      # NFNet-F0, b8, 192px
     python -m experiments.benchmark --model=NFNet --variant=F0,F1 \
@@ -102,7 +102,7 @@ def main(argv):
   runtime.keep_freed_memory_on_cpu()  # Before JAX starts a backend.
   import jax  # noqa: PLC0415  (after flag parsing: fast --help)
 
-  from nfnets.perf import benchmark  # noqa: PLC0415
+  from nfnets.perf import benchmark, report, workload  # noqa: PLC0415
 
   if _CACHE.value:
     jax.config.update(
@@ -110,8 +110,8 @@ def main(argv):
     )
   results = []
   for name, kwargs in _model_specs():
-    config = benchmark.make_model_config(name, **kwargs)
-    print(f'Benchmarking {benchmark.display_name(config)} ...', flush=True)
+    config = workload.make_model_config(name, **kwargs)
+    print(f'Benchmarking {workload.display_name(config)} ...', flush=True)
     result = benchmark.run_benchmark(
       config,
       batch_size=_BATCH.value,
@@ -125,7 +125,7 @@ def main(argv):
       trace_compile=_TRACE.value > 0,
     )
     results.append(result)
-    print(benchmark.format_table([result]).split('\n')[2], flush=True)
+    print(report.format_table([result]).split('\n')[2], flush=True)
     print(
       f'  compiled step: {result.fusions} fusions, {result.distinct_kernels}'
       f' distinct kernels; by source (fusions, distinct): '
@@ -134,7 +134,7 @@ def main(argv):
     )
     if _TRACE.value:
       _print_compile_events(result.compile_events[: _TRACE.value])
-  print(benchmark.format_table(results))
+  print(report.format_table(results))
   if _JSON.value:
     with open(_JSON.value, 'w') as f:
       json.dump([r.to_dict() for r in results], f, indent=2)

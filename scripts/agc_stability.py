@@ -1,4 +1,4 @@
-r"""The paper's AGC stability claim at small scale, on a real (tiny) NFNet.
+r"""A standalone study: the paper's AGC stability claim, small, on a tiny NFNet.
 
 Trains the same tiny NFNet (`nfnets.NFNet` with one block per stage and
 narrow blocks) on scikit-learn's digits (upscaled to 32x32 RGB, no download)
@@ -11,7 +11,9 @@ Usage:
       --out=runs/agc_stability.json
 
 Prints one line per run (max loss, final loss, held-out accuracy) and writes
-them as JSON to --out. The result recorded in docs/optim.md came from this.
+them as JSON to --out; docs/optim.md records its result. It builds its own
+loop around `nfnets.optim.sgd_agc` rather than the trainer, so that nothing
+but `clipping` differs between runs.
 """
 
 import json

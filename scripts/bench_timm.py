@@ -1,9 +1,10 @@
-"""Times timm's PyTorch `dm_nfnet_f*` training step, the peer baseline.
+"""A peer baseline: times timm's PyTorch `dm_nfnet_f*` training step.
 
 Same protocol as `experiments.benchmark`: median over full training steps
 (forward, backward, SGD-Nesterov update) on synthetic data already on the
-device. Needs torch and timm, which are NOT project requirements; run it where
-they are installed (e.g. a GPU image), for docs/performance.md:
+device. A standalone script, independent of this package: it needs torch and
+timm, which are NOT project requirements; run it where they are installed
+(e.g. a GPU image), for docs/performance.md:
 
   python scripts/bench_timm.py --model=dm_nfnet_f0 --batch_size=32 \
     --image_size=192 --steps=50 --dtype=bfloat16
@@ -30,10 +31,10 @@ def _parse():
 
 def main():
   """Builds the timm model and prints the median step time as JSON."""
+  args = _parse()  # First: --help works without torch.
   import timm
   import torch
 
-  args = _parse()
   dev = 'cuda' if torch.cuda.is_available() else 'cpu'
   model = timm.create_model(args.model, pretrained=False).to(dev)
   fmt = torch.channels_last if args.channels_last else torch.contiguous_format

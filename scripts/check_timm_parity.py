@@ -1,8 +1,8 @@
-"""Checks our NFNet against timm's PyTorch `dm_nfnet_f*` on the same weights.
+"""A peer parity check: our NFNet and timm's `dm_nfnet_f*` on the same weights.
 
 An independent fidelity check of the model and of
-`nfnets.pretrained.timm_interop`:
-random weights (gains, biases and skip gains randomised too, so that every
+`nfnets.pretrained.timm_interop`, run by hand (not by the test suite): random
+weights (gains, biases and skip gains randomised too, so that every
 residual branch contributes) are exported to a timm state dict, loaded into
 timm's model, and both networks run the same images in eval mode. Needs
 torch and timm, which are not project requirements, and this repository on
@@ -76,13 +76,13 @@ def _match_reference(net, torch):
 
 def main():
   """Runs both models and prints the logit differences."""
+  args = _parse()  # First: --help works without torch.
   import jax  # noqa: PLC0415
   import timm  # noqa: PLC0415
   import torch  # noqa: PLC0415
 
   from nfnets.pretrained import timm_interop  # noqa: PLC0415
 
-  args = _parse()
   rng = np.random.default_rng(0)
   images = rng.normal(
     size=(args.batch_size, args.image_size, args.image_size, 3)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Downloads DeepMind's released NFNet ImageNet weights (F0-F6, Haiku params
-# pickled with dill; read them with nfnets.pretrained.load, which never
-# unpickles anything but numpy arrays).
+# Shell helper: downloads DeepMind's released NFNet ImageNet weights (F0-F6,
+# Haiku params pickled with dill; read them with nfnets.pretrained.load,
+# which never unpickles anything but numpy arrays).
 #
 #   scripts/download_pretrained.sh            # F0 into ./pretrained
 #   scripts/download_pretrained.sh F0 F3 DIR  # several variants into DIR

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The paper's GPU protocol for NFNet-F0 and F1 (per-device batch 32, bf16,
-# data on the device), with what a stalled compile needs to be diagnosed:
+# Shell wrapper around `python -m experiments.benchmark`: the paper's GPU
+# protocol for NFNet-F0 and F1 (per-device batch 32, bf16, data on the
+# device), with what a stalled compile needs to be diagnosed:
 # a time limit per model and a `top` sample of the compiler's processes
 # (`ptxas`, `python`) every 20 s beside it.
 #
@@ -12,8 +13,7 @@
 # A model whose run passes LIMIT_S seconds (default 300) is stopped and the
 # next one runs (the script then exits 1): read top.log for which process
 # was busy. PYTHON picks the interpreter (default: python, else python3).
-# The H100 runs of "The H100 again" in docs/performance.md were taken this
-# way.
+# The H100 table in docs/performance.md was measured this way.
 set -uo pipefail
 
 dest="${1:-gpu_benchmark}"

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Prepares ImageNet (ILSVRC2012) for tfds, once, from the official tar files.
+# Shell helper around `python -m experiments.prepare_imagenet`: prepares
+# ImageNet (ILSVRC2012) for tfds, once, from the official tar files.
 #
 #   scripts/prepare_imagenet.sh MANUAL_DIR DATA_DIR
 #

@@ -42,8 +42,8 @@ def compilation_cache_dir(tmp_path_factory):
 
 
 # Test modules by their cost on the 2-core CI machine, longest first
-# (pytest --durations=0, summed per module, 2026-11-26 at -O0: ~330, 180,
-# 140, 110, 60 s, ...). `make test` sends whole modules to the two workers
+# (pytest --durations=0 summed per module at -O0: ~330, 180, 140, 110,
+# 60 s, ...). `make test` sends whole modules to the two workers
 # in collection order (`--dist loadscope --no-loadscope-reorder`); longest
 # first keeps one worker from starting a long module while the other runs
 # out of work.

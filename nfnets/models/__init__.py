@@ -2,9 +2,12 @@
 
 `make_model(config.model, num_classes)` builds any of them by name from the
 registry (`MODELS`, `default_config`); the families live in their own
-modules (`nfnet`, `nf_resnet`, `nf_regnet`, `resnet`), built from the layers
-in `layers`. `batched_init` draws their initial parameters, and `flops`
-counts their multiply-adds.
+modules (`nfnet`, `nf_resnet`, `nf_regnet`, `resnet`), built from what they
+share (`common`: variants, block specs, the normalizer-free block base,
+input checks, the head) and the layers in `layers`, whose convolutions are
+the backend-specific ops of `nfnets.ops`. `scan` runs identical blocks as
+one `hk.scan`, `batched_init` draws the initial parameters, and `flops`
+counts multiply-adds.
 """
 
 from nfnets.models.registry import (

@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 
 from nfnets import models
-from nfnets.models import nf_regnet, nfnet
+from nfnets.models import common, nf_regnet, nfnet
 
 
 def conv_macs(
@@ -72,7 +72,7 @@ def _stem_macs(stem_ch: int, h: float, w: float) -> tuple[float, float, float]:
 
 
 def _block_macs(
-  spec: nfnet.BlockSpec,
+  spec: common.BlockSpec,
   h: float,
   w: float,
   se_ratio: float,
@@ -84,7 +84,7 @@ def _block_macs(
   h, w = h / spec.stride, w / spec.stride
   if use_two_convs:  # conv1b
     macs += conv_macs(spec.width, spec.width, h, w, 3, 1, spec.groups)
-  if spec.stride > 1 or spec.in_ch != spec.out_ch:  # conv_shortcut
+  if spec.use_projection:  # conv_shortcut
     macs += conv_macs(spec.in_ch, spec.out_ch, h, w, 1)
   macs += conv_macs(spec.width, spec.out_ch, h, w, 1)  # conv2
   hidden = max(1, int(spec.out_ch * se_ratio))

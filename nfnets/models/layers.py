@@ -5,9 +5,10 @@ in `deepmind-research`) to float32 rounding, so released checkpoints apply
 unchanged:
 
 * `WSConv2D`: a 2-D convolution with Scaled Weight Standardisation, a
-  learnable per-channel gain and an always-present bias. Grouped convolutions
-  run either natively (`feature_group_count`) or as one dense convolution per
-  group plus a concat, which is 10-20x faster to train on XLA:CPU.
+  learnable per-channel gain and an always-present bias. The convolution
+  itself is `nfnets.ops.grouped_conv2d`, which picks the form that is fast
+  on the backend (natively grouped, or one dense convolution per group plus
+  a concat, 5-20x faster to train on XLA:CPU).
 * `ACTIVATIONS`: the nonlinearities scaled by the reference's gamma constants
   so that `f(z) * gamma` has unit variance for z ~ N(0, 1).
 * `SqueezeExcite`: the 2*sigmoid-gated squeeze-and-excite of the NF models.
@@ -16,13 +17,13 @@ unchanged:
 * `signal_metrics`: the statistics behind signal propagation plots.
 """
 
-import contextlib
-import functools
 from collections.abc import Callable, Sequence
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
+
+from nfnets import ops
 
 # gamma = 1 / std(f(z)) for z ~ N(0, 1); the reference's exact constants.
 GAMMAS = {
@@ -104,30 +105,6 @@ def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
   return ACTIVATIONS[name]
 
 
-GROUPED_CONV_MODES = ('auto', 'split', 'native')
-
-
-def resolve_grouped_conv(mode: str) -> str:
-  """Maps a grouped-conv mode to the implementation used on this backend.
-
-  Args:
-    mode: 'split' (one dense conv per group, then concat), 'native'
-      (`feature_group_count`), or 'auto': split on CPU, native elsewhere.
-
-  Returns:
-    'split' or 'native'.
-  """
-  if mode not in GROUPED_CONV_MODES:
-    raise ValueError(
-      f'Unknown grouped_conv {mode!r}; choose one of {GROUPED_CONV_MODES}.'
-    )
-  if mode == 'auto':
-    # XLA:CPU runs grouped convs 5-20x slower than dense ones in training;
-    # GPU and TPU have fast grouped kernels.
-    return 'split' if jax.default_backend() == 'cpu' else 'native'
-  return mode
-
-
 def _pair(value: int | Sequence[int], what: str) -> tuple[int, int]:
   """Normalises an int or a pair of ints to a tuple of two ints."""
   if isinstance(value, int):
@@ -164,192 +141,6 @@ def standardize_weight(
   var = jnp.mean(jnp.square(centred), axis=0)
   scale = jax.lax.rsqrt(jnp.maximum(var * fan_in, eps)) * gain
   return (centred * scale).reshape(w.shape)
-
-
-# Output positions (Ho * Wo) from which `conv2d_im2col_grad` computes the
-# weight gradient as one matmul; below it XLA's own is as fast (outside
-# loops: see `conv_grads_for_loops`).
-IM2COL_GRAD_MIN_POSITIONS = 16 * 16
-_loop_body_depth = 0
-
-
-@contextlib.contextmanager
-def conv_grads_for_loops():
-  """Split convs traced inside this context all take `conv2d_im2col_grad`.
-
-  For code that runs in a loop body (`hk.scan`, `lax.scan`): XLA:CPU runs
-  the gradients that `jax.vjp` gives a convolution (expressed through its
-  dimension labels) as naive loop nests there, 25x slower than outside a
-  loop, whatever the feature-map size (jax-ml/jax#12868).
-  `conv2d_im2col_grad`'s gradients are plain convolutions and matmuls,
-  which stay fast. Outside loops XLA's own gradient is as fast for small
-  maps and compiles faster, so the threshold applies there.
-  """
-  global _loop_body_depth
-  _loop_body_depth += 1
-  try:
-    yield
-  finally:
-    _loop_body_depth -= 1
-
-
-def _dense_conv(x, w, stride, padding):
-  return jax.lax.conv_general_dilated(
-    x, w, stride, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC')
-  )
-
-
-def _im2col(x, kernel, stride, pads, out_hw):
-  """Patches (N * Ho * Wo, kh * kw * C) of `x`, ordered like HWIO kernels."""
-  xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
-  (kh, kw), (sh, sw), (ho, wo) = kernel, stride, out_hw
-  taps = [
-    xp[:, i : i + (ho - 1) * sh + 1 : sh, j : j + (wo - 1) * sw + 1 : sw, :]
-    for i in range(kh)
-    for j in range(kw)
-  ]
-  return jnp.concatenate(taps, axis=-1).reshape(-1, kh * kw * x.shape[-1])
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv2d_im2col_grad(x, w, stride, pads):
-  """A dense NHWC/HWIO conv whose weight gradient is one im2col matmul.
-
-  Same forward pass as `lax.conv_general_dilated`; the input gradient is
-  the transposed convolution written out (`_conv_input_grad`) and the
-  kernel gradient is one matmul, `patches(x)^T @ dy`. XLA:CPU computes
-  the kernel gradient as a convolution whose window is the whole feature
-  map, which runs 2-4x slower at 48x48 or 96x96 (it was a third of the
-  NFNet-F0 train step), and, inside loops, both gradients as naive loop
-  nests (see `conv_grads_for_loops`). Results agree to float32 rounding.
-
-  Args:
-    x: input (N, H, W, C).
-    w: kernel (kh, kw, C, O).
-    stride: (sh, sw).
-    pads: explicit ((lo, hi), (lo, hi)) spatial padding.
-
-  Returns:
-    The convolution output (N, Ho, Wo, O).
-  """
-  return _dense_conv(x, w, stride, pads)
-
-
-def _im2col_grad_fwd(x, w, stride, pads):
-  return _dense_conv(x, w, stride, pads), (x, w)
-
-
-def _conv_input_grad(dy, w, stride, pads, in_hw):
-  """The input gradient of `_dense_conv` as a plain NHWC/HWIO convolution.
-
-  It is the transposed convolution: `dy` dilated by the stride, convolved
-  with the kernel flipped in space and with its in/out channels swapped.
-  `jax.vjp` expresses the same thing through the convolution's dimension
-  labels instead (`b01f_01oi`), which XLA:CPU only turns back into its fast
-  (Eigen) convolution outside loops: inside a `scan` body it falls back to
-  a naive loop nest, 25x slower (jax-ml/jax#12868). Written out like this,
-  it stays fast in both places.
-  """
-  kernel = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
-  grad_pads = []
-  for size, (lo, hi), k, s in zip(
-    in_hw, pads, w.shape[:2], stride, strict=True
-  ):
-    leftover = (size + lo + hi - k) % s  # Input rows no output reads.
-    grad_pads.append((k - 1 - lo, k - 1 - hi + leftover))
-  return jax.lax.conv_general_dilated(
-    dy, kernel, (1, 1), grad_pads, lhs_dilation=stride,
-    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-  )  # fmt: skip
-
-
-def _im2col_grad_bwd(stride, pads, residuals, dy):
-  x, w = residuals
-  dx = _conv_input_grad(dy, w, stride, pads, x.shape[1:3])
-  patches = _im2col(x, w.shape[:2], stride, pads, dy.shape[1:3])
-  # dy^T @ patches, transposed afterwards: XLA:CPU's GEMM is ~1.6x slower
-  # when its left operand is the transposed (huge) patch matrix.
-  dw = jnp.dot(dy.reshape(-1, dy.shape[-1]).T, patches).T
-  return dx, dw.reshape(w.shape).astype(w.dtype)
-
-
-conv2d_im2col_grad.defvjp(_im2col_grad_fwd, _im2col_grad_bwd)
-
-
-def _split_dense_conv(x, w, stride, padding, rate):
-  """One dense conv (of the split implementation), picking the fast grad."""
-  pads = padding
-  if isinstance(padding, str):
-    pads = jax.lax.padtype_to_pads(x.shape[1:3], w.shape[:2], stride, padding)
-  pads = tuple(tuple(p) for p in pads)
-  out_hw = [
-    (size + lo + hi - k) // s + 1
-    for size, (lo, hi), k, s in zip(
-      x.shape[1:3], pads, w.shape[:2], stride, strict=True
-    )
-  ]
-  large = out_hw[0] * out_hw[1] >= IM2COL_GRAD_MIN_POSITIONS
-  if rate == (1, 1) and (large or _loop_body_depth):
-    return conv2d_im2col_grad(x, w, tuple(stride), pads)
-  return jax.lax.conv_general_dilated(
-    x, w, stride, pads, rhs_dilation=rate,
-    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-  )  # fmt: skip
-
-
-def grouped_conv2d(
-  x: jax.Array,
-  w: jax.Array,
-  *,
-  stride: tuple[int, int],
-  padding: str | Sequence[tuple[int, int]],
-  rate: tuple[int, int] = (1, 1),
-  groups: int = 1,
-  mode: str = 'native',
-) -> jax.Array:
-  """An NHWC/HWIO convolution, with groups run natively or split.
-
-  Args:
-    x: input, shape (N, H, W, C).
-    w: kernel, shape (kh, kw, C // groups, out).
-    stride: spatial strides.
-    padding: 'SAME', 'VALID' or explicit ((lo, hi), (lo, hi)) pairs.
-    rate: kernel dilation.
-    groups: number of feature groups.
-    mode: 'native' (one conv with `feature_group_count`) or 'split' (one
-      dense conv per group, concatenated, with the kernel gradient of large
-      feature maps as an im2col matmul, see `conv2d_im2col_grad`): the
-      XLA:CPU-friendly form. Same result, same parameters.
-
-  Returns:
-    The convolution output, shape (N, H', W', out).
-  """
-  conv = functools.partial(
-    jax.lax.conv_general_dilated,
-    window_strides=stride,
-    padding=padding,
-    rhs_dilation=rate,
-    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-  )
-  if w.shape[:2] == (1, 1) and groups == 1 and isinstance(padding, str):
-    # A 1x1 conv is a matmul over channels (after subsampling for stride,
-    # which 'SAME' and 'VALID' agree on); XLA:CPU runs its backward pass
-    # about 3x faster as a dot than as a convolution.
-    x = x[:, :: stride[0], :: stride[1], :]
-    return jnp.dot(x, w[0, 0])
-  if mode == 'native':
-    return conv(x, w, feature_group_count=groups)
-  if groups == 1:
-    return _split_dense_conv(x, w, stride, padding, rate)
-  xs = jnp.split(x, groups, axis=-1)
-  ws = jnp.split(w, groups, axis=-1)
-  return jnp.concatenate(
-    [
-      _split_dense_conv(xi, wi, stride, padding, rate)
-      for xi, wi in zip(xs, ws, strict=True)
-    ],
-    axis=-1,
-  )
 
 
 class WSConv2D(hk.Module):
@@ -390,7 +181,8 @@ class WSConv2D(hk.Module):
       w_init: kernel initialiser; default VarianceScaling(1, fan_in, normal).
       b_init: bias initialiser; default zeros.
       eps: clamp on `fan_in * var` in the standardisation.
-      grouped_conv: 'auto' | 'split' | 'native' (see `resolve_grouped_conv`).
+      grouped_conv: 'auto' | 'split' | 'native' (see
+        `nfnets.ops.resolve_grouped_conv`).
       name: Haiku module name.
     """
     super().__init__(name=name)
@@ -399,7 +191,7 @@ class WSConv2D(hk.Module):
         f'output_channels={output_channels} is not divisible by '
         f'feature_group_count={feature_group_count}.'
       )
-    resolve_grouped_conv(grouped_conv)  # Validates the name early.
+    ops.resolve_grouped_conv(grouped_conv)  # Validates the name early.
     self.output_channels = output_channels
     self.kernel_shape = _pair(kernel_shape, 'kernel_shape')
     self.stride = _pair(stride, 'stride')
@@ -425,8 +217,18 @@ class WSConv2D(hk.Module):
         f'by feature_group_count={self.feature_group_count}.'
       )
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """Applies the convolution to an NHWC batch `x`."""
+  def __call__(self, x: jax.Array, *, in_loop: bool = False) -> jax.Array:
+    """Applies the convolution to an NHWC batch `x`.
+
+    Args:
+      x: input, shape (N, H, W, C).
+      in_loop: whether this call is traced inside a loop body (`hk.scan`);
+        the op then picks gradients that stay fast there (see
+        `nfnets.ops.grouped_conv2d`).
+
+    Returns:
+      The convolution output plus bias, shape (N, H', W', out).
+    """
     self._check_input(x)
     groups = self.feature_group_count
     w_shape = (*self.kernel_shape, x.shape[-1] // groups, self.output_channels)
@@ -438,14 +240,15 @@ class WSConv2D(hk.Module):
       'bias', (self.output_channels,), x.dtype, init=self.b_init
     )
     w_hat = standardize_weight(w, gain, self.eps).astype(x.dtype)
-    y = grouped_conv2d(
+    y = ops.grouped_conv2d(
       x,
       w_hat,
       stride=self.stride,
       padding=self.padding,
       rate=self.rate,
       groups=groups,
-      mode=resolve_grouped_conv(self.grouped_conv),
+      mode=ops.resolve_grouped_conv(self.grouped_conv),
+      in_loop=in_loop,
     )
     return y + bias.astype(y.dtype)
 
@@ -527,14 +330,24 @@ class StochDepth(hk.Module):
     self.drop_rate = drop_rate
     self.scale_by_keep = scale_by_keep
 
-  def __call__(self, x: jax.Array, is_training: bool) -> jax.Array:
-    """Drops whole examples of `x` (any rank >= 1) when training."""
-    # drop_rate may be a traced per-block rate (NFNet's scan_blocks).
-    if not is_training or (
-      isinstance(self.drop_rate, (int, float)) and self.drop_rate == 0.0
-    ):
+  def __call__(
+    self, x: jax.Array, is_training: bool, *, drop_rate=None
+  ) -> jax.Array:
+    """Drops whole examples of `x` (any rank >= 1) when training.
+
+    Args:
+      x: a batch, examples along the first axis.
+      is_training: drop only when True.
+      drop_rate: the rate of this call instead of the module's; may be a
+        traced scalar (one block applied in a scan over blocks).
+
+    Returns:
+      `x` with the dropped examples zeroed.
+    """
+    rate = self.drop_rate if drop_rate is None else drop_rate
+    if not is_training or (isinstance(rate, (int, float)) and rate == 0.0):
       return x
-    keep = 1.0 - self.drop_rate
+    keep = 1.0 - rate
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
     r = jax.random.uniform(hk.next_rng_key(), shape, dtype=x.dtype)
     mask = jnp.floor(keep + r)

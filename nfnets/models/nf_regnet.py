@@ -16,85 +16,31 @@ block); an average-pool + 1x1 conv shortcut on strided blocks; a final 1x1
 conv to int(1280 * ch // 440) channels; a zero-initialised classifier.
 """
 
-import dataclasses
-import math
 from collections.abc import Sequence
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from nfnets.models import layers
-from nfnets.models.nf_resnet import check_images
+from nfnets.models import common, layers
 
 # Registry of variants (the reference's `base.nf_regnet_params`): stage
 # widths (before the 0.75 width multiplier), blocks per stage, train/test
 # image sizes and dropout rate.
-VARIANTS = {
-  'B0': dict(
-    width=(48, 104, 208, 440),
-    depth=(1, 3, 6, 6),
-    train_imsize=192,
-    test_imsize=224,
-    drop_rate=0.2,
-  ),
-  'B1': dict(
-    width=(48, 104, 208, 440),
-    depth=(2, 4, 7, 7),
-    train_imsize=224,
-    test_imsize=256,
-    drop_rate=0.2,
-  ),
-  'B2': dict(
-    width=(56, 112, 232, 488),
-    depth=(2, 4, 8, 8),
-    train_imsize=240,
-    test_imsize=272,
-    drop_rate=0.3,
-  ),
-  'B3': dict(
-    width=(56, 128, 248, 528),
-    depth=(2, 5, 9, 9),
-    train_imsize=288,
-    test_imsize=320,
-    drop_rate=0.3,
-  ),
-  'B4': dict(
-    width=(64, 144, 288, 616),
-    depth=(2, 6, 11, 11),
-    train_imsize=320,
-    test_imsize=384,
-    drop_rate=0.4,
-  ),
-  'B5': dict(
-    width=(80, 168, 336, 704),
-    depth=(3, 7, 14, 14),
-    train_imsize=384,
-    test_imsize=456,
-    drop_rate=0.4,
-  ),
-  'B6': dict(
-    width=(88, 184, 376, 792),
-    depth=(3, 8, 16, 16),
-    train_imsize=448,
-    test_imsize=528,
-    drop_rate=0.5,
-  ),
-  'B7': dict(
-    width=(96, 208, 416, 880),
-    depth=(4, 10, 19, 19),
-    train_imsize=512,
-    test_imsize=600,
-    drop_rate=0.5,
-  ),
-  'B8': dict(
-    width=(104, 232, 456, 968),
-    depth=(4, 11, 22, 22),
-    train_imsize=600,
-    test_imsize=672,
-    drop_rate=0.5,
-  ),
-}
+VARIANTS = common.variant_table(
+  ('width', 'depth', 'train_imsize', 'test_imsize', 'drop_rate'),
+  {
+    'B0': ((48, 104, 208, 440), (1, 3, 6, 6), 192, 224, 0.2),
+    'B1': ((48, 104, 208, 440), (2, 4, 7, 7), 224, 256, 0.2),
+    'B2': ((56, 112, 232, 488), (2, 4, 8, 8), 240, 272, 0.3),
+    'B3': ((56, 128, 248, 528), (2, 5, 9, 9), 288, 320, 0.3),
+    'B4': ((64, 144, 288, 616), (2, 6, 11, 11), 320, 384, 0.4),
+    'B5': ((80, 168, 336, 704), (3, 7, 14, 14), 384, 456, 0.4),
+    'B6': ((88, 184, 376, 792), (3, 8, 16, 16), 448, 528, 0.5),
+    'B7': ((96, 208, 416, 880), (4, 10, 19, 19), 512, 600, 0.5),
+    'B8': ((104, 232, 456, 968), (4, 11, 22, 22), 600, 672, 0.5),
+  },
+)
 
 # The reference's weight decay per variant (experiment_nf_regnets.py); it
 # defines none for B6-B8.
@@ -107,45 +53,13 @@ WEIGHT_DECAY = {
   'B5': 1e-4,
 }
 
+STAGE_STRIDES = (2, 2, 2, 2)  # Every stage halves the resolution.
 TOTAL_STRIDE = 32
 
 
 def get_variant(name: str) -> dict:
   """Returns the `VARIANTS` entry `name`; the error lists valid names."""
-  if name not in VARIANTS:
-    raise ValueError(
-      f'Unknown NF-RegNet variant {name!r}; choose one of {list(VARIANTS)}.'
-    )
-  return VARIANTS[name]
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockSpec:
-  """Hyperparameters of one NF-RegNet block."""
-
-  index: int
-  in_ch: int
-  out_ch: int
-  width: int  # Expanded width, a multiple of the group size.
-  groups: int
-  stride: int
-  beta: float
-  stochdepth_rate: float
-
-
-def expanded_width(
-  in_ch: int, expansion: float, group_size: int
-) -> tuple[int, int]:
-  """`int(in_ch * expansion)` rounded down to whole groups; (width, groups).
-
-  Below one group (only in shrunken test models) one group of the unrounded
-  width is used instead of the reference's width 0.
-  """
-  width = int(in_ch * expansion)
-  groups = width // group_size
-  if groups == 0:
-    return max(width, 1), 1
-  return group_size * groups, groups
+  return common.get_variant(VARIANTS, name, 'NF-RegNet')
 
 
 def block_specs(
@@ -156,8 +70,11 @@ def block_specs(
   alpha: float = 0.2,
   stochdepth_rate: float = 0.1,
   depth: Sequence[int] | None = None,
-) -> list[BlockSpec]:
+) -> list[common.BlockSpec]:
   """The per-block hyperparameters of an NF-RegNet, in order.
+
+  Expanded widths are `int(in_ch * expansion)` rounded down to whole groups
+  (`common.grouped_width`); betas follow `common.residual_betas`.
 
   Args:
     variant: key of `VARIANTS`.
@@ -170,38 +87,20 @@ def block_specs(
     depth: blocks per stage overriding the variant's.
 
   Returns:
-    One `BlockSpec` per block.
+    One `common.BlockSpec` per block.
   """
   config = get_variant(variant)
-  depth = tuple(config['depth'] if depth is None else depth)
-  if len(depth) != 4 or min(depth) < 1:
-    raise ValueError(f'depth must be 4 positive ints, got {depth}.')
-  num_blocks = sum(depth)
-  in_ch = int(config['width'][0] * width)
-  expected_std, index, specs = 1.0, 0, []
-  for stage_width, stage_depth in zip(config['width'], depth, strict=True):
-    out_ch = int(stage_width * width)
-    for block_index in range(stage_depth):
-      bneck, groups = expanded_width(
-        in_ch, 1.0 if index == 0 else expansion, group_size
-      )
-      specs.append(
-        BlockSpec(
-          index=index,
-          in_ch=in_ch,
-          out_ch=out_ch,
-          width=bneck,
-          groups=groups,
-          stride=2 if block_index == 0 else 1,
-          beta=1.0 / expected_std,
-          stochdepth_rate=stochdepth_rate * index / num_blocks,
-        )
-      )
-      in_ch, index = out_ch, index + 1
-      if block_index == 0:  # Transitions reset the residual stream variance.
-        expected_std = 1.0
-      expected_std = math.sqrt(expected_std**2 + alpha**2)
-  return specs
+  return common.make_block_specs(
+    stem_ch=int(config['width'][0] * width),
+    stage_widths=[int(w * width) for w in config['width']],
+    depth=common.resolve_depth(config, depth),
+    stage_strides=STAGE_STRIDES,
+    alpha=alpha,
+    stochdepth_rate=stochdepth_rate,
+    block_width=lambda index, in_ch, out_ch: common.grouped_width(
+      in_ch, 1.0 if index == 0 else expansion, group_size
+    ),
+  )
 
 
 def final_conv_channels(last_ch: int) -> int:
@@ -209,7 +108,7 @@ def final_conv_channels(last_ch: int) -> int:
   return int(1280 * last_ch // 440)
 
 
-class NFRegNetBlock(hk.Module):
+class NFRegNetBlock(common.NFResidualBlock):
   """Normalizer-free RegNet (inverted bottleneck) block.
 
   `out = act(x) * beta`; shortcut = avg-pool 2x2 + 1x1 conv of `out` when
@@ -222,7 +121,7 @@ class NFRegNetBlock(hk.Module):
 
   def __init__(
     self,
-    spec: BlockSpec,
+    spec: common.BlockSpec,
     alpha: float = 0.2,
     se_ratio: float = 0.5,
     activation: str = 'silu',
@@ -240,9 +139,14 @@ class NFRegNetBlock(hk.Module):
       grouped_conv: 'auto' | 'split' | 'native' grouped-conv implementation.
       name: Haiku module name.
     """
-    super().__init__(name=name)
-    self.spec, self.alpha = spec, alpha
-    self.activation = layers.get_activation(activation)
+    super().__init__(
+      spec,
+      alpha=alpha,
+      activation=activation,
+      pool_shortcut=True,
+      grouped_conv=grouped_conv,
+      name=name,
+    )
     conv = lambda ch, k, **kw: layers.WSConv2D(
       ch, k, grouped_conv=grouped_conv, **kw
     )
@@ -255,37 +159,13 @@ class NFRegNetBlock(hk.Module):
       name='conv1',
     )
     self.conv2 = conv(spec.out_ch, 1, name='conv2')
-    self.use_projection = spec.stride > 1 or spec.in_ch != spec.out_ch
-    if self.use_projection:
-      self.conv_shortcut = conv(spec.out_ch, 1, name='conv_shortcut')
     self.se = layers.SqueezeExcite(spec.width, spec.width, se_ratio)
-    self.stoch_depth = None
-    if 0.0 < spec.stochdepth_rate < 1.0:
-      self.stoch_depth = layers.StochDepth(spec.stochdepth_rate)
 
-  def _shortcut(self, x: jax.Array, out: jax.Array) -> jax.Array:
-    if self.spec.stride > 1:
-      pooled = hk.avg_pool(out, (1, 2, 2, 1), (1, 2, 2, 1), 'SAME')
-      return self.conv_shortcut(pooled)
-    if self.use_projection:
-      return self.conv_shortcut(out)
-    return x
-
-  def __call__(
-    self, x: jax.Array, is_training: bool
-  ) -> tuple[jax.Array, jax.Array]:
-    """Applies the block to NHWC `x`; returns (output, res_avg_var)."""
-    out = self.activation(x) * self.spec.beta
-    shortcut = self._shortcut(x, out)
-    out = self.conv0(out)
-    out = self.conv1(self.activation(out))
-    out = self.se(out)
-    out = self.conv2(self.activation(out))
-    res_avg_var = jnp.mean(jnp.var(out, axis=(0, 1, 2)))
-    if self.stoch_depth is not None:
-      out = self.stoch_depth(out, is_training)
-    skip_gain = hk.get_parameter('skip_gain', (), out.dtype, init=jnp.zeros)
-    return out * skip_gain * self.alpha + shortcut, res_avg_var
+  def branch(self, out: jax.Array, *, in_loop: bool = False) -> jax.Array:
+    """conv0 -> act -> conv1 -> squeeze-excite -> act -> conv2."""
+    out = self.conv0(out, in_loop=in_loop)
+    out = self.se(self.conv1(self.activation(out), in_loop=in_loop))
+    return self.conv2(self.activation(out), in_loop=in_loop)
 
 
 class NFRegNet(hk.Module):
@@ -367,20 +247,16 @@ class NFRegNet(hk.Module):
     self, x: jax.Array, is_training: bool = True, return_metrics: bool = False
   ) -> dict[str, jax.Array]:
     """Runs the network on NHWC float images; see the class docstring."""
-    check_images(x, 'NF-RegNet', TOTAL_STRIDE)
+    common.check_images(x, 'NF-RegNet', TOTAL_STRIDE)
     outputs = {}
     out = self.initial_conv(x)
     if return_metrics:
       outputs.update(layers.signal_metrics(out, 0))
-    for i, block in enumerate(self.blocks):
-      out, res_var = block(out, is_training)
-      if return_metrics:
-        outputs.update(layers.signal_metrics(out, i + 1))
-        outputs[f'res_avg_var_{i}'] = res_var
-    out = self.activation(self.final_conv(out))
-    pool = jnp.mean(out, axis=(1, 2))
-    outputs['pool'] = pool
-    if is_training and self.drop_rate > 0.0:
-      pool = hk.dropout(hk.next_rng_key(), self.drop_rate, pool)
-    outputs['logits'] = self.fc(pool)
-    return outputs
+    out = common.apply_blocks(
+      self.blocks, out, lambda block, y: block(y, is_training), outputs,
+      return_metrics,
+    )  # fmt: skip
+    pool = jnp.mean(self.activation(self.final_conv(out)), axis=(1, 2))
+    return common.classifier_head(
+      pool, self.fc, self.drop_rate, is_training, outputs
+    )

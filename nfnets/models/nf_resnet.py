@@ -16,40 +16,28 @@ whose stride sits on the 3x3 conv; a strided 1x1 WSConv projection shortcut
 and a linear classifier. There is no final conv.
 """
 
-import dataclasses
-import math
 from collections.abc import Sequence
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from nfnets.models import layers
+from nfnets.models import common, layers
 
-# Registry of depth variants: name -> dict(depth=blocks per stage).
-VARIANTS = {
-  'ResNet50': dict(depth=(3, 4, 6, 3)),
-  'ResNet101': dict(depth=(3, 4, 23, 3)),
-  'ResNet152': dict(depth=(3, 8, 36, 3)),
-  'ResNet200': dict(depth=(3, 24, 36, 3)),
-  'ResNet288': dict(depth=(24, 24, 24, 24)),
-  'ResNet600': dict(depth=(50, 50, 50, 50)),
-}
+# Registry of depth variants: name -> dict(depth=blocks per stage), shared
+# with the BN baselines (`nfnets.models.resnet`).
+VARIANTS = common.RESNET_VARIANTS
 
-STAGE_MULTIPLIERS = (64, 128, 256, 512)
-STAGE_STRIDES = (1, 2, 2, 2)
-STEM_MULTIPLIER = 16
+STAGE_MULTIPLIERS = common.RESNET_STAGE_MULTIPLIERS
+STAGE_STRIDES = common.STAGE_STRIDES
+STEM_MULTIPLIER = common.RESNET_STEM_MULTIPLIER
 TOTAL_STRIDE = 32
 BOTTLENECK_RATIO = 0.25
 
 
 def get_variant(name: str) -> dict:
   """Returns the `VARIANTS` entry `name`; the error lists valid names."""
-  if name not in VARIANTS:
-    raise ValueError(
-      f'Unknown ResNet variant {name!r}; choose one of {list(VARIANTS)}.'
-    )
-  return VARIANTS[name]
+  return common.get_variant(VARIANTS, name, 'ResNet')
 
 
 def resolve_depth(variant: str, depth: Sequence[int] | None) -> tuple:
@@ -62,24 +50,13 @@ def resolve_depth(variant: str, depth: Sequence[int] | None) -> tuple:
   Returns:
     A tuple of four ints.
   """
-  resolved = tuple(get_variant(variant)['depth'] if depth is None else depth)
-  if len(resolved) != 4 or min(resolved) < 1:
-    raise ValueError(f'depth must be 4 positive ints, got {resolved}.')
-  return resolved
+  return common.resolve_depth(get_variant(variant), depth)
 
 
-@dataclasses.dataclass(frozen=True)
-class BlockSpec:
-  """Hyperparameters of one `NFResBlock`."""
-
-  index: int
-  in_ch: int
-  out_ch: int
-  width: int  # Bottleneck width.
-  stride: int
-  beta: float
-  stochdepth_rate: float
-  is_transition: bool
+def _bottleneck(index: int, in_ch: int, out_ch: int) -> tuple[int, int]:
+  """Bottleneck width (a quarter of the output) and groups (always 1)."""
+  del index, in_ch
+  return max(1, int(out_ch * BOTTLENECK_RATIO)), 1
 
 
 def block_specs(
@@ -88,12 +65,10 @@ def block_specs(
   alpha: float = 0.2,
   stochdepth_rate: float = 0.1,
   depth: Sequence[int] | None = None,
-) -> list[BlockSpec]:
+) -> list[common.BlockSpec]:
   """The per-block hyperparameters of an NF-ResNet, in order.
 
-  `beta = 1 / expected_std`, where the expected variance of the residual
-  stream grows by alpha^2 per block and is reset to 1 after each stage's
-  first (transition) block, exactly as in the reference.
+  Betas follow `common.residual_betas`, exactly as in the reference.
 
   Args:
     variant: key of `VARIANTS`.
@@ -103,37 +78,20 @@ def block_specs(
     depth: blocks per stage overriding the variant's.
 
   Returns:
-    One `BlockSpec` per block.
+    One `common.BlockSpec` per block.
   """
-  depth = resolve_depth(variant, depth)
-  num_blocks = sum(depth)
-  in_ch = int(STEM_MULTIPLIER * width)
-  expected_std, index, specs = 1.0, 0, []
-  for mult, stage_depth, stride in zip(
-    STAGE_MULTIPLIERS, depth, STAGE_STRIDES, strict=True
-  ):
-    out_ch = int(mult * width)
-    for block_index in range(stage_depth):
-      specs.append(
-        BlockSpec(
-          index=index,
-          in_ch=in_ch,
-          out_ch=out_ch,
-          width=max(1, int(out_ch * BOTTLENECK_RATIO)),
-          stride=stride if block_index == 0 else 1,
-          beta=1.0 / expected_std,
-          stochdepth_rate=stochdepth_rate * index / num_blocks,
-          is_transition=block_index == 0,
-        )
-      )
-      in_ch, index = out_ch, index + 1
-      if block_index == 0:  # Transitions reset the residual stream variance.
-        expected_std = 1.0
-      expected_std = math.sqrt(expected_std**2 + alpha**2)
-  return specs
+  return common.make_block_specs(
+    stem_ch=int(STEM_MULTIPLIER * width),
+    stage_widths=[int(mult * width) for mult in STAGE_MULTIPLIERS],
+    depth=resolve_depth(variant, depth),
+    stage_strides=STAGE_STRIDES,
+    alpha=alpha,
+    stochdepth_rate=stochdepth_rate,
+    block_width=_bottleneck,
+  )
 
 
-class NFResBlock(hk.Module):
+class NFResBlock(common.NFResidualBlock):
   """Normalizer-free pre-activation bottleneck block.
 
   `out = act(x) * beta`; shortcut = strided 1x1 conv of `out` on projection
@@ -146,7 +104,7 @@ class NFResBlock(hk.Module):
 
   def __init__(
     self,
-    spec: BlockSpec,
+    spec: common.BlockSpec,
     alpha: float = 0.2,
     activation: str = 'relu',
     skipinit_gain: float = 0.0,
@@ -166,72 +124,29 @@ class NFResBlock(hk.Module):
       se_ratio: squeeze-excite hidden width as a fraction of out_ch.
       name: Haiku module name.
     """
-    super().__init__(name=name)
-    self.spec, self.alpha = spec, alpha
-    self.activation = layers.get_activation(activation)
-    self.skipinit_gain = skipinit_gain
+    super().__init__(
+      spec,
+      alpha=alpha,
+      activation=activation,
+      pool_shortcut=False,
+      skip_init=hk.initializers.Constant(skipinit_gain),
+      name=name,
+    )
     self.conv0 = layers.WSConv2D(spec.width, 1, name='conv0')
     self.conv1 = layers.WSConv2D(
       spec.width, 3, stride=spec.stride, name='conv1'
     )
     self.conv2 = layers.WSConv2D(spec.out_ch, 1, name='conv2')
-    self.use_projection = spec.stride > 1 or spec.in_ch != spec.out_ch
-    if self.use_projection:
-      self.conv_shortcut = layers.WSConv2D(
-        spec.out_ch, 1, stride=spec.stride, name='conv_shortcut'
-      )
     self.se = None
     if use_se:
       self.se = layers.SqueezeExcite(spec.out_ch, spec.out_ch, se_ratio)
-    self.stoch_depth = None
-    if 0.0 < spec.stochdepth_rate < 1.0:
-      self.stoch_depth = layers.StochDepth(spec.stochdepth_rate)
 
-  def __call__(
-    self, x: jax.Array, is_training: bool
-  ) -> tuple[jax.Array, jax.Array]:
-    """Applies the block to NHWC `x`; returns (output, res_avg_var)."""
-    out = self.activation(x) * self.spec.beta
-    shortcut = self.conv_shortcut(out) if self.use_projection else x
-    out = self.conv0(out)
-    out = self.conv1(self.activation(out))
-    out = self.conv2(self.activation(out))
-    if self.se is not None:
-      out = self.se(out)
-    res_avg_var = jnp.mean(jnp.var(out, axis=(0, 1, 2)))
-    if self.stoch_depth is not None:
-      out = self.stoch_depth(out, is_training)
-    skip_gain = hk.get_parameter(
-      'skip_gain',
-      (),
-      out.dtype,
-      init=hk.initializers.Constant(self.skipinit_gain),
-    )
-    return out * skip_gain * self.alpha + shortcut, res_avg_var
-
-
-def check_images(x: jax.Array, model: str, min_size: int) -> None:
-  """Raises a ValueError that says what to do for unusable image batches.
-
-  Args:
-    x: the model input.
-    model: model name for the message.
-    min_size: smallest height/width the model accepts.
-  """
-  if x.ndim != 4 or x.shape[-1] != 3:
-    raise ValueError(
-      f'{model} expects NHWC RGB images of shape (N, H, W, 3), got '
-      f'{x.shape}; add a batch axis (x[None]) or transpose NCHW to NHWC.'
-    )
-  if min(x.shape[1:3]) < min_size:
-    raise ValueError(
-      f'Image size {x.shape[1:3]} is too small: {model} downsamples by '
-      f'{min_size}, so height and width must be >= {min_size}.'
-    )
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise ValueError(
-      f'{model} expects normalised float images, got dtype {x.dtype}.'
-    )
+  def branch(self, out: jax.Array, *, in_loop: bool = False) -> jax.Array:
+    """conv0 -> act -> conv1 -> act -> conv2 [-> squeeze-excite]."""
+    out = self.conv0(out, in_loop=in_loop)
+    out = self.conv1(self.activation(out), in_loop=in_loop)
+    out = self.conv2(self.activation(out), in_loop=in_loop)
+    return out if self.se is None else self.se(out)
 
 
 class NFResNet(hk.Module):
@@ -307,20 +222,17 @@ class NFResNet(hk.Module):
     self, x: jax.Array, is_training: bool = True, return_metrics: bool = False
   ) -> dict[str, jax.Array]:
     """Runs the network on NHWC float images; see the class docstring."""
-    check_images(x, 'NF-ResNet', TOTAL_STRIDE)
+    common.check_images(x, 'NF-ResNet', TOTAL_STRIDE)
     outputs = {}
     out = self.initial_conv(x)
     out = hk.max_pool(out, (1, 3, 3, 1), (1, 2, 2, 1), 'SAME')
     if return_metrics:
       outputs.update(layers.signal_metrics(out, 0))
-    for i, block in enumerate(self.blocks):
-      out, res_var = block(out, is_training)
-      if return_metrics:
-        outputs.update(layers.signal_metrics(out, i + 1))
-        outputs[f'res_avg_var_{i}'] = res_var
+    out = common.apply_blocks(
+      self.blocks, out, lambda block, y: block(y, is_training), outputs,
+      return_metrics,
+    )  # fmt: skip
     pool = jnp.mean(self.activation(out), axis=(1, 2))
-    outputs['pool'] = pool
-    if is_training and self.drop_rate > 0.0:
-      pool = hk.dropout(hk.next_rng_key(), self.drop_rate, pool)
-    outputs['logits'] = self.fc(pool)
-    return outputs
+    return common.classifier_head(
+      pool, self.fc, self.drop_rate, is_training, outputs
+    )

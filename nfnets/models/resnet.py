@@ -27,10 +27,11 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from nfnets.models import layers, nf_resnet
+from nfnets.models import common, layers
 
 # The depth variants are the NF-ResNets' (ResNet50 ... ResNet600).
-VARIANTS = nf_resnet.VARIANTS
+VARIANTS = common.RESNET_VARIANTS
+TOTAL_STRIDE = 32
 NORMS = ('batch_norm', 'none')
 BN_DECAY = 0.9
 
@@ -161,7 +162,7 @@ def _make_blocks(
   name = 'res_block_v2' if preactivation else 'res_block_v1'
   blocks = []
   for mult, stage_depth, stride in zip(
-    nf_resnet.STAGE_MULTIPLIERS, depth, nf_resnet.STAGE_STRIDES, strict=True
+    common.RESNET_STAGE_MULTIPLIERS, depth, common.STAGE_STRIDES, strict=True
   ):
     for block_index in range(stage_depth):
       blocks.append(
@@ -227,7 +228,9 @@ class ResNet(hk.Module):
       name: Haiku module name; 'ResNet' as in the reference.
     """
     super().__init__(name=name)
-    depth = nf_resnet.resolve_depth(variant, depth)
+    depth = common.resolve_depth(
+      common.get_variant(VARIANTS, variant, 'ResNet'), depth
+    )
     if not hasattr(jax.nn, activation):
       raise ValueError(f'Unknown activation {activation!r}: not in jax.nn.')
     self.activation = getattr(jax.nn, activation)
@@ -235,7 +238,7 @@ class ResNet(hk.Module):
     self.which_norm = make_norm(norm, bn_decay)
     w_init = make_conv_init(conv_init)
     self.initial_conv = hk.Conv2D(
-      int(nf_resnet.STEM_MULTIPLIER * width),
+      int(common.RESNET_STEM_MULTIPLIER * width),
       7,
       stride=2,
       with_bias=False,
@@ -263,7 +266,7 @@ class ResNet(hk.Module):
     return_metrics: bool = False,
   ) -> dict[str, jax.Array]:
     """Runs the network on NHWC float images; see the class docstring."""
-    nf_resnet.check_images(x, 'ResNet', nf_resnet.TOTAL_STRIDE)
+    common.check_images(x, 'ResNet', TOTAL_STRIDE)
     norm_args = (is_training, test_local_stats)
     outputs = {}
     out = self.initial_conv(x)
@@ -272,19 +275,16 @@ class ResNet(hk.Module):
     out = hk.max_pool(out, (1, 3, 3, 1), (1, 2, 2, 1), 'SAME')
     if return_metrics:
       outputs.update(layers.signal_metrics(out, 0))
-    for i, block in enumerate(self.blocks):
-      out, res_var = block(out, *norm_args)
-      if return_metrics:
-        outputs.update(layers.signal_metrics(out, i + 1))
-        outputs[f'res_avg_var_{i}'] = res_var
+    out = common.apply_blocks(
+      self.blocks, out, lambda block, y: block(y, *norm_args), outputs,
+      return_metrics,
+    )  # fmt: skip
     if self.preactivation:
       out = self.activation(self.final_bn(out, *norm_args))
     pool = jnp.mean(out, axis=(1, 2))
-    outputs['pool'] = pool
-    if is_training and self.drop_rate > 0.0:
-      pool = hk.dropout(hk.next_rng_key(), self.drop_rate, pool)
-    outputs['logits'] = self.fc(pool)
-    return outputs
+    return common.classifier_head(
+      pool, self.fc, self.drop_rate, is_training, outputs
+    )
 
 
 def make_transformed(num_classes: int, **kwargs) -> hk.TransformedWithState:

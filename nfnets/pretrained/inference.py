@@ -19,8 +19,8 @@ import jax
 import numpy as np
 import PIL.Image
 
-from nfnets import pretrained
 from nfnets.models import nfnet
+from nfnets.pretrained import formats, loading
 
 # ImageNet channel statistics in 0..255, as in nfnets.data.preprocess (not
 # imported from there: that module pulls in TensorFlow).
@@ -47,8 +47,9 @@ def imagenet_class_names() -> list[str]:
 def model_spec(path: str, variant: str | None, model_kwargs: Mapping | None):
   """Variant and NFNet kwargs: explicit values, else the file's metadata.
 
-  Files written by `pretrained.save_params` may record `variant` and a JSON
-  `model_kwargs`; DeepMind's pickles record nothing (variant F0 assumed).
+  Files written by `nfnets.pretrained.save_params` may record `variant` and
+  a JSON `model_kwargs`; DeepMind's pickles record nothing (variant F0
+  assumed).
 
   Args:
     path: the weights file.
@@ -58,7 +59,7 @@ def model_spec(path: str, variant: str | None, model_kwargs: Mapping | None):
   Returns:
     (variant, model_kwargs dict).
   """
-  metadata = pretrained.read_metadata(path)
+  metadata = formats.read_metadata(path)
   if variant is None:
     variant = metadata.get('variant', 'F0')
   if model_kwargs is None:
@@ -161,8 +162,8 @@ def predict_files(
     ImageNet classes for 1000-class weights, else 'class_<i>'.
   """
   variant, model_kwargs = model_spec(weights, variant, model_kwargs)
-  params = pretrained.load(weights, variant, **model_kwargs)
-  num_classes = params[pretrained.CLASSIFIER_MODULE]['b'].shape[0]
+  params = loading.load(weights, variant, **model_kwargs)
+  num_classes = params[loading.CLASSIFIER_MODULE]['b'].shape[0]
   names = (
     imagenet_class_names()
     if num_classes == 1000

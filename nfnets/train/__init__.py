@@ -1,31 +1,47 @@
-"""Training library: data-parallel train step, checkpoints, eval and logs.
+"""Training library: data-parallel training, checkpoints, evaluation, logs.
 
-Entry point: `train_and_evaluate(config, workdir)` (`nfnets.train.loop`);
-`abstract_train_state(config, num_classes)` gives the shapes of the state it
-keeps (to restore its checkpoints elsewhere).
-Pieces, one module each: `config` (the train/eval/checkpoint sections),
-`mesh` (device mesh and sharding), `step` (train state and the pure train and
-eval steps), `checkpoint` (Orbax + SIGTERM), `writers` (console, JSONL,
-TensorBoard) and `loop` (the run itself).
+Entry point: `train_and_evaluate(config, workdir)`, which returns a
+`TrainResult` and raises `NonFiniteLossError` when the loss diverges;
+`abstract_train_state(config, num_classes)` gives the shapes of the state a
+run keeps (to restore its checkpoints elsewhere). One module per concern:
 
-The loop (and through it TensorFlow, for tf.data) is imported lazily, so the
-step and mesh modules work where TensorFlow is not installed (e.g. a GPU
-image used only for `experiments.benchmark`).
+* `loop`: the run itself (`train_and_evaluate`): builds the run, steps,
+  logs, evaluates and checkpoints;
+* `init_state`: the state a run starts from (fresh, `init_from` weights or
+  the newest checkpoint) and `abstract_train_state`;
+* `step`: the pure train and eval steps;
+* `state`: the train state (`TrainState`, `make_train_state`);
+* `losses`: targets with label smoothing, the loss and top-k accuracy;
+* `evaluation`: the eval loop over a dataset split, used by the loop and by
+  `evaluate_from` (weights files and training workdirs,
+  `experiments/evaluate.py`);
+* `checkpoint`: Orbax checkpoints and SIGTERM handling;
+* `writers`: console progress, `metrics.jsonl` and TensorBoard;
+* `mesh`: the `('data',)` device mesh and sharding helpers;
+* `config`: the `train`, `eval` and `checkpoint` config sections;
+* `runtime`: process setup before JAX starts (multi-host, compilation
+  cache) and the host malloc settings for XLA:CPU.
+
+The names above are imported lazily: `loop` and `evaluation` pull in
+TensorFlow (for tf.data), so the step, mesh and runtime modules work where
+TensorFlow is not installed (e.g. a GPU image used only for
+`experiments.benchmark`).
 """
 
-_LOOP_NAMES = (
-  'NonFiniteLossError',
-  'TrainResult',
-  'abstract_train_state',
-  'train_and_evaluate',
-)
+import importlib
 
-__all__ = list(_LOOP_NAMES)
+_LAZY_NAMES = {
+  'NonFiniteLossError': 'loop',
+  'TrainResult': 'loop',
+  'train_and_evaluate': 'loop',
+  'abstract_train_state': 'init_state',
+}
+
+__all__ = list(_LAZY_NAMES)
 
 
 def __getattr__(name):
-  if name in _LOOP_NAMES:
-    from nfnets.train import loop  # noqa: PLC0415
-
-    return getattr(loop, name)
+  if name in _LAZY_NAMES:
+    module = importlib.import_module(f'{__name__}.{_LAZY_NAMES[name]}')
+    return getattr(module, name)
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

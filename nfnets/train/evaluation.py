@@ -1,30 +1,94 @@
-"""Evaluating NFNets on a dataset split: weights files or training runs.
+"""Evaluation over a dataset split: the eval loop, weights files and runs.
 
-`evaluate_from(config, weights=... | workdir=...)` computes top-1, top-5 and
-the cross-entropy over the whole eval split of `config.data` with the
-training library's eval step (data-parallel over all devices, padded last
-batch masked out). A weights file (any format `nfnets.pretrained` reads) is
-checked against `config.model` first; a training workdir's newest checkpoint
-is restored with the trainer's own `Checkpointer` (into the structure of
-`nfnets.train.abstract_train_state`), and both its raw and EMA params are
-evaluated, each with its Haiku state (BatchNorm moving averages; empty for
-the normalizer-free models).
+The one eval loop: `evaluate_sets(config, mesh, eval_step, param_sets)` runs
+the jitted eval step (`jit_eval_step`: data-parallel over the mesh, padded
+last batch masked out) over the whole eval split of `config.data` for each
+set of params and returns top-1, top-5 and the cross-entropy, means over the
+real examples. The trainer's periodic and final evaluations
+(`nfnets.train.loop`) and `evaluate_from` both use it.
+
+`evaluate_from(config, weights=... | workdir=...)` evaluates outside a
+training run (`experiments/evaluate.py`). A weights file (any format
+`nfnets.pretrained` reads) is checked against `config.model` first; a
+training workdir's newest checkpoint is restored with the trainer's own
+`Checkpointer` (into the structure of
+`nfnets.train.init_state.abstract_train_state`), and both its raw and EMA
+params are evaluated, each with its Haiku state (BatchNorm moving averages;
+empty for the normalizer-free models).
 """
 
 from __future__ import annotations
 
 import operator
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import numpy as np
 
 from nfnets import data, models, pretrained
 from nfnets.train import checkpoint as ckpt_lib
-from nfnets.train import loop
+from nfnets.train import init_state
 from nfnets.train import mesh as mesh_lib
 from nfnets.train import step as step_lib
+
+METRICS = ('top1', 'top5', 'loss')
+
+
+def jit_eval_step(model, num_classes: int, mesh) -> Callable:
+  """The eval step jitted over `mesh`: params replicated, batch sharded.
+
+  Args:
+    model: an `hk.TransformedWithState`.
+    num_classes: the dataset's number of classes.
+    mesh: the data mesh.
+
+  Returns:
+    `(params, model_state, batch) -> sums`, the per-batch sums of
+    `step.make_eval_step` (replicated).
+  """
+  repl = mesh_lib.replicated_sharding(mesh)
+  return jax.jit(
+    step_lib.make_eval_step(model, num_classes),
+    in_shardings=(repl, repl, mesh_lib.batch_sharding(mesh)),
+    out_shardings=repl,
+  )
+
+
+def evaluate_sets(config, mesh, eval_step, param_sets: Mapping) -> dict:
+  """Top-1/top-5/loss of each params set over `config.data`'s eval split.
+
+  Args:
+    config: experiment config (`data`, `eval.batch_size`).
+    mesh: the data mesh.
+    eval_step: the jitted eval step (`jit_eval_step`).
+    param_sets: prefix (e.g. 'eval', 'eval_ema') -> (params, Haiku state),
+      both replicated over `mesh`; the state is `{}` for models without
+      BatchNorm.
+
+  Returns:
+    `{f'{prefix}/{metric}': value}` for metrics top1, top5, loss (means over
+    the real examples) and num_examples.
+  """
+  results = {}
+  for prefix, (params, model_state) in param_sets.items():
+    totals = None
+    for batch in data.make_eval_iterator(
+      config.data,
+      global_batch_size=config.eval.batch_size,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    ):
+      sums = eval_step(params, model_state, mesh_lib.shard_batch(batch, mesh))
+      if totals is not None:
+        sums = jax.tree.map(operator.add, totals, sums)
+      totals = sums
+    totals = jax.device_get(totals)
+    count = max(float(totals['count']), 1.0)
+    for key in METRICS:
+      results[f'{prefix}/{key}'] = float(totals[key]) / count
+    results[f'{prefix}/num_examples'] = float(totals['count'])
+  return results
 
 
 def _checkpoint_dir(workdir: str) -> str:
@@ -52,7 +116,9 @@ def restore_workdir(config, workdir: str, num_classes: int):
   directory = _checkpoint_dir(workdir)
   checkpointer = ckpt_lib.Checkpointer(directory, max_to_keep=1_000_000)
   try:
-    state = checkpointer.restore(loop.abstract_train_state(config, num_classes))
+    state = checkpointer.restore(
+      init_state.abstract_train_state(config, num_classes)
+    )
   finally:
     checkpointer.close()
   if state is None:
@@ -104,47 +170,26 @@ def load_weights_for_config(config, path: str, num_classes: int):
 
 
 def evaluate(config, param_sets: Mapping, num_classes: int) -> dict:
-  """Top-1/top-5/loss of each params set over `config.data`'s eval split.
+  """`evaluate_sets` for params on the host, over all devices.
 
   Args:
     config: experiment config (`data`, `model`, `eval.batch_size`).
     param_sets: prefix (e.g. 'eval', 'eval_ema') -> (Haiku params, Haiku
-      state); the state is `{}` for models without BatchNorm.
+      state), as NumPy or host arrays; the state is `{}` for models without
+      BatchNorm.
     num_classes: the dataset's number of classes.
 
   Returns:
-    `{f'{prefix}/{metric}': value}` for metrics top1, top5, loss (means over
-    the real examples) and num_examples.
+    The metrics of `evaluate_sets`.
   """
   mesh = mesh_lib.make_mesh()
-  batch_size = config.eval.batch_size
-  mesh_lib.check_batch_size(batch_size, mesh, 'config.eval.batch_size')
-  model = models.make_model(config.model, num_classes)
-  repl = mesh_lib.replicated_sharding(mesh)
-  eval_step = jax.jit(
-    step_lib.make_eval_step(model, num_classes),
-    in_shardings=(repl, repl, mesh_lib.batch_sharding(mesh)),
-    out_shardings=repl,
+  mesh_lib.check_batch_size(
+    config.eval.batch_size, mesh, 'config.eval.batch_size'
   )
-  results = {}
-  for prefix, variables in param_sets.items():
-    params, model_state = mesh_lib.replicate(variables, mesh)
-    totals = None
-    for batch in data.make_eval_iterator(
-      config.data,
-      global_batch_size=batch_size,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
-    ):
-      sums = eval_step(params, model_state, mesh_lib.shard_batch(batch, mesh))
-      totals = sums if totals is None else jax.tree.map(operator.add, totals,
-                                                        sums)  # fmt: skip
-    totals = jax.device_get(totals)
-    count = max(float(totals['count']), 1.0)
-    for key in ('top1', 'top5', 'loss'):
-      results[f'{prefix}/{key}'] = float(totals[key]) / count
-    results[f'{prefix}/num_examples'] = float(totals['count'])
-  return results
+  model = models.make_model(config.model, num_classes)
+  eval_step = jit_eval_step(model, num_classes, mesh)
+  placed = {k: mesh_lib.replicate(v, mesh) for k, v in param_sets.items()}
+  return evaluate_sets(config, mesh, eval_step, placed)
 
 
 def evaluate_from(config, *, weights: str = '', workdir: str = '') -> dict:

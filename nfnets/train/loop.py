@@ -1,17 +1,28 @@
 """`train_and_evaluate(config, workdir)`: the whole training run.
 
 Order of events:
-  1. runtime setup: `jax.distributed.initialize` (when configured) and the
-     persistent compilation cache;
-  2. the `('data',)` mesh over every device, data/model/optimizer from the
-     config, the resolved config written to `<workdir>/config.json`;
+  1. runtime setup (`runtime.setup_runtime`): host malloc settings on CPU,
+     `jax.distributed.initialize` (when configured) and the persistent
+     compilation cache;
+  2. the `('data',)` mesh over every device, data/model/optimizer and the
+     jitted steps from the config, the resolved config written to
+     `<workdir>/config.json` (`_build_run`);
   3. a fresh state (or `config.model.init_from` weights), replaced by the
-     newest checkpoint in `<workdir>/checkpoints` when there is one;
-  4. the train loop: log every `log_every_steps`, evaluate every
-     `eval.every_steps`, checkpoint every `checkpoint.every_steps` and on
-     SIGTERM; a non-finite loss stops the run (no checkpoint is written from
-     then on, so the last good one stays the newest);
-  5. a final checkpoint and a final evaluation (raw and EMA parameters).
+     newest checkpoint in `<workdir>/checkpoints` when there is one
+     (`init_state.initial_train_state`);
+  4. the train loop (`_train`, `_train_steps`): log every
+     `log_every_steps`, evaluate every `eval.every_steps`, checkpoint every
+     `checkpoint.every_steps` and on SIGTERM; a non-finite loss stops the
+     run (no checkpoint is written from then on, so the last good one stays
+     the newest);
+  5. a final checkpoint and a final evaluation of the raw and EMA
+     parameters (`_evaluate_and_log`, through `evaluation.evaluate_sets`).
+
+Contents, in order: the result types; `train_and_evaluate`; building the
+run (`_run_length`, `_build_run`, `_jit_steps`); the input
+(`_train_iterator`); the steps (`_train`, `_train_steps`, the first-step
+compile report); checks and logs (`_check_finite`, `_log_train`,
+`_stop_non_finite`, `_evaluate_and_log`).
 
 Every model is transformed with state (`models.make_model`): BatchNorm
 ResNets keep their moving averages in `TrainState.model_state` (replicated
@@ -32,20 +43,19 @@ would).
 
 import dataclasses
 import math
-import operator
 import os
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from nfnets import data, models, optim
 from nfnets.train import checkpoint as ckpt_lib
 from nfnets.train import config as config_lib
+from nfnets.train import evaluation, init_state, runtime, writers
 from nfnets.train import mesh as mesh_lib
-from nfnets.train import runtime, writers
+from nfnets.train import state as state_lib
 from nfnets.train import step as step_lib
 
 
@@ -63,7 +73,7 @@ class TrainResult:
     preempted: True when the run stopped on SIGTERM before the end.
   """
 
-  state: step_lib.TrainState
+  state: state_lib.TrainState
   metrics: dict
   preempted: bool
 
@@ -75,12 +85,10 @@ class _Run:
   config: Any
   workdir: str
   mesh: Any
-  num_classes: int
   total_steps: int
   steps_per_epoch: float
   model: Any
   optimizer: Any
-  schedule_fn: Any
   train_step: Any
   eval_step: Any
   writer: writers.MetricWriter
@@ -105,7 +113,7 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
     ValueError: for config values that cannot work (with what to change).
   """
   config_lib.validate_config(config)
-  setup_runtime(config.train)
+  runtime.setup_runtime(config.train)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   run = _build_run(config, workdir)
   checkpointer = None
@@ -115,7 +123,14 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
       max_to_keep=config.checkpoint.max_to_keep,
     )
   try:
-    state = _initial_state(run, checkpointer)
+    state = init_state.initial_train_state(
+      config,
+      mesh=run.mesh,
+      model=run.model,
+      optimizer=run.optimizer,
+      checkpointer=checkpointer,
+      log=run.progress.print,
+    )
     guard = ckpt_lib.PreemptionGuard(config.checkpoint.save_on_sigterm)
     with guard:
       state, train_metrics, preempted = _train(run, state, checkpointer, guard)
@@ -136,39 +151,7 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
     run.writer.close()
 
 
-def setup_runtime(train_config) -> None:
-  """Initialises multi-host JAX, the compilation cache and host malloc.
-
-  Must run before anything touches a JAX backend. All settings are
-  process-wide; an already-initialised distributed runtime or an explicitly
-  configured cache directory (e.g. `JAX_COMPILATION_CACHE_DIR`) is kept.
-  `runtime.keep_freed_memory_on_cpu` saves XLA:CPU from re-faulting its
-  per-step buffers (1-2 CPU-s per NFNet-F0 step on 2 cores); it leaves
-  malloc alone when JAX is expected on a GPU/TPU.
-
-  Args:
-    train_config: `config.train`.
-  """
-  runtime.keep_freed_memory_on_cpu()
-  dist = train_config.distributed
-  if dist.enabled and not jax.distributed.is_initialized():
-    # jax has no cross-process collectives on CPU unless one is chosen.
-    jax.config.update(
-      'jax_cpu_collectives_implementation', dist.cpu_collectives
-    )
-    kwargs = {}
-    if dist.coordinator_address:
-      kwargs['coordinator_address'] = dist.coordinator_address
-    if dist.num_processes > 0:
-      kwargs['num_processes'] = dist.num_processes
-    if dist.process_id >= 0:
-      kwargs['process_id'] = dist.process_id
-    jax.distributed.initialize(**kwargs)
-  cache_dir = train_config.compilation_cache_dir
-  if cache_dir and not jax.config.jax_compilation_cache_dir:
-    jax.config.update(
-      'jax_compilation_cache_dir', os.path.expanduser(cache_dir)
-    )
+# Building the run.
 
 
 def _run_length(config, num_train_examples: int) -> tuple[int, float]:
@@ -199,7 +182,7 @@ def _build_run(config, workdir: str) -> _Run:
     steps_per_epoch=steps_per_epoch,
     total_steps=total_steps,
   )
-  optimizer, schedule_fn = optim.build_optimizer(config.optimizer, hyperparams)
+  optimizer, _ = optim.build_optimizer(config.optimizer, hyperparams)
   train_step, eval_step = _jit_steps(
     config, mesh, model, hyperparams, info.num_classes
   )
@@ -212,12 +195,10 @@ def _build_run(config, workdir: str) -> _Run:
     config=config,
     workdir=workdir,
     mesh=mesh,
-    num_classes=info.num_classes,
     total_steps=total_steps,
     steps_per_epoch=steps_per_epoch,
     model=model,
     optimizer=optimizer,
-    schedule_fn=schedule_fn,
     train_step=train_step,
     eval_step=eval_step,
     writer=writers.MetricWriter(workdir, enabled=is_chief),
@@ -233,11 +214,11 @@ def _jit_steps(config, mesh, model, hyperparams, num_classes):
   """Returns the jitted train step (state donated) and eval step.
 
   The train step takes the optimizer's numbers as replicated inputs
-  (`make_hyperparam_train_step`), bound here, so the loop calls
+  (`make_train_step`), bound here, so the loop calls
   `train_step(state, batch)` and runs that differ only in those numbers
   compile the same program.
   """
-  step_fn = step_lib.make_hyperparam_train_step(
+  step_fn = step_lib.make_train_step(
     model,
     num_classes=num_classes,
     opt_config=config.optimizer,
@@ -258,106 +239,11 @@ def _jit_steps(config, mesh, model, hyperparams, num_classes):
   def train_step(state, batch):
     return jitted(state, batch, inputs)
 
-  eval_step = jax.jit(
-    step_lib.make_eval_step(model, num_classes),
-    in_shardings=(repl, repl, batch),
-    out_shardings=repl,
-  )
+  eval_step = evaluation.jit_eval_step(model, num_classes, mesh)
   return train_step, eval_step
 
 
-def _init_fn(config, model, optimizer):
-  """`rng -> TrainState` of step 0 (random init) for `config`."""
-  shape = _first_batch_shape(config)
-  ema = config.optimizer.ema_decay > 0
-
-  def init(rng):
-    init_rng, train_rng = jax.random.split(rng)
-    images = jnp.zeros(shape, jnp.float32)
-    params, model_state = model.init(init_rng, images, True)
-    return step_lib.make_train_state(
-      params, model_state, optimizer, train_rng, ema=ema
-    )
-
-  return init
-
-
-# The optimizer's state structure does not depend on the run length; any
-# length longer than every warmup satisfies make_optimizer's checks.
-_ANY_RUN_LENGTH = 10**9
-
-
-def abstract_train_state(config, num_classes: int) -> step_lib.TrainState:
-  """Shapes and dtypes of the `TrainState` a run of `config` keeps.
-
-  Nothing is computed (`jax.eval_shape`); the result is the target for
-  restoring the run's checkpoints elsewhere, e.g. `nfnets.train.evaluation`.
-
-  Args:
-    config: the run's config (model, optimizer, data.train_image_size,
-      train.batch_size).
-    num_classes: the dataset's number of classes.
-
-  Returns:
-    A `TrainState` of `jax.ShapeDtypeStruct`s (None for absent EMAs).
-  """
-  model = models.make_model(config.model, num_classes)
-  optimizer, _ = optim.make_optimizer(
-    config.optimizer,
-    steps_per_epoch=1.0,
-    total_steps=_ANY_RUN_LENGTH,
-    global_batch_size=config.train.batch_size,
-  )
-  init = _init_fn(config, model, optimizer)
-  return jax.eval_shape(init, jax.random.PRNGKey(0))
-
-
-def _initial_state(run: _Run, checkpointer) -> step_lib.TrainState:
-  """Fresh (or pretrained) state, replaced by the newest checkpoint."""
-  config = run.config
-  repl = mesh_lib.replicated_sharding(run.mesh)
-  rng = mesh_lib.replicate(
-    np.asarray(jax.random.PRNGKey(config.train.seed)), run.mesh
-  )
-  init = _init_fn(config, run.model, run.optimizer)
-  # Every process holds the same key, so every process builds the same init.
-  state = jax.jit(init, in_shardings=repl, out_shardings=repl)(rng)
-  if config.model.init_from:
-    params = _load_init_params(config.model, state.params, run.mesh)
-    # The optimizer and the EMA start from the loaded weights; the Haiku
-    # state (BatchNorm statistics) is not in weights files and stays fresh.
-    ema = config.optimizer.ema_decay > 0
-    restart = lambda p, s: step_lib.make_train_state(
-      p, s.model_state, run.optimizer, s.rng, ema=ema
-    )
-    state = jax.jit(restart, out_shardings=repl)(params, state)
-  if checkpointer is not None:
-    restored = checkpointer.restore(state)
-    if restored is not None:
-      run.progress.print(
-        f'Resuming from {checkpointer.directory} at step {int(restored.step)}.'
-      )
-      return restored
-  return state
-
-
-def _first_batch_shape(config) -> tuple[int, ...]:
-  """The image shape of one example, for parameter initialisation."""
-  size = config.data.train_image_size
-  return (1, size, size, 3)
-
-
-def _load_init_params(model_config, params, mesh):
-  """Loads `init_from` weights into `params` (fresh classifier if needed)."""
-  from nfnets import pretrained  # noqa: PLC0415  (pulls in the converters)
-
-  loaded, _ = pretrained.read_params(model_config.init_from)
-  merged = pretrained.merge_pretrained(
-    jax.device_get(params),
-    loaded,
-    reinit_modules=tuple(model_config.reinit_modules),
-  )
-  return mesh_lib.replicate(merged, mesh)
+# The input.
 
 
 def _train_iterator(config, start_step: int):
@@ -387,6 +273,9 @@ def _rows_of_process(batches, index: int, count: int):
   for batch in batches:
     n = len(batch['labels']) // count
     yield {k: v[index * n : (index + 1) * n] for k, v in batch.items()}
+
+
+# The steps.
 
 
 def _train(run: _Run, state, checkpointer, guard):
@@ -489,6 +378,9 @@ def _since(t0: float) -> str:
   return f'{time.perf_counter() - t0:.1f}s'
 
 
+# Checks and logs.
+
+
 def _check_finite(window, done: int, checkpointer) -> list:
   """Fetches the metrics of the steps up to `done`; stops if any is bad."""
   values = jax.device_get(window)
@@ -535,59 +427,18 @@ def _stop_non_finite(step: int, metrics, checkpointer) -> None:
   )
 
 
-def evaluate(run: _Run, params, model_state) -> dict:
-  """Top-1/top-5/loss of `params` over the whole eval split.
-
-  Args:
-    run: the built run.
-    params: replicated params.
-    model_state: the replicated Haiku state that goes with them (BatchNorm
-      moving averages; `{}` for stateless models).
-
-  Returns:
-    dict with 'top1', 'top5', 'loss' (means over real examples) and
-    'num_examples'.
-  """
-  config = run.config
-  batches = data.make_eval_iterator(
-    config.data,
-    global_batch_size=config.eval.batch_size,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  )
-  totals = None
-  for batch in batches:
-    sums = run.eval_step(
-      params, model_state, mesh_lib.shard_batch(batch, run.mesh)
-    )
-    totals = (
-      sums if totals is None else jax.tree.map(operator.add, totals, sums)
-    )
-  totals = jax.device_get(totals)
-  count = max(float(totals['count']), 1.0)
-  return {
-    'top1': float(totals['top1']) / count,
-    'top5': float(totals['top5']) / count,
-    'loss': float(totals['loss']) / count,
-    'num_examples': float(totals['count']),
-  }
-
-
 def _evaluate_and_log(run: _Run, state, *, final: bool) -> dict:
   """Evaluates the raw (and EMA) params, logs and returns the metrics."""
   step = int(state.step)
   t0 = time.perf_counter()
-  results = {}
-  sets = [('eval', state.params, state.model_state)]
+  sets = {'eval': (state.params, state.model_state)}
   if run.config.eval.ema and state.ema_params is not None:
-    sets.append(('eval_ema', state.ema_params, state.ema_model_state))
-  for prefix, params, model_state in sets:
-    for k, v in evaluate(run, params, model_state).items():
-      results[f'{prefix}/{k}'] = v
+    sets['eval_ema'] = (state.ema_params, state.ema_model_state)
+  results = evaluation.evaluate_sets(run.config, run.mesh, run.eval_step, sets)
   run.writer.write(step, results)
   line = ' | '.join(
     f'{p} top1 {results[f"{p}/top1"]:.4f} top5 {results[f"{p}/top5"]:.4f}'
-    for p, *_ in sets
+    for p in sets
   )
   label = 'Final eval' if final else 'Eval'
   run.progress.print(

@@ -1,15 +1,25 @@
-"""Host-memory settings that make XLA:CPU training steps faster on Linux.
+"""Process-wide runtime setup for training, incl. host memory for XLA:CPU.
 
-XLA:CPU allocates one temporary buffer per execution for all activations
-(1.9 GB for an NFNet-F0 train step at batch 8, 192 px) and frees it at the
-end. glibc's malloc serves a block that large with `mmap` and returns it with
-`munmap`, so every step the kernel maps and zeroes ~470,000 fresh 4 KiB
-pages: measured 1.3-1.9 CPU-s of page faults per F0 step on a 2-core
-machine (docs/performance.md). The fix is to keep freed memory in the
-process: one malloc arena (the worker threads would otherwise `mmap` large
-blocks from their own arenas whatever the settings), no `mmap` for large
-blocks, and no trimming of the heap, so the next step's buffer reuses the
-same, already-mapped pages.
+Two roles:
+
+* `setup_runtime(config.train)`, which the trainer calls before anything
+  touches a JAX backend: the host-memory settings below (on the CPU
+  backend only), `jax.distributed.initialize` for multi-host runs, and the
+  persistent compilation cache.
+* Host-memory settings that make XLA:CPU training steps faster on Linux
+  (`keep_freed_memory`, `keep_freed_memory_on_cpu`), also used by the
+  benchmarks.
+
+Why the host-memory settings: XLA:CPU allocates one temporary buffer per
+execution for all activations (1.9 GB for an NFNet-F0 train step at batch 8,
+192 px) and frees it at the end. glibc's malloc serves a block that large
+with `mmap` and returns it with `munmap`, so every step the kernel maps and
+zeroes ~470,000 fresh 4 KiB pages: measured 1.3-1.9 CPU-s of page faults per
+F0 step on a 2-core machine (docs/performance.md). The fix is to keep freed
+memory in the process: one malloc arena (the worker threads would otherwise
+`mmap` large blocks from their own arenas whatever the settings), no `mmap`
+for large blocks, and no trimming of the heap, so the next step's buffer
+reuses the same, already-mapped pages.
 
 The cost: the process keeps its peak heap (its RSS does not shrink after a
 large step), which a training process reaches on its first step anyway.
@@ -122,3 +132,40 @@ def keep_freed_memory_on_cpu() -> bool:
     True if the settings were applied.
   """
   return not accelerator_expected() and keep_freed_memory()
+
+
+def setup_runtime(train_config) -> None:
+  """Initialises multi-host JAX, the compilation cache and host malloc.
+
+  Must run before anything touches a JAX backend. All settings are
+  process-wide; an already-initialised distributed runtime or an explicitly
+  configured cache directory (e.g. `JAX_COMPILATION_CACHE_DIR`) is kept.
+  `keep_freed_memory_on_cpu` saves XLA:CPU from re-faulting its per-step
+  buffers (1-2 CPU-s per NFNet-F0 step on 2 cores); it leaves malloc alone
+  when JAX is expected on a GPU/TPU.
+
+  Args:
+    train_config: `config.train`.
+  """
+  import jax  # noqa: PLC0415  (on use, as in `accelerator_expected`)
+
+  keep_freed_memory_on_cpu()
+  dist = train_config.distributed
+  if dist.enabled and not jax.distributed.is_initialized():
+    # jax has no cross-process collectives on CPU unless one is chosen.
+    jax.config.update(
+      'jax_cpu_collectives_implementation', dist.cpu_collectives
+    )
+    kwargs = {}
+    if dist.coordinator_address:
+      kwargs['coordinator_address'] = dist.coordinator_address
+    if dist.num_processes > 0:
+      kwargs['num_processes'] = dist.num_processes
+    if dist.process_id >= 0:
+      kwargs['process_id'] = dist.process_id
+    jax.distributed.initialize(**kwargs)
+  cache_dir = train_config.compilation_cache_dir
+  if cache_dir and not jax.config.jax_compilation_cache_dir:
+    jax.config.update(
+      'jax_compilation_cache_dir', os.path.expanduser(cache_dir)
+    )

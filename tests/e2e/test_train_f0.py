@@ -13,6 +13,7 @@ import pytest
 from configs import f0
 from nfnets import models, optim
 from nfnets.train import mesh as mesh_lib
+from nfnets.train import state as state_lib
 from nfnets.train import step as step_lib
 
 pytestmark = pytest.mark.slow
@@ -26,12 +27,13 @@ def test_full_size_f0_train_step_at_batch_2():
   model = models.make_model(config.model, 1000)
   steps_per_epoch = 1_281_167 / 4096
   total = int(np.ceil(360 * steps_per_epoch))
-  tx, schedule = optim.make_optimizer(
-    config.optimizer,
+  hyperparams = step_lib.step_hyperparams(
+    config,
+    num_classes=1000,
     steps_per_epoch=steps_per_epoch,
     total_steps=total,
-    global_batch_size=config.train.batch_size,
   )
+  tx, _ = optim.build_optimizer(config.optimizer, hyperparams)
   mesh = mesh_lib.make_mesh()
   images = np.random.RandomState(0).randn(2, IMAGE_SIZE, IMAGE_SIZE, 3)
   init = jax.jit(lambda r: model.init(r, jnp.zeros((1, 192, 192, 3)), True))
@@ -41,22 +43,18 @@ def test_full_size_f0_train_step_at_batch_2():
   # Replicated over the mesh like the trainer's state: the step returns it
   # so, and an uncommitted input state would compile the step a second time.
   state = mesh_lib.replicate(
-    step_lib.make_train_state(
+    state_lib.make_train_state(
       params, model_state, tx, jax.random.PRNGKey(1), ema=True
     ),
     mesh,
   )
-  step = jax.jit(
-    step_lib.make_train_step(
-      model,
-      tx,
-      schedule,
-      num_classes=1000,
-      opt_config=config.optimizer,
-      compute_dtype=config.train.compute_dtype,
-      label_smoothing=config.train.label_smoothing,
-    )
+  train_step = step_lib.make_train_step(
+    model,
+    num_classes=1000,
+    opt_config=config.optimizer,
+    compute_dtype=config.train.compute_dtype,
   )
+  step = jax.jit(lambda state, batch: train_step(state, batch, hyperparams))
   batch = mesh_lib.shard_batch(
     {
       'images': images.astype(np.float32),

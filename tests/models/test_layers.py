@@ -151,33 +151,6 @@ def test_wsconv_eps_clamp():
   np.testing.assert_allclose(got, centred / math.sqrt(1e-4), rtol=1e-4)
 
 
-@pytest.mark.parametrize('stride', [1, 2])
-def test_split_and_native_grouped_conv_agree_with_gradients(stride):
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 8, 12))
-  w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 4, 6))
-
-  def loss(x, w, mode):
-    y = layers.grouped_conv2d(
-      x, w, stride=(stride, stride), padding='SAME', groups=3, mode=mode
-    )
-    return jnp.sum(jnp.sin(y))
-
-  outs = {}
-  for mode in ('split', 'native'):
-    grad_fn = jax.value_and_grad(loss, argnums=(0, 1))
-    outs[mode] = jax.jit(grad_fn, static_argnums=2)(x, w, mode)
-  (v_s, (gx_s, gw_s)), (v_n, (gx_n, gw_n)) = outs['split'], outs['native']
-  np.testing.assert_allclose(v_s, v_n, rtol=1e-5)
-  np.testing.assert_allclose(gx_s, gx_n, rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(gw_s, gw_n, rtol=1e-4, atol=1e-5)
-
-
-def test_grouped_conv_auto_uses_split_on_cpu():
-  assert jax.default_backend() == 'cpu'  # conftest pins the CPU.
-  assert layers.resolve_grouped_conv('auto') == 'split'
-  assert layers.resolve_grouped_conv('native') == 'native'
-
-
 def test_wsconv_bad_input_errors():
   def apply(x, **kwargs):
     net = hk.transform(lambda x: layers.WSConv2D(**kwargs)(x))
@@ -307,59 +280,3 @@ def test_signal_metrics_match_numpy():
   ch_var = x.reshape(-1, 7).var(axis=0)
   assert float(m['avg_sq_mean_3']) == pytest.approx(np.mean(ch_mean**2), 1e-5)
   assert float(m['avg_var_3']) == pytest.approx(np.mean(ch_var), 1e-5)
-
-
-# --- im2col kernel gradient of the split (XLA:CPU) implementation ----------
-
-
-def np_conv_kernel_grad(x, dy, kernel, stride, pads, groups):
-  """dL/dw of a grouped conv for output cotangent dy, float64 loops."""
-  x = np.pad(np.asarray(x, np.float64), ((0, 0), pads[0], pads[1], (0, 0)))
-  dy = np.asarray(dy, np.float64)
-  (kh, kw), (sh, sw) = kernel, stride
-  _, oh, ow, cout = dy.shape
-  cin_g, cout_g = x.shape[-1] // groups, cout // groups
-  dw = np.zeros((kh, kw, cin_g, cout))
-  for g in range(groups):
-    xg = x[..., g * cin_g : (g + 1) * cin_g]
-    dyg = dy[..., g * cout_g : (g + 1) * cout_g]
-    for i in range(kh):
-      for j in range(kw):
-        patch = xg[:, i : i + oh * sh : sh, j : j + ow * sw : sw]
-        dw[i, j, :, g * cout_g : (g + 1) * cout_g] = np.einsum(
-          'nhwc,nhwd->cd', patch, dyg
-        )
-  return dw
-
-
-# Output maps of >= 16x16 positions take the im2col kernel gradient.
-IM2COL_CASES = [
-  # (H, W, cin, cout, kernel, stride, groups, padding)
-  (16, 16, 3, 8, 3, 1, 1, 'SAME'),  # Exactly the threshold; stem-like cin.
-  (34, 32, 4, 6, 3, 2, 2, 'SAME'),  # Even input, stride 2, 2 groups.
-  (18, 17, 4, 4, 3, 1, 1, ((2, 0), (1, 1))),  # Explicit, asymmetric.
-]
-
-
-@pytest.mark.parametrize('case', IM2COL_CASES)
-def test_split_conv_kernel_grad_matches_numpy(case):
-  h, w, cin, cout, k, s, groups, padding = case
-  rng = np.random.default_rng(3)
-  x = rng.normal(size=(2, h, w, cin)).astype(np.float32)
-  wt = rng.normal(size=(k, k, cin // groups, cout)).astype(np.float32)
-  conv = lambda x, wt, mode: layers.grouped_conv2d(
-    x, wt, stride=(s, s), padding=padding, groups=groups, mode=mode
-  )
-  y, vjp = jax.vjp(lambda x, wt: conv(x, wt, 'split'), x, wt)
-  assert y.shape[1] * y.shape[2] >= layers.IM2COL_GRAD_MIN_POSITIONS
-  dy = rng.normal(size=y.shape).astype(np.float32)
-  dx, dw = vjp(jnp.asarray(dy))
-  if padding == 'SAME':
-    pads = (np_same_pads(h, k, s), np_same_pads(w, k, s))
-  else:
-    pads = padding
-  want = np_conv_kernel_grad(x, dy, (k, k), (s, s), pads, groups)
-  np.testing.assert_allclose(dw, want, rtol=1e-4, atol=1e-3)
-  # The explicit input gradient must match XLA's own (the native conv's).
-  _, vjp_native = jax.vjp(lambda x: conv(x, wt, 'native'), x)
-  np.testing.assert_allclose(dx, vjp_native(dy)[0], rtol=1e-4, atol=1e-4)

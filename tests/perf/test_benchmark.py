@@ -1,10 +1,10 @@
-"""Tests for nfnets.perf.benchmark and experiments/benchmark.py on a tiny NFNet.
+"""Tests for nfnets.perf.benchmark, .report and experiments/benchmark.py.
 
-These check the output format, hand-computable statistics and that every
-number is finite and consistent, never timings. The FLOP count is checked
-against the paper's formula (`nfnets.models.flops.count_flops`, read off the
-architecture description), which is independent of the traced count the
-benchmark uses.
+They run a tiny NFNet and check the output format, hand-computable
+statistics and that every number is finite and consistent, never timings.
+The FLOP count is checked against the paper's formula
+(`nfnets.models.flops.count_flops`, read off the architecture description),
+which is independent of the traced count the benchmark uses.
 """
 
 import json
@@ -14,11 +14,10 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import pytest
 
 from nfnets.models import flops
-from nfnets.perf import benchmark
+from nfnets.perf import benchmark, report, workload
 from nfnets.train import runtime
 from tests.models.test_flops import resnet_macs
 from tests.models.test_resnet import expected_resnet_params
@@ -45,7 +44,7 @@ def cli_run(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def tiny_result(cli_run):
-  return benchmark.BenchmarkResult(**cli_run[1])
+  return report.BenchmarkResult(**cli_run[1])
 
 
 def test_result_numbers_are_finite_and_consistent(tiny_result):
@@ -93,7 +92,7 @@ def test_params_match_hand_count_of_final_layer(tiny_result):
 
 
 def test_table_and_json(tiny_result):
-  table = benchmark.format_table([tiny_result, tiny_result])
+  table = report.format_table([tiny_result, tiny_result])
   lines = table.split('\n')
   headers = [c.strip() for c in lines[0].strip('|').split('|')]
   assert headers[:3] == ['Model', 'Res', 'Params']
@@ -107,43 +106,6 @@ def test_table_and_json(tiny_result):
   )
   assert 'Device: cpu x1' in table
   assert json.loads(json.dumps(tiny_result.to_dict()))['model'] == 'NFNet-F0'
-
-
-def test_summarize_times_by_hand():
-  stats = benchmark.summarize_times([1.0, 2.0, 3.0, 4.0])
-  # Median 2.5 s; numpy's linear percentiles: q1 = 1.75 s, q3 = 3.25 s.
-  assert stats == pytest.approx({'median': 2500, 'min': 1000, 'iqr': 1500})
-
-
-def test_time_calls_counts_warmup_and_steps():
-  calls = []
-
-  def fn():
-    calls.append(1)
-    return jnp.ones(3) * len(calls)
-
-  times = benchmark.time_calls(fn, steps=4, warmup=2)
-  assert len(times) == 4 and len(calls) == 6
-  assert all(t >= 0 for t in times)
-
-
-def test_xla_memory_of_a_simple_function():
-  x = jnp.zeros((1000,), jnp.float32)
-  compiled = jax.jit(lambda a: a + 1).lower(x).compile()
-  nbytes = benchmark.xla_memory_bytes(compiled)
-  # One 4000-byte argument and one 4000-byte output, no donation.
-  assert 8000 <= nbytes < 8000 + 4096
-
-
-def test_unknown_model_lists_valid_names():
-  with pytest.raises(ValueError, match='NFNet'):
-    benchmark.make_model_config('NoSuchNet')
-
-
-def test_default_image_size_and_dtype():
-  config = benchmark.make_model_config('NFNet', variant='F1')
-  assert benchmark.default_image_size(config) == 224  # F1's train size.
-  assert benchmark.default_dtype() == 'float32'  # Tests run on CPU.
 
 
 def test_cli_prints_the_table(cli_run):
@@ -174,22 +136,9 @@ def test_cli_traces_the_compile(cli_run):
   assert lines[0].split()[3] == row['compile_events'][0][0].split()[0]
 
 
-def test_display_names_of_the_paper_baselines():
-  names = [
-    benchmark.display_name(benchmark.make_model_config(name, **kwargs))
-    for name, kwargs in [
-      ('NFNet', dict(variant='F1')),
-      ('NF_ResNet', {}),
-      ('ResNet', {}),
-      ('ResNet', dict(use_se=True)),
-    ]
-  ]
-  assert names == ['NFNet-F1', 'NF-ResNet-50', 'BN-ResNet-50', 'SE-ResNet-50']
-
-
 def test_bn_resnet_runs_the_trainer_step_with_its_statistics():
   """A BN-ResNet is timed with the trainer's step, its state carried."""
-  config = benchmark.make_model_config('ResNet', width=0.25, depth=[1, 1, 1, 1])
+  config = workload.make_model_config('ResNet', width=0.25, depth=[1, 1, 1, 1])
   r = benchmark.run_benchmark(
     config, batch_size=BATCH, image_size=SIZE, steps=1, warmup=1,
     forward_steps=1, num_classes=10,
@@ -200,22 +149,3 @@ def test_bn_resnet_runs_the_trainer_step_with_its_statistics():
   assert r.macs_per_image == resnet_macs((1, 1, 1, 1), 0.25, SIZE, classes=10)
   assert r.params == expected_resnet_params((1, 1, 1, 1), True, width=0.25,
                                             classes=10)  # fmt: skip
-
-
-class _DeviceWithAllocatorStats:
-  """Stands in for a GPU device: CPU devices report no allocator stats."""
-
-  def memory_stats(self):
-    return {'peak_bytes_in_use': 3 * 2**30}
-
-
-def test_peak_memory_ignores_the_allocator_before_the_step_ran():
-  # After a compile-only run the allocator's peak only holds the initial
-  # state, so the step's own memory must come from XLA's analysis.
-  compiled = jax.jit(lambda x: jnp.sin(x) * 2).lower(jnp.ones(1024)).compile()
-  device = _DeviceWithAllocatorStats()
-  ran_gb, ran_source = benchmark._peak_memory(compiled, device, step_ran=True)
-  assert (ran_gb, ran_source) == (3.0, 'device peak_bytes_in_use')
-  gb, source = benchmark._peak_memory(compiled, device, step_ran=False)
-  assert source.startswith('XLA memory_analysis')
-  assert gb * 2**30 == benchmark.xla_memory_bytes(compiled)

@@ -1,7 +1,8 @@
-"""Runs a tiny training job in a fresh process; used by the train tests.
+"""Helper script (not a test): a tiny training job in a fresh process.
 
-The device count must be fixed before JAX is imported, so multi-device and
-multi-process tests run this script in subprocesses:
+The device count must be fixed before JAX is imported, so the multi-device
+and multi-process tests (tests/train/test_multidevice.py) run this script in
+subprocesses:
 
     python tests/support/train_harness.py --devices=8 --workdir=W \
       --out=out.npz [--num_processes=2 --process_id=0 --port=12345] \
@@ -9,7 +10,8 @@ multi-process tests run this script in subprocesses:
 
 It trains a tiny NFNet on the digits (`tiny_config`), then process 0 writes
 the final params (flattened `module/param` keys), the per-step train losses
-from metrics.jsonl, and the final eval top-1 to `--out`.
+from metrics.jsonl, and the final eval top-1 to `--out`. The single-process
+loop tests (tests/train/test_loop.py) import `tiny_config` from here.
 
 With `--bn_step_check` it trains nothing: it runs two train steps of a tiny
 conv + BatchNorm model jitted over all devices with the batch sharded, the
@@ -112,11 +114,12 @@ def bn_step_check(out: str) -> None:
   """Writes the states after 2 BN train steps: sharded, 1 device, 1 shard."""
   import haiku as hk  # noqa: PLC0415
   import jax  # noqa: PLC0415
-  import ml_collections  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
-  import optax  # noqa: PLC0415
 
+  from nfnets import optim  # noqa: PLC0415
+  from nfnets.train import losses  # noqa: PLC0415
   from nfnets.train import mesh as mesh_lib  # noqa: PLC0415
+  from nfnets.train import state as state_lib  # noqa: PLC0415
   from nfnets.train import step as step_lib  # noqa: PLC0415
 
   def forward(images, is_training):
@@ -135,14 +138,22 @@ def bn_step_check(out: str) -> None:
   params, model_state = model.init(
     jax.random.PRNGKey(0), batch['images'][:1], True
   )
-  tx = optax.sgd(0.5)
-  opt_config = ml_collections.ConfigDict(
-    dict(sam_rho=0.0, ema_decay=0.0, clipping=0.0, eps=1e-3, agc_exclude=())
-  )
-  step = step_lib.make_train_step(
-    model, tx, lambda s: 0.5, num_classes=3, opt_config=opt_config,
-    compute_dtype='float32', label_smoothing=0.0,
+  # Plain SGD at a constant LR of 0.5: no AGC, momentum, decay or warmup.
+  opt_config = optim.default_config()
+  opt_config.update(
+    name='sgd', lr=0.5, min_lr=0.5, scale_lr_by_batch=False, warmup_steps=0,
+    momentum=0.0, nesterov=False, weight_decay=0.0, clipping=0.0,
+    ema_decay=0.0,
   )  # fmt: skip
+  hyperparams = optim.hyperparams(
+    opt_config, steps_per_epoch=1, total_steps=10, global_batch_size=n
+  )
+  hyperparams.update(losses.label_smoothing_inputs(0.0, 3))
+  tx, _ = optim.build_optimizer(opt_config, hyperparams)
+  train_step = step_lib.make_train_step(
+    model, num_classes=3, opt_config=opt_config, compute_dtype='float32'
+  )
+  step = lambda state, rows: train_step(state, rows, hyperparams)
   mesh = mesh_lib.make_mesh()
   repl = mesh_lib.replicated_sharding(mesh)
   sharded = jax.jit(
@@ -151,7 +162,7 @@ def bn_step_check(out: str) -> None:
     out_shardings=(repl, repl),
   )
   single = jax.jit(step)  # Everything on the default device.
-  state0 = step_lib.make_train_state(
+  state0 = state_lib.make_train_state(
     params, model_state, tx, jax.random.PRNGKey(1), ema=False
   )
   runs = {

@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from nfnets.train import checkpoint as ckpt_lib
-from nfnets.train import step as step_lib
+from nfnets.train import state as state_lib
 
 
 class _StateBeforeModelState(NamedTuple):
@@ -46,7 +46,7 @@ def _state(seed=0, ema=True, stateful=False):
     lambda x: x + 1.5 if hasattr(x, 'dtype') else x, tx.init(params)
   )
   double = lambda t: jax.tree.map(lambda x: 2 * x, t)
-  return step_lib.TrainState(
+  return state_lib.TrainState(
     step=jnp.asarray(7, jnp.int32),
     params=params,
     model_state=model_state,
@@ -74,7 +74,7 @@ def test_round_trip_is_exact_and_keeps_structure(tmp_path, ema, stateful):
   ckpt.wait()
   restored = ckpt.restore(_state(seed=2, ema=ema, stateful=stateful))
   ckpt.close()
-  assert isinstance(restored, step_lib.TrainState)
+  assert isinstance(restored, state_lib.TrainState)
   # Optax's namedtuple states come back as namedtuples, not lists.
   assert type(restored.opt_state[0]) is type(saved.opt_state[0])
   _assert_same(restored, saved)
@@ -124,7 +124,7 @@ def test_checkpoint_from_before_model_state_restores_stateless(tmp_path, ema):
   ckpt = ckpt_lib.Checkpointer(str(tmp_path), max_to_keep=2)
   restored = ckpt.restore(_state(seed=2, ema=ema))
   ckpt.close()
-  assert isinstance(restored, step_lib.TrainState)
+  assert isinstance(restored, state_lib.TrainState)
   assert restored.model_state == {}
   assert restored.ema_model_state == ({} if ema else None)
   _assert_same(restored, saved)

@@ -1,10 +1,11 @@
 """The train step with the optimizer's and label smoothing's numbers as inputs.
 
-`make_hyperparam_train_step` must compute exactly what the step with the
-same numbers baked in computes (the reference is `make_train_step` with
-`optim.make_optimizer`, itself checked against NumPy in test_optim.py and
-test_train_step.py), and its program must not depend on those numbers:
-that is what lets a sweep over them reuse one compiled step.
+The step of `make_train_step` must compute exactly what it
+computes with the same numbers bound as Python constants (then it builds
+the optimizer of `optim.make_optimizer`, checked against NumPy in
+tests/optim/test_optim.py; the step itself is checked in test_step.py),
+and its program must not depend on those numbers: that is what lets a
+sweep over them reuse one compiled step.
 """
 
 import haiku as hk
@@ -14,6 +15,8 @@ import numpy as np
 import pytest
 
 from nfnets import optim
+from nfnets.train import losses
+from nfnets.train import state as state_lib
 from nfnets.train import step as step_lib
 
 NUM_CLASSES = 5
@@ -55,27 +58,36 @@ def _initial_state(model, opt_config):
   )
   tx, _ = optim.make_optimizer(opt_config, **RUN)
   ema = opt_config.ema_decay > 0
-  return step_lib.make_train_state(
+  return state_lib.make_train_state(
     params, model_state, tx, jax.random.PRNGKey(1), ema=ema
   )
 
 
-def _inputs(opt_config, smoothing=0.1, **run):
+def _values(opt_config, smoothing=0.1, **run):
+  """The step's numbers as Python floats."""
   values = optim.hyperparams(opt_config, **{**RUN, **run})
-  values.update(step_lib.label_smoothing_inputs(smoothing, NUM_CLASSES))
+  values.update(losses.label_smoothing_inputs(smoothing, NUM_CLASSES))
+  return values
+
+
+def _inputs(opt_config, smoothing=0.1, **run):
+  """The step's numbers as float32 inputs."""
+  values = _values(opt_config, smoothing, **run)
   return {k: jnp.float32(v) for k, v in values.items()}
+
+
+def _bound(step, values):
+  """`step` with `values` bound: the numbers are constants of its program."""
+  return lambda state, batch: step(state, batch, values)
 
 
 def _both_steps(model, opt_config):
   """(constant step, hyperparameter step), both jitted."""
-  tx, schedule = optim.make_optimizer(opt_config, **RUN)
-  kw = dict(
-    num_classes=NUM_CLASSES, opt_config=opt_config, compute_dtype='float32'
-  )
-  constant = step_lib.make_train_step(
-    model, tx, schedule, label_smoothing=0.1, **kw
-  )
-  traced = step_lib.make_hyperparam_train_step(model, **kw)
+  traced = step_lib.make_train_step(
+    model, num_classes=NUM_CLASSES, opt_config=opt_config,
+    compute_dtype='float32',
+  )  # fmt: skip
+  constant = _bound(traced, _values(opt_config))
   return jax.jit(constant), jax.jit(traced)
 
 
@@ -154,13 +166,10 @@ def test_program_does_not_depend_on_the_numbers():
     (base, 0.1, {}),
     (other, 0.2, {'total_steps': 99}),
   ):
-    step = step_lib.make_hyperparam_train_step(model, opt_config=config, **kw)
+    step = step_lib.make_train_step(model, opt_config=config, **kw)
     inputs = _inputs(config, smoothing, **run)
     texts.append(_lowered_text(step, state, batch, inputs))
-    tx, schedule = optim.make_optimizer(config, **{**RUN, **run})
-    constant = step_lib.make_train_step(
-      model, tx, schedule, opt_config=config, label_smoothing=smoothing, **kw
-    )
+    constant = _bound(step, _values(config, smoothing, **run))
     constant_texts.append(_lowered_text(constant, state, batch))
   assert texts[0] == texts[1]
   # The control: with the numbers as constants the programs differ.
@@ -172,7 +181,7 @@ def test_structure_still_changes_the_program():
   state = _initial_state(model, _opt_config())
   texts = []
   for config in (_opt_config(), _opt_config(nesterov=False)):
-    step = step_lib.make_hyperparam_train_step(
+    step = step_lib.make_train_step(
       model, num_classes=NUM_CLASSES, opt_config=config,
       compute_dtype='float32',
     )  # fmt: skip

@@ -1,7 +1,7 @@
 """End-to-end tests of nfnets.train.loop on one device (tiny NFNet, digits).
 
-Multi-device, multi-process and SIGTERM runs are in test_train_multidevice.py;
-the full-size F0 step is in test_train_f0.py.
+Multi-device, multi-process and SIGTERM runs are in test_multidevice.py; the
+full-size F0 step is in tests/e2e/test_train_f0.py.
 """
 
 import glob

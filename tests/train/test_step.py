@@ -1,4 +1,7 @@
-"""Tests for nfnets.train.step: loss, targets, top-k, the train/eval steps.
+"""Tests for nfnets.train's step, losses and state modules.
+
+Targets, loss and top-k; the train step (through its one factory, with the
+optimizer's numbers bound as constants) and the eval step.
 
 References are NumPy re-derivations: for a linear softmax classifier the
 gradient of the cross-entropy is `X^T (softmax(XW + b) - Y) / B`, so one SGD
@@ -12,22 +15,38 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
 
-from nfnets import models
+from nfnets import models, optim
+from nfnets.train import losses
+from nfnets.train import state as state_lib
 from nfnets.train import step as step_lib
 
 NUM_CLASSES = 5
 FEATURES = 6
 
 
-def _opt_config(**kw):
-  base = dict(
-    sam_rho=0.0, ema_decay=0.0, clipping=0.0, eps=1e-3, agc_exclude=()
+def _opt_config(lr=0.5, **kw):
+  """Plain SGD at a constant `lr`: no AGC, momentum, weight decay or warmup."""
+  config = optim.default_config()
+  config.update(
+    name='sgd', lr=lr, min_lr=lr, scale_lr_by_batch=False, warmup_steps=0,
+    momentum=0.0, nesterov=False, weight_decay=0.0, clipping=0.0,
+    ema_decay=0.0,
+  )  # fmt: skip
+  config.update(kw)
+  return config
+
+
+def _hyperparams(opt_config, smoothing=0.0):
+  values = optim.hyperparams(
+    opt_config, steps_per_epoch=1, total_steps=10, global_batch_size=8
   )
-  base.update(kw)
-  return ml_collections.ConfigDict(base)
+  return {**values, **losses.label_smoothing_inputs(smoothing, NUM_CLASSES)}
+
+
+def _optimizer(opt_config):
+  return optim.build_optimizer(opt_config, _hyperparams(opt_config))[0]
 
 
 def _linear_model():
@@ -73,35 +92,32 @@ def _batch(seed=0, n=8, mixed=False):
   return batch
 
 
-def _state(model, tx, ema=False):
+def _state(model, opt_config, ema=False):
   params, model_state = model.init(
     jax.random.PRNGKey(0), jnp.zeros((1, 1, 1, FEATURES)), 1
   )
   assert model_state == {}
   # Non-zero bias so its gradient path is exercised.
   params = jax.tree.map(lambda p: p + 0.1, params)
-  return step_lib.make_train_state(
-    params, model_state, tx, jax.random.PRNGKey(1), ema=ema
-  )
+  return state_lib.make_train_state(
+    params, model_state, _optimizer(opt_config), jax.random.PRNGKey(1),
+    ema=ema,
+  )  # fmt: skip
 
 
-def _step(model, tx, opt_config, smoothing=0.1, dtype='float32'):
-  return jax.jit(
-    step_lib.make_train_step(
-      model,
-      tx,
-      lambda s: 0.5 * jnp.ones_like(s, jnp.float32),
-      num_classes=NUM_CLASSES,
-      opt_config=opt_config,
-      compute_dtype=dtype,
-      label_smoothing=smoothing,
-    )
+def _step(model, opt_config, smoothing=0.1, dtype='float32'):
+  """The train step with the numbers of `opt_config` bound, jitted."""
+  step = step_lib.make_train_step(
+    model, num_classes=NUM_CLASSES, opt_config=opt_config, compute_dtype=dtype
   )
+  hyperparams = _hyperparams(opt_config, smoothing)
+  return jax.jit(lambda state, batch: step(state, batch, hyperparams))
 
 
 def test_make_targets_matches_hand_mixing_and_smoothing():
   b = _batch(mixed=True)
-  got = step_lib.make_targets(b, NUM_CLASSES, 0.1)
+  smoothing = losses.label_smoothing_inputs(0.1, NUM_CLASSES)
+  got = losses.make_targets(b, NUM_CLASSES, smoothing)
   want = _np_targets(b['labels'], b['mix_labels'], b['ratio'], 0.1)
   np.testing.assert_allclose(got, want, rtol=1e-6)
   np.testing.assert_allclose(np.sum(got, -1), 1.0, rtol=1e-6)
@@ -113,20 +129,20 @@ def test_cross_entropy_and_topk_match_numpy():
   labels = rng.randint(0, 10, 16)
   targets = np.eye(10)[labels]
   want = -np.log(_np_softmax(logits.astype(np.float64))[np.arange(16), labels])
-  got = step_lib.softmax_cross_entropy(jnp.asarray(logits), targets)
+  got = losses.softmax_cross_entropy(jnp.asarray(logits), targets)
   np.testing.assert_allclose(got, want, rtol=1e-5)
   ranks = np.argsort(-logits, axis=-1)
   for k in (1, 3, 5):
     want_k = np.any(ranks[:, :k] == labels[:, None], axis=-1)
-    got_k = step_lib.topk_correct(jnp.asarray(logits), jnp.asarray(labels), k)
+    got_k = losses.topk_correct(jnp.asarray(logits), jnp.asarray(labels), k)
     np.testing.assert_array_equal(got_k, want_k.astype(np.float32))
 
 
 def test_sgd_step_matches_hand_gradient():
-  model, tx = _linear_model(), optax.sgd(0.5)
-  state = _state(model, tx)
+  model, opt_config = _linear_model(), _opt_config()
+  state = _state(model, opt_config)
   b = _batch(mixed=True)
-  new, metrics = _step(model, tx, _opt_config())(state, b)
+  new, metrics = _step(model, opt_config)(state, b)
   w, bias = (np.asarray(state.params['linear'][k]) for k in ('w', 'b'))
   x = b['images'].reshape(len(b['labels']), -1).astype(np.float64)
   targets = _np_targets(b['labels'], b['mix_labels'], b['ratio'], 0.1)
@@ -151,9 +167,9 @@ def test_sgd_step_matches_hand_gradient():
 
 
 def test_ema_step_uses_warmup_decay():
-  model, tx = _linear_model(), optax.sgd(0.5)
-  state = _state(model, tx, ema=True)
-  new, _ = _step(model, tx, _opt_config(ema_decay=0.999))(state, _batch())
+  model, opt_config = _linear_model(), _opt_config(ema_decay=0.999)
+  state = _state(model, opt_config, ema=True)
+  new, _ = _step(model, opt_config)(state, _batch())
   # At step 0 the decay is min(0.999, (1 + 0) / (10 + 0)) = 0.1.
   for k in ('w', 'b'):
     want = 0.1 * state.params['linear'][k] + 0.9 * new.params['linear'][k]
@@ -161,10 +177,11 @@ def test_ema_step_uses_warmup_decay():
 
 
 def test_sam_step_uses_gradient_at_ascent_point():
-  model, tx, rho = _linear_model(), optax.sgd(1.0), 0.3
-  state = _state(model, tx)
+  model, rho = _linear_model(), 0.3
+  opt_config = _opt_config(lr=1.0, sam_rho=rho)
+  state = _state(model, opt_config)
   b = _batch(seed=1)
-  new, _ = _step(model, tx, _opt_config(sam_rho=rho), smoothing=0.0)(state, b)
+  new, _ = _step(model, opt_config, smoothing=0.0)(state, b)
   w, bias = (np.asarray(state.params['linear'][k], np.float64) for k in 'wb')
   x = b['images'].reshape(len(b['labels']), -1).astype(np.float64)
   y = _np_targets(b['labels'])
@@ -176,11 +193,11 @@ def test_sam_step_uses_gradient_at_ascent_point():
 
 
 def test_bfloat16_compute_keeps_float32_master_weights():
-  model, tx = _linear_model(), optax.sgd(0.5)
-  state = _state(model, tx)
+  model, opt_config = _linear_model(), _opt_config()
+  state = _state(model, opt_config)
   b = _batch(mixed=True)
-  f32, m32 = _step(model, tx, _opt_config())(state, b)
-  bf16, m16 = _step(model, tx, _opt_config(), dtype='bfloat16')(state, b)
+  f32, m32 = _step(model, opt_config)(state, b)
+  bf16, m16 = _step(model, opt_config, dtype='bfloat16')(state, b)
   for leaf in jax.tree.leaves(bf16.params):
     assert leaf.dtype == jnp.float32
   assert m16['loss'].dtype == jnp.float32
@@ -193,8 +210,8 @@ def test_bfloat16_compute_keeps_float32_master_weights():
 
 
 def test_eval_step_ignores_masked_examples():
-  model, tx = _linear_model(), optax.sgd(0.5)
-  params = _state(model, tx).params
+  model = _linear_model()
+  params = _state(model, _opt_config()).params
   b = _batch(seed=2, n=8)
   b['mask'] = np.array([1, 1, 1, 1, 1, 0, 0, 0], np.float32)
   sums = jax.jit(step_lib.make_eval_step(model, NUM_CLASSES))(params, {}, b)
@@ -215,7 +232,7 @@ def test_eval_step_ignores_masked_examples():
 @pytest.mark.parametrize('dtype', ['bfloat16', 'float16'])
 def test_cast_floats_casts_only_floats(dtype):
   tree = {'w': jnp.ones((2,), jnp.float32), 'i': jnp.ones((2,), jnp.int32)}
-  out = step_lib.cast_floats(tree, jnp.dtype(dtype))
+  out = state_lib.cast_floats(tree, jnp.dtype(dtype))
   assert out['w'].dtype == jnp.dtype(dtype)
   assert out['i'].dtype == jnp.int32
 
@@ -275,13 +292,14 @@ def bn_run():
     jax.random.key(0, impl='unsafe_rbg'),
     jnp.zeros((1, BN_IMAGES, BN_IMAGES, 3)),
   )
-  tx = optax.sgd(0.5)
+  opt_config = _opt_config(ema_decay=BN_EMA_DECAY)
   states = [
-    step_lib.make_train_state(
-      params, model_state, tx, jax.random.PRNGKey(1), ema=True
+    state_lib.make_train_state(
+      params, model_state, _optimizer(opt_config), jax.random.PRNGKey(1),
+      ema=True,
     )
-  ]
-  step = _step(model, tx, _opt_config(ema_decay=BN_EMA_DECAY), 0.0)
+  ]  # fmt: skip
+  step = _step(model, opt_config, 0.0)
   for seed in (0, 1):
     states.append(step(states[-1], _bn_batch(seed))[0])
   return model, jax.device_get(states)

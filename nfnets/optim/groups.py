@@ -1,0 +1,154 @@
+"""Parameter groups: regexes over Haiku leaf names, and the masks they give.
+
+A leaf's name is its Haiku path joined with '/', `module/param` (e.g.
+`NFNet/~/nf_block_1/~/conv0/w`); a group is a list of Python regexes, each
+`re.search`ed in that name. The defaults reproduce the groups of DeepMind's
+reference (`SGD_AGC` in `deepmind-research/nfnets`).
+"""
+
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import jax
+
+PyTree = Any
+Patterns = str | Iterable[str] | None
+
+# The classifier weight: a `linear*` module outside any squeeze-excite block.
+# DeepMind's reference leaves only this tensor unclipped ('linear' in the
+# module name and 'squeeze_excite' not in it; biases were put in the
+# gains/biases group first, so the classifier bias is still clipped).
+AGC_EXCLUDE = (r'^(?!.*squeeze_excite)(.*/)?linear(_\d+)?/w$',)
+
+# The reference's no-weight-decay group: parameters named `b`, `scale` or
+# `offset`, or whose name contains `gain` or `bias` (WS gains and biases,
+# every `skip_gain`, Linear biases including the classifier's). Patterns are
+# anchored on the parameter name, the part after the last '/'.
+WD_EXCLUDE = (r'/(b|scale|offset)$', r'/[^/]*gain[^/]*$', r'/[^/]*bias[^/]*$')
+
+
+def _key_name(key: Any) -> str:
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def leaf_name(path: Sequence[Any]) -> str:
+  """Joins a pytree key path into a Haiku-style name `module/param`.
+
+  Args:
+    path: a key path from `jax.tree_util.tree_flatten_with_path`.
+
+  Returns:
+    The keys joined with '/', e.g. `'NFNet/~/linear/w'`.
+  """
+  return '/'.join(_key_name(k) for k in path)
+
+
+def compile_patterns(patterns: Patterns) -> list[re.Pattern]:
+  """Compiles a group's regexes, with a clear error for a bad one.
+
+  Args:
+    patterns: regexes, one regex, or None (no pattern).
+
+  Returns:
+    The compiled patterns.
+
+  Raises:
+    ValueError: a pattern is not a valid Python regex.
+  """
+  if patterns is None:
+    return []
+  if isinstance(patterns, str):
+    patterns = (patterns,)
+  compiled = []
+  for p in patterns:
+    try:
+      compiled.append(re.compile(p))
+    except re.error as e:
+      raise ValueError(
+        f'Invalid parameter-group regex {p!r}: {e}. Patterns are Python '
+        "regexes searched in 'module/param' names, e.g. r'/b$'."
+      ) from e
+  return compiled
+
+
+def _matches(name: str, compiled: list[re.Pattern]) -> bool:
+  return any(c.search(name) for c in compiled)
+
+
+def select_leaves(params: PyTree, patterns: Patterns) -> list[str]:
+  """Lists the leaves whose `module/param` name matches any of `patterns`.
+
+  Args:
+    params: a parameter tree, e.g. Haiku's `{module: {param: array}}`. Leaves
+      may be arrays or `jax.ShapeDtypeStruct`s.
+    patterns: regexes (or one regex), searched with `re.search`.
+
+  Returns:
+    The matching names, in tree order.
+  """
+  compiled = compile_patterns(patterns)
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  return [
+    leaf_name(path) for path, _ in leaves if _matches(leaf_name(path), compiled)
+  ]
+
+
+def _mask_excluding(params: PyTree, patterns: Patterns) -> PyTree:
+  compiled = compile_patterns(patterns)
+  return jax.tree_util.tree_map_with_path(
+    lambda path, _: not _matches(leaf_name(path), compiled), params
+  )
+
+
+def agc_mask(params: PyTree, exclude: Patterns = AGC_EXCLUDE) -> PyTree:
+  """Boolean tree: True where AGC applies (leaves not matching `exclude`).
+
+  Args:
+    params: a parameter (or gradient) tree.
+    exclude: regexes over `module/param` names; by default the classifier
+      weight only, as in the reference.
+
+  Returns:
+    A tree of Python bools with the structure of `params`.
+  """
+  return _mask_excluding(params, exclude)
+
+
+def weight_decay_mask(params: PyTree, exclude: Patterns = WD_EXCLUDE) -> PyTree:
+  """Boolean tree: True where weight decay applies.
+
+  Args:
+    params: a parameter (or gradient) tree.
+    exclude: regexes over `module/param` names; by default gains, biases and
+      skip gains, as in the reference.
+
+  Returns:
+    A tree of Python bools with the structure of `params`.
+  """
+  return _mask_excluding(params, exclude)
+
+
+def describe_param_groups(
+  params: PyTree,
+  agc_exclude: Patterns = AGC_EXCLUDE,
+  wd_exclude: Patterns = WD_EXCLUDE,
+) -> dict[str, list[str]]:
+  """Names the leaves left out of AGC and of weight decay, for logging.
+
+  Args:
+    params: a parameter tree.
+    agc_exclude: regexes of leaves that AGC skips.
+    wd_exclude: regexes of leaves that weight decay skips.
+
+  Returns:
+    `{'no_agc': [...], 'no_weight_decay': [...], 'all': [...]}`.
+  """
+  return {
+    'no_agc': select_leaves(params, agc_exclude),
+    'no_weight_decay': select_leaves(params, wd_exclude),
+    'all': select_leaves(params, ('',)),
+  }

@@ -1,0 +1,184 @@
+"""The safe on-disk formats of NFNet weights, and telling formats apart.
+
+`save_params` writes Haiku params once in a format that needs no pickle:
+safetensors, or an `.npz` whose members are plain arrays, with string
+metadata (format, layout, variant, model kwargs). `read_params` reads those,
+DeepMind's dill pickles (through `nfnets.pretrained.safe_pickle`) and timm
+`dm_nfnet_*` safetensors state dicts (through
+`nfnets.pretrained.timm_interop`), choosing by the file's first bytes, not
+its name (`sniff_format`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from nfnets.pretrained import safe_pickle, timm_interop
+from nfnets.pretrained.errors import WeightsError
+from nfnets.pretrained.safe_pickle import Params
+
+FORMAT_NAME = 'nfnets-haiku-params'
+_METADATA_KEY = '__metadata__'
+_PICKLE_MAGIC = b'\x80'
+_ZIP_MAGIC = b'PK'
+_SAFETENSORS_SUFFIX = '.safetensors'
+
+
+def flatten_params(params: Mapping[str, Mapping[str, Any]]) -> dict:
+  """`{module: {name: x}}` -> `{'module/name': x}` (names hold no '/')."""
+  return {
+    f'{module}/{name}': np.asarray(value)
+    for module, leaves in params.items()
+    for name, value in leaves.items()
+  }
+
+
+def unflatten_params(flat: Mapping[str, np.ndarray]) -> Params:
+  """Inverse of `flatten_params`: splits each key at its last '/'."""
+  params = {}
+  for key, value in flat.items():
+    module, sep, name = key.rpartition('/')
+    if not sep:
+      raise ValueError(
+        f'Key {key!r} is not "module/param"; is this a timm state dict? '
+        'Load it with nfnets.pretrained.timm_interop.load_timm.'
+      )
+    params.setdefault(module, {})[name] = np.asarray(value)
+  return params
+
+
+def save_params(
+  params: Mapping[str, Mapping[str, Any]],
+  path: str | os.PathLike,
+  metadata: Mapping[str, str] | None = None,
+) -> None:
+  """Writes params to `.safetensors` or `.npz` (no pickle), atomically.
+
+  Args:
+    params: Haiku params `{module: {name: array}}` (numpy or jax arrays).
+    path: destination; the suffix picks the format.
+    metadata: optional string metadata (e.g. variant) stored in the file.
+  """
+  path = os.fspath(path)
+  meta = {'format': FORMAT_NAME, 'layout': 'HWIO', **(metadata or {})}
+  flat = {
+    k: np.require(v, requirements='C')
+    for k, v in flatten_params(params).items()
+  }
+  # Write next to the destination and rename, so an interrupted save never
+  # leaves a truncated file under the final name.
+  tmp = f'{path}.tmp-{os.getpid()}'
+  if path.endswith(_SAFETENSORS_SUFFIX):
+    save_file(flat, tmp, metadata={k: str(v) for k, v in meta.items()})
+  elif path.endswith('.npz'):
+    with open(tmp, 'wb') as f:
+      np.savez(f, **flat, **{_METADATA_KEY: np.array(json.dumps(meta))})
+  else:
+    raise ValueError(
+      f'Unknown weights format for {path!r}: use a .safetensors or .npz name.'
+    )
+  os.replace(tmp, path)
+
+
+def _read_safetensors(path: str) -> tuple[dict, dict]:
+  with safe_open(path, framework='numpy') as f:
+    flat = {key: f.get_tensor(key) for key in f.keys()}
+    metadata = dict(f.metadata() or {})
+  return flat, metadata
+
+
+def _read_npz(path: str) -> tuple[dict, dict]:
+  # allow_pickle=False: an npz member holding objects raises instead of
+  # unpickling them.
+  with np.load(path, allow_pickle=False) as data:
+    flat = {key: data[key] for key in data.files}
+  metadata = {}
+  if _METADATA_KEY in flat:
+    metadata = json.loads(str(flat.pop(_METADATA_KEY)))
+  return flat, metadata
+
+
+def sniff_format(path: str | os.PathLike) -> str:
+  """Tells the weights formats apart by content, not by file name.
+
+  Args:
+    path: the weights file.
+
+  Returns:
+    'pickle', 'npz' or 'safetensors', from the file's first bytes.
+
+  Raises:
+    FileNotFoundError: there is no file at `path`.
+    WeightsError: the file starts like none of the formats.
+  """
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+      f'No weights file at {os.fspath(path)!r}. Download the official ones '
+      'with scripts/download_pretrained.sh or pass the right path.'
+    )
+  with open(path, 'rb') as f:
+    head = f.read(9)
+  if head[:1] == _PICKLE_MAGIC:
+    return 'pickle'
+  if head[:2] == _ZIP_MAGIC:
+    return 'npz'
+  # safetensors: 8-byte little-endian header size, then a JSON header.
+  if len(head) == 9 and head[8:9] == b'{':
+    return 'safetensors'
+  raise WeightsError(
+    f'{os.fspath(path)!r} is not a DeepMind pickle, an .npz or a '
+    '.safetensors weights file (truncated or wrong file?).'
+  )
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+  """The string metadata of a weights file, without reading the weights.
+
+  Args:
+    path: the weights file.
+
+  Returns:
+    e.g. `{'format': ..., 'variant': 'F0', 'model_kwargs': '{...}'}`; empty
+    for DeepMind pickles and timm files, which record none.
+  """
+  fmt = sniff_format(path)
+  if fmt == 'safetensors':
+    with safe_open(os.fspath(path), framework='numpy') as f:
+      return dict(f.metadata() or {})
+  if fmt == 'npz':
+    with np.load(path, allow_pickle=False) as data:
+      if _METADATA_KEY in data.files:
+        return json.loads(str(data[_METADATA_KEY]))
+  return {}
+
+
+def read_params(path: str | os.PathLike) -> tuple[Params, dict]:
+  """Reads weights from any supported file, without checking them.
+
+  Supported: DeepMind's dill-pickled `F*_haiku.npz` (read safely), our
+  `.safetensors`/`.npz` files and timm `dm_nfnet_*` safetensors state dicts.
+
+  Args:
+    path: the weights file.
+
+  Returns:
+    `(params, metadata)`: Haiku params of numpy arrays and the file's string
+    metadata (empty for DeepMind pickles).
+  """
+  path = os.fspath(path)
+  fmt = sniff_format(path)
+  if fmt == 'pickle':
+    return safe_pickle.read_dm_pickle(path), {}
+  flat, metadata = (_read_safetensors if fmt == 'safetensors' else _read_npz)(
+    path
+  )
+  if timm_interop.is_timm_state_dict(flat):
+    return timm_interop.from_timm_state_dict(flat), metadata
+  return safe_pickle.validate_tree(unflatten_params(flat)), metadata

@@ -1,0 +1,231 @@
+"""Loading pretrained NFNet weights, checked against the model they are for.
+
+`load(path, variant=...)` reads any weights file `read_params` understands
+and compares every parameter name and shape with the chosen variant,
+reporting all mismatches at once. `merge_pretrained` initialises a model for
+fine-tuning from pretrained params, re-initialising a classifier whose
+number of classes differs. `PRETRAINED` lists DeepMind's released weights.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import haiku as hk
+import jax
+import numpy as np
+
+from nfnets.models import nfnet
+from nfnets.pretrained.errors import PretrainedMismatchError
+from nfnets.pretrained.formats import flatten_params, read_params
+from nfnets.pretrained.safe_pickle import Params
+
+# Public URLs of DeepMind's released weights (F6 was trained with SAM) and the
+# top-1 / top-5 ImageNet accuracy their README reports at test resolution.
+PRETRAINED = {
+  f'F{n}': dict(
+    url=f'https://storage.googleapis.com/dm-nfnets/F{n}_haiku.npz',
+    top1=top1,
+    top5=top5,
+  )
+  for n, (top1, top5) in enumerate(
+    [
+      (83.6, 96.8),
+      (84.7, 97.1),
+      (85.1, 97.3),
+      (85.7, 97.5),
+      (85.9, 97.6),
+      (86.0, 97.6),
+      (86.5, 97.9),
+    ]
+  )
+}
+
+# Module that holds the classifier in DeepMind's naming.
+CLASSIFIER_MODULE = 'NFNet/~/linear'
+
+
+def expected_shapes(
+  variant: str = 'F0', num_classes: int = 1000, **model_kwargs
+) -> dict[str, dict[str, tuple[int, ...]]]:
+  """Parameter shapes of `nfnet.NFNet(num_classes, variant, **model_kwargs)`.
+
+  Args:
+    variant: a key of `nfnets.VARIANTS` (e.g. 'F0').
+    num_classes: classifier width.
+    **model_kwargs: further `NFNet` constructor arguments (e.g. `width`).
+
+  Returns:
+    `{module: {name: shape}}`, computed abstractly (no weights allocated).
+  """
+  if variant not in nfnet.VARIANTS:
+    raise ValueError(
+      f'Unknown variant {variant!r}; valid: {sorted(nfnet.VARIANTS)}.'
+    )
+
+  def forward(x):
+    net = nfnet.NFNet(num_classes=num_classes, variant=variant, **model_kwargs)
+    return net(x, is_training=False)
+
+  model = hk.transform(forward)
+  x = jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32)
+  # A concrete key: its shape depends on the configured PRNG implementation.
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+  return {
+    m: {n: tuple(v.shape) for n, v in leaves.items()}
+    for m, leaves in shapes.items()
+  }
+
+
+def find_mismatches(
+  params: Mapping[str, Mapping[str, Any]],
+  expected: Mapping[str, Mapping[str, tuple[int, ...]]],
+) -> list[str]:
+  """Lists every missing, unexpected or wrongly shaped parameter.
+
+  Args:
+    params: the params to check.
+    expected: `{module: {name: shape}}`, e.g. from `expected_shapes`.
+
+  Returns:
+    One human-readable line per problem; empty when everything matches.
+  """
+  got = {k: tuple(np.shape(v)) for k, v in flatten_params(params).items()}
+  want = {
+    f'{m}/{n}': tuple(s)
+    for m, leaves in expected.items()
+    for n, s in leaves.items()
+  }
+  problems = [f'missing: {k} {want[k]}' for k in sorted(want.keys() - got)]
+  problems += [f'unexpected: {k} {got[k]}' for k in sorted(got.keys() - want)]
+  problems += [
+    f'shape: {k} is {got[k]}, model expects {want[k]}'
+    for k in sorted(want.keys() & got.keys())
+    if got[k] != want[k]
+  ]
+  return problems
+
+
+def check_params(
+  params: Mapping[str, Mapping[str, Any]],
+  expected: Mapping[str, Mapping[str, tuple[int, ...]]],
+  *,
+  what: str = 'weights',
+  hint: str = '',
+) -> None:
+  """Raises if any name or shape differs, listing every problem.
+
+  Args:
+    params: the params to check.
+    expected: `{module: {name: shape}}` of the model.
+    what: description of the weights for the error message.
+    hint: extra advice appended to the message.
+
+  Raises:
+    PretrainedMismatchError: when `find_mismatches` reports anything.
+  """
+  problems = find_mismatches(params, expected)
+  if problems:
+    raise PretrainedMismatchError(
+      f'{what}: {len(problems)} problems.{hint}\n  ' + '\n  '.join(problems)
+    )
+
+
+def _infer_num_classes(params: Params) -> int:
+  bias = params.get(CLASSIFIER_MODULE, {}).get('b')
+  return 1000 if bias is None else int(np.shape(bias)[0])
+
+
+def load(
+  path: str | os.PathLike,
+  variant: str = 'F0',
+  *,
+  num_classes: int | None = None,
+  check: bool = True,
+  **model_kwargs,
+) -> Params:
+  """Loads NFNet weights from any supported file and checks them.
+
+  Args:
+    path: DeepMind `F*_haiku.npz` pickle, our `.safetensors`/`.npz`, or a
+      timm `dm_nfnet_*` safetensors file.
+    variant: the NFNet variant the weights are for (e.g. 'F0').
+    num_classes: classifier width; inferred from the file when None.
+    check: compare every name and shape with the model (recommended).
+    **model_kwargs: further `NFNet` constructor arguments (e.g. `width`).
+
+  Returns:
+    Haiku params `{module: {name: float32 np.ndarray}}`.
+
+  Raises:
+    PretrainedMismatchError: listing every mismatch, when `check` finds any.
+  """
+  params, metadata = read_params(path)
+  if num_classes is None:
+    num_classes = _infer_num_classes(params)
+  if check:
+    hint = ''
+    file_variant = metadata.get('variant')
+    if file_variant and file_variant != variant:
+      hint = f' The file says it holds variant {file_variant!r}.'
+    check_params(
+      params,
+      expected_shapes(variant, num_classes, **model_kwargs),
+      what=f'{os.fspath(path)!r} for NFNet variant {variant!r} with '
+      f'{num_classes} classes',
+      hint=hint + ' Pass the variant the weights were trained as.',
+    )
+  return jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+
+
+def merge_pretrained(
+  init_params: Mapping[str, Mapping[str, Any]],
+  pretrained: Mapping[str, Mapping[str, Any]],
+  *,
+  reinit_modules: tuple[str, ...] = (CLASSIFIER_MODULE,),
+) -> Params:
+  """Initialises a model for fine-tuning from pretrained params.
+
+  Every parameter is taken from `pretrained`, except those of
+  `reinit_modules` whose shapes differ (a classifier for a different number
+  of classes), which keep their fresh initialisation.
+
+  Args:
+    init_params: freshly initialised params of the model to fine-tune.
+    pretrained: pretrained params (e.g. from `load(..., check=False)`).
+    reinit_modules: modules that may be replaced when their shapes differ.
+
+  Returns:
+    Params with the structure and dtypes of `init_params`.
+
+  Raises:
+    PretrainedMismatchError: any other name or shape mismatch, all listed.
+  """
+  expected = {
+    m: {n: np.shape(v) for n, v in leaves.items()}
+    for m, leaves in init_params.items()
+  }
+  replaced = [
+    m
+    for m in reinit_modules
+    if m in expected
+    and find_mismatches({m: pretrained.get(m, {})}, {m: expected[m]})
+  ]
+  problems = find_mismatches(
+    {m: v for m, v in pretrained.items() if m not in replaced},
+    {m: v for m, v in expected.items() if m not in replaced},
+  )
+  if problems:
+    raise PretrainedMismatchError(
+      'Pretrained weights do not fit the model being fine-tuned (use the '
+      'same variant and width):\n  ' + '\n  '.join(problems)
+    )
+  return {
+    m: {
+      n: v if m in replaced else np.asarray(pretrained[m][n], v.dtype)
+      for n, v in leaves.items()
+    }
+    for m, leaves in init_params.items()
+  }
