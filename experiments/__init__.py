@@ -7,13 +7,18 @@ itself). The programs:
 
 * `train`: train and evaluate a config (`nfnets.train.train_and_evaluate`);
 * `evaluate`: evaluate weights or a training run on a dataset split;
-* `predict`: classify image files with pretrained weights;
+* `predict`: classify image files with a training run or weights file;
 * `convert_weights`: convert weights files to safetensors, `.npz` or timm;
 * `prepare_imagenet`: build the tfds ImageNet from the official tar files;
 * `benchmark`: time training steps, the paper's speed protocol;
 * `benchmark_input`: throughput of the input pipeline;
 * `spp`: signal-propagation plots at initialisation;
 * `sweep`: run a grid of config overrides and tabulate the results.
+
+`common` is their shared plumbing: a quiet start (no TensorFlow or JAX
+start-up notices), short messages for user errors (exit status 2 for usage
+and config errors, 1 for runtime failures; `NFNETS_TRACEBACK=1` shows the
+traceback) and `--config` defaulting to a run's saved config.
 
 `scripts/` holds the rest: shell helpers (weight download, ImageNet
 preparation, the GPU benchmark wrapper), the repository's structure check,

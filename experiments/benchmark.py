@@ -64,6 +64,13 @@ _TRACE = flags.DEFINE_integer(
   'Print the N longest XLA compile events of each train step '
   '(nfnets.perf.compile_trace; 0 = off).',
 )  # fmt: skip
+_AUGMENT = flags.DEFINE_list(
+  'augment',
+  ['none'],
+  "Augmentation in the step, one run each: 'none' (float batch), 'device' "
+  "(F0 recipe's MixUp/CutMix/RandAugment on a uint8 batch, in-batch "
+  "pairing), 'device_reference' (2b images mixed into b).",
+)
 _JSON = flags.DEFINE_string('json_out', '', 'Write results to this JSON file.')
 
 
@@ -109,9 +116,13 @@ def main(argv):
       'jax_compilation_cache_dir', os.path.expanduser(_CACHE.value)
     )
   results = []
-  for name, kwargs in _model_specs():
+  specs = [(n, k, a) for n, k in _model_specs() for a in _AUGMENT.value]
+  for name, kwargs, augment in specs:
     config = workload.make_model_config(name, **kwargs)
-    print(f'Benchmarking {workload.display_name(config)} ...', flush=True)
+    print(
+      f'Benchmarking {workload.display_name(config)} (augment={augment}) ...',
+      flush=True,
+    )
     result = benchmark.run_benchmark(
       config,
       batch_size=_BATCH.value,
@@ -123,6 +134,7 @@ def main(argv):
       compile_only=_COMPILE_ONLY.value,
       compiler_options=json.loads(_COMPILER_OPTIONS.value) or None,
       trace_compile=_TRACE.value > 0,
+      augment=augment,
     )
     results.append(result)
     print(report.format_table([result]).split('\n')[2], flush=True)

@@ -1,13 +1,18 @@
 r"""Input-pipeline throughput: images/s of the NFNet training pipeline.
 
 Builds a small ImageNet in the real manual-download layout from the photos
-that ship with scikit-image (random crops resized to ImageNet-like sizes,
-JPEG quality 90), prepares it with tfds, then times our pipelines on it:
+that ship with scikit-image (random crops resized to ImageNet's typical
+~500x375, with mild sensor-like noise so that JPEG quality 95 gives
+ImageNet's ~110 KB per file), prepares it with tfds, then times our
+pipelines on it:
 
-  - 'f0': the F0 recipe at 192 px (Inception crop fused with JPEG decode,
-    flip, bicubic resize, MixUp + CutMix on 2b images -> b, RandAugment 405
-    after mixing, normalisation);
-  - 'plain': the same without MixUp/CutMix/RandAugment;
+  - 'plain': Inception crop fused with JPEG decode, flip, bicubic resize,
+    normalisation (192 px);
+  - 'f0_host': the F0 recipe on the host (MixUp + CutMix on 2b images -> b,
+    RandAugment 405 after mixing, normalisation);
+  - 'f0_device': the F0 recipe with augment_on='device', reference pairing:
+    the host decodes 2b images per b outputs and ships uint8;
+  - 'f0_device_inbatch': the same with in-batch pairing (b images);
   - 'eval': the F0 evaluation pipeline at 256 px (resize_crop_32);
   - 'digits': the quickstart's in-memory digits at 32 px.
 
@@ -15,9 +20,15 @@ Optionally (--model_steps > 0) it also times NFNet-F0 training steps at
 batch 8 (forward, backward, SGD update) on the same machine, to compare the
 pipeline's supply with the model's demand. Usage:
 
-  python -m experiments.benchmark_input --batch_size=64 --num_batches=20
+  python -m experiments.benchmark_input --batch_size=64 --num_batches=20 \
+    --json_out=input.json
+
+--json_out writes {pipeline: {"cpu_ms_per_image": ..., "images_per_s": ...}}
+(per output image; device pipelines exclude the step's augmentation, which
+`python -m experiments.benchmark --augment=device` times).
 """
 
+import json
 import os
 import tempfile
 import time
@@ -31,9 +42,15 @@ _SIZE = flags.DEFINE_integer('image_size', 192, 'Training image size.')
 _EVAL_SIZE = flags.DEFINE_integer('eval_image_size', 256, 'Eval size.')
 _PIPELINES = flags.DEFINE_list(
   'pipelines',
-  ['f0', 'plain', 'eval', 'digits'],
-  'Which pipelines to time: f0, plain, eval, digits.',
+  ['plain', 'f0_host', 'f0_device', 'f0_device_inbatch'],
+  'Which pipelines to time: plain, f0_host, f0_device, f0_device_inbatch, '
+  'eval, digits.',
 )
+_JSON = flags.DEFINE_string('json_out', '', 'Write the results as JSON here.')
+_NOISE = flags.DEFINE_float(
+  'noise', 10.0, 'Gaussian noise sd added to the photos (JPEG size).'
+)
+_QUALITY = flags.DEFINE_integer('quality', 95, 'JPEG quality.')
 _MODEL_STEPS = flags.DEFINE_integer(
   'model_steps', 0, 'Also time this many F0 train steps at batch 8.'
 )
@@ -41,7 +58,7 @@ _WORKDIR = flags.DEFINE_string('workdir', '', "Data folder ('' = temp).")
 
 
 def _imagenet_like_photos(n, seed=0):
-  """n uint8 photos: random crops of skimage's colour images, ~450x375."""
+  """n uint8 photos: random crops of skimage's colour images, ~500x375."""
   import numpy as np
   import skimage.data
   from PIL import Image
@@ -56,9 +73,10 @@ def _imagenet_like_photos(n, seed=0):
     h, w = src.shape[:2]
     ch, cw = int(h * rng.uniform(0.6, 1)), int(w * rng.uniform(0.6, 1))
     y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-    size = (int(rng.uniform(350, 500)), int(rng.uniform(300, 400)))
+    size = (int(rng.uniform(450, 550)), int(rng.uniform(340, 410)))
     crop = Image.fromarray(src[y : y + ch, x : x + cw]).resize(size)
-    photos.append(np.asarray(crop))
+    noisy = np.asarray(crop) + rng.normal(0, _NOISE.value, (*size[::-1], 3))
+    photos.append(np.clip(noisy, 0, 255).astype(np.uint8))
   return photos
 
 
@@ -73,7 +91,9 @@ def build_tiny_imagenet(workdir, num_images):
   synsets = prepare.imagenet_synsets()
   train = {synsets[i]: photos[i:num_images:8] for i in range(8)}
   manual = os.path.join(workdir, 'manual')
-  train_tar, _ = prepare.write_imagenet_tars(manual, train, photos[-16:])
+  train_tar, _ = prepare.write_imagenet_tars(
+    manual, train, photos[-16:], quality=_QUALITY.value
+  )
   mb = os.path.getsize(train_tar) / 2**20
   print(f'Wrote {num_images} JPEGs ({mb / num_images * 1024:.0f} KB each).')
   prepare.prepare_imagenet(manual, data_dir)
@@ -93,13 +113,17 @@ def _config(name, data_dir):
     eval_image_size=_EVAL_SIZE.value,
     deterministic=False,  # Throughput setting, as the reference.
   )
-  if name == 'f0':
+  if name.startswith('f0'):
     config.update(mixup_alpha=0.2, cutmix=True, randaugment='405')
+    config.augment_on = 'host' if name == 'f0_host' else 'device'
+    config.mix_pairing = 'in_batch' if name.endswith('inbatch') else 'reference'
+  else:
+    config.augment_on = 'host'
   return config
 
 
 def time_pipeline(name, data_dir):
-  """Returns images/s of one pipeline over --num_batches batches."""
+  """Returns (images/s, CPU-ms per image) of one pipeline."""
   from nfnets import data
 
   config = _config(name, data_dir)
@@ -118,18 +142,20 @@ def time_pipeline(name, data_dir):
   start, cpu, count = time.time(), time.process_time(), 0
   for _ in range(_BATCHES.value):
     b = next(it)
-    count += int(b['mask'].sum()) if 'mask' in b else len(b['labels'])
+    # Output images: the device pipelines' 2b reference rows make b.
+    rows = int(b['mask'].sum()) if 'mask' in b else len(b['labels'])
+    count += min(rows, batch) if name != 'eval' else rows
   rate = count / (time.time() - start)
   # CPU time (all threads) per image is robust to other load on the machine;
   # cores / (CPU s per image) estimates the rate on an idle machine.
   cpu_per_image = (time.process_time() - cpu) / count
   print(
-    f'{name:6s} pipeline: {rate:7.1f} images/s wall, '
+    f'{name:17s} pipeline: {rate:7.1f} images/s wall, '
     f'{1000 * cpu_per_image:6.2f} CPU-ms/image '
     f'(idle {os.cpu_count()}-core estimate {os.cpu_count() / cpu_per_image:.0f}'
     f' images/s; start-up {warm:.1f}s)'
   )
-  return rate
+  return rate, 1000 * cpu_per_image
 
 
 def time_model_steps(num_steps, batch=8):
@@ -184,8 +210,17 @@ def main(argv):
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix='bench_input_')
   data_dir = build_tiny_imagenet(workdir, _IMAGES.value)
   print(f'os.cpu_count()={os.cpu_count()}, load average {os.getloadavg()}')
+  results = {}
   for name in _PIPELINES.value:
-    time_pipeline(name, data_dir)
+    rate, cpu_ms = time_pipeline(name, data_dir)
+    results[name] = {'cpu_ms_per_image': cpu_ms, 'images_per_s': rate}
+  if 'plain' in results:
+    for name, r in results.items():
+      ratio = r['cpu_ms_per_image'] / results['plain']['cpu_ms_per_image']
+      print(f'{name:17s} host cost {ratio:.2f}x plain')
+  if _JSON.value:
+    with open(_JSON.value, 'w') as f:
+      json.dump(results, f, indent=2)
   if _MODEL_STEPS.value:
     time_model_steps(_MODEL_STEPS.value)
 

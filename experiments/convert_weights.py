@@ -15,9 +15,10 @@ checked against --variant before anything is written. See docs/pretrained.md.
 """
 
 import json
-import sys
 
 from absl import app, flags
+
+from experiments import common
 
 _INPUT = flags.DEFINE_string('input', None, 'Source weights file.')
 _OUTPUT = flags.DEFINE_string(
@@ -39,12 +40,11 @@ def main(argv):
   from nfnets import pretrained  # Deferred: fast --help.
   from nfnets.pretrained import timm_interop
 
-  kwargs = json.loads(_MODEL_KWARGS.value)
   try:
-    params = pretrained.load(_INPUT.value, _VARIANT.value, **kwargs)
-  except (FileNotFoundError, pretrained.WeightsError) as e:
-    sys.stderr.write(f'{e}\n')
-    sys.exit(1)
+    kwargs = json.loads(_MODEL_KWARGS.value)
+  except json.JSONDecodeError as e:
+    raise app.UsageError(f'--model_kwargs is not JSON: {e}') from e
+  params = pretrained.load(_INPUT.value, _VARIANT.value, **kwargs)
   if _TO.value == 'timm':
     timm_interop.save_timm(params, _OUTPUT.value)
   else:
@@ -58,4 +58,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  common.run(main)

@@ -1,30 +1,29 @@
 r"""Evaluates NFNet weights or a training run on a dataset split.
 
+    # A training run: its newest checkpoint's raw and EMA params, with the
+    # config the run saved (model, dataset, eval image size, ...):
+    python -m experiments.evaluate --workdir=runs/quickstart
+
     # DeepMind's F0 weights on ImageNet (validation, 256 px, top-1/top-5):
     python -m experiments.evaluate --config=configs/f0.py \
       --weights=pretrained/F0_haiku.npz \
       --config.data.data_dir=/path/to/tensorflow_datasets
 
-    # The raw and EMA params of the newest checkpoint of a training run:
-    python -m experiments.evaluate --config=configs/quickstart.py \
-      --workdir=runs/quickstart
-
-The model, dataset, split, image size (the variant's test size in the
-variant configs) and batch size come from the config; override any of them
-with --config.x.y=value. --output writes the metrics as JSON. See
+With --workdir alone the config is the run's `<workdir>/config.json`; with
+--config it is that file. Override any field with --config.x.y=value; for a
+run, the differences from its saved config are printed first. --output
+writes the metrics as JSON. User errors exit with status 2 (usage, config)
+or 1 (missing files); NFNETS_TRACEBACK=1 shows their tracebacks. See
 docs/pretrained.md.
 """
 
 import json
-import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app, flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-  'config', None, 'Path to a config file (configs/*.py[:arg]).',
-  lock_config=True,
-)  # fmt: skip
+from experiments import common
+
+_CONFIG = common.define_config_flag()
 _WEIGHTS = flags.DEFINE_string(
   'weights', '', 'Weights file (DeepMind F*_haiku.npz, .safetensors, .npz).'
 )
@@ -32,16 +31,6 @@ _WORKDIR = flags.DEFINE_string(
   'workdir', '', 'Training workdir: evaluates its newest checkpoint.'
 )
 _OUTPUT = flags.DEFINE_string('output', '', 'Optional JSON file for metrics.')
-flags.mark_flags_as_required(['config'])
-
-
-def _parse_flags(argv):
-  """Parses flags; a bad `--config.*` override gets a short message."""
-  try:
-    return flags.FLAGS(argv)
-  except (KeyError, AttributeError, TypeError, ValueError) as e:
-    sys.stderr.write(f'Error in the command-line config overrides: {e}\n')
-    sys.exit(2)
 
 
 def main(argv):
@@ -49,22 +38,18 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if bool(_WEIGHTS.value) == bool(_WORKDIR.value):
     raise app.UsageError('Pass exactly one of --weights and --workdir.')
-  if not flags.FLAGS['verbosity'].present:
-    # Orbax logs every checkpoint operation at INFO.
-    logging.set_verbosity(logging.WARNING)
+  if _CONFIG.value is None:
+    raise app.UsageError(
+      'Pass --config=configs/<name>.py for the model and dataset of --weights.'
+    )
   # Deferred so --help and flag errors stay fast.
   from nfnets.train import evaluation
 
-  try:
-    results = evaluation.evaluate_from(
-      _CONFIG.value, weights=_WEIGHTS.value, workdir=_WORKDIR.value
-    )
-  except (FileNotFoundError, ValueError) as e:
-    # Each says what to do: a missing or mismatched weights file (a
-    # pretrained.WeightsError is a ValueError), a BN model given --weights,
-    # a checkpoint of another config.
-    sys.stderr.write(f'{e}\n')
-    sys.exit(1)
+  if _WORKDIR.value:
+    common.print_config_differences(_WORKDIR.value, _CONFIG.value)
+  results = evaluation.evaluate_from(
+    _CONFIG.value, weights=_WEIGHTS.value, workdir=_WORKDIR.value
+  )
   for prefix in ('eval', 'eval_ema'):
     if f'{prefix}/top1' in results:
       print(
@@ -79,4 +64,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=_parse_flags)
+  common.run(main, prepare=common.use_run_config, tensorflow=True)

@@ -1,22 +1,40 @@
-r"""Classifies image files with pretrained NFNet weights; prints the top-5.
+r"""Classifies image files with a training run or a weights file; prints top-5.
 
+    # A training run: its dataset's class names, its eval image size and
+    # preprocessing, the EMA params of its newest checkpoint (--params=raw
+    # for the raw ones):
+    python -m experiments.predict --workdir=runs/flowers photo1.jpg
+
+    # A weights file (DeepMind's F*_haiku.npz, .safetensors, .npz):
     python -m experiments.predict --weights=pretrained/F0_haiku.npz \
       photo1.jpg photo2.png
 
-Each image gets the reference's evaluation preprocessing (resize to
-(S+32)^2 ignoring the aspect ratio, centre crop S = the variant's test size,
-normalise); 1000-class weights are labelled with the bundled ImageNet class
-names. The variant (and any other model kwargs) come from the flags, else
-from the weights file's metadata, else F0. See docs/pretrained.md.
+With --weights each image gets the reference's evaluation preprocessing
+(resize to (S+32)^2 ignoring the aspect ratio, centre crop S = the variant's
+test size, normalise); 1000-class weights are labelled with the bundled
+ImageNet class names. The variant (and any other model kwargs) come from the
+flags, else from the weights file's metadata, else F0. A file that cannot be
+read is reported and the others are still classified (exit status 1 at the
+end). See docs/pretrained.md.
 """
 
 import json
+import os
 import sys
 
 from absl import app, flags
 
+from experiments import common
+
+_CONFIG = common.define_config_flag()
 _WEIGHTS = flags.DEFINE_string(
   'weights', None, 'Weights file: DeepMind F*_haiku.npz, .safetensors, .npz.'
+)
+_WORKDIR = flags.DEFINE_string(
+  'workdir', None, 'Training workdir: predicts with its newest checkpoint.'
+)
+_PARAMS = flags.DEFINE_enum(
+  'params', 'ema', ['ema', 'raw'], 'With --workdir: the EMA or raw params.'
 )
 _VARIANT = flags.DEFINE_string(
   'variant', None, 'NFNet variant (F0..F7, F0+..); default: from the file.'
@@ -25,42 +43,133 @@ _MODEL_KWARGS = flags.DEFINE_string(
   'model_kwargs', None, 'JSON of extra NFNet kwargs, e.g. {"width": 0.5}.'
 )
 _IMAGE_SIZE = flags.DEFINE_integer(
-  'image_size', None, "Input size; default: the variant's test_imsize."
+  'image_size',
+  None,
+  "Input size; default: the run's eval_image_size or the variant's "
+  'test_imsize.',
 )
 _TOP_K = flags.DEFINE_integer('top_k', 5, 'Classes to print per image.')
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object per image.')
-flags.mark_flags_as_required(['weights'])
+
+
+def _check_sources():
+  if bool(_WEIGHTS.value) == bool(_WORKDIR.value):
+    raise app.UsageError('Pass exactly one of --weights and --workdir.')
+  if _WEIGHTS.value and os.path.isdir(_WEIGHTS.value):
+    raise app.UsageError(
+      f'--weights={_WEIGHTS.value} is a directory; for a training run pass '
+      f'--workdir={_WEIGHTS.value}.'
+    )
+  if _WORKDIR.value and (_VARIANT.value or _MODEL_KWARGS.value):
+    raise app.UsageError(
+      '--variant and --model_kwargs are for --weights; with --workdir the '
+      'model comes from the run (override with --config.model.*).'
+    )
+
+
+def _predict_weights(paths):
+  from nfnets.pretrained import inference
+
+  try:
+    kwargs = json.loads(_MODEL_KWARGS.value) if _MODEL_KWARGS.value else None
+  except json.JSONDecodeError as e:
+    raise app.UsageError(f'--model_kwargs is not JSON: {e}') from e
+  return inference.predict_files(
+    paths,
+    _WEIGHTS.value,
+    variant=_VARIANT.value,
+    model_kwargs=kwargs,
+    image_size=_IMAGE_SIZE.value,
+    k=_TOP_K.value,
+  )
+
+
+def _eval_preproc(data_config):
+  """The run's eval preprocessing, resolving 'auto' as its pipeline does."""
+  from nfnets.data import sources
+
+  mode = data_config.eval_preproc
+  if mode == 'auto':
+    natural = sources.make_source(data_config).natural_images
+    mode = 'resize_crop_32' if natural else 'resize'
+  return mode
+
+
+def _predict_workdir(paths, config, workdir):
+  common.import_tensorflow_quietly()
+  import jax
+  import numpy as np
+  import tensorflow as tf
+
+  from nfnets import data, models
+  from nfnets.data import preprocess
+  from nfnets.pretrained import inference
+  from nfnets.train import evaluation
+
+  common.print_config_differences(workdir, config)
+  info = data.dataset_info(config.data)
+  names = info.class_names
+  if config.data.name.startswith('imagenet'):
+    names = inference.imagenet_class_names()  # tfds names are synset ids.
+  _, sets = evaluation.restore_workdir(config, workdir, info.num_classes)
+  key = 'eval_ema' if _PARAMS.value == 'ema' else 'eval'
+  if key not in sets:
+    raise ValueError(
+      f'{workdir!r} keeps no EMA params (config.train.ema_decay unset); '
+      'pass --params=raw.'
+    )
+  params, model_state = sets[key]
+  model = models.make_model(config.model, info.num_classes)
+  apply = jax.jit(lambda x: model.apply(params, model_state, None, x, False))
+  size = _IMAGE_SIZE.value or config.data.eval_image_size
+  mode = _eval_preproc(config.data)
+
+  def load(path):
+    pixels = inference.read_rgb(path)  # Reports a bad file clearly.
+    with open(path, 'rb') as f:
+      encoded = tf.constant(f.read())
+    try:
+      # The encoded bytes, as the eval pipeline decodes them (TensorFlow's
+      # JPEG decoder rounds differently from PIL's).
+      image = preprocess.eval_preprocess(encoded, size, mode)
+    except tf.errors.InvalidArgumentError:
+      image = preprocess.eval_preprocess(pixels, size, mode)  # e.g. TIFF.
+    return np.asarray(preprocess.normalize(image), np.float32)
+
+  return inference.classify_files(
+    paths, load, lambda x: apply(x)[0]['logits'], names, _TOP_K.value
+  )
+
+
+def _print(path, result):
+  if _JSON.value:
+    print(json.dumps({'image': path, 'top_k': result}), flush=True)
+    return
+  print(path)
+  for rank, (name, prob) in enumerate(result, 1):
+    print(f'  {rank}. {name:<40s} {100 * prob:6.2f}%')
 
 
 def main(argv):
   paths = argv[1:]
   if not paths:
     raise app.UsageError('Pass one or more image files after the flags.')
-  # Deferred so --help and flag errors stay fast.
-  from nfnets import pretrained
-  from nfnets.pretrained import inference
-
-  kwargs = json.loads(_MODEL_KWARGS.value) if _MODEL_KWARGS.value else None
-  try:
-    results = inference.predict_files(
-      paths,
-      _WEIGHTS.value,
-      variant=_VARIANT.value,
-      model_kwargs=kwargs,
-      image_size=_IMAGE_SIZE.value,
-      k=_TOP_K.value,
-    )
-  except (FileNotFoundError, pretrained.WeightsError) as e:
-    sys.stderr.write(f'{e}\n')
-    sys.exit(1)
-  for path, top in zip(paths, results, strict=True):
-    if _JSON.value:
-      print(json.dumps({'image': path, 'top_k': top}))
-      continue
-    print(path)
-    for rank, (name, prob) in enumerate(top, 1):
-      print(f'  {rank}. {name:<40s} {100 * prob:6.2f}%')
+  _check_sources()
+  if _WEIGHTS.value:
+    results = _predict_weights(paths)
+  else:
+    results = _predict_workdir(paths, _CONFIG.value, _WORKDIR.value)
+  failed = 0
+  for path, result in zip(paths, results, strict=True):
+    if isinstance(result, Exception):
+      failed += 1
+      sys.stderr.write(f'Error: {common.error_message(result)}\n')
+    else:
+      _print(path, result)
+  if failed:
+    sys.stderr.write(f'{failed} of {len(paths)} images could not be read.\n')
+    sys.exit(common.FAILURE_EXIT)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  common.run(main, prepare=common.use_run_config)

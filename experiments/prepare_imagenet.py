@@ -7,7 +7,9 @@ MANUAL_DIR must hold ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar
 (from image-net.org, after registering). Nothing is downloaded.
 """
 
-from absl import app, flags
+from absl import flags
+
+from experiments import common
 
 _MANUAL_DIR = flags.DEFINE_string(
   'manual_dir', None, 'Folder with the ILSVRC2012 tar files.', required=True
@@ -25,4 +27,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  common.run(main, tensorflow=True)

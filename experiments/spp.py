@@ -15,6 +15,8 @@ docs/research.md.
 
 from absl import app, flags
 
+from experiments import common
+
 _MODELS = flags.DEFINE_list(
   'models',
   'nf_resnet50,bn_resnet50_v2,unnormalized_resnet50',
@@ -47,6 +49,12 @@ def main(argv):
     folder_root=_FOLDER_ROOT.value,
     seed=_SEED.value,
   )
+  if images.shape[0] < _BATCH_SIZE.value:
+    # Padding with blank images would put their statistics in the plots.
+    print(
+      f'--inputs={_INPUTS.value} has {images.shape[0]} images, fewer than '
+      f'--batch_size={_BATCH_SIZE.value}: using those {images.shape[0]}.'
+    )
   spp.run_spp(
     _MODELS.value,
     images,
@@ -57,4 +65,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  common.run(main, tensorflow=True)

@@ -15,6 +15,8 @@ docs/research.md.
 
 from absl import app, flags
 
+from experiments import common
+
 _SWEEP = flags.DEFINE_string('sweep', None, 'Sweep file (configs/sweeps/).')
 _OUTDIR = flags.DEFINE_string('outdir', None, 'Output directory.')
 _LAUNCH = flags.DEFINE_bool(
@@ -38,4 +40,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  common.run(main, tensorflow=True)

@@ -71,7 +71,7 @@ def size_findings(package: pathlib.Path) -> list[str]:
 
 def _anchor(heading: str) -> str:
   """GitHub's anchor of a heading: lower case, punctuation dropped."""
-  text = re.sub(r'[`*_]', '', heading.strip().lower())
+  text = re.sub(r'[`*]', '', heading.strip().lower())
   text = re.sub(r'[^\w\- ]', '', text)
   return text.replace(' ', '-')
 

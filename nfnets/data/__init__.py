@@ -7,8 +7,11 @@ Public API (see docs/data.md):
                               num_eval_examples, class_names)
   make_train_iterator(...)    infinite NumPy batches for this process
   make_eval_iterator(...)     one padded, masked pass over the eval split
+  make_batch_fn(data_config)  the train step's augmentation on the device
+                              (None when the host augments)
 """
 
+from nfnets.data.device_augment import make_batch_fn
 from nfnets.data.pipeline import (
   dataset_info,
   default_config,
@@ -29,6 +32,7 @@ __all__ = [
   'dataset_info',
   'default_config',
   'eval_num_batches',
+  'make_batch_fn',
   'make_eval_dataset',
   'make_eval_iterator',
   'make_train_dataset',

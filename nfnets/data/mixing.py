@@ -77,15 +77,21 @@ def cutmix(images1, images2, boxes):
   return mask * images1 + (1.0 - mask) * images2, ratio
 
 
-def mix_batch(batch, seed, *, mixup_alpha=0.2, use_cutmix=True):
-  """Mixes a batch of 2B images into B examples.
+def mix_batch(
+  batch, seed, *, mixup_alpha=0.2, use_cutmix=True, pairing='reference'
+):
+  """Mixes a batch of 2B images (or B, in-batch pairing) into B examples.
 
   Args:
-    batch: dict with float `images` [2B, H, W, 3] and int32 `labels` [2B].
+    batch: dict with float `images` [2B, H, W, 3] and int32 `labels` [2B]
+      ([B] each with 'in_batch' pairing).
     seed: stateless seed [2] for this batch.
     mixup_alpha: Beta(alpha, alpha) for MixUp; 0 turns MixUp off.
     use_cutmix: whether CutMix is on. With both on, the first B // 2 outputs
       are MixUp and the rest CutMix (the reference's half/half split).
+    pairing: 'reference' (output i mixes images i and i + B) or 'in_batch'
+      (output i mixes image i with image i - 1, cyclically: each image is
+      used once as a first and once as a second image).
 
   Returns:
     dict with `images` [B, H, W, 3], `labels`, `mix_labels` (int32 [B]) and
@@ -94,8 +100,14 @@ def mix_batch(batch, seed, *, mixup_alpha=0.2, use_cutmix=True):
   if mixup_alpha <= 0 and not use_cutmix:
     raise ValueError('mix_batch needs mixup_alpha > 0 or use_cutmix=True.')
   images, labels = batch['images'], batch['labels']
-  b = images.shape[0] // 2
-  x1, x2, y1, y2 = images[:b], images[b : 2 * b], labels[:b], labels[b : 2 * b]
+  if pairing == 'in_batch':
+    x1, x2 = images, tf.roll(images, 1, axis=0)
+    y1, y2 = labels, tf.roll(labels, 1, axis=0)
+  else:
+    b = images.shape[0] // 2
+    x1, x2 = images[:b], images[b : 2 * b]
+    y1, y2 = labels[:b], labels[b : 2 * b]
+  b = x1.shape[0]
   n_mixup = (b // 2 if use_cutmix else b) if mixup_alpha > 0 else 0
   seed_mixup, seed_cutmix = tf.unstack(
     tf.random.experimental.stateless_split(seed, 2)

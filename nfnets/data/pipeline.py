@@ -12,6 +12,12 @@ The order of training work per example follows DeepMind's reference:
 read -> repeat -> shuffle -> crop/flip/resize -> batch 2b -> mix -> (unbatch
 -> RandAugment -> rebatch b) -> normalise. All randomness is stateless and
 derived from (config.data.seed, the `seed` argument, process_index).
+
+With `config.data.augment_on` resolving to 'device' (`device_augment`) the
+pipeline stops after crop/flip/resize: it yields `images` uint8 [n, S, S, 3]
+(rounded and clipped) and `labels` [n], n = 2b with MixUp/CutMix and
+'reference' pairing, else b, and the train step mixes, augments and
+normalises them (`device_augment.make_batch_fn`).
 """
 
 import math
@@ -20,7 +26,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from nfnets.data import augment, mixing, preprocess, sources
+from nfnets.data import augment, device_augment, mixing, preprocess, sources
 
 
 def default_config():
@@ -52,6 +58,14 @@ def default_config():
       randaugment='',  # '' = off, or a level like '405' (4 layers, M=5).
       randaugment_quirks=True,  # Reproduce the reference's quirks.
       augment_before_mix=False,  # The reference: RandAugment after mixing.
+      # Where MixUp/CutMix/RandAugment/normalisation run: 'host' (tf.data),
+      # 'device' (in the train step) or 'auto' (device on GPU/TPU, host on
+      # CPU; docs/data.md has the measurements).
+      augment_on='auto',
+      # MixUp/CutMix partners: 'reference' (2b images mixed into b),
+      # 'in_batch' (b images, image i paired with i - 1: half the decoding)
+      # or 'auto' (in_batch on the device, reference on the host).
+      mix_pairing='auto',
       shuffle_buffer=10_000,  # Examples; in-memory sets shuffle fully.
       seed=0,
       deterministic=True,  # Fixed element order (False: a little faster).
@@ -192,8 +206,8 @@ def _crop_and_batch(ds, data_config, mode, aug_seed, batch, ra_before):
   return ds.batch(batch, drop_remainder=True, num_parallel_calls=auto)
 
 
-def _mix_and_augment(ds, data_config, aug_seed, local_batch, ra_after):
-  """Mixes batches of 2b into b; RandAugment per mixed image if asked."""
+def _mix_and_augment(ds, data_config, aug_seed, local_batch, ra_after, pairing):
+  """Mixes batches into b examples; RandAugment per mixed image if asked."""
   auto = tf.data.AUTOTUNE
   mix_seed = _fold(aug_seed, -1)
 
@@ -203,6 +217,7 @@ def _mix_and_augment(ds, data_config, aug_seed, local_batch, ra_after):
       _fold(mix_seed, index),
       mixup_alpha=float(data_config.mixup_alpha),
       use_cutmix=bool(data_config.cutmix),
+      pairing=pairing,
     )
 
   ds = _map(ds.enumerate(), mix)
@@ -227,6 +242,12 @@ def _finalize(ex):
   out = dict(ex)
   out['images'] = preprocess.normalize(ex['images'])
   return out
+
+
+def _to_uint8(ex):
+  """Device placement: round and clip the 0..255 floats to uint8."""
+  images = tf.clip_by_value(tf.round(ex['images']), 0.0, 255.0)
+  return {**ex, 'images': tf.cast(images, tf.uint8)}
 
 
 def make_train_dataset(
@@ -275,16 +296,20 @@ def _train_dataset(
     # A buffer larger than the shard would only mix epochs and delay start.
     buffer = max(1, min(data_config.shuffle_buffer, shard.num_examples))
     ds = ds.repeat().shuffle(buffer, seed=shuffle_seed)
-  ra = bool(data_config.randaugment)
-  mix = data_config.mixup_alpha > 0 or data_config.cutmix
+  placement = device_augment.resolve_placement(data_config)
+  pairing = device_augment.resolve_pairing(data_config, placement)
+  on_host = placement == 'host'
+  ra = bool(data_config.randaugment) and on_host
+  mix = device_augment.mixing_on(data_config)
   ra_before = ra and (data_config.augment_before_mix or not mix)
-  batch = 2 * local_batch if mix else local_batch
+  paired = mix and pairing == 'reference'
+  batch = 2 * local_batch if paired else local_batch
   ds = _crop_and_batch(ds, data_config, mode, aug_seed, batch, ra_before)
-  if mix:
+  if mix and on_host:
     ds = _mix_and_augment(
-      ds, data_config, aug_seed, local_batch, ra and not ra_before
+      ds, data_config, aug_seed, local_batch, ra and not ra_before, pairing
     )
-  ds = _map(ds, _finalize)
+  ds = _map(ds, _finalize if on_host else _to_uint8)
   ds = ds.with_options(_options(data_config, data_config.deterministic))
   return ds.prefetch(tf.data.AUTOTUNE), source, train_split
 

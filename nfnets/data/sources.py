@@ -17,10 +17,11 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from nfnets.data import image_files
+
 # The digits set has 1,797 images; every fifth one (index % 5 == 0) is the
 # test split, so both splits cover all writers and classes (1,437 / 360).
 DIGITS_TEST_EVERY = 5
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
 PREPARE_IMAGENET_HINT = (
   'Prepare it once from the official tar files with '
   '`scripts/prepare_imagenet.sh MANUAL_DIR DATA_DIR` (see docs/data.md), '
@@ -213,11 +214,14 @@ class TfdsSource:
 
 
 class FolderSource:
-  """Images laid out as `root/<split>/<class>/<image>` (jpg/png/bmp/gif).
+  """Images laid out as `root/<split>/<class>/<image>`.
 
   Class names are the sorted union of class folders over all splits, so a
-  class missing from one split keeps its label. Corrupt files raise an error
-  that names them (see `find_corrupt_files`), they are not skipped silently.
+  class missing from one split keeps its label. Hidden files and folders
+  (`.x`, macOS `._x`) are skipped. The first time a split is listed, every
+  file is decoded once (in parallel, cached per file; see `image_files`),
+  so undecodable files and image formats TensorFlow cannot read are
+  reported, with their paths, before training starts.
   """
 
   name = 'folder'
@@ -230,43 +234,59 @@ class FolderSource:
         'a folder laid out as ROOT/<split>/<class>/<image>.jpg.'
       )
     self.root = root
-    self._splits = sorted(
-      d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))
-    )
+    self._splits = _subdirs(root)
     classes = set()
     for split in self._splits:
-      split_dir = os.path.join(root, split)
-      classes.update(
-        c
-        for c in os.listdir(split_dir)
-        if os.path.isdir(os.path.join(split_dir, c))
-      )
+      classes.update(_subdirs(os.path.join(root, split)))
     if not classes:
       raise ValueError(f'No ROOT/<split>/<class>/ folders found in {root!r}.')
     self.class_names = tuple(sorted(classes))
     names = [s for s in ('validation', 'val', 'test') if s in self._splits]
     self.default_eval_split = names[0] if names else 'validation'
+    self._files = {}  # split -> (paths, labels), checked.
 
-  def files(self, split):
-    """Returns (sorted file paths, int32 labels) of a split."""
+  def _list(self, split):
+    """Returns (paths, labels, unsupported paths) of a split, unchecked."""
     split_dir = os.path.join(self.root, split)
     if split not in self._splits:
       raise ValueError(
         f'Folder dataset {self.root!r} has no split {split!r}; its splits '
         f'are {self._splits}.'
       )
-    paths, labels = [], []
+    paths, labels, unsupported = [], [], []
     for label, name in enumerate(self.class_names):
       class_dir = os.path.join(split_dir, name)
       if not os.path.isdir(class_dir):
         continue
-      for f in sorted(os.listdir(class_dir)):
-        if f.lower().endswith(IMAGE_EXTENSIONS):
+      for f in image_files.list_dir(class_dir):
+        kind = image_files.classify(f)
+        if kind == 'image':
           paths.append(os.path.join(class_dir, f))
           labels.append(label)
-    if not paths:
-      raise ValueError(f'No images {IMAGE_EXTENSIONS} found in {split_dir!r}.')
-    return paths, np.asarray(labels, np.int32)
+        elif kind == 'unsupported':
+          unsupported.append(os.path.join(class_dir, f))
+    return paths, np.asarray(labels, np.int32), unsupported
+
+  def files(self, split):
+    """Returns (sorted file paths, int32 labels) of a split.
+
+    Raises:
+      image_files.ImageCheckError: (a ValueError) if a file cannot be
+        decoded or has an image format TensorFlow cannot read.
+    """
+    if split not in self._files:
+      paths, labels, unsupported = self._list(split)
+      if not paths and not unsupported:
+        split_dir = os.path.join(self.root, split)
+        raise ValueError(
+          f'No images {image_files.SUPPORTED_EXTENSIONS} found in '
+          f'{split_dir!r}.'
+        )
+      image_files.check_images(
+        os.path.join(self.root, split), paths, unsupported
+      )
+      self._files[split] = (paths, labels)
+    return self._files[split]
 
   def num_examples(self, split):
     return len(self.files(split)[0])
@@ -285,16 +305,21 @@ class FolderSource:
     return Shard(ds, stop - start, in_memory=True)
 
   def find_corrupt_files(self, split):
-    """Returns the files of `split` that TensorFlow cannot decode."""
-    bad = []
-    for path in self.files(split)[0]:
-      try:
-        tf.io.decode_image(
-          tf.io.read_file(path), channels=3, expand_animations=False
-        )
-      except (tf.errors.InvalidArgumentError, tf.errors.UnknownError):
-        bad.append(path)
-    return bad
+    """Returns the files of `split` that TensorFlow cannot decode now.
+
+    Not cached: used when decoding fails mid-run (a file changed after the
+    check at start).
+    """
+    return list(image_files.find_undecodable(self._list(split)[0]))
+
+
+def _subdirs(path):
+  """Sorted non-hidden subdirectories of `path`."""
+  return [
+    d
+    for d in image_files.list_dir(path)
+    if os.path.isdir(os.path.join(path, d))
+  ]
 
 
 def _make_digits(data_config):

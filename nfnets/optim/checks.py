@@ -67,7 +67,9 @@ def check_schedule(
   if not 0 <= warmup_steps < total_steps:
     raise ValueError(
       f'Need 0 <= warmup_steps < total_steps, got warmup_steps={warmup_steps}'
-      f', total_steps={total_steps}. Shorten the warmup or train longer.'
+      f', total_steps={total_steps}. Shorten the warmup '
+      '(config.optimizer.warmup_epochs, or warmup_steps, which overrides '
+      'it) or train longer (config.train.num_steps or num_epochs).'
     )
   if min_lr < 0 or base_lr < 0:
     raise ValueError(f'LRs must be >= 0, got lr={base_lr}, min_lr={min_lr}.')

@@ -47,6 +47,7 @@ def run_benchmark(
   compile_only: bool = False,
   compiler_options: dict | None = None,
   trace_compile: bool = False,
+  augment: str = 'none',
 ) -> report.BenchmarkResult:
   """Benchmarks the train step (and forward pass) of one registry model.
 
@@ -69,6 +70,9 @@ def run_benchmark(
       {'xla_backend_optimization_level': 0} (see docs/performance.md).
     trace_compile: record XLA's compile events (`compile_events`; the
       tracing makes the compile a little slower).
+    augment: 'none', or 'device' / 'device_reference' to run the F0
+      recipe's augmentation inside the step on a uint8 batch
+      (`workload.make_workload`).
 
   Returns:
     A `nfnets.perf.report.BenchmarkResult`.
@@ -83,8 +87,9 @@ def run_benchmark(
   device = jax.devices()[0]
   t_init = time.perf_counter()
   work = workload.make_workload(
-    model_config, batch_size, image_size, dtype, num_classes, device
-  )
+    model_config, batch_size, image_size, dtype, num_classes, device,
+    augment=augment,
+  )  # fmt: skip
   jax.block_until_ready(work.state)
   init_s = time.perf_counter() - t_init
   t0, c0 = time.perf_counter(), time.process_time()

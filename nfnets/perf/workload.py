@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from nfnets import models, optim
+from nfnets import data, models, optim
 from nfnets.models import nfnet
 from nfnets.train import state as state_lib
 from nfnets.train import step as step_lib
@@ -179,6 +179,27 @@ def _recipe_optimizer(batch_size, num_classes):
   return config.optimizer, optimizer, hyperparams
 
 
+def _augment_inputs(batch, augment):
+  """(uint8 batch to ship, batch_fn) for the F0 recipe on the device."""
+  if augment not in ('device', 'device_reference'):
+    raise ValueError(
+      f"augment={augment!r}; valid: 'none', 'device', 'device_reference'."
+    )
+  config = data.default_config()
+  config.update(
+    mixup_alpha=0.2, cutmix=True, randaugment='405', augment_on='device',
+    mix_pairing='reference' if augment == 'device_reference' else 'in_batch',
+  )  # fmt: skip
+  copies = 2 if augment == 'device_reference' else 1
+  rng = np.random.default_rng(1)
+  shape = (copies * len(batch['labels']), *batch['images'].shape[1:])
+  shipped = {
+    'images': rng.integers(0, 256, shape, dtype=np.uint8),
+    'labels': np.tile(batch['labels'], copies),
+  }
+  return shipped, data.make_batch_fn(config)
+
+
 def make_workload(
   model_config: ml_collections.ConfigDict,
   batch_size: int,
@@ -186,6 +207,7 @@ def make_workload(
   dtype: str,
   num_classes: int,
   device: jax.Device,
+  augment: str = 'none',
 ) -> Workload:
   """Initialises the model and the recipe's train step on `device`.
 
@@ -196,6 +218,10 @@ def make_workload(
     dtype: compute dtype of the step.
     num_classes: classifier width.
     device: where the state and the batch live (the default device).
+    augment: 'none' (a normalised float batch) or, for the F0 recipe's
+      augmentation inside the step (`data.make_batch_fn`: MixUp + CutMix,
+      RandAugment 405, normalisation) on a uint8 batch, 'device' (in-batch
+      pairing, B images) or 'device_reference' (2B images mixed into B).
 
   Returns:
     A `Workload` whose state and batch are on `device`.
@@ -203,18 +229,20 @@ def make_workload(
   opt_config, optimizer, hyperparams = _recipe_optimizer(
     batch_size, num_classes
   )
-  batch = jax.device_put(
-    synthetic_batch(batch_size, image_size, num_classes), device
-  )
+  batch = synthetic_batch(batch_size, image_size, num_classes)
+  batch_fn = None
+  if augment != 'none':
+    batch, batch_fn = _augment_inputs(batch, augment)
+  batch = jax.device_put(batch, device)
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(0))
   model = models.make_model(model_config, num_classes)
   # The trainer's step: the optimizer's numbers are inputs, not constants.
   step = step_lib.make_train_step(
     model, num_classes=num_classes, opt_config=opt_config,
-    compute_dtype=dtype,
+    compute_dtype=dtype, batch_fn=batch_fn,
   )  # fmt: skip
   params, model_state = jax.jit(model.init, static_argnums=2)(
-    init_rng, batch['images'][:1], True
+    init_rng, jnp.zeros((1, image_size, image_size, 3)), True
   )
   # On `device` (the default device), like the batch and the init above.
   state = jax.jit(

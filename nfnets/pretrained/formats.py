@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import save as safetensors_bytes
 
 from nfnets.pretrained import safe_pickle, timm_interop
 from nfnets.pretrained.errors import WeightsError
@@ -54,6 +54,23 @@ def unflatten_params(flat: Mapping[str, np.ndarray]) -> Params:
   return params
 
 
+def write_safetensors(
+  flat: Mapping[str, np.ndarray], path: str, metadata: Mapping[str, str]
+) -> None:
+  """Writes `{name: array}` as a safetensors file whose mode follows umask.
+
+  `safetensors.numpy.save_file` creates its files 0600; serialising to bytes
+  and writing them with `open` gives the permissions every other file gets.
+
+  Args:
+    flat: `{name: C-contiguous array}`.
+    path: destination file.
+    metadata: string metadata stored in the header.
+  """
+  with open(path, 'wb') as f:
+    f.write(safetensors_bytes(dict(flat), metadata=dict(metadata)))
+
+
 def save_params(
   params: Mapping[str, Mapping[str, Any]],
   path: str | os.PathLike,
@@ -76,7 +93,7 @@ def save_params(
   # leaves a truncated file under the final name.
   tmp = f'{path}.tmp-{os.getpid()}'
   if path.endswith(_SAFETENSORS_SUFFIX):
-    save_file(flat, tmp, metadata={k: str(v) for k, v in meta.items()})
+    write_safetensors(flat, tmp, {k: str(v) for k, v in meta.items()})
   elif path.endswith('.npz'):
     with open(tmp, 'wb') as f:
       np.savez(f, **flat, **{_METADATA_KEY: np.array(json.dumps(meta))})

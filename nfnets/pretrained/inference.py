@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import haiku as hk
 import jax
@@ -90,6 +90,38 @@ def make_forward(
   return jax.jit(hk.without_apply_rng(hk.transform(forward)).apply)
 
 
+class UnreadableImageError(FileNotFoundError):
+  """An image file is missing, not an image, or truncated or damaged."""
+
+
+def read_rgb(path: str) -> np.ndarray:
+  """Decodes an image file to uint8 RGB [H, W, 3].
+
+  Args:
+    path: any image PIL reads (greyscale and RGBA are converted to RGB).
+
+  Returns:
+    The pixels.
+
+  Raises:
+    UnreadableImageError: the file is missing or cannot be fully decoded.
+  """
+  if not os.path.exists(path):
+    raise UnreadableImageError(f'No image file at {path!r}.')
+  try:
+    with PIL.Image.open(path) as image:
+      return np.asarray(image.convert('RGB'))
+  except PIL.UnidentifiedImageError as e:
+    raise UnreadableImageError(
+      f'{path!r} is not an image file PIL can read.'
+    ) from e
+  except OSError as e:
+    # PIL raises a bare OSError for a truncated or corrupt image body.
+    raise UnreadableImageError(
+      f'{path!r} cannot be decoded ({e}); is it truncated or damaged?'
+    ) from e
+
+
 def load_image(path: str, image_size: int) -> np.ndarray:
   """Reads one image file into a normalised float32 [S, S, 3] array.
 
@@ -100,16 +132,11 @@ def load_image(path: str, image_size: int) -> np.ndarray:
   Returns:
     The image resized (bicubic) to (S+32)^2, centre-cropped to S and
     normalised with the ImageNet mean and standard deviation.
+
+  Raises:
+    UnreadableImageError: the file is missing or cannot be fully decoded.
   """
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'No image file at {path!r}.')
-  try:
-    with PIL.Image.open(path) as image:
-      image = image.convert('RGB')
-  except PIL.UnidentifiedImageError as e:
-    raise FileNotFoundError(
-      f'{path!r} is not an image file PIL can read.'
-    ) from e
+  image = PIL.Image.fromarray(read_rgb(path))
   big = image_size + CROP_PADDING
   image = image.resize((big, big), PIL.Image.Resampling.BICUBIC)
   off = CROP_PADDING // 2
@@ -117,6 +144,45 @@ def load_image(path: str, image_size: int) -> np.ndarray:
     off : off + image_size, off : off + image_size
   ]
   return (pixels - np.float32(MEAN_RGB)) / np.float32(STDDEV_RGB)
+
+
+def classify_files(
+  paths: Sequence[str],
+  load: Callable[[str], np.ndarray],
+  logits_fn: Callable[[np.ndarray], np.ndarray],
+  class_names: Sequence[str],
+  k: int = 5,
+  batch_size: int = 16,
+) -> list:
+  """Top-k classes of each image file; an unreadable file does not stop it.
+
+  Args:
+    paths: image files.
+    load: `path -> float32 [S, S, 3]` (e.g. `load_image` with a size); it
+      raises `UnreadableImageError` for a bad file.
+    logits_fn: `[N, S, S, 3] images -> [N, C] logits`.
+    class_names: C names.
+    k: how many classes per image.
+    batch_size: images per `logits_fn` call.
+
+  Returns:
+    Per path, in order: its top-k (class name, probability) list, best
+    first, or the `UnreadableImageError` it raised.
+  """
+  results, loaded = [], []
+  for path in paths:
+    try:
+      loaded.append((len(results), load(path)))
+      results.append(None)
+    except UnreadableImageError as e:
+      results.append(e)
+  for start in range(0, len(loaded), batch_size):
+    chunk = loaded[start : start + batch_size]
+    logits = logits_fn(np.stack([image for _, image in chunk]))
+    tops = top_k(np.asarray(logits), class_names, min(k, len(class_names)))
+    for (index, _), top in zip(chunk, tops, strict=True):
+      results[index] = top
+  return results
 
 
 def top_k(logits: np.ndarray, class_names: Sequence[str], k: int = 5):
@@ -146,7 +212,7 @@ def predict_files(
   model_kwargs: Mapping | None = None,
   image_size: int | None = None,
   k: int = 5,
-) -> list[list[tuple[str, float]]]:
+) -> list:
   """Classifies image files with pretrained weights.
 
   Args:
@@ -158,7 +224,8 @@ def predict_files(
     k: how many classes to return per image.
 
   Returns:
-    Per image, the top-k (class name, probability), best first. Names are the
+    Per image, the top-k (class name, probability), best first, or the
+    `UnreadableImageError` of a file that could not be read. Names are the
     ImageNet classes for 1000-class weights, else 'class_<i>'.
   """
   variant, model_kwargs = model_spec(weights, variant, model_kwargs)
@@ -170,9 +237,13 @@ def predict_files(
     else [f'class_{i}' for i in range(num_classes)]
   )
   size = image_size or nfnet.get_variant(variant)['test_imsize']
-  images = np.stack([load_image(p, size) for p in paths])
   forward = make_forward(
     variant, num_classes, return_metrics=False, **model_kwargs
   )
-  logits = forward(params, images)['logits']
-  return top_k(np.asarray(logits), names, min(k, num_classes))
+  return classify_files(
+    paths,
+    lambda path: load_image(path, size),
+    lambda images: forward(params, images)['logits'],
+    names,
+    k,
+  )

@@ -108,6 +108,27 @@ def find_mismatches(
   return problems
 
 
+# A mismatch report lists this many problems, then counts the rest: a wrong
+# variant differs in hundreds of parameters, and the first few say which.
+MAX_LISTED_PROBLEMS = 8
+
+
+def format_problems(problems: list[str], limit: int = MAX_LISTED_PROBLEMS):
+  """The first `limit` problems, one per indented line, then the count left.
+
+  Args:
+    problems: lines from `find_mismatches`.
+    limit: how many to list.
+
+  Returns:
+    A string starting with a newline (empty for no problems).
+  """
+  lines = list(problems[:limit])
+  if len(problems) > limit:
+    lines.append(f'... and {len(problems) - limit} more')
+  return ''.join(f'\n  {line}' for line in lines)
+
+
 def check_params(
   params: Mapping[str, Mapping[str, Any]],
   expected: Mapping[str, Mapping[str, tuple[int, ...]]],
@@ -129,7 +150,7 @@ def check_params(
   problems = find_mismatches(params, expected)
   if problems:
     raise PretrainedMismatchError(
-      f'{what}: {len(problems)} problems.{hint}\n  ' + '\n  '.join(problems)
+      f'{what}: {len(problems)} problems.{hint}' + format_problems(problems)
     )
 
 
@@ -220,7 +241,8 @@ def merge_pretrained(
   if problems:
     raise PretrainedMismatchError(
       'Pretrained weights do not fit the model being fine-tuned (use the '
-      'same variant and width):\n  ' + '\n  '.join(problems)
+      f'same variant and width): {len(problems)} problems.'
+      + format_problems(problems)
     )
   return {
     m: {

@@ -38,7 +38,7 @@ from collections.abc import Mapping
 
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import save as safetensors_bytes
 
 ROOT = 'NFNet'
 
@@ -290,7 +290,11 @@ def save_timm(
   path = os.fspath(path)
   tmp = f'{path}.tmp-{os.getpid()}'
   # 'format': 'pt' marks the file as a PyTorch state dict for HF loaders.
-  save_file(to_timm_state_dict(params), tmp, metadata={'format': 'pt'})
+  # Written with `open`, so the mode follows umask (`save_file` gives 0600).
+  with open(tmp, 'wb') as f:
+    f.write(
+      safetensors_bytes(to_timm_state_dict(params), metadata={'format': 'pt'})
+    )
   os.replace(tmp, path)
 
 

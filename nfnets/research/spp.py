@@ -324,13 +324,14 @@ def load_images(
   Args:
     source: 'gaussian', 'digits' (bundled with scikit-learn) or 'folder'
       (ROOT/<split>/<class>/<image>, see `nfnets.data`).
-    batch_size: number of images.
+    batch_size: number of images; a dataset split with fewer images gives
+      all of them (a smaller batch), never padding.
     image_size: height and width.
     folder_root: the folder dataset's root, for source='folder'.
     seed: seed of the noise.
 
   Returns:
-    The batch.
+    The batch, [min(batch_size, split size), S, S, 3].
   """
   if source not in INPUTS:
     raise ValueError(f'Unknown SPP input {source!r}; choose one of {INPUTS}.')
@@ -345,7 +346,10 @@ def load_images(
   config.folder_root = folder_root
   config.eval_image_size = image_size
   batch = next(data.make_eval_iterator(config, global_batch_size=batch_size))
-  return np.asarray(batch['images'], np.float32)
+  # The eval pipeline pads a short split with blank images (mask 0); their
+  # statistics are not the data's, so only the real images are kept.
+  real = np.asarray(batch['mask']) > 0
+  return np.asarray(batch['images'][real], np.float32)
 
 
 def run_spp(

@@ -15,7 +15,10 @@ run keeps (to restore its checkpoints elsewhere). One module per concern:
 * `evaluation`: the eval loop over a dataset split, used by the loop and by
   `evaluate_from` (weights files and training workdirs,
   `experiments/evaluate.py`);
-* `checkpoint`: Orbax checkpoints and SIGTERM handling;
+* `checkpoint`: Orbax checkpoints (any device count, damaged ones
+  diagnosed) and SIGTERM/SIGINT handling;
+* `provenance`: the run's configs, one record per segment
+  (`load_run_config`, `config_differences`), and the resume rules;
 * `writers`: console progress, `metrics.jsonl` and TensorBoard;
 * `mesh`: the `('data',)` device mesh and sharding helpers;
 * `config`: the `train`, `eval` and `checkpoint` config sections;

@@ -1,32 +1,61 @@
-"""Orbax checkpointing of the whole train state, and SIGTERM handling.
+"""Orbax checkpointing of the whole train state, and SIGTERM/SIGINT handling.
 
 Checkpoints live in `<workdir>/checkpoints/<step>`; Orbax writes each one to
 a temporary directory and renames it when complete, so a run killed while
 saving leaves the previous checkpoints intact and the partial one is ignored.
-`PreemptionGuard` turns SIGTERM into a flag the loop polls between steps, so
-the loop can save after the current step and stop cleanly.
+
+Restoring (`Checkpointer.restore`) works on any device count: the state is
+placed replicated over the devices of the restoring process, whatever the
+checkpoint was written on. A checkpoint that cannot be read is diagnosed:
+`DamagedCheckpointError` for one that is incomplete or damaged (an empty
+step folder, a missing or truncated file), `CheckpointMismatchError` for one
+written by another model or optimizer config. The newest readable
+checkpoint is restored, with a warning naming each damaged one passed over;
+damaged checkpoints are never deleted (the trainer moves them to
+`<workdir>/checkpoints.damaged/` so Orbax's retention never removes them).
+
+`PreemptionGuard` turns SIGTERM and SIGINT (Ctrl-C) into a flag the loop
+polls between steps, so the loop can save after the current step and stop
+cleanly; a second Ctrl-C exits at once.
 """
 
+import contextlib
+import gc
+import logging
 import os
 import signal
+import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from nfnets.train import mesh as mesh_lib
 
-class _OlderCheckpointError(ValueError):
-  """A checkpoint from before `TrainState.model_state`, for a stateful model."""
+DAMAGED_SUFFIX = '.damaged'
+_MAX_LISTED = 5
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be restored; the message says what to do."""
+
+
+class DamagedCheckpointError(CheckpointError):
+  """Incomplete or damaged checkpoint files."""
+
+
+class CheckpointMismatchError(CheckpointError):
+  """A checkpoint written by another model or optimizer config."""
 
 
 class Checkpointer:
   """Saves and restores `TrainState` pytrees in one directory.
 
   All processes must call every method (Orbax coordinates the hosts; only
-  process 0 writes the metadata).
+  process 0 writes the metadata and moves damaged checkpoints).
   """
 
   def __init__(self, directory: str, *, max_to_keep: int):
@@ -39,55 +68,142 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
     # The handler lets `item_metadata` read checkpoints of earlier runs.
-    self._manager = ocp.CheckpointManager(
-      self.directory,
-      options=options,
-      item_handlers=ocp.StandardCheckpointHandler(),
-    )
+    # Orbax reads every step's metadata here, warning about damaged ones.
+    with _orbax_warnings_off():
+      self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=options,
+        item_handlers=ocp.StandardCheckpointHandler(),
+      )
 
   def latest_step(self) -> int | None:
     """Returns the newest complete checkpoint's step, or None."""
     return self._manager.latest_step()
 
-  def restore(self, state):
-    """Restores the newest checkpoint into the structure of `state`.
+  def restore(
+    self,
+    state,
+    *,
+    log: Callable[[str], None] = print,
+    set_aside_damaged: bool = False,
+  ):
+    """Restores the newest readable checkpoint into the structure of `state`.
 
+    Damaged checkpoints are passed over with a warning (`log`) naming each
+    and what is wrong; with `set_aside_damaged` they are moved to
+    `<directory>.damaged/<step>` once a readable one is found (for a run
+    that writes new checkpoints).
     Checkpoints written before the train state carried the Haiku state (no
     `model_state` entry) are restored too when `state`'s model state is
-    empty (every normalizer-free model): `model_state` and
-    `ema_model_state` are then taken from `state`.
+    empty (every normalizer-free model).
 
     Args:
-      state: a state with the run's tree structure, shapes and shardings
-        (e.g. the freshly initialised one); its values are not used, except
-        the (empty) model state of an older checkpoint.
+      state: a state with the run's tree structure, shapes and dtypes: the
+        freshly initialised one, or `jax.ShapeDtypeStruct`s (e.g.
+        `init_state.abstract_train_state`). Leaves without a sharding are
+        restored replicated over all devices of this process's mesh.
+      log: prints a warning line.
+      set_aside_damaged: move damaged checkpoints out of the directory.
 
     Returns:
       The restored state, or None if the directory has no checkpoint.
 
     Raises:
-      ValueError: if the checkpoint does not fit `state` (another config was
-        used in this workdir) or cannot be read.
+      CheckpointMismatchError: the newest readable checkpoint does not fit
+        `state` (another config was used in this workdir).
+      DamagedCheckpointError: every checkpoint is damaged.
     """
-    step = self.latest_step()
-    if step is None:
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    if not steps:
       return None
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    try:
-      if self._predates_model_state(step, state):
-        return self._restore_without_model_state(step, abstract, state)
-      return self._manager.restore(
-        step, args=ocp.args.StandardRestore(abstract)
+    abstract = _abstract(state)
+    damaged = []
+    for step in steps:
+      try:
+        restored = self._restore_step(step, abstract, state)
+      except DamagedCheckpointError as e:
+        damaged.append(step)
+        log(f'Warning: {e} Falling back to an older checkpoint.')
+        continue
+      break
+    else:
+      restored = None
+    if restored is None:  # Left in place: the user decides what to do.
+      raise DamagedCheckpointError(
+        f'No readable checkpoint in {self.directory} (damaged: steps '
+        f'{", ".join(map(str, damaged))}; they are kept). Use a fresh '
+        '--workdir, or move those step folders out of the way to start this '
+        'run from step 0.'
       )
-    except _OlderCheckpointError:
+    if damaged and set_aside_damaged:
+      self._set_aside(damaged, log)
+    return restored
+
+  def _restore_step(self, step: int, abstract, state):
+    """Restores checkpoint `step`; raises a diagnosed CheckpointError."""
+    where = os.path.join(self.directory, str(step))
+    problem = _missing_files(where)
+    if problem:
+      raise DamagedCheckpointError(
+        f'Checkpoint {where} is incomplete or damaged: {problem}.'
+      )
+    try:
+      with _quiet_failures():
+        if self._predates_model_state(step, state):
+          return self._restore_without_model_state(step, abstract, state)
+        return self._manager.restore(
+          step, args=ocp.args.StandardRestore(abstract)
+        )
+    except CheckpointError:
       raise
-    except Exception as e:  # Orbax raises many types; all mean the same here.
-      raise ValueError(
-        f'Could not restore the checkpoint at step {step} in '
-        f'{self.directory}: {e}\nIt was probably written with another model '
-        'or optimizer config. Use a fresh --workdir, or delete that step '
-        'directory to fall back to an older checkpoint.'
-      ) from e
+    except Exception as e:  # Orbax raises many types; diagnosed below.
+      raise self._diagnose(step, abstract, e) from None
+
+  def _diagnose(self, step: int, abstract, error) -> CheckpointError:
+    """Tells a config mismatch from damage, for a failed restore."""
+    where = os.path.join(self.directory, str(step))
+    try:
+      with _quiet_failures():
+        metadata = self._manager.item_metadata(step)
+    except Exception:  # noqa: BLE001  (unreadable metadata is damage)
+      metadata = None
+    tree = getattr(metadata, 'tree', metadata)
+    if not isinstance(tree, Mapping):
+      return DamagedCheckpointError(
+        f'Checkpoint {where} is incomplete or damaged: its metadata '
+        f'(default/_METADATA) cannot be read ({_first_line(error)}).'
+      )
+    differences = _tree_differences(tree, abstract)
+    if differences:
+      listed = '\n'.join(f'  {d}' for d in differences[:_MAX_LISTED])
+      more = len(differences) - _MAX_LISTED
+      if more > 0:
+        listed += f'\n  ... and {more} more'
+      return CheckpointMismatchError(
+        f'Checkpoint {where} was written by another model or optimizer '
+        f"config than this run's:\n{listed}\nRun with the config it was "
+        "trained with (its workdir's config.json), or use a fresh --workdir."
+      )
+    return DamagedCheckpointError(
+      f'Checkpoint {where} is damaged: its structure matches this run but '
+      'its array data cannot be read (a truncated or corrupt file: '
+      f'{_first_line(error)}).'
+    )
+
+  def _set_aside(self, steps, log) -> None:
+    """Moves damaged step folders to `<directory>.damaged/` (process 0)."""
+    target_dir = self.directory + DAMAGED_SUFFIX
+    if jax.process_index() == 0:
+      os.makedirs(target_dir, exist_ok=True)
+      for step in steps:
+        target = os.path.join(target_dir, str(step))
+        if os.path.exists(target):
+          target = _unused_name(target)
+        os.replace(os.path.join(self.directory, str(step)), target)
+        log(f'Moved the damaged checkpoint to {target}, where it is kept.')
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('nfnets_checkpoint_set_aside')
+    self._manager.reload()
 
   def _predates_model_state(self, step: int, state) -> bool:
     """Whether checkpoint `step` has no `model_state` but `state` does."""
@@ -100,7 +216,7 @@ class Checkpointer:
   def _restore_without_model_state(self, step: int, abstract, state):
     """Restores an older checkpoint; the model state comes from `state`."""
     if jax.tree.leaves(state.model_state):
-      raise _OlderCheckpointError(
+      raise CheckpointMismatchError(
         f'The checkpoint at step {step} in {self.directory} was written '
         'before the train state carried the Haiku state (BatchNorm '
         'statistics), which this model needs. Train it in a fresh --workdir.'
@@ -136,42 +252,173 @@ class Checkpointer:
     self._manager.close()
 
 
-class PreemptionGuard:
-  """Context manager turning SIGTERM into a flag polled by the train loop.
+def _abstract(state):
+  """Shape/dtype/sharding targets; replicated where `state` has none."""
+  replicated = None
 
-  Inside the context, SIGTERM no longer kills the process; `requested()`
-  returns True from then on, on every process once any process got the
-  signal. The previous handler is restored on exit. Signal handlers can only
-  be installed from the main thread; elsewhere the guard does nothing.
+  def target(x):
+    nonlocal replicated
+    struct = ocp.utils.to_shape_dtype_struct(x)
+    if getattr(struct, 'sharding', None) is not None:
+      return struct
+    # The writer's device count is in the checkpoint; restoring onto it
+    # would fail elsewhere, so the target names this process's devices.
+    if replicated is None:
+      replicated = mesh_lib.replicated_sharding(mesh_lib.make_mesh())
+    return jax.ShapeDtypeStruct(struct.shape, struct.dtype, sharding=replicated)
+
+  return jax.tree.map(target, state)
+
+
+def _missing_files(step_dir: str) -> str:
+  """What makes a step folder unrestorable at a glance ('' when nothing)."""
+  item = os.path.join(step_dir, 'default')
+  if not os.path.isdir(item) or not os.listdir(item):
+    return 'the step folder holds no saved state (default/ is missing or empty)'
+  if not os.path.isfile(os.path.join(item, '_METADATA')):
+    return 'default/_METADATA, the list of its arrays, is missing'
+  return ''
+
+
+def _key_name(entry) -> str:
+  for attr in ('name', 'key', 'idx'):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def _leaf_shapes(tree) -> dict:
+  """`{'a/b/0': shape}` for the array leaves of a pytree or metadata tree."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {
+    '/'.join(_key_name(k) for k in path): tuple(getattr(leaf, 'shape', ()))
+    for path, leaf in flat
+    if leaf is not None
+  }
+
+
+def _tree_differences(metadata_tree, abstract) -> list[str]:
+  """Missing, unexpected and reshaped arrays of a checkpoint vs `abstract`."""
+  saved, wanted = _leaf_shapes(metadata_tree), _leaf_shapes(abstract)
+  lines = [
+    f'missing from the checkpoint: {k}' for k in wanted if k not in saved
+  ]
+  lines += [f'not in this run: {k}' for k in saved if k not in wanted]
+  lines += [
+    f'{k}: checkpoint shape {saved[k]}, this run {wanted[k]}'
+    for k in wanted
+    if k in saved and saved[k] != wanted[k]
+  ]
+  return lines
+
+
+def _first_line(error) -> str:
+  text = str(error).strip().splitlines()
+  line = text[0] if text else type(error).__name__
+  line = line.split(' See full TensorStore details')[0]  # A page of spec.
+  return line if len(line) <= 200 else line[:200] + '...'
+
+
+def _unused_name(path: str) -> str:
+  n = 1
+  while os.path.exists(f'{path}.{n}'):
+    n += 1
+  return f'{path}.{n}'
+
+
+@contextlib.contextmanager
+def _quiet_failures():
+  """Silences the noise of a failed read; its exception says it all.
+
+  A failed read leaves Orbax's other read coroutines unawaited, and Python
+  prints each one's exception when it is collected; Orbax also logs
+  warnings (e.g. a missing metadata file) that the diagnosis repeats.
+  """
+  previous = sys.unraisablehook
+  sys.unraisablehook = lambda unraisable: None
+  try:
+    with _orbax_warnings_off():
+      yield
+  finally:
+    gc.collect()
+    sys.unraisablehook = previous
+
+
+@contextlib.contextmanager
+def _orbax_warnings_off():
+  """Orbax's warnings about damaged steps; the diagnosis says more."""
+  absl_logger = logging.getLogger('absl')
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    absl_logger.setLevel(level)
+
+
+class PreemptionGuard:
+  """Context manager turning SIGTERM and SIGINT into a polled flag.
+
+  Inside the context, SIGTERM and the first SIGINT (Ctrl-C) no longer stop
+  the process; `requested()` returns True from then on, on every process
+  once any process got a signal, and `signal_number` says which. A second
+  SIGINT exits at once (status 130; in a notebook it raises
+  KeyboardInterrupt instead, which stops the cell and keeps the kernel).
+  The previous handlers are restored on exit. Signal handlers can only be
+  installed from the main thread; elsewhere the guard does nothing.
   """
 
-  def __init__(self, enabled: bool = True):
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self, enabled: bool = True, *, err=None):
     """Creates the guard.
 
     Args:
       enabled: when False, the guard installs nothing and never fires.
+      err: stream for the Ctrl-C notices (default sys.stderr).
     """
     self._enabled = enabled
     self._flag = threading.Event()
-    self._previous = None
+    self._previous = {}
+    self._err = err
+    self._interrupts = 0
+    self.signal_number = None
 
   def __enter__(self):
     if self._enabled and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      for signum in self.SIGNALS:
+        self._previous[signum] = signal.signal(signum, self._handle)
     return self
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    self._previous = {}
     return False
 
   def _handle(self, signum, frame):
-    del signum, frame
+    del frame
+    err = self._err or sys.stderr
+    if signum == signal.SIGINT:
+      self._interrupts += 1
+      if self._interrupts > 1:
+        if 'ipykernel' in sys.modules:
+          # A notebook: interrupt the cell, not the kernel.
+          raise KeyboardInterrupt
+        err.write('\nSecond Ctrl-C: exiting now, without a checkpoint.\n')
+        err.flush()
+        os._exit(128 + signal.SIGINT)
+      err.write(
+        '\nCtrl-C: saving a checkpoint after the current step, then '
+        'stopping (press Ctrl-C again to exit at once).\n'
+      )
+      err.flush()
+    if self.signal_number is None:
+      self.signal_number = signum
     self._flag.set()
 
   def requested(self) -> bool:
-    """Whether a SIGTERM arrived (on any process; collective if >1)."""
+    """Whether a signal arrived (on any process; collective if >1)."""
     local = self._flag.is_set()
     if jax.process_count() == 1:
       return local

@@ -20,6 +20,11 @@ def default_train_config() -> ml_collections.ConfigDict:
   Returns:
     A ConfigDict with keys:
       batch_size: global batch size over all devices and hosts.
+      grad_accum_steps: micro-batches per optimizer step: the batch is
+        processed in this many parts one after another and their gradients
+        averaged (same update, a fraction of the activation memory; see
+        `nfnets.train.step.make_train_step`). batch_size must be a multiple
+        of grad_accum_steps times the device count.
       num_epochs: length of the run in passes over the train split.
       num_steps: if > 0, length of the run in steps (overrides num_epochs).
       compute_dtype: 'bfloat16' or 'float32' for the forward/backward pass;
@@ -42,6 +47,7 @@ def default_train_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(
     dict(
       batch_size=4096,
+      grad_accum_steps=1,
       num_epochs=360.0,
       num_steps=0,
       compute_dtype='bfloat16',
@@ -103,10 +109,11 @@ def default_checkpoint_config() -> ml_collections.ConfigDict:
       enabled: write checkpoints to `<workdir>/checkpoints` and resume from
         the newest one found there.
       every_steps: save every this many steps (0 = only at the end and on
-        SIGTERM).
+        SIGTERM or Ctrl-C).
       max_to_keep: how many of the newest checkpoints to keep.
-      save_on_sigterm: on SIGTERM (preemption), save after the current step
-        and stop cleanly; rerunning the same command resumes.
+      save_on_sigterm: on SIGTERM (preemption) or Ctrl-C (SIGINT), save
+        after the current step and stop cleanly; rerunning the same command
+        resumes. A second Ctrl-C exits at once.
   """
   return ml_collections.ConfigDict(
     dict(enabled=True, every_steps=1000, max_to_keep=3, save_on_sigterm=True)
@@ -141,6 +148,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if train.batch_size <= 0 or config.eval.batch_size <= 0:
     raise ValueError(
       'config.train.batch_size and config.eval.batch_size must be positive.'
+    )
+  accum = train.grad_accum_steps
+  if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1:
+    raise ValueError(
+      f'config.train.grad_accum_steps must be an integer >= 1, got {accum!r}.'
     )
   if train.num_steps <= 0 and train.num_epochs <= 0:
     raise ValueError(

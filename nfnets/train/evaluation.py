@@ -4,15 +4,19 @@ The one eval loop: `evaluate_sets(config, mesh, eval_step, param_sets)` runs
 the jitted eval step (`jit_eval_step`: data-parallel over the mesh, padded
 last batch masked out) over the whole eval split of `config.data` for each
 set of params and returns top-1, top-5 and the cross-entropy, means over the
-real examples. The trainer's periodic and final evaluations
-(`nfnets.train.loop`) and `evaluate_from` both use it.
+real examples; it can report its progress (`writers.EvalProgress`) and be
+stopped by a signal. The trainer's periodic and final evaluations
+(`evaluate_and_log`, from `nfnets.train.loop`) and `evaluate_from` both use
+it; `check_eval_size` lets the trainer reject an unusable eval image size
+at start.
 
 `evaluate_from(config, weights=... | workdir=...)` evaluates outside a
 training run (`experiments/evaluate.py`). A weights file (any format
 `nfnets.pretrained` reads) is checked against `config.model` first; a
-training workdir's newest checkpoint is restored with the trainer's own
-`Checkpointer` (into the structure of
-`nfnets.train.init_state.abstract_train_state`), and both its raw and EMA
+training workdir's newest readable checkpoint is restored with the
+trainer's own `Checkpointer` (into the structure of
+`nfnets.train.init_state.abstract_train_state`, on any device count,
+damaged checkpoints passed over with a warning), and both its raw and EMA
 params are evaluated, each with its Haiku state (BatchNorm moving averages;
 empty for the normalizer-free models).
 """
@@ -21,6 +25,8 @@ from __future__ import annotations
 
 import operator
 import os
+import sys
+import time
 from collections.abc import Callable, Mapping
 
 import jax
@@ -28,11 +34,16 @@ import numpy as np
 
 from nfnets import data, models, pretrained
 from nfnets.train import checkpoint as ckpt_lib
-from nfnets.train import init_state
+from nfnets.train import init_state, writers
 from nfnets.train import mesh as mesh_lib
 from nfnets.train import step as step_lib
 
 METRICS = ('top1', 'top5', 'loss')
+
+
+def _warn(line: str) -> None:
+  """Prints to stderr, where stdout's results stay clean for pipes."""
+  print(line, file=sys.stderr, flush=True)
 
 
 def jit_eval_step(model, num_classes: int, mesh) -> Callable:
@@ -55,7 +66,19 @@ def jit_eval_step(model, num_classes: int, mesh) -> Callable:
   )
 
 
-def evaluate_sets(config, mesh, eval_step, param_sets: Mapping) -> dict:
+class EvalInterrupted(Exception):
+  """An evaluation stopped by its `stop` callable (SIGTERM, Ctrl-C)."""
+
+
+def evaluate_sets(
+  config,
+  mesh,
+  eval_step,
+  param_sets: Mapping,
+  *,
+  progress: writers.EvalProgress | None = None,
+  stop: Callable[[], bool] | None = None,
+) -> dict:
   """Top-1/top-5/loss of each params set over `config.data`'s eval split.
 
   Args:
@@ -65,14 +88,21 @@ def evaluate_sets(config, mesh, eval_step, param_sets: Mapping) -> dict:
     param_sets: prefix (e.g. 'eval', 'eval_ema') -> (params, Haiku state),
       both replicated over `mesh`; the state is `{}` for models without
       BatchNorm.
+    progress: reports examples done and the ETA of long evaluations.
+    stop: polled after each batch; True ends the evaluation.
 
   Returns:
     `{f'{prefix}/{metric}': value}` for metrics top1, top5, loss (means over
     the real examples) and num_examples.
+
+  Raises:
+    EvalInterrupted: when `stop()` returned True.
   """
   results = {}
   for prefix, (params, model_state) in param_sets.items():
-    totals = None
+    totals, done = None, 0
+    if progress is not None:
+      progress.restart()
     for batch in data.make_eval_iterator(
       config.data,
       global_batch_size=config.eval.batch_size,
@@ -80,6 +110,12 @@ def evaluate_sets(config, mesh, eval_step, param_sets: Mapping) -> dict:
       process_count=jax.process_count(),
     ):
       sums = eval_step(params, model_state, mesh_lib.shard_batch(batch, mesh))
+      if stop is not None and stop():
+        raise EvalInterrupted(prefix)
+      if progress is not None:
+        # This process's real rows, times the processes: the global count.
+        done += int(np.sum(batch['mask'])) * jax.process_count()
+        progress.update(prefix, done)
       if totals is not None:
         sums = jax.tree.map(operator.add, totals, sums)
       totals = sums
@@ -88,6 +124,64 @@ def evaluate_sets(config, mesh, eval_step, param_sets: Mapping) -> dict:
     for key in METRICS:
       results[f'{prefix}/{key}'] = float(totals[key]) / count
     results[f'{prefix}/num_examples'] = float(totals['count'])
+  return results
+
+
+def evaluate_and_log(
+  config,
+  mesh,
+  eval_step,
+  state,
+  *,
+  writer,
+  print_fn: Callable[[str], None],
+  num_examples: int,
+  stop: Callable[[], bool] | None = None,
+  label: str = 'Eval',
+  progress_every_s: float = 30.0,
+) -> dict | None:
+  """Evaluates a train state's raw (and EMA) params; logs the metrics.
+
+  Args:
+    config: the run's config (`eval.ema` selects the EMA params too).
+    mesh: the data mesh.
+    eval_step: the jitted eval step (`jit_eval_step`).
+    state: the `TrainState`.
+    writer: a `writers.MetricWriter`; gets the metrics at the state's step.
+    print_fn: prints the result line and the progress of long evaluations.
+    num_examples: examples in the eval split (for the progress lines).
+    stop: see `evaluate_sets`.
+    label: the result line's first words.
+    progress_every_s: seconds between progress lines.
+
+  Returns:
+    The metrics of `evaluate_sets`, or None (nothing logged) when `stop`
+    ended the evaluation.
+  """
+  step = int(state.step)
+  t0 = time.perf_counter()
+  sets = {'eval': (state.params, state.model_state)}
+  if config.eval.ema and state.ema_params is not None:
+    sets['eval_ema'] = (state.ema_params, state.ema_model_state)
+  progress = writers.EvalProgress(
+    num_examples, print_fn, every_s=progress_every_s
+  )
+  try:
+    results = evaluate_sets(
+      config, mesh, eval_step, sets, progress=progress, stop=stop
+    )
+  except EvalInterrupted:
+    print_fn(f'{label} at step {step} interrupted.')
+    return None
+  writer.write(step, results)
+  line = ' | '.join(
+    f'{p} top1 {results[f"{p}/top1"]:.4f} top5 {results[f"{p}/top5"]:.4f}'
+    for p in sets
+  )
+  print_fn(
+    f'{label} at step {step} ({int(results["eval/num_examples"])} '
+    f'examples, {time.perf_counter() - t0:.1f}s): {line}'
+  )
   return results
 
 
@@ -101,23 +195,34 @@ def _checkpoint_dir(workdir: str) -> str:
   return directory
 
 
-def restore_workdir(config, workdir: str, num_classes: int):
-  """Restores the newest checkpoint of a training run in `workdir`.
+def restore_workdir(
+  config, workdir: str, num_classes: int, *, log: Callable[[str], None] = _warn
+):
+  """Restores the newest readable checkpoint of a run in `workdir`.
+
+  The checkpoint may have been written on any device count; it is restored
+  replicated over this process's devices. Damaged checkpoints are passed
+  over with a warning (`log`) and left where they are.
 
   Args:
     config: the run's config (as used for training).
     workdir: the training workdir (checkpoints in `<workdir>/checkpoints`).
     num_classes: the dataset's number of classes.
+    log: prints a warning line.
 
   Returns:
     `(step, {'eval': (params, model_state), 'eval_ema': (ema_params,
     ema_model_state)})`; 'eval_ema' only when the run keeps an EMA.
+
+  Raises:
+    checkpoint.CheckpointError: the checkpoints do not fit `config`, or
+      none is readable (a ValueError, with what to do).
   """
   directory = _checkpoint_dir(workdir)
   checkpointer = ckpt_lib.Checkpointer(directory, max_to_keep=1_000_000)
   try:
     state = checkpointer.restore(
-      init_state.abstract_train_state(config, num_classes)
+      init_state.abstract_train_state(config, num_classes), log=log
     )
   finally:
     checkpointer.close()
@@ -169,7 +274,13 @@ def load_weights_for_config(config, path: str, num_classes: int):
   return jax.tree.map(lambda x: np.asarray(x, np.float32), params)
 
 
-def evaluate(config, param_sets: Mapping, num_classes: int) -> dict:
+def evaluate(
+  config,
+  param_sets: Mapping,
+  num_classes: int,
+  *,
+  progress: writers.EvalProgress | None = None,
+) -> dict:
   """`evaluate_sets` for params on the host, over all devices.
 
   Args:
@@ -178,6 +289,7 @@ def evaluate(config, param_sets: Mapping, num_classes: int) -> dict:
       state), as NumPy or host arrays; the state is `{}` for models without
       BatchNorm.
     num_classes: the dataset's number of classes.
+    progress: reports examples done and the ETA of long evaluations.
 
   Returns:
     The metrics of `evaluate_sets`.
@@ -189,7 +301,7 @@ def evaluate(config, param_sets: Mapping, num_classes: int) -> dict:
   model = models.make_model(config.model, num_classes)
   eval_step = jit_eval_step(model, num_classes, mesh)
   placed = {k: mesh_lib.replicate(v, mesh) for k, v in param_sets.items()}
-  return evaluate_sets(config, mesh, eval_step, placed)
+  return evaluate_sets(config, mesh, eval_step, placed, progress=progress)
 
 
 def evaluate_from(config, *, weights: str = '', workdir: str = '') -> dict:
@@ -217,7 +329,33 @@ def evaluate_from(config, *, weights: str = '', workdir: str = '') -> dict:
     params = load_weights_for_config(config, weights, info.num_classes)
     sets = {'eval': (params, {})}
   else:
-    step, sets = restore_workdir(config, workdir, info.num_classes)
+    step, sets = restore_workdir(config, workdir, info.num_classes, log=_warn)
     results['step'] = step
-  results.update(evaluate(config, sets, info.num_classes))
+  progress = writers.EvalProgress(info.num_eval_examples, _warn)
+  results.update(evaluate(config, sets, info.num_classes, progress=progress))
   return results
+
+
+def check_eval_size(config, model) -> None:
+  """Raises ValueError, before any work, if the model cannot eval this size.
+
+  The trainer checks at start what would otherwise fail at its first
+  evaluation, possibly hours later.
+
+  Args:
+    config: the run's config (`data.eval_image_size`).
+    model: the run's `hk.TransformedWithState`.
+  """
+  size = config.data.eval_image_size
+  try:
+    # Training mode: eval mode would need the BatchNorm averages to exist.
+    # Both modes check the input size alike.
+    jax.eval_shape(
+      lambda rng, x: model.init(rng, x, True),
+      jax.random.PRNGKey(0),
+      jax.ShapeDtypeStruct((1, size, size, 3), np.float32),
+    )
+  except ValueError as e:
+    raise ValueError(
+      f'config.data.eval_image_size={size} cannot be evaluated: {e}'
+    ) from None

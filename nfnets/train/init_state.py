@@ -82,11 +82,16 @@ def initial_train_state(
     model: the run's `hk.TransformedWithState`.
     optimizer: the run's optax transformation.
     checkpointer: the run's `Checkpointer`, or None (checkpoints off).
-    log: prints a line (the note that the run resumes).
+    log: prints a line (the note that the run resumes, warnings about
+      damaged checkpoints).
 
   Returns:
-    The newest checkpoint's state if there is one; else a fresh state of
-    step 0, with the `config.model.init_from` weights when set.
+    The newest readable checkpoint's state if there is one; else a fresh
+    state of step 0, with the `config.model.init_from` weights when set.
+
+  Raises:
+    checkpoint.CheckpointError: the checkpoints do not fit this config, or
+      none is readable.
   """
   repl = mesh_lib.replicated_sharding(mesh)
   rng = mesh_lib.replicate(
@@ -105,7 +110,9 @@ def initial_train_state(
     )
     state = jax.jit(restart, out_shardings=repl)(params, state)
   if checkpointer is not None:
-    restored = checkpointer.restore(state)
+    # Damaged checkpoints are moved aside: kept, and out of the way of the
+    # new ones (Orbax's retention would delete them, or skip their steps).
+    restored = checkpointer.restore(state, log=log, set_aside_damaged=True)
     if restored is not None:
       log(
         f'Resuming from {checkpointer.directory} at step {int(restored.step)}.'

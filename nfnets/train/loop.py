@@ -1,59 +1,59 @@
-"""`train_and_evaluate(config, workdir)`: the whole training run.
+"""`train_and_evaluate(config, workdir)`: one segment of a training run.
 
 Order of events:
-  1. runtime setup (`runtime.setup_runtime`): host malloc settings on CPU,
-     `jax.distributed.initialize` (when configured) and the persistent
-     compilation cache;
-  2. the `('data',)` mesh over every device, data/model/optimizer and the
-     jitted steps from the config, the resolved config written to
-     `<workdir>/config.json` (`_build_run`);
-  3. a fresh state (or `config.model.init_from` weights), replaced by the
-     newest checkpoint in `<workdir>/checkpoints` when there is one
-     (`init_state.initial_train_state`);
-  4. the train loop (`_train`, `_train_steps`): log every
-     `log_every_steps`, evaluate every `eval.every_steps`, checkpoint every
-     `checkpoint.every_steps` and on SIGTERM; a non-finite loss stops the
-     run (no checkpoint is written from then on, so the last good one stays
-     the newest);
-  5. a final checkpoint and a final evaluation of the raw and EMA
-     parameters (`_evaluate_and_log`, through `evaluation.evaluate_sets`).
-
-Contents, in order: the result types; `train_and_evaluate`; building the
-run (`_run_length`, `_build_run`, `_jit_steps`); the input
-(`_train_iterator`); the steps (`_train`, `_train_steps`, the first-step
-compile report); checks and logs (`_check_finite`, `_log_train`,
-`_stop_non_finite`, `_evaluate_and_log`).
+  1. runtime setup (`runtime.setup_runtime`); SIGTERM and Ctrl-C handled
+     from here on (`checkpoint.PreemptionGuard`);
+  2. the config checked against the run's saved one when resuming
+     (`provenance.resume_changes`: a change to how the run trains is
+     refused unless allowed);
+  3. the mesh, data, model, optimizer and jitted steps (`_build_run`);
+  4. a fresh state (or `config.model.init_from` weights), replaced by the
+     newest readable checkpoint (`init_state.initial_train_state`), then
+     the segment recorded (`provenance.start_segment`: config.json, the
+     segment's record, metrics after the resume step set aside);
+  5. the train loop (`_train`, `_train_steps`): log every
+     `log_every_steps` (with images/s and `input_wait`), evaluate every
+     `eval.every_steps`, checkpoint every `checkpoint.every_steps` and on a
+     signal; a non-finite loss stops the run (the last good checkpoint
+     stays the newest);
+  6. a final checkpoint and a final evaluation of the raw and EMA params
+     (`_final_eval`; not repeated for a finished run).
 
 Every model is transformed with state (`models.make_model`): BatchNorm
-ResNets keep their moving averages in `TrainState.model_state` (replicated
-like the params; `{}` for the normalizer-free models). The train step is
-jitted over the mesh with the batch sharded, so BatchNorm's batch statistics
-are computed over the global batch, across devices and hosts.
+ResNets keep their moving averages in `TrainState.model_state`. The train
+step is jitted over the mesh with the batch sharded, so BatchNorm's batch
+statistics are computed over the global batch, across devices and hosts.
 
-Resuming: the state (step, params, model state, optimizer state, EMAs, RNG
-key) is restored exactly and step t always uses `fold_in(rng, t)`. tf.data
-gives no way to checkpoint the input pipeline's position, so the data order
-on resume depends on `config.train.data_resume`: 'skip' rebuilds the
-pipeline with the same seed and skips the batches already consumed (an exact
-replay when the data pipeline is deterministic); 'reseed' starts a new
-shuffle seeded by the resume step (cheap; examples are still drawn
-uniformly, but the run does not see exactly the order an uninterrupted run
-would).
+Resuming: the state is restored exactly and step t always uses
+`fold_in(rng, t)`. tf.data cannot checkpoint the input pipeline's position,
+so the data order on resume depends on `config.train.data_resume`: 'skip'
+rebuilds the pipeline with the same seed and skips the batches already
+consumed (an exact replay when the pipeline is deterministic); 'reseed'
+starts a new shuffle seeded by the resume step (cheap; examples are still
+drawn uniformly, in another order than an uninterrupted run's).
 """
 
 import dataclasses
 import math
 import os
+import signal
 import time
 from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from nfnets import data, models, optim
 from nfnets.train import checkpoint as ckpt_lib
 from nfnets.train import config as config_lib
-from nfnets.train import evaluation, init_state, runtime, writers
+from nfnets.train import (
+  evaluation,
+  init_state,
+  provenance,
+  runtime,
+  writers,
+)
 from nfnets.train import mesh as mesh_lib
 from nfnets.train import state as state_lib
 from nfnets.train import step as step_lib
@@ -70,12 +70,16 @@ class TrainResult:
   Attributes:
     state: the final `TrainState` (global, replicated arrays).
     metrics: the last train metrics and the final eval metrics, by name.
-    preempted: True when the run stopped on SIGTERM before the end.
+    preempted: True when the run stopped on SIGTERM or SIGINT (Ctrl-C)
+      before the end.
+    stop_signal: the signal that stopped it (`signal.SIGTERM` or
+      `signal.SIGINT`), or None.
   """
 
   state: state_lib.TrainState
   metrics: dict
   preempted: bool
+  stop_signal: int | None = None
 
 
 @dataclasses.dataclass
@@ -91,64 +95,107 @@ class _Run:
   optimizer: Any
   train_step: Any
   eval_step: Any
+  num_eval_examples: int
   writer: writers.MetricWriter
   progress: writers.ProgressReporter
 
 
-def train_and_evaluate(config, workdir: str) -> TrainResult:
+def train_and_evaluate(
+  config, workdir: str, *, allow_config_change: bool = False
+) -> TrainResult:
   """Trains and evaluates the model described by `config` in `workdir`.
 
-  Rerunning with the same `workdir` resumes from its newest checkpoint.
+  Rerunning with the same `workdir` resumes from its newest readable
+  checkpoint, if `config` trains the same way as the run's saved config
+  (`provenance.check_resume`); every segment's config is recorded.
 
   Args:
     config: a full experiment config (sections model, data, optimizer,
       train, eval, checkpoint), e.g. `configs/f0.py`'s `get_config()`.
-    workdir: directory for checkpoints, metrics and the resolved config.
+    workdir: directory for checkpoints, metrics and the configs.
+    allow_config_change: resume even when `config` changes how the run
+      trains (the change is recorded).
 
   Returns:
     A `TrainResult`.
 
   Raises:
     NonFiniteLossError: when the loss or gradient becomes NaN/Inf.
+    provenance.ConfigChangeError: resuming with a changed config, unless
+      allowed.
+    checkpoint.CheckpointError: no checkpoint of the run can be restored.
     ValueError: for config values that cannot work (with what to change).
   """
   config_lib.validate_config(config)
   runtime.setup_runtime(config.train)
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  run = _build_run(config, workdir)
   checkpointer = None
   if config.checkpoint.enabled:
     checkpointer = ckpt_lib.Checkpointer(
       os.path.join(workdir, 'checkpoints'),
       max_to_keep=config.checkpoint.max_to_keep,
     )
+  # SIGTERM and Ctrl-C from here on stop the run at the next step boundary.
+  guard = ckpt_lib.PreemptionGuard(config.checkpoint.save_on_sigterm)
   try:
-    state = init_state.initial_train_state(
-      config,
-      mesh=run.mesh,
-      model=run.model,
-      optimizer=run.optimizer,
-      checkpointer=checkpointer,
-      log=run.progress.print,
-    )
-    guard = ckpt_lib.PreemptionGuard(config.checkpoint.save_on_sigterm)
     with guard:
-      state, train_metrics, preempted = _train(run, state, checkpointer, guard)
-    if checkpointer is not None:
-      checkpointer.save(int(state.step), state)
-    metrics = dict(train_metrics)
-    if not preempted:
-      metrics.update(_evaluate_and_log(run, state, final=True))
-    else:
-      run.progress.print(
-        f'Stopped by SIGTERM at step {int(state.step)}; checkpoint saved. '
-        'Rerun the same command to resume.'
+      latest = checkpointer.latest_step() if checkpointer else None
+      changes = provenance.resume_changes(
+        config, workdir, latest_step=latest, allow_change=allow_config_change
       )
-    return TrainResult(state=state, metrics=metrics, preempted=preempted)
+      run = _build_run(config, workdir)
+      try:
+        return _run_segment(run, checkpointer, guard, changes)
+      finally:
+        run.writer.close()
   finally:
     if checkpointer is not None:
       checkpointer.close()
-    run.writer.close()
+
+
+def _run_segment(run: _Run, checkpointer, guard, changes) -> TrainResult:
+  """Restores or initialises the state, trains, saves and evaluates."""
+  state = init_state.initial_train_state(
+    run.config,
+    mesh=run.mesh,
+    model=run.model,
+    optimizer=run.optimizer,
+    checkpointer=checkpointer,
+    log=run.progress.print,
+  )
+  if jax.process_index() == 0:
+    provenance.start_segment(
+      run.workdir,
+      run.config,
+      start_step=int(state.step),
+      total_steps=run.total_steps,
+      changes=changes,
+      num_devices=run.mesh.devices.size,
+      log=run.progress.print,
+    )
+  state, train_metrics, stopped = _train(run, state, checkpointer, guard)
+  if checkpointer is not None:
+    checkpointer.save(int(state.step), state)
+  metrics = dict(train_metrics)
+  if not stopped:
+    final = _final_eval(run, state, guard)
+    stopped = final is None
+    metrics.update(final or {})
+  if stopped:
+    name = _SIGNAL_NAMES.get(guard.signal_number, 'a signal')
+    run.progress.print(
+      f'Stopped by {name} at step {int(state.step)}; checkpoint saved. '
+      'Rerun the same command to resume.'
+    )
+  return TrainResult(
+    state=state,
+    metrics=metrics,
+    preempted=stopped,
+    stop_signal=guard.signal_number if stopped else None,
+  )
+
+
+_SIGNAL_NAMES = {signal.SIGTERM: 'SIGTERM', signal.SIGINT: 'Ctrl-C (SIGINT)'}
 
 
 # Building the run.
@@ -173,6 +220,9 @@ def _build_run(config, workdir: str) -> _Run:
   mesh_lib.check_batch_size(
     config.eval.batch_size, mesh, 'config.eval.batch_size'
   )
+  step_lib.check_grad_accum(
+    config.train.batch_size, config.train.grad_accum_steps, mesh.devices.size
+  )
   info = data.dataset_info(config.data)
   total_steps, steps_per_epoch = _run_length(config, info.num_train_examples)
   model = models.make_model(config.model, info.num_classes)
@@ -186,11 +236,8 @@ def _build_run(config, workdir: str) -> _Run:
   train_step, eval_step = _jit_steps(
     config, mesh, model, hyperparams, info.num_classes
   )
+  evaluation.check_eval_size(config, model)
   is_chief = jax.process_index() == 0
-  if is_chief:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   return _Run(
     config=config,
     workdir=workdir,
@@ -201,6 +248,7 @@ def _build_run(config, workdir: str) -> _Run:
     optimizer=optimizer,
     train_step=train_step,
     eval_step=eval_step,
+    num_eval_examples=info.num_eval_examples,
     writer=writers.MetricWriter(workdir, enabled=is_chief),
     progress=writers.ProgressReporter(
       total_steps=total_steps,
@@ -223,6 +271,9 @@ def _jit_steps(config, mesh, model, hyperparams, num_classes):
     num_classes=num_classes,
     opt_config=config.optimizer,
     compute_dtype=config.train.compute_dtype,
+    grad_accum_steps=config.train.grad_accum_steps,
+    # Augmentation on the accelerator, or None when the host does it.
+    batch_fn=data.make_batch_fn(config.data, num_shards=mesh.devices.size),
   )
   repl = mesh_lib.replicated_sharding(mesh)
   batch = mesh_lib.batch_sharding(mesh)
@@ -291,7 +342,7 @@ def _train(run: _Run, state, checkpointer, guard):
   )
   batches = _train_iterator(config, start)
   run.progress.print('Compiling the train step (the first step waits for it)')
-  cache_hits = _CacheHitCounter()
+  cache_hits = writers.CacheHitCounter()
   try:
     return _train_steps(run, state, checkpointer, guard, batches, cache_hits)
   finally:
@@ -305,7 +356,9 @@ def _train_steps(run: _Run, state, checkpointer, guard, batches, cache_hits):
   window, last = [], {}
   for step in range(start, run.total_steps):
     t0 = time.perf_counter()
-    batch = mesh_lib.shard_batch(next(batches), run.mesh)
+    host_batch = next(batches)
+    run.progress.waited(time.perf_counter() - t0)  # For input_wait.
+    batch = mesh_lib.shard_batch(host_batch, run.mesh)
     state, metrics = run.train_step(state, batch)
     window.append(metrics)
     done = step + 1
@@ -321,7 +374,7 @@ def _train_steps(run: _Run, state, checkpointer, guard, batches, cache_hits):
       window = []
     if _is_due(done, config.eval.every_steps) and done < run.total_steps:
       _check_finite(window, done, checkpointer)
-      _evaluate_and_log(run, state, final=False)
+      stop = stop or _evaluate_and_log(run, state, guard, final=False) is None
     if checkpointer and _is_due(done, config.checkpoint.every_steps):
       # Never checkpoint a state that a non-finite step produced.
       _check_finite(window, done, checkpointer)
@@ -333,31 +386,6 @@ def _train_steps(run: _Run, state, checkpointer, guard, batches, cache_hits):
 
 def _is_due(done: int, every: int, end: int | None = None) -> bool:
   return (every > 0 and done % every == 0) or done == end
-
-
-class _CacheHitCounter:
-  """Counts persistent compilation cache hits until closed.
-
-  Only the train step compiles during the first step, so a hit then means
-  the step was loaded from the cache, e.g. for a later point of a sweep
-  over the step's inputs (`step.step_hyperparams`).
-  """
-
-  _EVENT = '/jax/compilation_cache/cache_hits'
-
-  def __init__(self):
-    self.hits = 0
-    self._listener = self._on_event  # The same object to unregister.
-    jax.monitoring.register_event_listener(self._listener)
-
-  def _on_event(self, event: str, **_) -> None:
-    if event == self._EVENT:
-      self.hits += 1
-
-  def close(self) -> None:
-    if self._listener is not None:
-      jax.monitoring.unregister_event_listener(self._listener)
-      self._listener = None
 
 
 def _report_compile(run: _Run, state, done, t0, cache_hits) -> None:
@@ -398,12 +426,13 @@ def _log_train(run: _Run, window, done: int, checkpointer) -> dict:
     f'train/{k}': float(np.mean([m[k] for m in values])) for k in values[0]
   }
   mean['train/lr'] = float(values[-1]['lr'])
-  images_per_sec, eta = run.progress.rate(done)
-  if math.isfinite(images_per_sec):
-    mean['train/images_per_sec'] = images_per_sec
+  rate = run.progress.rate(done)
+  if math.isfinite(rate.images_per_sec):
+    mean['train/images_per_sec'] = rate.images_per_sec
+    mean['train/input_wait'] = rate.input_wait
   mean['train/epoch'] = done / run.steps_per_epoch
   run.writer.write(done, mean)
-  run.progress.print(run.progress.train_line(done, mean, images_per_sec, eta))
+  run.progress.print(run.progress.train_line(done, mean, rate))
   return mean
 
 
@@ -427,22 +456,39 @@ def _stop_non_finite(step: int, metrics, checkpointer) -> None:
   )
 
 
-def _evaluate_and_log(run: _Run, state, *, final: bool) -> dict:
-  """Evaluates the raw (and EMA) params, logs and returns the metrics."""
+def _evaluate_and_log(run: _Run, state, guard, *, final: bool) -> dict | None:
+  """`evaluation.evaluate_and_log` of the run; None when a signal stops it."""
+  return evaluation.evaluate_and_log(
+    run.config,
+    run.mesh,
+    run.eval_step,
+    state,
+    writer=run.writer,
+    print_fn=run.progress.print,
+    num_examples=run.num_eval_examples,
+    # Polling across hosts would be a collective per batch.
+    stop=guard.requested if jax.process_count() == 1 else None,
+    label='Final eval' if final else 'Eval',
+  )
+
+
+def _final_eval(run: _Run, state, guard) -> dict | None:
+  """The final evaluation, unless metrics.jsonl already holds it.
+
+  A finished run that is rerun prints its logged result instead of
+  evaluating (and logging) again. Returns None when a signal stops it.
+  """
   step = int(state.step)
-  t0 = time.perf_counter()
-  sets = {'eval': (state.params, state.model_state)}
-  if run.config.eval.ema and state.ema_params is not None:
-    sets['eval_ema'] = (state.ema_params, state.ema_model_state)
-  results = evaluation.evaluate_sets(run.config, run.mesh, run.eval_step, sets)
-  run.writer.write(step, results)
-  line = ' | '.join(
-    f'{p} top1 {results[f"{p}/top1"]:.4f} top5 {results[f"{p}/top5"]:.4f}'
-    for p in sets
-  )
-  label = 'Final eval' if final else 'Eval'
+  logged = writers.logged_eval(run.workdir, step)
+  done = bool(logged)
+  if jax.process_count() > 1:  # Process 0's files decide for every process.
+    done = bool(multihost_utils.broadcast_one_to_all(np.int32(done)))
+  if not done:
+    return _evaluate_and_log(run, state, guard, final=True)
+  logged.pop('step', None)
+  line = ', '.join(f'{k} {v:.4f}' for k, v in logged.items() if 'top1' in k)
   run.progress.print(
-    f'{label} at step {step} ({int(results["eval/num_examples"])} '
-    f'examples, {_since(t0)}): {line}'
+    f'The run is finished at step {step}; its final eval is in '
+    f'metrics.jsonl ({line}), so it is not repeated.'
   )
-  return results
+  return logged

@@ -98,3 +98,17 @@ def test_cutmix_box_share_is_uniform_before_clipping():
   assert ((area >= 0) & (area <= 1)).all()
   assert 0.2 < area.mean() < 0.5
   assert (boxes[:, :2] >= 0).all() and (boxes[:, 2:] <= 64).all()
+
+
+def test_in_batch_pairing_blends_each_image_with_the_previous(batch):
+  # B images in, B out: output i mixes image i (weight `ratio`) with image
+  # i - 1 (cyclically), so each image is a first and a second image once.
+  half = {k: v[:B] for k, v in batch.items()}
+  out = _mix(half, 3, mixup_alpha=0.2, use_cutmix=False, pairing='in_batch')
+  x1, x2 = half['images'], np.roll(half['images'], 1, axis=0)
+  np.testing.assert_array_equal(out['labels'], half['labels'])
+  np.testing.assert_array_equal(out['mix_labels'], np.roll(half['labels'], 1))
+  r = out['ratio'][:, None, None, None]
+  np.testing.assert_allclose(
+    out['images'], r * x1 + (1 - r) * x2, rtol=1e-5, atol=1e-3
+  )

@@ -118,3 +118,56 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
   ]
   assert metrics[-1]['step'] == 2
   assert 0.0 <= metrics[-1]['eval/top1'] <= 1.0
+
+
+def _run_cells(cells, folder, timeout=300):
+  """Runs `cells` in a fresh kernel started in `folder`; returns its text."""
+  nb = nbformat.v4.new_notebook(cells=cells)
+  client = nbclient.NotebookClient(
+    nb,
+    timeout=timeout,
+    kernel_name='python3',
+    resources={'metadata': {'path': str(folder)}},
+  )
+  client.execute()
+  return '\n'.join(_stream_text(c) for c in nb.cells)
+
+
+@pytest.mark.slow
+def test_setup_cell_finds_the_clone_after_a_restart(tmp_path, monkeypatch):
+  # Colab after a restart: a fresh kernel whose working folder is the one
+  # holding the clone (/content), not the repository.
+  content = tmp_path / 'content'
+  content.mkdir()
+  os.symlink(ROOT, content / 'nfnets-jax')
+  monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
+  monkeypatch.setenv('TF_CPP_MIN_LOG_LEVEL', '2')
+  monkeypatch.delenv('NFNETS_REPO_URL', raising=False)
+  monkeypatch.delenv('NFNETS_INSTALL', raising=False)
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  setup, backend = [c for c in nb.cells if c.cell_type == 'code'][:2]
+  probe = nbformat.v4.new_code_cell(
+    'import nfnets\nfrom configs import finetune\n'
+    "print('package:', nfnets.__file__)\nprint('cwd:', os.getcwd())"
+  )
+  clone = content / 'nfnets-jax'
+  for _ in range(2):  # The first start, then the restart: the same result.
+    text = _run_cells([setup, backend, probe], content)
+    assert f'repository: {clone} ' in text
+    assert f'package: {clone / "nfnets" / "__init__.py"}' in text
+    assert f'cwd: {os.path.realpath(clone)}' in text
+    assert 'backend CPU, 1 device(s)' in text
+
+
+@pytest.mark.slow
+def test_setup_cell_without_a_checkout_asks_for_the_address(
+  tmp_path, monkeypatch
+):
+  monkeypatch.delenv('NFNETS_REPO_URL', raising=False)
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  setup = next(c for c in nb.cells if c.cell_type == 'code')
+  with pytest.raises(nbclient.exceptions.CellExecutionError) as e:
+    _run_cells([setup], tmp_path, timeout=120)
+  assert 'Set REPO_URL at the top of this cell' in str(e.value)
+  assert 'YOUR_ORG' not in json.dumps(nb)
+  assert 'accelerator' not in nb.metadata  # Any runtime, not GPU only.

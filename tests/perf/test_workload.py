@@ -27,3 +27,32 @@ def test_display_names_of_the_paper_baselines():
     ]
   ]
   assert names == ['NFNet-F1', 'NF-ResNet-50', 'BN-ResNet-50', 'SE-ResNet-50']
+
+
+@pytest.mark.parametrize(
+  'augment,rows', [('device', 4), ('device_reference', 8)]
+)
+def test_device_augment_workload_ships_uint8_and_steps(augment, rows):
+  # The step takes the shipped uint8 batch (2b rows with the reference's
+  # pairing) and augments it on the device: one step runs, loss finite.
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+
+  config = workload.make_model_config('ResNet', width=0.25, depth=[1, 1, 1, 1])
+  work = workload.make_workload(
+    config, 4, 32, 'float32', 10, jax.devices()[0], augment=augment
+  )
+  assert work.batch['images'].dtype == np.uint8
+  assert work.batch['images'].shape == (rows, 32, 32, 3)
+  _, metrics = jax.jit(work.step)(work.state, work.batch, work.hyperparams)
+  assert np.isfinite(float(metrics['loss']))
+
+
+def test_unknown_augment_is_refused():
+  import jax  # noqa: PLC0415
+
+  config = workload.make_model_config('ResNet', width=0.25, depth=[1, 1, 1, 1])
+  with pytest.raises(ValueError, match='augment'):
+    workload.make_workload(
+      config, 4, 16, 'float32', 10, jax.devices()[0], augment='host'
+    )

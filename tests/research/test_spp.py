@@ -11,6 +11,8 @@ import os
 
 import numpy as np
 import pytest
+import skimage.data
+from PIL import Image
 
 from nfnets.research import spp
 
@@ -108,3 +110,23 @@ def test_spp_from_metrics_and_errors():
   with pytest.raises(ValueError, match='gaussian'):
     spp.load_images('imagenet', 1, 32)
   assert spp.stage_transitions('NF_RegNet', {'variant': 'B0'}) == (0, 1, 4, 10)
+
+
+def test_short_folder_gives_a_smaller_batch_not_padding(tmp_path, monkeypatch):
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+  photos = [skimage.data.chelsea(), skimage.data.coffee()]
+  for i, photo in enumerate(photos + [photos[0][::-1]]):
+    path = tmp_path / 'ds' / 'validation' / f'c{i % 2}' / f'{i}.png'
+    os.makedirs(path.parent, exist_ok=True)
+    Image.fromarray(photo).resize((40, 30)).save(path)
+  images = spp.load_images(
+    'folder', 8, 16, folder_root=str(tmp_path / 'ds'), seed=0
+  )
+  assert images.shape == (3, 16, 16, 3)
+  # Photos, not blank padding: every image varies, and no two are equal.
+  assert images.reshape(3, -1).std(axis=1).min() > 0.1
+  assert len({im.tobytes() for im in images}) == 3
+  # The digits test split has 360 images: a larger batch gets all of them.
+  digits = spp.load_images('digits', 400, 8)
+  assert digits.shape == (360, 8, 8, 3)
+  assert digits.reshape(360, -1).std(axis=1).min() > 0.1

@@ -1,7 +1,13 @@
-"""Tests for nfnets.train.checkpoint: Orbax round trip, retention, SIGTERM."""
+"""Tests for nfnets.train.checkpoint: round trip, retention, other device
+counts, damaged checkpoints, SIGTERM and SIGINT."""
 
+import glob
+import io
 import os
+import shutil
 import signal
+import subprocess
+import sys
 from typing import Any, NamedTuple
 
 import jax
@@ -13,6 +19,10 @@ import pytest
 
 from nfnets.train import checkpoint as ckpt_lib
 from nfnets.train import state as state_lib
+
+REPO = os.path.dirname(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)
 
 
 class _StateBeforeModelState(NamedTuple):
@@ -153,3 +163,197 @@ def test_disabled_guard_installs_nothing():
   with ckpt_lib.PreemptionGuard(enabled=False) as guard:
     assert signal.getsignal(signal.SIGTERM) is before
     assert not guard.requested()
+
+
+# Restoring on another device count.
+
+_WRITE_ON_8_DEVICES = """
+import os, sys
+os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+os.environ['JAX_PLATFORMS'] = 'cpu'
+sys.path.insert(0, {repo!r})
+import jax
+import numpy as np
+from nfnets.train import checkpoint as ckpt_lib
+from nfnets.train import mesh as mesh_lib
+assert jax.device_count() == 8
+state = {{'w': np.arange(24, dtype=np.float32).reshape(4, 6),
+          'step': np.int32(5)}}
+ckpt = ckpt_lib.Checkpointer({directory!r}, max_to_keep=2)
+ckpt.save(5, mesh_lib.replicate(state, mesh_lib.make_mesh()))
+ckpt.close()
+"""
+
+
+def test_checkpoint_of_8_devices_restores_on_this_one(tmp_path):
+  directory = str(tmp_path / 'ckpt')
+  script = _WRITE_ON_8_DEVICES.format(repo=REPO, directory=directory)
+  proc = subprocess.run(
+    [sys.executable, '-c', script], capture_output=True, text=True, timeout=300
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  # The target carries no sharding, as `abstract_train_state` gives it.
+  target = {
+    'w': jax.ShapeDtypeStruct((4, 6), np.float32),
+    'step': jax.ShapeDtypeStruct((), np.int32),
+  }
+  ckpt = ckpt_lib.Checkpointer(directory, max_to_keep=2)
+  restored = ckpt.restore(target)
+  ckpt.close()
+  np.testing.assert_array_equal(
+    np.asarray(restored['w']), np.arange(24, dtype=np.float32).reshape(4, 6)
+  )
+  assert int(restored['step']) == 5
+  assert restored['w'].sharding.device_set == set(jax.devices())
+
+
+# Damaged checkpoints.
+
+
+def _truncate_largest_array_file(step_dir):
+  files = glob.glob(os.path.join(step_dir, 'default', '**', 'd', '*'))
+  files += glob.glob(os.path.join(step_dir, 'default', 'd', '*'))
+  largest = max(files, key=os.path.getsize)
+  with open(largest, 'r+b') as f:
+    f.truncate(os.path.getsize(largest) // 2)
+
+
+def _empty_step_folder(step_dir):
+  shutil.rmtree(step_dir)
+  os.mkdir(step_dir)
+
+
+def _remove_metadata(step_dir):
+  os.remove(os.path.join(step_dir, 'default', '_METADATA'))
+
+
+def _big_state(seed):
+  """`_state` with an array large enough to live in its own data file."""
+  state = _state(seed=seed)
+  params = dict(state.params)
+  rng = np.random.RandomState(seed)
+  params['net/~/big'] = {'w': jnp.asarray(rng.randn(64, 512), jnp.float32)}
+  return state._replace(params=params, ema_params=params)
+
+
+DAMAGES = {
+  'truncated array file': (_truncate_largest_array_file, 'damaged'),
+  'empty step folder': (_empty_step_folder, 'incomplete or damaged'),
+  'missing _METADATA': (_remove_metadata, 'incomplete or damaged'),
+}
+
+
+@pytest.mark.parametrize('damage', sorted(DAMAGES))
+@pytest.mark.parametrize('set_aside', [False, True])
+def test_damaged_newest_checkpoint_falls_back_and_is_kept(
+  tmp_path, damage, set_aside
+):
+  directory = tmp_path / 'checkpoints'
+  ckpt = ckpt_lib.Checkpointer(str(directory), max_to_keep=3)
+  ckpt.save(1, _big_state(seed=1))
+  ckpt.save(2, _big_state(seed=2))
+  ckpt.close()
+  hurt, words = DAMAGES[damage]
+  hurt(str(directory / '2'))
+  files_before = sorted(
+    os.path.relpath(p, directory / '2')
+    for p in glob.glob(str(directory / '2' / '**'), recursive=True)
+  )
+  lines = []
+  ckpt = ckpt_lib.Checkpointer(str(directory), max_to_keep=3)
+  restored = ckpt.restore(
+    _big_state(seed=3), log=lines.append, set_aside_damaged=set_aside
+  )
+  assert ckpt.latest_step() == (1 if set_aside else 2)
+  ckpt.close()
+  _assert_same(restored, _big_state(seed=1))
+  warning = '\n'.join(lines)
+  assert f'{directory / "2"} is {words}' in warning
+  assert 'another model' not in warning and 'delete' not in warning
+  assert len(warning.splitlines()) <= 3, warning
+  # Kept, file for file: in place, or moved next to the checkpoints.
+  kept = (
+    tmp_path / 'checkpoints.damaged' / '2' if set_aside else directory / '2'
+  )
+  assert os.path.isdir(kept)
+  assert files_before == sorted(
+    os.path.relpath(p, kept)
+    for p in glob.glob(str(kept / '**'), recursive=True)
+  )
+
+
+def test_no_readable_checkpoint_is_a_short_error(tmp_path):
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), max_to_keep=3)
+  ckpt.save(4, _state())
+  ckpt.close()
+  _empty_step_folder(str(tmp_path / '4'))
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), max_to_keep=3)
+  with pytest.raises(ckpt_lib.DamagedCheckpointError) as e:
+    ckpt.restore(_state(), log=lambda line: None, set_aside_damaged=True)
+  ckpt.close()
+  assert 'No readable checkpoint' in str(e.value) and 'kept' in str(e.value)
+  assert 'delete' not in str(e.value)
+  assert os.path.isdir(tmp_path / '4')
+
+
+def test_another_config_is_told_from_damage(tmp_path):
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), max_to_keep=1)
+  ckpt.save(7, _state())
+  ckpt.close()
+  other = _state()._replace(
+    params={
+      'net/~/conv': {'w': jnp.zeros((3, 3, 2, 8), jnp.float32)},
+      'net/~/linear': {'b': jnp.zeros((4,), jnp.float32)},
+    }
+  )
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), max_to_keep=1)
+  with pytest.raises(ckpt_lib.CheckpointMismatchError) as e:
+    ckpt.restore(other, log=lambda line: None)
+  ckpt.close()
+  message = str(e.value)
+  assert 'another model or optimizer config' in message
+  # The differing array and both shapes are named; few lines, no advice to
+  # delete anything.
+  assert (
+    'net/~/conv/w: checkpoint shape (3, 3, 2, 4), this run (3, 3, 2, 8)'
+    in (message)
+  )
+  assert len(message.splitlines()) <= 10 and 'delete' not in message
+
+
+def test_sigint_sets_flag_and_handlers_are_restored():
+  before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+  err = io.StringIO()
+  guard = ckpt_lib.PreemptionGuard(err=err)
+  with guard:
+    os.kill(os.getpid(), signal.SIGINT)  # A KeyboardInterrupt without it.
+    assert guard.requested() and guard.signal_number == signal.SIGINT
+    assert 'Ctrl-C: saving a checkpoint' in err.getvalue()
+  assert {s: signal.getsignal(s) for s in before} == before
+
+
+_TWO_CTRL_C = """
+import os, signal, sys, time
+sys.path.insert(0, {repo!r})
+from nfnets.train import checkpoint as ckpt_lib
+with ckpt_lib.PreemptionGuard() as guard:
+  os.kill(os.getpid(), signal.SIGINT)
+  print('first handled', guard.requested(), flush=True)
+  os.kill(os.getpid(), signal.SIGINT)
+  time.sleep(5)
+  print('not reached', flush=True)
+"""
+
+
+def test_second_ctrl_c_exits_at_once_with_130():
+  proc = subprocess.run(
+    [sys.executable, '-c', _TWO_CTRL_C.format(repo=REPO)],
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert proc.returncode == 130, proc.stderr[-2000:]
+  assert 'first handled True' in proc.stdout
+  assert 'not reached' not in proc.stdout
+  assert 'Second Ctrl-C: exiting now' in proc.stderr
+  assert 'Traceback' not in proc.stderr

@@ -160,3 +160,83 @@ def test_unknown_model_name_lists_valid_ones(tmp_path):
   config.model.name = 'NFNett'
   with pytest.raises(ValueError, match=r"valid names: \['NFNet'"):
     train_and_evaluate(config, str(tmp_path))
+
+
+def _truncate_an_array_file(step_dir):
+  files = glob.glob(os.path.join(step_dir, 'default', '**', 'd', '*'))
+  largest = max(files, key=os.path.getsize)
+  with open(largest, 'r+b') as f:
+    f.truncate(os.path.getsize(largest) // 2)
+
+
+def test_resume_past_a_damaged_checkpoint_keeps_one_record_per_step(
+  tmp_path, compilation_cache_dir, capsys
+):
+  workdir = str(tmp_path / 'run')
+  config = tiny_config(compilation_cache_dir)  # 6 steps, logged each step.
+  config.checkpoint.every_steps = 3
+  first = train_and_evaluate(config, workdir)
+  first_eval = _records(workdir)[-1]
+  assert first_eval['step'] == 6 and 'eval/top1' in first_eval
+  _truncate_an_array_file(os.path.join(workdir, 'checkpoints', '6'))
+  capsys.readouterr()
+
+  # Falls back to step 3 and trains 4..6 again: the same steps, the same
+  # data ('skip') and per-step randomness, so the same final state.
+  again = train_and_evaluate(config, workdir)
+  out = capsys.readouterr().out
+  assert f'{workdir}/checkpoints/6 is damaged' in out
+  assert 'Resuming from' in out and 'at step 3.' in out
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints.damaged', '6'))
+  for a, b in zip(
+    jax.tree.leaves(jax.device_get(first.state.params)),
+    jax.tree.leaves(jax.device_get(again.state.params)),
+    strict=True,
+  ):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  records = _records(workdir)
+  train_steps = [r['step'] for r in records if 'train/loss' in r]
+  eval_steps = [r['step'] for r in records if 'eval/top1' in r]
+  assert train_steps == [1, 2, 3, 4, 5, 6] and eval_steps == [6]
+  with open(os.path.join(workdir, 'metrics.abandoned.jsonl')) as f:
+    aside = [json.loads(line) for line in f]
+  assert [r['step'] for r in aside] == [4, 5, 6, 6]
+  assert {r['resumed_from_step'] for r in aside} == {3}
+  segments = sorted(os.listdir(os.path.join(workdir, 'configs')))
+  assert segments == ['segment_000_step_0.json', 'segment_001_step_3.json']
+
+  # A finished run rerun: no second final eval in metrics.jsonl.
+  third = train_and_evaluate(config, workdir)
+  assert _records(workdir) == records
+  assert third.metrics['eval/top1'] == records[-1]['eval/top1']
+  assert 'not repeated' in capsys.readouterr().out
+
+  # A change to how the run trains is refused, naming it; nothing changes.
+  config.optimizer.lr = 0.3
+  with pytest.raises(ValueError, match=r'optimizer\.lr: 0\.1 -> 0\.3'):
+    train_and_evaluate(config, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, 'configs'))) == segments
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['optimizer']['lr'] == 0.1
+  # Allowed explicitly, it is recorded.
+  train_and_evaluate(config, workdir, allow_config_change=True)
+  with open(os.path.join(workdir, 'configs', 'segment_002_step_6.json')) as f:
+    assert json.load(f)['changes'] == ['optimizer.lr: 0.1 -> 0.3']
+
+
+def test_too_small_eval_image_size_fails_before_training(tmp_path):
+  config = tiny_config()
+  config.data.eval_image_size = 8
+  with pytest.raises(ValueError, match='config.data.eval_image_size=8'):
+    train_and_evaluate(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / 'metrics.jsonl')
+  assert not os.listdir(tmp_path / 'checkpoints')
+
+
+def test_warmup_longer_than_the_run_names_the_setting(tmp_path):
+  from configs import quickstart  # noqa: PLC0415
+
+  config = quickstart.get_config()
+  config.train.num_steps = 4
+  with pytest.raises(ValueError, match=r'config\.optimizer\.warmup_epochs'):
+    train_and_evaluate(config, str(tmp_path))

@@ -92,9 +92,14 @@ def one_device(tmp_path_factory, compilation_cache_dir):
 
 @pytest.fixture(scope='module')
 def eight_devices(tmp_path_factory, compilation_cache_dir):
-  """The default harness run on 8 devices in 1 process: (arrays, stdout)."""
+  """The default harness run on 8 devices in 1 process: (arrays, stdout).
+
+  The arrays also hold the run's 'workdir'.
+  """
   tmp_path = tmp_path_factory.mktemp('eight_devices')
-  return _run(tmp_path, 'eight', 8, compilation_cache_dir)
+  arrays, stdout = _run(tmp_path, 'eight', 8, compilation_cache_dir)
+  arrays['workdir'] = str(tmp_path / 'eight')
+  return arrays, stdout
 
 
 def test_8_devices_match_1_device(one_device, eight_devices):
@@ -106,6 +111,44 @@ def test_8_devices_match_1_device(one_device, eight_devices):
   assert not np.allclose(one['losses'][0], one['losses'][-1], rtol=1e-4)
   assert 'BAD_BATCH_ERROR:' in stdout
   assert 'not divisible by the number of devices (8)' in stdout
+
+
+@pytest.mark.parametrize('devices', [1, 2])
+def test_evaluate_restores_an_8_device_run_on_fewer_devices(
+  eight_devices, compilation_cache_dir, devices
+):
+  """`experiments.evaluate --workdir` alone, on 1 and 2 devices.
+
+  The reference is the run's own final eval on 8 devices: the restored
+  params are the same, so is top-1 (the eval sums differ only in order).
+  """
+  run, _ = eight_devices
+  env = _env()
+  env['XLA_FLAGS'] = ' '.join(
+    [
+      env.get('XLA_FLAGS', ''),
+      f'--xla_force_host_platform_device_count={devices}',
+    ]
+  )
+  env['JAX_COMPILATION_CACHE_DIR'] = compilation_cache_dir
+  proc = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'experiments.evaluate',
+      f'--workdir={run["workdir"]}',
+    ],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT_S,
+  )
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert 'Topology' not in proc.stderr and 'delete' not in proc.stderr
+  line = next(ln for ln in proc.stdout.splitlines() if ln.startswith('eval:'))
+  top1 = float(line.split('top-1 ')[1].split('%')[0]) / 100
+  assert top1 == pytest.approx(float(run['eval_top1']), abs=1e-4)
 
 
 def test_batchnorm_statistics_are_over_the_global_batch(

@@ -1,0 +1,376 @@
+"""What every command-line entry point shares: a quiet start, short errors.
+
+`run(main)` replaces `absl.app.run(main)`. Before TensorFlow or JAX is
+imported it sets the environment that keeps their start-up quiet
+(`quiet_environment`); after flag parsing it lowers absl's Python logging
+to WARNING unless `--verbosity` is given (JAX logs "Unable to initialize
+backend 'tpu'" at INFO on every machine without a TPU) and, for commands
+that read data, imports TensorFlow with its C++ start-up notices filtered
+out (`import_tensorflow_quietly`: TensorFlow 2.21 prints "All log messages
+before absl::InitializeLog()" and the oneDNN notice whatever
+TF_CPP_MIN_LOG_LEVEL says).
+
+User errors become a short message on stderr instead of a traceback: bad
+flags, bad `--config.*` overrides and config or usage errors (`ValueError`)
+exit with status 2; missing files and other runtime failures (`OSError`,
+a non-finite loss) with status 1. `NFNETS_TRACEBACK=1` in the environment
+lets every error propagate with its full traceback.
+
+`parse_flags_with_run_config` lets `--config` default to the config a
+training run saved in its workdir (`<workdir>/config.json`), so
+`evaluate --workdir=W` and `predict --workdir=W` need nothing else;
+`--config.x=v` overrides apply on top of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import sys
+import tempfile
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+TRACEBACK_ENV = 'NFNETS_TRACEBACK'
+USAGE_EXIT = 2
+FAILURE_EXIT = 1
+INTERRUPT_EXIT = 130
+
+# Start-up lines of TensorFlow's C++ runtime that say nothing a user can act
+# on. oneDNN stays on (TF_ENABLE_ONEDNN_OPTS=0 would change TF's numerics);
+# only its notice is dropped.
+STARTUP_NOISE = (
+  'All log messages before absl::InitializeLog() is called',
+  'oneDNN custom operations are on',
+)
+
+RUN_CONFIG_FILE = 'config.json'
+
+
+def quiet_environment(environ=None) -> None:
+  """Sets the log levels of TensorFlow's and gRPC's C++ code, if unset.
+
+  Must run before TensorFlow is imported; explicit settings are kept.
+
+  Args:
+    environ: the environment to update (default `os.environ`).
+  """
+  environ = os.environ if environ is None else environ
+  environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  environ.setdefault('GRPC_VERBOSITY', 'ERROR')
+  environ.setdefault('GLOG_minloglevel', '2')
+
+
+@contextlib.contextmanager
+def _stderr_filtered(noise):
+  """Captures file descriptor 2 (C++ writes too); replays all but `noise`."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile(mode='w+b') as captured:
+    os.dup2(captured.fileno(), 2)
+    try:
+      yield
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      captured.seek(0)
+      text = captured.read().decode('utf-8', 'replace')
+      kept = [
+        line
+        for line in text.splitlines(keepends=True)
+        if not any(n in line for n in noise)
+      ]
+      sys.stderr.write(''.join(kept))
+      sys.stderr.flush()
+
+
+def import_tensorflow_quietly() -> None:
+  """Imports TensorFlow, dropping its `STARTUP_NOISE` lines from stderr.
+
+  Anything else it prints (and any import error) still reaches stderr.
+  """
+  if 'tensorflow' in sys.modules:
+    return
+  with _stderr_filtered(STARTUP_NOISE):
+    import tensorflow  # noqa: F401
+
+
+def exit_code(error: BaseException) -> int | None:
+  """The exit status for a user error, or None for a bug (show traceback).
+
+  Args:
+    error: the exception that ended the command.
+
+  Returns:
+    2 for usage and config errors, 1 for runtime failures, 130 for Ctrl-C,
+    None for anything else.
+  """
+  if isinstance(error, app.UsageError | flags.Error | ValueError):
+    return USAGE_EXIT
+  if isinstance(error, KeyboardInterrupt):
+    return INTERRUPT_EXIT
+  if isinstance(error, OSError | FloatingPointError):
+    return FAILURE_EXIT
+  return None
+
+
+def error_message(error: BaseException) -> str:
+  """The text of an error, without the repr quoting a KeyError adds."""
+  if isinstance(error, KeyboardInterrupt):
+    return 'Interrupted.'
+  if len(error.args) == 1 and isinstance(error.args[0], BaseException):
+    return error_message(error.args[0])  # ConfigDict wraps its KeyError.
+  if isinstance(error, OSError) and error.strerror and error.filename:
+    text = f'{error.strerror}: {error.filename!r}'
+  elif len(error.args) == 1 and isinstance(error.args[0], str):
+    text = error.args[0]
+  else:
+    text = str(error)
+  return text.strip() or type(error).__name__
+
+
+def report_error(error: BaseException, code: int) -> None:
+  """Writes the short form of `error` to stderr."""
+  hint = f' (set {TRACEBACK_ENV}=1 to see the traceback)'
+  if code == INTERRUPT_EXIT or isinstance(error, app.UsageError | flags.Error):
+    hint = ''  # Nothing went wrong inside: the message is the whole story.
+  sys.stderr.write(f'Error: {error_message(error)}{hint}\n')
+
+
+def traceback_requested() -> bool:
+  """Whether `NFNETS_TRACEBACK` asks for full tracebacks."""
+  return os.environ.get(TRACEBACK_ENV, '') not in ('', '0')
+
+
+def _call_main(main, tensorflow, argv):
+  if not flags.FLAGS['verbosity'].present:
+    # JAX (no TPU found) and Orbax (every checkpoint operation) log at INFO.
+    logging.set_verbosity(logging.WARNING)
+  if traceback_requested():
+    if tensorflow:
+      import_tensorflow_quietly()
+    return main(argv)
+  try:
+    if tensorflow:
+      import_tensorflow_quietly()
+    return main(argv)
+  except (Exception, KeyboardInterrupt) as e:
+    code = exit_code(e)
+    if code is None:
+      raise
+    report_error(e, code)
+    sys.exit(code)
+
+
+def _override_error(error: BaseException) -> str:
+  """The message of a failed `--config.*` override, unknown keys named."""
+  cause = error
+  while len(cause.args) == 1 and isinstance(cause.args[0], BaseException):
+    cause = cause.args[0]
+  message = error_message(cause)
+  if isinstance(cause, KeyError):
+    message = f'unknown key {message}'
+  return message
+
+
+def parse_flags(argv, prepare=None):
+  """Parses flags; flag and `--config.*` override errors exit with 2.
+
+  Loading a config file imports `nfnets` (and so TensorFlow), so parsing
+  drops TensorFlow's start-up notices from stderr too.
+
+  Args:
+    argv: the command line.
+    prepare: optional `argv -> argv`, run before parsing (it may define
+      flags, e.g. `use_run_config`).
+
+  Returns:
+    The positional arguments, as `absl.flags.FLAGS(argv)` returns them.
+  """
+  with _stderr_filtered(STARTUP_NOISE):
+    return _parse_flags(argv, prepare)
+
+
+def _parse_flags(argv, prepare):
+  try:
+    if prepare is not None:
+      argv = prepare(argv)
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    if traceback_requested():
+      raise
+    sys.stderr.write(
+      f'Error: {error_message(e)}\nPass --helpshort for the flags.\n'
+    )
+    sys.exit(USAGE_EXIT)
+  except (
+    KeyError,
+    AttributeError,
+    TypeError,
+    ValueError,
+    FileNotFoundError,
+  ) as e:
+    # ml_collections raises these (not flags.Error) for an unknown key or a
+    # value of the wrong type; reading a config file can raise OSError.
+    if traceback_requested():
+      raise
+    sys.stderr.write(
+      f'Error in the config: {_override_error(e)}\n'
+      'Check the --config.* key names and values against the config file '
+      '(a run keeps its resolved config in <workdir>/config.json).\n'
+    )
+    sys.exit(USAGE_EXIT)
+
+
+def run(main, *, prepare=None, tensorflow=False) -> None:
+  """`absl.app.run(main)` with a quiet start and short user errors.
+
+  Args:
+    main: the program's `main(argv)`.
+    prepare: optional `argv -> argv` run before flag parsing (see
+      `parse_flags`).
+    tensorflow: import TensorFlow quietly before `main` (commands that read
+      datasets).
+  """
+  quiet_environment()
+  app.run(
+    functools.partial(_call_main, main, tensorflow),
+    flags_parser=functools.partial(parse_flags, prepare=prepare),
+  )
+
+
+# ----------------------------------------------------------------------------
+# The config of a training run, from its workdir.
+# ----------------------------------------------------------------------------
+
+
+def define_config_flag():
+  """`--config`: a config file, or by default the `--workdir` run's config.
+
+  Returns:
+    The flag holder; its value is the resolved ConfigDict.
+  """
+  return config_flags.DEFINE_config_file(
+    'config',
+    None,
+    'Config file (configs/*.py[:arg]); default: the config the --workdir '
+    'run saved (<workdir>/config.json). Override fields with --config.x=v.',
+    lock_config=True,
+  )
+
+
+def flag_value(argv, name: str) -> str | None:
+  """The value of `--name=V` or `--name V` in `argv`, else None."""
+  for i, arg in enumerate(argv[1:], 1):
+    if arg == '--':
+      break
+    for prefix in (f'--{name}', f'-{name}'):
+      if arg.startswith(prefix + '='):
+        return arg[len(prefix) + 1 :]
+      if arg == prefix and i + 1 < len(argv):
+        return argv[i + 1]
+  return None
+
+
+def _without_flag(argv, name: str):
+  out, skip = [], False
+  for arg in argv:
+    if skip:
+      skip = False
+      continue
+    if arg in (f'--{name}', f'-{name}'):
+      skip = True
+      continue
+    if arg.startswith((f'--{name}=', f'-{name}=')):
+      continue
+    out.append(arg)
+  return out
+
+
+def saved_run_config(workdir: str):
+  """The config a training run saved in `workdir`, or None if it has none.
+
+  Args:
+    workdir: a training workdir.
+
+  Returns:
+    A ConfigDict (`nfnets.train.provenance.load_run_config`) or None.
+  """
+  if not workdir or not os.path.isfile(
+    os.path.join(os.path.expanduser(workdir), RUN_CONFIG_FILE)
+  ):
+    return None
+  from nfnets.train import provenance
+
+  return provenance.load_run_config(os.path.expanduser(workdir))
+
+
+def use_run_config(argv):
+  """Before parsing: makes `--config` default to the run's saved config.
+
+  With `--workdir=W` and no `--config`, `--config` becomes W's saved config
+  (overrides `--config.x=v` apply on top). `--config=W/config.json` is read
+  the same way; any other JSON file is a usage error.
+
+  Args:
+    argv: the command line.
+
+  Returns:
+    The command line to parse.
+
+  Raises:
+    app.UsageError: no config can be found.
+  """
+  config_arg = flag_value(argv, 'config')
+  workdir = flag_value(argv, 'workdir')
+  if config_arg is not None and config_arg.endswith('.json'):
+    run_dir = os.path.dirname(config_arg) or '.'
+    if os.path.basename(config_arg) != RUN_CONFIG_FILE:
+      raise flags.ValidationError(
+        f'--config={config_arg} is JSON; --config takes a Python config '
+        'file (configs/*.py). For a training run, pass --workdir=DIR alone: '
+        'its saved config.json is used.'
+      )
+    argv, workdir = _without_flag(argv, 'config'), run_dir
+    if not os.path.isfile(config_arg):
+      raise FileNotFoundError(f'No config file {config_arg!r}.')
+  elif config_arg is not None or workdir is None:
+    return argv
+  saved = saved_run_config(workdir)
+  if saved is None:
+    raise flags.ValidationError(
+      f'{os.path.join(workdir, RUN_CONFIG_FILE)} does not exist: pass the '
+      '--workdir of a training run, or its config with '
+      '--config=configs/<name>.py.'
+    )
+  delattr(flags.FLAGS, 'config')
+  # sys_argv: the overrides to define are read from it (default sys.argv,
+  # which may still name a config.json).
+  config_flags.DEFINE_config_dict(
+    'config', saved, "The run's saved config.", lock_config=True,
+    sys_argv=argv,
+  )  # fmt: skip
+  return argv
+
+
+def print_config_differences(workdir: str, config) -> None:
+  """Prints to stderr how `config` differs from the run's saved config.
+
+  Args:
+    workdir: the training workdir (may hold no config.json).
+    config: the config in use.
+  """
+  saved = saved_run_config(workdir)
+  if saved is None:
+    return
+  from nfnets.train import provenance
+
+  differences = provenance.config_differences(saved, config)
+  if differences:
+    sys.stderr.write(
+      "Differences from the run's saved config:\n"
+      + ''.join(f'  {d}\n' for d in differences)
+    )

@@ -1,0 +1,325 @@
+"""A training run used from its workdir alone: evaluate, predict, errors.
+
+`experiments.evaluate --workdir=W` and `experiments.predict --workdir=W` read
+the run's saved config (`W/config.json`), apply `--config.*` overrides on
+top and print their differences. Two kinds of run are used:
+
+* a tiny NFNet trained for 4 steps by `experiments.train` on a two-class
+  folder dataset (the end-to-end path a user takes); its own final eval in
+  metrics.jsonl is the reference that evaluate and predict must reproduce;
+* a hand-written checkpoint whose classifier weight is zero, so its
+  probabilities are softmax(bias) whatever the image (raw and EMA biases
+  differ, so each set is identifiable).
+
+Every command runs in a subprocess with neither JAX_PLATFORMS nor
+TF_CPP_MIN_LOG_LEVEL set, and its stderr must hold none of TensorFlow's,
+oneDNN's or JAX's start-up notices.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import PIL.Image
+import pytest
+
+from configs import quickstart
+from nfnets import train
+from nfnets.train import checkpoint as ckpt_lib
+
+ROOT = os.path.dirname(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)
+CLASSES = ('daisy', 'rose')  # Folder names; labels in sorted order.
+START_UP_NOISE = (
+  'absl::InitializeLog',
+  'oneDNN',
+  "Unable to initialize backend 'tpu'",
+)
+
+
+def _run(module, *args, **env):
+  environ = {
+    k: v
+    for k, v in os.environ.items()
+    if k not in ('JAX_PLATFORMS', 'TF_CPP_MIN_LOG_LEVEL')
+  }
+  environ.update(env)
+  proc = subprocess.run(
+    [sys.executable, '-m', module, *args],
+    cwd=ROOT,
+    env=environ,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  for line in START_UP_NOISE:
+    assert line not in proc.stderr, proc.stderr
+  return proc
+
+
+def _make_folder_dataset(root):
+  """Two colour classes of 40x48 JPEGs: 8 train and 4 validation each."""
+  rng = np.random.default_rng(0)
+  colours = {'daisy': (250, 250, 240), 'rose': (200, 20, 40)}
+  for split, count in (('train', 8), ('validation', 4)):
+    for name, colour in colours.items():
+      folder = root / split / name
+      folder.mkdir(parents=True)
+      for i in range(count):
+        noise = rng.normal(0.0, 20.0, (40, 48, 3))
+        pixels = np.clip(np.asarray(colour) + noise, 0, 255).astype(np.uint8)
+        PIL.Image.fromarray(pixels).save(folder / f'{i}.jpg')
+  return root
+
+
+@pytest.fixture(scope='module')
+def folder_dataset(tmp_path_factory):
+  return _make_folder_dataset(tmp_path_factory.mktemp('data') / 'flowers')
+
+
+@pytest.fixture(scope='module')
+def trained_run(tmp_path_factory, folder_dataset, compilation_cache_dir):
+  workdir = tmp_path_factory.mktemp('run')
+  proc = _run(
+    'experiments.train', '--config=configs/quickstart.py',
+    f'--workdir={workdir}', '--config.data.name=folder',
+    f'--config.data.folder_root={folder_dataset}',
+    '--config.data.eval_image_size=40', '--config.train.num_epochs=0',
+    '--config.train.num_steps=4', '--config.train.batch_size=8',
+    '--config.eval.batch_size=8', '--config.optimizer.warmup_epochs=0',
+    f'--config.train.compilation_cache_dir={compilation_cache_dir}',
+  )  # fmt: skip
+  assert proc.returncode == 0, proc.stderr
+  return workdir
+
+
+def _final_eval(workdir):
+  with open(workdir / 'metrics.jsonl') as f:
+    rows = [json.loads(line) for line in f]
+  return [r for r in rows if 'eval/top1' in r][-1]
+
+
+def _validation_files(folder_dataset):
+  files = []
+  for label, name in enumerate(CLASSES):
+    folder = folder_dataset / 'validation' / name
+    files += [(str(folder / f), label) for f in sorted(os.listdir(folder))]
+  return files
+
+
+def test_evaluate_with_workdir_alone_reproduces_the_final_eval(trained_run):
+  out = trained_run / 'eval.json'
+  proc = _run(
+    'experiments.evaluate', f'--workdir={trained_run}', f'--output={out}'
+  )
+  assert proc.returncode == 0, proc.stderr
+  results = json.loads(out.read_text())
+  reference = _final_eval(trained_run)
+  assert results['step'] == reference['step'] == 4
+  for key in ('eval/top1', 'eval/loss', 'eval_ema/top1', 'eval_ema/loss'):
+    np.testing.assert_allclose(results[key], reference[key], rtol=1e-4)
+  # The run's own eval size (40, not the quickstart's 32) was used: no
+  # differences from its saved config to report.
+  assert 'Differences' not in proc.stderr
+
+
+@pytest.mark.parametrize('which', ['ema', 'raw'])
+def test_predict_with_workdir_alone_matches_the_run(
+  trained_run, folder_dataset, which
+):
+  files = _validation_files(folder_dataset)
+  proc = _run(
+    'experiments.predict', f'--workdir={trained_run}', f'--params={which}',
+    '--json', *[path for path, _ in files],
+  )  # fmt: skip
+  assert proc.returncode == 0, proc.stderr
+  rows = [json.loads(line) for line in proc.stdout.splitlines()]
+  assert [r['image'] for r in rows] == [path for path, _ in files]
+  true_probs, correct = [], []
+  for row, (_, label) in zip(rows, files, strict=True):
+    probs = dict(row['top_k'])
+    assert set(probs) == set(CLASSES)  # The folder's class names.
+    np.testing.assert_allclose(sum(probs.values()), 1.0, rtol=1e-5)
+    true_probs.append(probs[CLASSES[label]])
+    correct.append(row['top_k'][0][0] == CLASSES[label])
+  # The trainer's final eval of the same params on the same files: the same
+  # preprocessing and labels give the same top-1 and cross-entropy.
+  prefix = 'eval_ema' if which == 'ema' else 'eval'
+  reference = _final_eval(trained_run)
+  np.testing.assert_allclose(np.mean(correct), reference[f'{prefix}/top1'])
+  np.testing.assert_allclose(
+    -np.mean(np.log(true_probs)), reference[f'{prefix}/loss'], rtol=2e-3
+  )
+
+
+# ----------------------------------------------------------------------------
+# A hand-written run with known outputs.
+# ----------------------------------------------------------------------------
+
+
+def _known_params(abstract_params, bias, seed):
+  """Random params of the run's model whose classifier outputs `bias`."""
+  rng = np.random.default_rng(seed)
+  params = jax.tree.map(
+    lambda s: 0.3 * rng.standard_normal(s.shape).astype(s.dtype),
+    abstract_params,
+  )
+  params['NFNet/~/linear']['w'][:] = 0.0
+  params['NFNet/~/linear']['b'][:] = bias
+  return params
+
+
+RAW_BIAS = (2.0, -1.0)
+EMA_BIAS = (-0.5, 1.5)
+
+
+@pytest.fixture(scope='module')
+def known_run(tmp_path_factory, folder_dataset):
+  """A workdir with config.json and one checkpoint of known biases."""
+  workdir = tmp_path_factory.mktemp('known')
+  config = quickstart.get_config()
+  config.data.name = 'folder'
+  config.data.folder_root = str(folder_dataset)
+  config.data.eval_image_size = 40
+  config.eval.batch_size = 8
+  (workdir / 'config.json').write_text(
+    config.to_json_best_effort(indent=2, sort_keys=True)
+  )
+  abstract = train.abstract_train_state(config, len(CLASSES))
+  state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract)
+  state = state._replace(
+    step=np.int32(3),
+    params=_known_params(abstract.params, RAW_BIAS, 0),
+    ema_params=_known_params(abstract.params, EMA_BIAS, 1),
+  )
+  checkpointer = ckpt_lib.Checkpointer(
+    str(workdir / 'checkpoints'), max_to_keep=2
+  )
+  checkpointer.save(3, state)
+  checkpointer.close()
+  return workdir
+
+
+def _softmax(x):
+  e = np.exp(np.asarray(x, np.float64) - np.max(x))
+  return e / e.sum()
+
+
+def test_predict_reports_bad_files_and_classifies_the_rest(
+  known_run, folder_dataset, tmp_path
+):
+  good = str(folder_dataset / 'validation' / 'rose' / '0.jpg')
+  not_image = tmp_path / 'notes.jpg'
+  not_image.write_text('not an image')
+  truncated = tmp_path / 'truncated.jpg'
+  truncated.write_bytes(open(good, 'rb').read()[:600])
+  missing = tmp_path / 'missing.jpg'
+  proc = _run(
+    'experiments.predict', f'--workdir={known_run}', '--params=raw',
+    str(missing), str(not_image), str(truncated), good,
+  )  # fmt: skip
+  assert proc.returncode == 1
+  assert 'Traceback' not in proc.stderr
+  assert f"No image file at '{missing}'" in proc.stderr
+  assert f"'{not_image}' is not an image" in proc.stderr
+  assert f"'{truncated}' cannot be decoded" in proc.stderr
+  assert '3 of 4 images could not be read' in proc.stderr
+  # The good file is still classified, with the raw params' known output.
+  lines = proc.stdout.splitlines()
+  assert lines[0] == good
+  probs = _softmax(RAW_BIAS)
+  assert lines[1].split()[:2] == ['1.', 'daisy']
+  assert lines[1].split()[2] == f'{100 * probs[0]:.2f}%'
+  assert lines[2].split()[:3] == ['2.', 'rose', f'{100 * probs[1]:.2f}%']
+
+
+def test_predict_uses_ema_params_by_default_and_applies_overrides(
+  known_run, folder_dataset
+):
+  good = str(folder_dataset / 'validation' / 'daisy' / '1.jpg')
+  proc = _run(
+    'experiments.predict', f'--workdir={known_run}', '--json',
+    '--config.data.eval_image_size=48', good,
+  )  # fmt: skip
+  assert proc.returncode == 0, proc.stderr
+  (row,) = [json.loads(line) for line in proc.stdout.splitlines()]
+  probs = _softmax(EMA_BIAS)
+  assert [name for name, _ in row['top_k']] == ['rose', 'daisy']
+  np.testing.assert_allclose(
+    [p for _, p in row['top_k']], [probs[1], probs[0]], rtol=1e-5
+  )
+  assert 'data.eval_image_size: 40 -> 48' in proc.stderr
+
+
+def test_evaluate_accepts_the_saved_config_json(known_run):
+  proc = _run(
+    'experiments.evaluate', f'--config={known_run}/config.json',
+    f'--workdir={known_run}', '--config.eval.batch_size=4',
+  )  # fmt: skip
+  assert proc.returncode == 0, proc.stderr
+  assert 'NameError' not in proc.stderr
+  assert 'eval.batch_size: 8 -> 4' in proc.stderr
+  # Every image is predicted as class 0 (raw) or 1 (EMA): half are right.
+  assert 'eval: top-1 50.00%' in proc.stdout
+  assert 'eval_ema: top-1 50.00%' in proc.stdout
+  assert '(8 images)' in proc.stdout
+
+
+# ----------------------------------------------------------------------------
+# User errors: short messages, exit 2 (usage, config) or 1 (runtime).
+# ----------------------------------------------------------------------------
+
+
+def _assert_short(proc, code, *phrases):
+  assert proc.returncode == code, (proc.returncode, proc.stderr)
+  assert 'Traceback' not in proc.stderr
+  assert 'JAX has removed' not in proc.stderr  # Its traceback footer.
+  assert len(proc.stderr.strip().splitlines()) <= 4, proc.stderr
+  for phrase in phrases:
+    assert phrase in proc.stderr, proc.stderr
+
+
+def test_config_errors_are_short(known_run, tmp_path):
+  workdir = f'--workdir={known_run}'
+  proc = _run('experiments.evaluate', workdir, '--config.optimzer.lr=1')
+  _assert_short(proc, 2, "unknown key 'optimzer'", '"optimizer"')
+  assert '\\' not in proc.stderr
+  proc = _run('experiments.evaluate', workdir, '--config.train.batch_size=a')
+  _assert_short(proc, 2, 'config.train.batch_size')
+  other = tmp_path / 'settings.json'
+  other.write_text('{"model": {}}')
+  proc = _run('experiments.evaluate', f'--config={other}')
+  _assert_short(proc, 2, '--workdir')
+  # A directory that is no training run, and no --config.
+  proc = _run('experiments.evaluate', f'--workdir={tmp_path}')
+  _assert_short(proc, 2, 'config.json does not exist', '--config=')
+
+
+def test_usage_errors_are_short(known_run, tmp_path):
+  proc = _run('experiments.predict', f'--weights={known_run}', 'x.jpg')
+  _assert_short(proc, 2, f'--workdir={known_run}')
+  assert 'IsADirectoryError' not in proc.stderr
+  proc = _run('experiments.predict', f'--workdir={known_run}')
+  _assert_short(proc, 2, 'image files')
+  proc = _run('experiments.convert_weights', f'--output={tmp_path}/w.npz')
+  _assert_short(proc, 2, '--input')
+
+
+def test_runtime_errors_are_short_unless_a_traceback_is_asked_for(
+  known_run, tmp_path
+):
+  # An unknown variant is a config error, raised inside the model code.
+  args = (f'--workdir={known_run}', '--config.model.kwargs.variant=F9')
+  proc = _run('experiments.evaluate', *args)
+  _assert_short(proc, 2, "'F9'", 'NFNETS_TRACEBACK=1')
+  missing = (
+    '--config=configs/quickstart.py', f'--workdir={tmp_path}/nothing',
+  )  # fmt: skip
+  proc = _run('experiments.evaluate', *missing, NFNETS_TRACEBACK='1')
+  assert proc.returncode == 1
+  assert 'Traceback' in proc.stderr
+  assert 'FileNotFoundError' in proc.stderr

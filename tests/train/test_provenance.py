@@ -1,0 +1,178 @@
+"""Tests for nfnets.train.provenance: a run's configs and the resume rules."""
+
+import json
+import os
+
+import ml_collections
+import pytest
+from ml_collections import config_dict
+
+from configs import f0, finetune, quickstart
+from nfnets.train import provenance
+
+CONFIGS = {
+  'quickstart': quickstart.get_config,
+  'f0': f0.get_config,
+  'f0_plus': lambda: f0.get_config('plus'),
+  'finetune': lambda: finetune.get_config('F0'),
+}
+
+
+def _leaves(config, prefix=''):
+  """`{key: (value, declared type)}`, read through ConfigDict's own API."""
+  out = {}
+  for key in config.keys():
+    value = config[key]
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update(_leaves(value, f'{prefix}{key}.'))
+    else:
+      out[prefix + key] = (value, config.get_type(key))
+  return out
+
+
+@pytest.mark.parametrize('name', sorted(CONFIGS))
+def test_saved_config_reads_back_with_its_types(tmp_path, name):
+  config = CONFIGS[name]()
+  provenance.write_segment(
+    str(tmp_path), config, start_step=0, changes=[], num_devices=1
+  )
+  loaded = provenance.load_run_config(str(tmp_path))
+  want, got = _leaves(config), _leaves(loaded)
+  assert sorted(got) == sorted(want)
+  for key, (value, kind) in want.items():
+    # Same value, same Python type (tuples stay tuples), same declared
+    # type (a None placeholder keeps its int/float/tuple type).
+    assert got[key][0] == value and type(got[key][0]) is type(value), key
+    assert got[key][1] is kind, key
+  assert loaded.is_locked
+  # Overrides type-check as on the config file: a placeholder takes its
+  # type only.
+  loaded.optimizer.warmup_steps = 7
+  with pytest.raises(TypeError):
+    loaded.optimizer.warmup_steps = 'seven'
+
+
+def test_config_json_is_the_plain_latest_config(tmp_path):
+  config = quickstart.get_config()
+  provenance.write_segment(
+    str(tmp_path), config, start_step=0, changes=[], num_devices=1
+  )
+  with open(tmp_path / 'config.json') as f:
+    saved = json.load(f)
+  assert saved == json.loads(config.to_json_best_effort())
+  assert saved['model']['kwargs']['depth'] == [1, 1, 1, 1]
+
+
+def test_workdir_without_records_reads_lists_as_tuples(tmp_path):
+  with open(tmp_path / 'config.json', 'w') as f:
+    json.dump({'model': {'kwargs': {'depth': [1, 2]}, 'name': 'NFNet'}}, f)
+  loaded = provenance.load_run_config(str(tmp_path))
+  assert loaded.model.kwargs.depth == (1, 2)
+  with pytest.raises(FileNotFoundError, match='training run'):
+    provenance.load_run_config(str(tmp_path / 'nowhere'))
+
+
+def test_differences_name_each_key_and_both_values():
+  old = ml_collections.ConfigDict(
+    {'optimizer': {'lr': 0.1, 'name': 'sgd_agc'}, 'train': {'seed': 0}}
+  )
+  new = ml_collections.ConfigDict(
+    {'optimizer': {'lr': 0.3, 'name': 'sgd_agc'}, 'train': {'seed': 0}}
+  )
+  new.model = ml_collections.ConfigDict({'depth': (1, 2)})
+  assert provenance.config_differences(old, new) == [
+    'model.depth: (absent) -> (1, 2)',
+    'optimizer.lr: 0.1 -> 0.3',
+  ]
+  # A config read back from JSON (lists) equals the one it came from.
+  as_json = json.loads(new.to_json())
+  assert provenance.config_differences(new, as_json) == []
+
+
+def test_resume_refuses_training_changes_and_allows_cadence():
+  old = quickstart.get_config()
+  new = quickstart.get_config()
+  new.optimizer.lr = 0.3
+  new.train.num_epochs = 20.0
+  new.train.log_every_steps = 5
+  new.checkpoint.every_steps = 50
+  with pytest.raises(provenance.ConfigChangeError) as e:
+    provenance.check_resume(old, new, step=100, allow_change=False)
+  message = str(e.value)
+  assert '  optimizer.lr: 0.1 -> 0.3' in message
+  assert '--allow_config_change' in message
+  # Only the training change is listed as a reason to refuse.
+  assert 'num_epochs' not in message and 'log_every_steps' not in message
+  lines = provenance.check_resume(old, new, step=100, allow_change=True)
+  assert lines == [
+    'checkpoint.every_steps: 100 -> 50',
+    'optimizer.lr: 0.1 -> 0.3',
+    'train.log_every_steps: 20 -> 5',
+    'train.num_epochs: 8.0 -> 20.0',
+  ]
+  new.optimizer.lr = 0.1
+  assert len(provenance.check_resume(old, new, step=1, allow_change=False)) == 3
+
+
+@pytest.mark.parametrize(
+  'key,safe',
+  [
+    ('train.num_steps', True),
+    ('train.distributed.num_processes', True),
+    ('eval.every_steps', True),
+    ('data.eval_image_size', True),
+    ('data.train_image_size', False),
+    ('train.batch_size', False),
+    ('train.seed', False),
+    ('model.kwargs.width', False),
+    ('optimizer.warmup_epochs', False),
+  ],
+)
+def test_resume_safe_keys(key, safe):
+  assert provenance.is_resume_safe(key) is safe
+
+
+def test_segments_are_numbered_and_record_changes(tmp_path):
+  workdir = str(tmp_path)
+  config = quickstart.get_config()
+  provenance.start_segment(
+    workdir, config, start_step=0, total_steps=10, changes=[],
+    num_devices=8, log=lambda line: None,
+  )  # fmt: skip
+  changed = quickstart.get_config()
+  changed.optimizer.lr = 0.3
+  changes = provenance.resume_changes(
+    changed, workdir, latest_step=4, allow_change=True
+  )
+  provenance.start_segment(
+    workdir, changed, start_step=4, total_steps=10, changes=changes,
+    num_devices=1, log=lambda line: None,
+  )  # fmt: skip
+  # A finished run rerun with the same config records nothing.
+  provenance.start_segment(
+    workdir, changed, start_step=10, total_steps=10, changes=[],
+    num_devices=1, log=lambda line: None,
+  )  # fmt: skip
+  names = sorted(os.listdir(tmp_path / 'configs'))
+  assert names == ['segment_000_step_0.json', 'segment_001_step_4.json']
+  with open(tmp_path / 'configs' / names[1]) as f:
+    record = json.load(f)
+  assert record['changes'] == ['optimizer.lr: 0.1 -> 0.3']
+  assert record['start_step'] == 4 and record['num_devices'] == 1
+  first = provenance.config_from_record(
+    provenance.segment_records(workdir)[0][1]
+  )
+  assert first.optimizer.lr == 0.1
+  assert provenance.load_run_config(workdir).optimizer.lr == 0.3
+  # Without a checkpoint there is nothing to resume: any change is allowed.
+  assert provenance.resume_changes(
+    config, workdir, latest_step=None, allow_change=False
+  ) == ['optimizer.lr: 0.3 -> 0.1']
+
+
+def test_placeholder_type_survives_a_record():
+  config = ml_collections.ConfigDict({'a': config_dict.placeholder(float)})
+  again = provenance.config_from_record(provenance.config_record(config))
+  assert again.a is None and again.get_type('a') is float
+  again.a = 2  # An int becomes the declared float.
+  assert isinstance(again.a, float)
