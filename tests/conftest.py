@@ -51,6 +51,8 @@ LONGEST_MODULES_FIRST = (
   'test_multidevice.py',
   'test_nfnet.py',
   'test_loop.py',
+  'test_run_workdir.py',
+  'test_grad_accum.py',
   'test_train_f0.py',
   'test_notebook.py',
   'test_benchmark.py',
