@@ -16,10 +16,10 @@ exit with status 2; missing files and other runtime failures (`OSError`,
 a non-finite loss) with status 1. `NFNETS_TRACEBACK=1` in the environment
 lets every error propagate with its full traceback.
 
-`parse_flags_with_run_config` lets `--config` default to the config a
-training run saved in its workdir (`<workdir>/config.json`), so
-`evaluate --workdir=W` and `predict --workdir=W` need nothing else;
-`--config.x=v` overrides apply on top of it.
+`define_config_flag` with `run(main, prepare=use_run_config)` lets `--config`
+default to the config a training run saved in its workdir
+(`<workdir>/config.json`), so `evaluate --workdir=W` and `predict
+--workdir=W` need nothing else; `--config.x=v` overrides apply on top of it.
 """
 
 from __future__ import annotations

@@ -395,7 +395,9 @@ def _numpy_batches(ds, source, split):
         raise
       raise ValueError(
         f'Cannot decode {len(bad)} image(s) in split {split!r}: {bad[:10]}. '
-        'Delete or re-encode them (e.g. with PIL) and restart.'
+        'Re-encode or replace them (e.g. with PIL), or move them out of the '
+        'dataset folder, and rerun the same command: the run resumes from '
+        'its last checkpoint.'
       ) from e
     yield batch
 
