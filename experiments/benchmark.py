@@ -5,12 +5,18 @@ r"""Times training steps of registry models: `nfnets.perf.benchmark`'s CLI.
       --batch_size=32 --image_size=192 --steps=50 --dtype=bfloat16 \
       --json_out=/tmp/bench.json
     python -m experiments.benchmark --model=NFNet:F0,NFResNet50 --steps=10
+    python -m experiments.benchmark --table=paper --steps=5 \
+      --plot_out=flops_vs_time.png       # the paper's Table 3, batch 32
 
 `--model` is a comma-separated list of `nfnets.models.MODELS` names, each
 optionally with a variant after ':'; NFNet entries without one take every
 `--variant`. The default dtype is float32 on CPU and bfloat16 on GPU/TPU.
 Prints a Markdown table shaped like the paper's Table 3; `--json_out`
-writes every measurement. See docs/performance.md.
+writes every measurement. `--table=paper` times the paper's six models
+(ResNet-50, EfficientNet-B0, SE-ResNet-50, NFNet-F0/F1, EfficientNet-B4) at
+their train resolutions and prints the paper's figures beside ours, where
+each step's time goes by kind of kernel, and optionally a FLOPs-vs-time
+plot (`nfnets.perf.paper_table`). See docs/performance.md.
 """
 
 import json
@@ -18,13 +24,17 @@ import os
 
 from absl import app, flags
 
+from experiments import common
+
 _MODEL = flags.DEFINE_list(
   'model', ['NFNet'], 'Registry names, each optionally `Name:variant`.'
 )
 _VARIANT = flags.DEFINE_list(
   'variant', ['F0'], 'NFNet variants for NFNet entries without one.'
 )
-_BATCH = flags.DEFINE_integer('batch_size', 8, 'Images per step.')
+_BATCH = flags.DEFINE_integer(
+  'batch_size', None, 'Images per step (default 8; 32 with --table=paper).'
+)
 _SIZE = flags.DEFINE_integer(
   'image_size',
   None,
@@ -72,6 +82,22 @@ _AUGMENT = flags.DEFINE_list(
   "pairing), 'device_reference' (2b images mixed into b).",
 )
 _JSON = flags.DEFINE_string('json_out', '', 'Write results to this JSON file.')
+_TABLE = flags.DEFINE_enum(
+  'table', None, ['paper'],
+  "'paper': the NFNet paper's Table 3 models with its figures beside ours "
+  '(--model, --variant, --image_size and --augment are not used).',
+)  # fmt: skip
+_PAPER_MODELS = flags.DEFINE_list(
+  'paper_models', None, 'With --table=paper: a subset, e.g. NFNet-F0,ResNet-50.'
+)
+_BREAKDOWN = flags.DEFINE_bool(
+  'breakdown', None,
+  'Profile the train step and print its time by kind of kernel (conv '
+  'kinds, GEMM, element-wise, ...); default on with --table=paper only.',
+)  # fmt: skip
+_PLOT = flags.DEFINE_string(
+  'plot_out', '', 'With --table=paper: write the FLOPs-vs-time plot (PNG).'
+)
 
 
 def _model_specs() -> list[tuple[str, dict]]:
@@ -101,6 +127,39 @@ def _print_compile_events(events) -> None:
   print(compile_trace.format_events(rows), flush=True)
 
 
+def _print_kernel_time(kernel_time) -> None:
+  from nfnets.perf import op_profile  # noqa: PLC0415
+
+  rows = [op_profile.KindTime(**k) for k in kernel_time]
+  print('Train step time by kind of kernel:')
+  print(op_profile.format_breakdown(rows), flush=True)
+
+
+def _paper_table():
+  """--table=paper: the paper's six models, its figures beside ours."""
+  from nfnets.perf import paper_table  # noqa: PLC0415
+
+  rows = paper_table.run_paper_table(
+    batch_size=_BATCH.value or 32,
+    steps=_STEPS.value,
+    dtype=_DTYPE.value,
+    labels=_PAPER_MODELS.value,
+    breakdown=_BREAKDOWN.value is not False,
+    log=lambda message: print(message, flush=True),
+  )
+  print(paper_table.format_paper_table(rows))
+  if _BREAKDOWN.value is not False:
+    print('\nTrain step time by kind of kernel (ms/step, share):')
+    print(paper_table.format_breakdowns(rows))
+  if _PLOT.value:
+    paper_table.plot_flops_vs_time(rows, _PLOT.value)
+    print(f'Wrote {_PLOT.value}')
+  if _JSON.value:
+    with open(_JSON.value, 'w') as f:
+      json.dump([paper_table.row_dict(r) for r in rows], f, indent=2)
+    print(f'Wrote {_JSON.value}')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -115,6 +174,8 @@ def main(argv):
     jax.config.update(
       'jax_compilation_cache_dir', os.path.expanduser(_CACHE.value)
     )
+  if _TABLE.value == 'paper':
+    return _paper_table()
   results = []
   specs = [(n, k, a) for n, k in _model_specs() for a in _AUGMENT.value]
   for name, kwargs, augment in specs:
@@ -125,7 +186,7 @@ def main(argv):
     )
     result = benchmark.run_benchmark(
       config,
-      batch_size=_BATCH.value,
+      batch_size=_BATCH.value or 8,
       image_size=_SIZE.value,
       steps=_STEPS.value,
       warmup=_WARMUP.value,
@@ -135,6 +196,7 @@ def main(argv):
       compiler_options=json.loads(_COMPILER_OPTIONS.value) or None,
       trace_compile=_TRACE.value > 0,
       augment=augment,
+      profile_steps=2 if _BREAKDOWN.value else 0,
     )
     results.append(result)
     print(report.format_table([result]).split('\n')[2], flush=True)
@@ -144,6 +206,8 @@ def main(argv):
       f'{result.kernels_by_source}',
       flush=True,
     )
+    if result.kernel_time:
+      _print_kernel_time(result.kernel_time)
     if _TRACE.value:
       _print_compile_events(result.compile_events[: _TRACE.value])
   print(report.format_table(results))
@@ -154,4 +218,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  common.run(main)

@@ -33,7 +33,9 @@ import os
 import tempfile
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from experiments import common
 
 _BATCH = flags.DEFINE_integer('batch_size', 64, 'Global batch size.')
 _BATCHES = flags.DEFINE_integer('num_batches', 20, 'Timed batches.')
@@ -226,4 +228,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  common.run(main, tensorflow=True)

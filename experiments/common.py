@@ -25,10 +25,13 @@ default to the config a training run saved in its workdir
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import json
 import os
 import sys
 import tempfile
+from typing import Any
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -260,6 +263,80 @@ def define_config_flag():
     'run saved (<workdir>/config.json). Override fields with --config.x=v.',
     lock_config=True,
   )
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsFlags:
+  """The flags that say which weights a command uses: a file or a run.
+
+  Attributes are absl flag holders: `config` (see `define_config_flag`),
+  `weights`, `workdir`, `params` ('ema' or 'raw'), `variant` and
+  `model_kwargs` (JSON).
+  """
+
+  config: Any
+  weights: Any
+  workdir: Any
+  params: Any
+  variant: Any
+  model_kwargs: Any
+
+  def check(self) -> None:
+    """Raises `app.UsageError` unless exactly one source is given, sanely."""
+    weights, workdir = self.weights.value, self.workdir.value
+    if bool(weights) == bool(workdir):
+      raise app.UsageError('Pass exactly one of --weights and --workdir.')
+    if weights and os.path.isdir(weights):
+      raise app.UsageError(
+        f'--weights={weights} is a directory; for a training run pass '
+        f'--workdir={weights}.'
+      )
+    if workdir and (self.variant.value or self.model_kwargs.value):
+      raise app.UsageError(
+        '--variant and --model_kwargs are for --weights; with --workdir the '
+        'model comes from the run (override with --config.model.*).'
+      )
+
+  def parsed_model_kwargs(self) -> dict | None:
+    """`--model_kwargs` as a dict (None when not given)."""
+    if not self.model_kwargs.value:
+      return None
+    try:
+      return json.loads(self.model_kwargs.value)
+    except json.JSONDecodeError as e:
+      raise app.UsageError(f'--model_kwargs is not JSON: {e}') from e
+
+
+def define_weights_flags(what_it_does: str) -> WeightsFlags:
+  """Defines --config, --weights, --workdir, --params, --variant and
+  --model_kwargs.
+
+  Args:
+    what_it_does: completes the --workdir help "Training workdir: ...",
+      e.g. 'predicts with its newest checkpoint.'.
+  """
+  return WeightsFlags(
+    config=define_config_flag(),
+    weights=flags.DEFINE_string(
+      'weights', None,
+      'Weights file: DeepMind F*_haiku.npz, .safetensors, .npz.',
+    ),
+    workdir=flags.DEFINE_string(
+      'workdir', None, f'Training workdir: {what_it_does}'
+    ),
+    params=flags.DEFINE_enum(
+      'params', 'ema', ['ema', 'raw'],
+      'With --workdir: the EMA or raw params.',
+    ),
+    variant=flags.DEFINE_string(
+      'variant', None,
+      'NFNet variant (F0..F7, F0+..); default: from the file.',
+    ),
+    model_kwargs=flags.DEFINE_string(
+      'model_kwargs', None,
+      'JSON of extra NFNet kwargs, e.g. {"width": 0.5}.',
+    ),
+  )  # fmt: skip
 
 
 def flag_value(argv, name: str) -> str | None:

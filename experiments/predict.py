@@ -19,29 +19,13 @@ end). See docs/pretrained.md.
 """
 
 import json
-import os
 import sys
 
 from absl import app, flags
 
 from experiments import common
 
-_CONFIG = common.define_config_flag()
-_WEIGHTS = flags.DEFINE_string(
-  'weights', None, 'Weights file: DeepMind F*_haiku.npz, .safetensors, .npz.'
-)
-_WORKDIR = flags.DEFINE_string(
-  'workdir', None, 'Training workdir: predicts with its newest checkpoint.'
-)
-_PARAMS = flags.DEFINE_enum(
-  'params', 'ema', ['ema', 'raw'], 'With --workdir: the EMA or raw params.'
-)
-_VARIANT = flags.DEFINE_string(
-  'variant', None, 'NFNet variant (F0..F7, F0+..); default: from the file.'
-)
-_MODEL_KWARGS = flags.DEFINE_string(
-  'model_kwargs', None, 'JSON of extra NFNet kwargs, e.g. {"width": 0.5}.'
-)
+_SOURCE = common.define_weights_flags('predicts with its newest checkpoint.')
 _IMAGE_SIZE = flags.DEFINE_integer(
   'image_size',
   None,
@@ -52,32 +36,14 @@ _TOP_K = flags.DEFINE_integer('top_k', 5, 'Classes to print per image.')
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object per image.')
 
 
-def _check_sources():
-  if bool(_WEIGHTS.value) == bool(_WORKDIR.value):
-    raise app.UsageError('Pass exactly one of --weights and --workdir.')
-  if _WEIGHTS.value and os.path.isdir(_WEIGHTS.value):
-    raise app.UsageError(
-      f'--weights={_WEIGHTS.value} is a directory; for a training run pass '
-      f'--workdir={_WEIGHTS.value}.'
-    )
-  if _WORKDIR.value and (_VARIANT.value or _MODEL_KWARGS.value):
-    raise app.UsageError(
-      '--variant and --model_kwargs are for --weights; with --workdir the '
-      'model comes from the run (override with --config.model.*).'
-    )
-
-
 def _predict_weights(paths):
   from nfnets.pretrained import inference
 
-  try:
-    kwargs = json.loads(_MODEL_KWARGS.value) if _MODEL_KWARGS.value else None
-  except json.JSONDecodeError as e:
-    raise app.UsageError(f'--model_kwargs is not JSON: {e}') from e
+  kwargs = _SOURCE.parsed_model_kwargs()
   return inference.predict_files(
     paths,
-    _WEIGHTS.value,
-    variant=_VARIANT.value,
+    _SOURCE.weights.value,
+    variant=_SOURCE.variant.value,
     model_kwargs=kwargs,
     image_size=_IMAGE_SIZE.value,
     k=_TOP_K.value,
@@ -112,7 +78,7 @@ def _predict_workdir(paths, config, workdir):
   if config.data.name.startswith('imagenet'):
     names = inference.imagenet_class_names()  # tfds names are synset ids.
   _, sets = evaluation.restore_workdir(config, workdir, info.num_classes)
-  key = 'eval_ema' if _PARAMS.value == 'ema' else 'eval'
+  key = 'eval_ema' if _SOURCE.params.value == 'ema' else 'eval'
   if key not in sets:
     raise ValueError(
       f'{workdir!r} keeps no EMA params (config.train.ema_decay unset); '
@@ -154,11 +120,13 @@ def main(argv):
   paths = argv[1:]
   if not paths:
     raise app.UsageError('Pass one or more image files after the flags.')
-  _check_sources()
-  if _WEIGHTS.value:
+  _SOURCE.check()
+  if _SOURCE.weights.value:
     results = _predict_weights(paths)
   else:
-    results = _predict_workdir(paths, _CONFIG.value, _WORKDIR.value)
+    results = _predict_workdir(
+      paths, _SOURCE.config.value, _SOURCE.workdir.value
+    )
   failed = 0
   for path, result in zip(paths, results, strict=True):
     if isinstance(result, Exception):

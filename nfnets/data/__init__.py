@@ -9,20 +9,30 @@ Public API (see docs/data.md):
   make_eval_iterator(...)     one padded, masked pass over the eval split
   make_batch_fn(data_config)  the train step's augmentation on the device
                               (None when the host augments)
+
+The config, the device-side augmentation and the normalisation statistics
+import no TensorFlow; the names backed by tf.data and tfds (the pipelines,
+the sources) are imported on first use, so `import nfnets.data` works, and
+stays fast, on an accelerator host without TensorFlow.
 """
 
+import importlib
+
+from nfnets.data.config import default_config
 from nfnets.data.device_augment import make_batch_fn
-from nfnets.data.pipeline import (
-  dataset_info,
-  default_config,
-  eval_num_batches,
-  make_eval_dataset,
-  make_eval_iterator,
-  make_train_dataset,
-  make_train_iterator,
-)
-from nfnets.data.preprocess import MEAN_RGB, STDDEV_RGB
-from nfnets.data.sources import SOURCES, DatasetInfo
+from nfnets.data.recipe import MEAN_RGB, STDDEV_RGB
+
+# Name -> module of the TensorFlow-backed public names.
+_LAZY = {
+  'dataset_info': 'pipeline',
+  'eval_num_batches': 'pipeline',
+  'make_eval_dataset': 'pipeline',
+  'make_eval_iterator': 'pipeline',
+  'make_train_dataset': 'pipeline',
+  'make_train_iterator': 'pipeline',
+  'SOURCES': 'sources',
+  'DatasetInfo': 'sources',
+}
 
 __all__ = [
   'MEAN_RGB',
@@ -38,3 +48,12 @@ __all__ = [
   'make_train_dataset',
   'make_train_iterator',
 ]
+
+
+def __getattr__(name):
+  """Imports a TensorFlow-backed public name on first use (PEP 562)."""
+  if name not in _LAZY:
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+  value = getattr(importlib.import_module(f'{__name__}.{_LAZY[name]}'), name)
+  globals()[name] = value
+  return value

@@ -27,22 +27,14 @@ import math
 
 import tensorflow as tf
 
-MAX_LEVEL = 10.0
-REPLACE = 128
-CUTOUT_CONST = 40
-TRANSLATE_CONST = 100
-SOLARIZE_ADD_THRESHOLD = 128
-
-
-def parse_level(level):
-  """Parses a RandAugment level like '405' into (num_layers, magnitude)."""
-  if isinstance(level, str) and not level.isdigit():
-    raise ValueError(
-      f'RandAugment level {level!r} must be digits like "405" (4 layers, '
-      'magnitude 5), or "" to turn RandAugment off.'
-    )
-  level = int(level)
-  return level // 100, level % 100
+from nfnets.data.recipe import (
+  CUTOUT_CONST,
+  MAX_LEVEL,
+  REPLACE,
+  SOLARIZE_ADD_THRESHOLD,
+  TRANSLATE_CONST,
+  solarize_threshold,
+)
 
 
 def _f32(x):
@@ -246,14 +238,6 @@ def enhance_factor(magnitude, seed, quirks=True):
   if quirks:
     return magnitude / MAX_LEVEL * 1.8 + 0.1
   return 1.0 + _signed(magnitude / MAX_LEVEL * 0.9, seed)
-
-
-def solarize_threshold(magnitude, quirks=True):
-  """Solarize threshold for a magnitude (see the module docstring)."""
-  t = int(magnitude / MAX_LEVEL * 256)
-  if quirks:
-    return t % 256
-  return min(max(256 - t, 0), 256)
 
 
 RANDAUGMENT_OPS = {

@@ -3,10 +3,14 @@
 Each op maps one uint8 [H, W, 3] image to uint8 [H, W, 3] and matches its
 TF counterpart in `augment.py` (same magnitudes, same quirks switch, same
 rounding where TF's is known), so a run gives the same recipe whichever
-side augments. `randaugment_batch` vmaps over a batch with one key per
-example; the op of each layer is chosen with `lax.switch`, which under vmap
-computes the 16 ops and selects per example (no Python control flow on
-traced values, so it jits and shards like the rest of the step).
+side augments. The op of each layer is chosen with `lax.switch` (no Python
+control flow on traced values, so it jits and shards like the rest of the
+step). `randaugment_batch` runs the examples one of two ways, with one key
+each and the same result: `vmap`, under which `lax.switch` computes all 16
+ops for every example and selects (wide parallel work, what a GPU or TPU
+wants), or `lax.map`, a loop over the examples in which `lax.switch` runs
+only the chosen op (what a CPU wants: 32x less work at batch 8 and 192 px,
+270 ms against 8.4 ms on 2 cores). 'auto' picks `lax.map` on the CPU.
 
 Static numbers (magnitude, quirks, posterize bits, solarize thresholds) are
 Python values fixed when the step is traced; the random ones (signs, the
@@ -18,11 +22,11 @@ import math
 import jax
 import jax.numpy as jnp
 
-from nfnets.data import augment
+from nfnets.data import recipe
 
-# The ops in `augment.RANDAUGMENT_OPS` order, so an op index means the same
-# op on both sides.
-OP_NAMES = tuple(augment.RANDAUGMENT_OPS)
+# The ops in the reference's order (`recipe.RANDAUGMENT_OP_NAMES`), so an
+# op index means the same op on both sides.
+OP_NAMES = recipe.RANDAUGMENT_OP_NAMES
 # TF's rgb_to_grayscale weights.
 _GREY_WEIGHTS = (0.2989, 0.5870, 0.1140)
 
@@ -96,7 +100,7 @@ def solarize(image, threshold):
   return jnp.where(x < threshold, x, 255 - x).astype(jnp.uint8)
 
 
-def solarize_add(image, addition, threshold=augment.SOLARIZE_ADD_THRESHOLD):
+def solarize_add(image, addition, threshold=recipe.SOLARIZE_ADD_THRESHOLD):
   """Adds `addition` (clipped to 255) to the values < threshold."""
   x = image.astype(jnp.int32)
   added = jnp.clip(x + addition, 0, 255)
@@ -148,7 +152,7 @@ def _round_half_away(x):
   return jnp.sign(x) * jnp.floor(jnp.abs(x) + 0.5)
 
 
-def transform(image, matrix, replace=augment.REPLACE):
+def transform(image, matrix, replace=recipe.REPLACE):
   """Projective transform (output -> input coordinates), nearest, grey fill.
 
   Args:
@@ -174,7 +178,7 @@ def transform(image, matrix, replace=augment.REPLACE):
   return jnp.where(inside[..., None], out, jnp.uint8(replace))
 
 
-def rotate(image, degrees, replace=augment.REPLACE):
+def rotate(image, degrees, replace=recipe.REPLACE):
   """Rotates counter-clockwise by `degrees` about the image centre."""
   theta = jnp.float32(degrees) * (math.pi / 180.0)
   h, w = float(image.shape[0] - 1), float(image.shape[1] - 1)
@@ -193,27 +197,27 @@ def _affine(a1=0.0, a2=0.0, b0=0.0, b2=0.0):
   return jnp.stack([jnp.asarray(p, jnp.float32) for p in parts])
 
 
-def shear_x(image, level, replace=augment.REPLACE):
+def shear_x(image, level, replace=recipe.REPLACE):
   """Output (x, y) reads input (x + level * y, y)."""
   return transform(image, _affine(a1=level), replace)
 
 
-def shear_y(image, level, replace=augment.REPLACE):
+def shear_y(image, level, replace=recipe.REPLACE):
   """Output (x, y) reads input (x, y + level * x)."""
   return transform(image, _affine(b0=level), replace)
 
 
-def translate_x(image, pixels, replace=augment.REPLACE):
+def translate_x(image, pixels, replace=recipe.REPLACE):
   """Shifts the content right by `pixels` (left if negative)."""
   return transform(image, _affine(a2=-pixels), replace)
 
 
-def translate_y(image, pixels, replace=augment.REPLACE):
+def translate_y(image, pixels, replace=recipe.REPLACE):
   """Shifts the content down by `pixels` (up if negative)."""
   return transform(image, _affine(b2=-pixels), replace)
 
 
-def cutout_at(image, cy, cx, pad_size, replace=augment.REPLACE):
+def cutout_at(image, cy, cx, pad_size, replace=recipe.REPLACE):
   """Greys the (2 pad_size)^2 square (clipped) centred at (cy, cx)."""
   h, w = image.shape[:2]
   ys = jnp.arange(h)[:, None]
@@ -227,7 +231,7 @@ def cutout_at(image, cy, cx, pad_size, replace=augment.REPLACE):
   return jnp.where(inside[..., None], jnp.uint8(replace), image)
 
 
-def cutout(image, pad_size, key, replace=augment.REPLACE):
+def cutout(image, pad_size, key, replace=recipe.REPLACE):
   """Greys a (2 pad_size)^2 square (clipped) at a random centre."""
   ky, kx = jax.random.split(key)
   cy = jax.random.randint(ky, (), 0, image.shape[0])
@@ -244,13 +248,13 @@ def signed(value, key):
 def enhance_factor(magnitude, key, quirks=True):
   """Enhance-op factor: the reference's M/10*1.8+0.1, or 1 +- M/10*0.9."""
   if quirks:
-    return jnp.float32(magnitude / augment.MAX_LEVEL * 1.8 + 0.1)
-  return 1.0 + signed(magnitude / augment.MAX_LEVEL * 0.9, key)
+    return jnp.float32(magnitude / recipe.MAX_LEVEL * 1.8 + 0.1)
+  return 1.0 + signed(magnitude / recipe.MAX_LEVEL * 0.9, key)
 
 
 def op_branches(magnitude, quirks=True):
   """The 16 ops as `fn(image, key) -> image`, in `OP_NAMES` order."""
-  m = magnitude / augment.MAX_LEVEL
+  m = magnitude / recipe.MAX_LEVEL
 
   def enhance(fn):
     return lambda x, k: fn(x, enhance_factor(magnitude, k, quirks))
@@ -262,7 +266,7 @@ def op_branches(magnitude, quirks=True):
     'Rotate': lambda x, k: rotate(x, signed(m * 30.0, k)),
     'Posterize': lambda x, k: posterize(x, int(m * 4)),
     'Solarize': lambda x, k: solarize(
-      x, augment.solarize_threshold(magnitude, quirks)
+      x, recipe.solarize_threshold(magnitude, quirks)
     ),
     'Color': enhance(color),
     'Contrast': enhance(lambda x, f: contrast(x, f, quirks)),
@@ -271,12 +275,12 @@ def op_branches(magnitude, quirks=True):
     'ShearX': lambda x, k: shear_x(x, signed(m * 0.3, k)),
     'ShearY': lambda x, k: shear_y(x, signed(m * 0.3, k)),
     'TranslateX': lambda x, k: translate_x(
-      x, signed(m * augment.TRANSLATE_CONST, k)
+      x, signed(m * recipe.TRANSLATE_CONST, k)
     ),
     'TranslateY': lambda x, k: translate_y(
-      x, signed(m * augment.TRANSLATE_CONST, k)
+      x, signed(m * recipe.TRANSLATE_CONST, k)
     ),
-    'Cutout': lambda x, k: cutout(x, int(m * augment.CUTOUT_CONST), k),
+    'Cutout': lambda x, k: cutout(x, int(m * recipe.CUTOUT_CONST), k),
     'SolarizeAdd': lambda x, k: solarize_add(x, int(m * 110)),
   }
   return [fns[name] for name in OP_NAMES]
@@ -309,13 +313,40 @@ def randaugment(image, key, num_layers, magnitude, quirks=True):
   return image
 
 
-def randaugment_batch(images, key, num_layers, magnitude, quirks=True):
-  """RandAugment per example of a uint8 [N, H, W, 3] batch, one key each."""
+BATCH_STRATEGIES = ('auto', 'vmap', 'map')
+
+
+def randaugment_batch(
+  images, key, num_layers, magnitude, quirks=True, strategy='auto'
+):
+  """RandAugment per example of a uint8 [N, H, W, 3] batch, one key each.
+
+  Args:
+    images: uint8 [N, H, W, 3].
+    key: the batch's PRNG key (split into one key per example).
+    num_layers: ops applied to each image in sequence.
+    magnitude: the shared magnitude M.
+    quirks: reproduce the reference's quirks (see `augment.py`).
+    strategy: 'vmap' (all ops computed, one selected: parallel work),
+      'map' (a loop over examples running only the chosen ops), or 'auto'
+      ('map' on the CPU, else 'vmap'). Results are identical.
+
+  Returns:
+    uint8 [N, H, W, 3].
+  """
   if images.dtype != jnp.uint8:
     raise ValueError(f'randaugment needs uint8 images, got {images.dtype}.')
+  if strategy not in BATCH_STRATEGIES:
+    raise ValueError(
+      f'Unknown RandAugment batch strategy {strategy!r}; valid: '
+      f'{list(BATCH_STRATEGIES)}.'
+    )
   if num_layers <= 0:
     return images
+  if strategy == 'auto':
+    strategy = 'map' if jax.default_backend() == 'cpu' else 'vmap'
   keys = jax.random.split(key, images.shape[0])
-  return jax.vmap(
-    lambda x, k: randaugment(x, k, num_layers, magnitude, quirks)
-  )(images, keys)
+  one = lambda x, k: randaugment(x, k, num_layers, magnitude, quirks)  # noqa: E731
+  if strategy == 'map':
+    return jax.lax.map(lambda args: one(*args), (images, keys))
+  return jax.vmap(one)(images, keys)

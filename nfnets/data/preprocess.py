@@ -14,8 +14,8 @@ uint8 [H, W, 3]; outputs are float32 [S, S, 3] in the 0..255 range.
 
 import tensorflow as tf
 
-MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+from nfnets.data.recipe import MEAN_RGB, STDDEV_RGB
+
 # Pixels added around the eval crop, as in the reference (F0: 288 -> 256).
 CROP_PADDING = 32
 AREA_RANGE = (0.08, 1.0)

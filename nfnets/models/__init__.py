@@ -1,11 +1,13 @@
-"""The models: NFNets, NF-ResNets, NF-RegNets and BN/SE-ResNet baselines.
+"""The models: NFNets, NF-ResNets, NF-RegNets and their baselines.
 
-`make_model(config.model, num_classes)` builds any of them by name from the
-registry (`MODELS`, `default_config`); the families live in their own
-modules (`nfnet`, `nf_resnet`, `nf_regnet`, `resnet`), built from what they
-share (`common`: variants, block specs, the normalizer-free block base,
-input checks, the head) and the layers in `layers`, whose convolutions are
-the backend-specific ops of `nfnets.ops`. `scan` runs identical blocks as
+The baselines are BN/SE-ResNets, EfficientNets and SkipInit and Fixup
+ResNets. `make_model(config.model, num_classes)` builds any of them by name
+from the registry (`MODELS`, `default_config`); the families live in their
+own modules (`nfnet`, `nf_resnet`, `nf_regnet`, `resnet`, `efficientnet`,
+`skipinit_fixup`), built from what they share (`common`: variants, block
+specs, the normalizer-free block base, input checks, the head) and the
+layers in `layers`, whose convolutions are the backend-specific ops of
+`nfnets.ops`. `scan` runs identical blocks as
 one `hk.scan`, `batched_init` draws the initial parameters, and `flops`
 counts multiply-adds.
 """

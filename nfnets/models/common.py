@@ -13,8 +13,9 @@ pieces that are the same in all of them:
 * `NFResidualBlock`, the base of the normalizer-free residual blocks
   (shortcut, beta, stochastic depth, skip_gain);
 * the network-level pieces: input checks (`check_images`), the block loop
-  with its signal-propagation metrics (`apply_blocks`) and the pooled
-  classifier head (`classifier_head`).
+  with its signal-propagation metrics and multi-scale feature maps
+  (`apply_blocks`, `stage_ends`, `record_feature`, `FEATURE_STRIDES`) and
+  the pooled classifier head (`classifier_head`).
 """
 
 import dataclasses
@@ -30,6 +31,13 @@ from nfnets.models import layers
 # Strides of the four stages (NFNets, NF-ResNets and BN ResNets; the
 # NF-RegNets stride every stage).
 STAGE_STRIDES = (1, 2, 2, 2)
+
+# The feature maps a network returns with `return_features=True`: the name
+# of each stage's output and its stride from the input. The stems stride 4
+# before stage 1 (NFNet: 2 x 2 in the 4-conv stem; NF-ResNet and ResNet: a
+# /2 conv and a /2 max pool), or 2 before a first stage that strides itself
+# (NF-RegNet), so every family's stage k ends at stride 2 ** (k + 1).
+FEATURE_STRIDES = {'stage1': 4, 'stage2': 8, 'stage3': 16, 'stage4': 32}
 
 # The ResNet layout of NF-ResNets and the BN baselines: depth variants
 # (name -> dict(depth=blocks per stage)), stage widths and stem width as
@@ -382,22 +390,56 @@ def check_images(
     )
 
 
+def stage_ends(is_transition: Sequence[bool]) -> tuple[int, ...]:
+  """The index of each stage's last block.
+
+  Args:
+    is_transition: per block, in order, whether it starts a stage (the
+      first block always does).
+
+  Returns:
+    One index per stage, increasing; the last is `len(is_transition) - 1`.
+  """
+  starts = [i for i, first in enumerate(is_transition) if first]
+  return tuple(s - 1 for s in starts[1:]) + (len(is_transition) - 1,)
+
+
+def record_feature(
+  outputs: dict, ends: Sequence[int], index: int, x: jax.Array
+) -> None:
+  """Stores block `index`'s output `x` if that block ends a stage.
+
+  Args:
+    outputs: the network's outputs dict; gains `outputs['features'][name]`,
+      `name` being the stage's key of `FEATURE_STRIDES`.
+    ends: `stage_ends(...)` of the network, or () to record nothing.
+    index: the block's position in the network.
+    x: the block's output.
+  """
+  if index in ends:
+    name = list(FEATURE_STRIDES)[list(ends).index(index)]
+    outputs.setdefault('features', {})[name] = x
+
+
 def apply_blocks(
   blocks: Sequence[Callable],
   x: jax.Array,
   apply_block: Callable,
   outputs: dict,
   return_metrics: bool,
+  ends: Sequence[int] = (),
 ) -> jax.Array:
-  """Runs the blocks in order, recording signal-propagation metrics.
+  """Runs the blocks in order, recording metrics and stage outputs.
 
   Args:
     blocks: the network's residual blocks.
     x: the stem's output.
     apply_block: `(block, x) -> (output, res_avg_var)`.
     outputs: the network's outputs dict; with `return_metrics` it gains
-      `avg_sq_mean_{k+1}`, `avg_var_{k+1}` and `res_avg_var_k` per block k.
+      `avg_sq_mean_{k+1}`, `avg_var_{k+1}` and `res_avg_var_k` per block k,
+      and with `ends` the stages' outputs (`record_feature`).
     return_metrics: whether to record the metrics.
+    ends: `stage_ends(...)` to record the stages' outputs, () for none.
 
   Returns:
     The last block's output.
@@ -407,6 +449,7 @@ def apply_blocks(
     if return_metrics:
       outputs.update(layers.signal_metrics(x, i + 1))
       outputs[f'res_avg_var_{i}'] = res_var
+    record_feature(outputs, ends, i, x)
   return x
 
 

@@ -16,10 +16,14 @@ Three counters:
   matrix product in the traced computation of any JAX function (e.g. a
   transformed Haiku model's apply); works for every model family and equals
   the paper's count whenever the image size is divisible by the stride.
+  Depthwise convolutions count `kh * kw` per output in both of their forms
+  (`nfnets.ops.depthwise_conv2d`: a grouped convolution, or the shifted
+  multiply-adds, found by the name of their call).
 * `count_model_macs(model_config, image_size)`: the traced count of one
   image's eval-mode forward pass of any registry model (`config.model`):
-  NF-ResNets, NF-RegNets, BN/SE-ResNets and NFNets. BatchNorm, like every
-  other elementwise or pooling op, costs nothing in this convention.
+  NF-ResNets, NF-RegNets, BN/SE-ResNets, NFNets, EfficientNets and the
+  SkipInit and Fixup ResNets. BatchNorm, like every other elementwise or
+  pooling op, costs nothing in this convention.
 """
 
 import math
@@ -30,8 +34,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from nfnets import models
-from nfnets.models import common, nf_regnet, nfnet
+from nfnets import models, ops
+from nfnets.models import common, efficientnet, nf_regnet, nfnet
 
 
 def conv_macs(
@@ -158,9 +162,21 @@ def _sub_jaxprs(eqn) -> list:
   return found
 
 
+def _is_shifted_depthwise(eqn) -> bool:
+  """Whether `eqn` is the call of `nfnets.ops.depthwise_conv2d_shifted`."""
+  return (
+    eqn.primitive.name in ('jit', 'pjit')
+    and eqn.params.get('name') == ops.depthwise.SHIFTED_NAME
+  )
+
+
 def _eqn_macs(eqn) -> float:
-  """Multiply-adds of a conv or dot_general equation; 0 for anything else."""
+  """Multiply-adds of a conv, dot_general or depthwise call; else 0."""
   name = eqn.primitive.name
+  if _is_shifted_depthwise(eqn):
+    # The depthwise conv written out as multiply-adds: kh * kw per output.
+    kh, kw = eqn.invars[1].aval.shape[:2]
+    return math.prod(eqn.outvars[0].aval.shape) * kh * kw
   if name == 'conv_general_dilated':
     rhs_shape = eqn.invars[1].aval.shape
     rhs_spec = eqn.params['dimension_numbers'].rhs_spec
@@ -222,14 +238,16 @@ def reported_image_size(model_config: ml_collections.ConfigDict) -> int:
     model_config: `config.model` (name and kwargs).
 
   Returns:
-    The variant's test resolution for NFNets and NF-RegNets (as in their
-    papers' tables), else 224.
+    The variant's test resolution for NFNets, NF-RegNets and EfficientNets
+    (as in their papers' tables), else 224.
   """
   variant = model_config.kwargs.get('variant', None)
   if model_config.name == 'NFNet':
     return nfnet.get_variant(variant or 'F0')['test_imsize']
   if model_config.name == 'NF_RegNet':
     return nf_regnet.get_variant(variant or 'B0')['test_imsize']
+  if model_config.name == 'EfficientNet':
+    return efficientnet.get_variant(variant or 'B0')['test_imsize']
   return RESNET_IMAGE_SIZE
 
 

@@ -152,6 +152,10 @@ class WSConv2D(hk.Module):
   (init 0, always present). The kernel is standardised once per call (see
   `standardize_weight`) and then convolved; the activation's gamma is not
   folded in. Arguments mirror `hk.Conv2D` where they exist.
+
+  For inference, `apply_folded` convolves with a `w` that already holds the
+  standardised, gain-scaled kernel (parameters `w` and `bias` only; see
+  `nfnets.export`).
   """
 
   def __init__(
@@ -217,6 +221,32 @@ class WSConv2D(hk.Module):
         f'by feature_group_count={self.feature_group_count}.'
       )
 
+  def _kernel(self, x: jax.Array) -> jax.Array:
+    """Checks `x`; returns the kernel parameter `w` for it."""
+    self._check_input(x)
+    groups = self.feature_group_count
+    w_shape = (*self.kernel_shape, x.shape[-1] // groups, self.output_channels)
+    return hk.get_parameter('w', w_shape, x.dtype, init=self.w_init)
+
+  def _bias(self, x: jax.Array) -> jax.Array:
+    return hk.get_parameter(
+      'bias', (self.output_channels,), x.dtype, init=self.b_init
+    )
+
+  def _convolve(self, x, kernel, bias, in_loop):
+    """`conv(x, kernel) + bias` with the module's geometry and conv mode."""
+    y = ops.grouped_conv2d(
+      x,
+      kernel.astype(x.dtype),
+      stride=self.stride,
+      padding=self.padding,
+      rate=self.rate,
+      groups=self.feature_group_count,
+      mode=ops.resolve_grouped_conv(self.grouped_conv),
+      in_loop=in_loop,
+    )
+    return y + bias.astype(y.dtype)
+
   def __call__(self, x: jax.Array, *, in_loop: bool = False) -> jax.Array:
     """Applies the convolution to an NHWC batch `x`.
 
@@ -229,28 +259,30 @@ class WSConv2D(hk.Module):
     Returns:
       The convolution output plus bias, shape (N, H', W', out).
     """
-    self._check_input(x)
-    groups = self.feature_group_count
-    w_shape = (*self.kernel_shape, x.shape[-1] // groups, self.output_channels)
-    w = hk.get_parameter('w', w_shape, x.dtype, init=self.w_init)
+    w = self._kernel(x)
     gain = hk.get_parameter(
       'gain', (self.output_channels,), x.dtype, init=jnp.ones
     )
-    bias = hk.get_parameter(
-      'bias', (self.output_channels,), x.dtype, init=self.b_init
-    )
-    w_hat = standardize_weight(w, gain, self.eps).astype(x.dtype)
-    y = ops.grouped_conv2d(
-      x,
-      w_hat,
-      stride=self.stride,
-      padding=self.padding,
-      rate=self.rate,
-      groups=groups,
-      mode=ops.resolve_grouped_conv(self.grouped_conv),
-      in_loop=in_loop,
-    )
-    return y + bias.astype(y.dtype)
+    w_hat = standardize_weight(w, gain, self.eps)
+    return self._convolve(x, w_hat, self._bias(x), in_loop)
+
+  def apply_folded(self, x: jax.Array, *, in_loop: bool = False) -> jax.Array:
+    """The inference form: `w` is the standardised, gain-scaled kernel.
+
+    Reads only `w` (already `standardize_weight(w, gain, eps)`, as
+    `nfnets.export.fold_weight_standardization` computes it) and `bias`,
+    and convolves with `w` as it is: no statistics at run time and no
+    `gain` parameter, so exporters and runtimes see a plain convolution.
+    `nfnets.export.folded_convs` routes every `WSConv2D` call here.
+
+    Args:
+      x: input, shape (N, H, W, C).
+      in_loop: as in `__call__`.
+
+    Returns:
+      The convolution output plus bias, shape (N, H', W', out).
+    """
+    return self._convolve(x, self._kernel(x), self._bias(x), in_loop)
 
 
 class SqueezeExcite(hk.Module):

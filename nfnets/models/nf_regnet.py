@@ -171,10 +171,13 @@ class NFRegNetBlock(common.NFResidualBlock):
 class NFRegNet(hk.Module):
   """Normalizer-Free RegNet, B0-B8.
 
-  Called as `model(images, is_training, return_metrics=False)` on NHWC float
-  images; returns a dict with 'logits', 'pool' and, with `return_metrics`,
-  the signal-propagation metrics (`avg_sq_mean_i`, `avg_var_i`,
-  `res_avg_var_k`, as in `nfnets.models.nfnet.NFNet`).
+  Called as `model(images, is_training, return_metrics=False,
+  return_features=False)` on NHWC float images; returns a dict with
+  'logits', 'pool'; with `return_metrics`, the signal-propagation metrics
+  (`avg_sq_mean_i`, `avg_var_i`, `res_avg_var_k`); with `return_features`,
+  'features': the four stages' outputs at strides 4-32, before any
+  activation and before `final_conv` (all as in `nfnets.models.nfnet.NFNet`;
+  the stem strides 2 and every stage 2 more).
 
   The reference's constructor default activation 'swish' was missing from
   its activation table (its training config passes 'silu'); the default
@@ -243,18 +246,28 @@ class NFRegNet(hk.Module):
     )
     self.fc = hk.Linear(num_classes, w_init=fc_init or jnp.zeros)
 
+  @property
+  def stage_ends(self) -> tuple[int, ...]:
+    """Index of each stage's last block (`common.stage_ends`)."""
+    return common.stage_ends([s.is_transition for s in self.specs])
+
   def __call__(
-    self, x: jax.Array, is_training: bool = True, return_metrics: bool = False
+    self,
+    x: jax.Array,
+    is_training: bool = True,
+    return_metrics: bool = False,
+    return_features: bool = False,
   ) -> dict[str, jax.Array]:
     """Runs the network on NHWC float images; see the class docstring."""
     common.check_images(x, 'NF-RegNet', TOTAL_STRIDE)
+    ends = self.stage_ends if return_features else ()
     outputs = {}
     out = self.initial_conv(x)
     if return_metrics:
       outputs.update(layers.signal_metrics(out, 0))
     out = common.apply_blocks(
       self.blocks, out, lambda block, y: block(y, is_training), outputs,
-      return_metrics,
+      return_metrics, ends,
     )  # fmt: skip
     pool = jnp.mean(self.activation(self.final_conv(out)), axis=(1, 2))
     return common.classifier_head(

@@ -152,10 +152,13 @@ class NFResBlock(common.NFResidualBlock):
 class NFResNet(hk.Module):
   """Normalizer-Free pre-activation ResNet (NF-ResNet-50 ... 600).
 
-  Called as `model(images, is_training, return_metrics=False)` on NHWC float
-  images; returns a dict with 'logits', 'pool' and, with `return_metrics`,
-  the signal-propagation metrics `avg_sq_mean_i`, `avg_var_i` (stem output
-  i=0, block k output i=k+1) and `res_avg_var_k`.
+  Called as `model(images, is_training, return_metrics=False,
+  return_features=False)` on NHWC float images; returns a dict with
+  'logits', 'pool'; with `return_metrics`, the signal-propagation metrics
+  `avg_sq_mean_i`, `avg_var_i` (stem output i=0, block k output i=k+1) and
+  `res_avg_var_k`; with `return_features`, 'features': the four stages'
+  outputs at strides 4-32, before any activation (as in
+  `nfnets.models.nfnet.NFNet`; the stem's max pool brings stage 1 to 4).
 
   Deviation from the reference: its variant table has no drop rate, so
   `drop_rate=None` raised a KeyError there; here None means 0.
@@ -218,11 +221,21 @@ class NFResNet(hk.Module):
     fc_init = fc_init or hk.initializers.RandomNormal(0.01, 0.0)
     self.fc = hk.Linear(num_classes, w_init=fc_init, with_bias=True)
 
+  @property
+  def stage_ends(self) -> tuple[int, ...]:
+    """Index of each stage's last block (`common.stage_ends`)."""
+    return common.stage_ends([s.is_transition for s in self.specs])
+
   def __call__(
-    self, x: jax.Array, is_training: bool = True, return_metrics: bool = False
+    self,
+    x: jax.Array,
+    is_training: bool = True,
+    return_metrics: bool = False,
+    return_features: bool = False,
   ) -> dict[str, jax.Array]:
     """Runs the network on NHWC float images; see the class docstring."""
     common.check_images(x, 'NF-ResNet', TOTAL_STRIDE)
+    ends = self.stage_ends if return_features else ()
     outputs = {}
     out = self.initial_conv(x)
     out = hk.max_pool(out, (1, 3, 3, 1), (1, 2, 2, 1), 'SAME')
@@ -230,7 +243,7 @@ class NFResNet(hk.Module):
       outputs.update(layers.signal_metrics(out, 0))
     out = common.apply_blocks(
       self.blocks, out, lambda block, y: block(y, is_training), outputs,
-      return_metrics,
+      return_metrics, ends,
     )  # fmt: skip
     pool = jnp.mean(self.activation(out), axis=(1, 2))
     return common.classifier_head(

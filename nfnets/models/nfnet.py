@@ -188,11 +188,20 @@ class NFBlock(common.NFResidualBlock):
 class NFNet(hk.Module):
   """Normalizer-Free Network, F-series (F0-F7 and the wider F0+-F7+).
 
-  Called as `model(images, is_training, return_metrics=False)` on NHWC float
-  images; returns a dict with 'logits' (N, num_classes) and 'pool' (the
-  pooled features, N, final_conv width) and, with `return_metrics`, the
-  signal-propagation metrics (`avg_sq_mean_i`, `avg_var_i` for the stem
-  (i=0) and after each block (i=k+1), and `res_avg_var_k` per block).
+  Called as `model(images, is_training, return_metrics=False,
+  return_features=False)` on NHWC float images; returns a dict with
+  'logits' (N, num_classes) and 'pool' (the pooled features, N, final_conv
+  width); with `return_metrics`, the signal-propagation metrics
+  (`avg_sq_mean_i`, `avg_var_i` for the stem (i=0) and after each block
+  (i=k+1), and `res_avg_var_k` per block); with `return_features`,
+  'features': the four stages' outputs {'stage1': stride 4, ...,
+  'stage4': stride 32} (`common.FEATURE_STRIDES`), each (N, ceil(H /
+  stride), ceil(W / stride), stage width); the same parameters either way.
+  These are the residual stream at the end of each stage,
+  before any activation and (stage 4) before `final_conv`: every block
+  starts with its own `act(x) * beta`, so the stream is what the next stage
+  (and `final_conv`) reads, and a head on top applies its own activation.
+  Also with `scan_blocks` (a scanned run never crosses a stage boundary).
 
   Reference quirks kept as defaults: stochastic depth is not rescaled at
   train time; `stochdepth_rate` defaults to 0.1 (the training config uses
@@ -295,11 +304,21 @@ class NFNet(hk.Module):
     fc_init = fc_init or hk.initializers.RandomNormal(0.01, 0.0)
     self.fc = hk.Linear(num_classes, w_init=fc_init, with_bias=True)
 
+  @property
+  def stage_ends(self) -> tuple[int, ...]:
+    """Index of each stage's last block (`common.stage_ends`)."""
+    return common.stage_ends([s.is_transition for s in self.specs])
+
   def __call__(
-    self, x: jax.Array, is_training: bool = True, return_metrics: bool = False
+    self,
+    x: jax.Array,
+    is_training: bool = True,
+    return_metrics: bool = False,
+    return_features: bool = False,
   ) -> dict[str, jax.Array]:
     """Runs the network on NHWC float images; see the class docstring."""
     common.check_images(x, 'NFNet', TOTAL_STRIDE, self.in_channels)
+    ends = self.stage_ends if return_features else ()
     outputs = {}
     out = x
     for i, conv in enumerate(self.stem_convs):
@@ -312,10 +331,12 @@ class NFNet(hk.Module):
       block, y, is_training, **kw
     )
     if self.scan_blocks and not return_metrics and not hk.running_init():
-      out = scan.apply_scanned(self.blocks, out, apply_block)
+      out = scan.apply_scanned(
+        self.blocks, out, apply_block, outputs=outputs, ends=ends
+      )
     else:
       out = common.apply_blocks(
-        self.blocks, out, apply_block, outputs, return_metrics
+        self.blocks, out, apply_block, outputs, return_metrics, ends
       )
     pool = jnp.mean(self.activation(self.final_conv(out)), axis=(1, 2))
     return common.classifier_head(

@@ -4,8 +4,10 @@
 `num_classes` plus `config.model.kwargs`; `make_model` wraps it with
 `hk.transform_with_state` into a forward function `(images, is_training) ->
 outputs` whose outputs dict has at least 'logits'. Every model goes through
-the same path: BatchNorm ResNets keep their moving statistics in the Haiku
-state, the normalizer-free models simply have an empty state (`{}`).
+the same path: BatchNorm ResNets and EfficientNets keep their moving
+statistics in the Haiku state, the normalizer-free models (NFNets,
+NF-ResNets, NF-RegNets, SkipInit and Fixup ResNets) simply have an empty
+state (`{}`).
 """
 
 import inspect
@@ -14,13 +16,24 @@ import haiku as hk
 import ml_collections
 from ml_collections import config_dict
 
-from nfnets.models import batched_init, nf_regnet, nf_resnet, nfnet, resnet
+from nfnets.models import (
+  batched_init,
+  efficientnet,
+  nf_regnet,
+  nf_resnet,
+  nfnet,
+  resnet,
+  skipinit_fixup,
+)
 
 MODELS = {
   'NFNet': nfnet.NFNet,
   'NF_ResNet': nf_resnet.NFResNet,
   'NF_RegNet': nf_regnet.NFRegNet,
   'ResNet': resnet.ResNet,
+  'EfficientNet': efficientnet.EfficientNet,
+  'SkipInit_ResNet': skipinit_fixup.SkipInitResNet,
+  'Fixup_ResNet': skipinit_fixup.FixupResNet,
 }
 
 
@@ -101,8 +114,9 @@ def get_constructor(name: str):
     ValueError: for an unknown name.
   """
   if name not in MODELS:
+    # Listed in registration order: the NF families first, then baselines.
     raise ValueError(
-      f'Unknown config.model.name {name!r}; valid names: {sorted(MODELS)}.'
+      f'Unknown config.model.name {name!r}; valid names: {list(MODELS)}.'
     )
   return MODELS[name]
 

@@ -186,8 +186,11 @@ class ResNet(hk.Module):
   """BatchNorm (or unnormalised) ResNet, v2 (pre-act) or v1 (post-act).
 
   Called as `model(images, is_training, test_local_stats=False,
-  return_metrics=False)`; returns a dict with 'logits', 'pool' and, with
-  `return_metrics`, the same signal-propagation metrics as the NF models.
+  return_metrics=False, return_features=False)`; returns a dict with
+  'logits', 'pool'; with `return_metrics`, the same signal-propagation
+  metrics as the NF models; with `return_features`, 'features': the four
+  stages' outputs at strides 4-32 (as in the NF models; v2's are before
+  `final_bn` and its activation, v1's after each block's own activation).
   Needs `hk.transform_with_state` when `norm='batch_norm'`.
   """
 
@@ -254,6 +257,9 @@ class ResNet(hk.Module):
       width, depth, preactivation, self.activation, self.which_norm,
       use_se, se_ratio, w_init,
     )  # fmt: skip
+    self.stage_ends = common.stage_ends(
+      [block.use_projection for block in self.blocks]
+    )
     if preactivation:
       self.final_bn = self.which_norm(name='final_bn')
     self.fc = hk.Linear(num_classes, w_init=fc_init or jnp.zeros)
@@ -264,9 +270,11 @@ class ResNet(hk.Module):
     is_training: bool = True,
     test_local_stats: bool = False,
     return_metrics: bool = False,
+    return_features: bool = False,
   ) -> dict[str, jax.Array]:
     """Runs the network on NHWC float images; see the class docstring."""
     common.check_images(x, 'ResNet', TOTAL_STRIDE)
+    ends = self.stage_ends if return_features else ()
     norm_args = (is_training, test_local_stats)
     outputs = {}
     out = self.initial_conv(x)
@@ -277,7 +285,7 @@ class ResNet(hk.Module):
       outputs.update(layers.signal_metrics(out, 0))
     out = common.apply_blocks(
       self.blocks, out, lambda block, y: block(y, *norm_args), outputs,
-      return_metrics,
+      return_metrics, ends,
     )  # fmt: skip
     if self.preactivation:
       out = self.activation(self.final_bn(out, *norm_args))

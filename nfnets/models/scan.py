@@ -20,6 +20,8 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
+from nfnets.models import common
+
 
 def scan_signature(block) -> tuple | None:
   """What must agree for blocks to share one scanned body (None: never)."""
@@ -101,23 +103,50 @@ def scan_run(
 
 
 def apply_scanned(
-  blocks: Sequence, x: jax.Array, apply_block: Callable
+  blocks: Sequence,
+  x: jax.Array,
+  apply_block: Callable,
+  *,
+  outputs: dict | None = None,
+  ends: Sequence[int] = (),
 ) -> jax.Array:
   """All blocks, each run of identical blocks under one scan.
+
+  A run's intermediate outputs stay inside its scan, so a stage output
+  (`ends`) can only be recorded where a run ends. Runs never cross a stage
+  boundary in this package's families (every later stage starts with a
+  strided, hence projection, block, which no run joins), so the check
+  below only guards other block layouts.
 
   Args:
     blocks: the network's blocks, in order.
     x: the first block's input.
     apply_block: as in `scan_run`; single blocks are called with
       `(block, x)` alone.
+    outputs: the network's outputs dict, for the stage outputs.
+    ends: `common.stage_ends(...)` to record each stage's output in
+      `outputs['features']` (`common.record_feature`), () for none.
 
   Returns:
     The last block's output.
+
+  Raises:
+    ValueError: a stage ends inside a run of scanned blocks.
   """
   params = hk.get_params()
+  last = -1
   for run in identical_runs(blocks):
+    first, last = last + 1, last + len(run)
+    if any(first <= end < last for end in ends):
+      raise ValueError(
+        'A stage ends inside a run of scanned blocks, so its feature map '
+        'is not available: call with return_features=False or build the '
+        'model with scan_blocks=False.'
+      )
     if len(run) == 1:
       x, _ = apply_block(run[0], x)
     else:
       x = scan_run(run, params, x, apply_block)
+    if ends:
+      common.record_feature(outputs, ends, last, x)
   return x

@@ -5,8 +5,12 @@ fastest on the backend: GPU and TPU have fast grouped kernels
 (`feature_group_count`, mode 'native'); XLA:CPU trains 5-20x faster with
 one dense convolution per group plus a concat (mode 'split'), with the
 gradients of large maps, and of every conv inside a loop body, taken by
-`conv2d_im2col_grad`. 1x1 convolutions run as a matmul on every backend.
-All forms give the same results from the same kernel.
+`conv2d_im2col_grad`. 1x1 convolutions run as a matmul on every backend;
+on CPUs with AMX, 'split' mode runs them as float32-accumulated GEMMs with
+a custom gradient (`nfnets.ops.matmul_f32acc`; the plan is
+`nfnets.ops.cpu_conv_plan`'s, which can also put the larger kernels'
+gradients on GEMMs, `conv2d_gemm`). All forms give the same results from
+the same kernel.
 """
 
 from collections.abc import Sequence
@@ -14,6 +18,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from nfnets.ops import cpu_features, dispatch, gemm_conv
 from nfnets.ops.im2col import conv2d_im2col_grad, dense_conv
 
 GROUPED_CONV_MODES = ('auto', 'split', 'native')
@@ -37,15 +42,18 @@ def resolve_grouped_conv(mode: str) -> str:
   Raises:
     ValueError: for an unknown mode; the message lists the valid ones.
   """
-  if mode not in GROUPED_CONV_MODES:
-    raise ValueError(
-      f'Unknown grouped_conv {mode!r}; choose one of {GROUPED_CONV_MODES}.'
-    )
-  if mode == 'auto':
-    # XLA:CPU runs grouped convs 5-20x slower than dense ones in training;
-    # GPU and TPU have fast grouped kernels.
-    return 'split' if jax.default_backend() == 'cpu' else 'native'
-  return mode
+  # XLA:CPU runs grouped convs 5-20x slower than dense ones in training;
+  # GPU and TPU have fast grouped kernels.
+  return dispatch.resolve_mode(
+    mode, name='grouped_conv', modes=GROUPED_CONV_MODES, cpu='split'
+  )
+
+
+def _cpu_plan() -> cpu_features.ConvPlan:
+  """Which 'split' convs run as float32-accumulated GEMMs here."""
+  if jax.default_backend() != 'cpu':
+    return cpu_features.ConvPlan(matmul_1x1=False, gemm_grads=False)
+  return cpu_features.cpu_conv_plan()
 
 
 def _split_dense_conv(x, w, stride, padding, rate, in_loop):
@@ -54,6 +62,8 @@ def _split_dense_conv(x, w, stride, padding, rate, in_loop):
   if isinstance(padding, str):
     pads = jax.lax.padtype_to_pads(x.shape[1:3], w.shape[:2], stride, padding)
   pads = tuple(tuple(p) for p in pads)
+  if rate == (1, 1) and _cpu_plan().gemm_grads:
+    return gemm_conv.conv2d_gemm(x, w, tuple(stride), pads)
   out_hw = [
     (size + lo + hi - k) // s + 1
     for size, (lo, hi), k, s in zip(
@@ -89,7 +99,10 @@ def grouped_conv2d(
     mode: 'native' (one conv with `feature_group_count`) or 'split' (one
       dense conv per group, concatenated, with the kernel gradient of large
       feature maps as an im2col matmul, see `conv2d_im2col_grad`): the
-      XLA:CPU-friendly form. Same result, same parameters.
+      XLA:CPU-friendly form; where `nfnets.ops.cpu_conv_plan` says so (1x1
+      convs on AMX CPUs; undilated convs' gradients on request), those are
+      float32-accumulated GEMMs (`matmul_f32acc`, `conv2d_gemm`). Same
+      result, same parameters.
     in_loop: whether the conv is traced inside a loop body (`hk.scan`,
       `lax.scan`). XLA:CPU runs the gradients `jax.vjp` gives a convolution
       as naive loop nests there, 25x slower than outside a loop, whatever
@@ -105,6 +118,8 @@ def grouped_conv2d(
     # which 'SAME' and 'VALID' agree on); XLA:CPU runs its backward pass
     # about 3x faster as a dot than as a convolution.
     x = x[:, :: stride[0], :: stride[1], :]
+    if mode == 'split' and _cpu_plan().matmul_1x1:
+      return gemm_conv.matmul_f32acc(x, w[0, 0])
     return jnp.dot(x, w[0, 0])
   if mode == 'native':
     return jax.lax.conv_general_dilated(

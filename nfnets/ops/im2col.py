@@ -26,7 +26,7 @@ def dense_conv(x, w, stride, pads, rate=(1, 1)):
   )  # fmt: skip
 
 
-def _im2col(x, kernel, stride, pads, out_hw):
+def im2col(x, kernel, stride, pads, out_hw):
   """Patches (N * Ho * Wo, kh * kw * C) of `x`, ordered like HWIO kernels."""
   xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
   (kh, kw), (sh, sw), (ho, wo) = kernel, stride, out_hw
@@ -88,7 +88,7 @@ def _conv_input_grad(dy, w, stride, pads, in_hw):
 def _im2col_grad_bwd(stride, pads, residuals, dy):
   x, w = residuals
   dx = _conv_input_grad(dy, w, stride, pads, x.shape[1:3])
-  patches = _im2col(x, w.shape[:2], stride, pads, dy.shape[1:3])
+  patches = im2col(x, w.shape[:2], stride, pads, dy.shape[1:3])
   # dy^T @ patches, transposed afterwards: XLA:CPU's GEMM is ~1.6x slower
   # when its left operand is the transposed (huge) patch matrix.
   dw = jnp.dot(dy.reshape(-1, dy.shape[-1]).T, patches).T

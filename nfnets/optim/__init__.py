@@ -14,11 +14,13 @@ Reproduces the optimizer of DeepMind's reference code (`SGD_AGC` in
 One module per concern; this package re-exports their public names:
 
 * `groups`: leaf names and the parameter groups (`AGC_EXCLUDE`,
-  `WD_EXCLUDE`, `agc_mask`, `weight_decay_mask`, `describe_param_groups`);
+  `WD_EXCLUDE`, `agc_mask`, `weight_decay_mask`, `describe_param_groups`,
+  and the stem and stages frozen for fine-tuning, `frozen_mask`);
 * `agc`: AGC (`adaptive_grad_clip`, this package's own implementation of
   the paper's formula), unit-wise norms, `global_norm` and the
   `agc_clip_fraction` metric;
-* `chains`: the SGD and Adam chains (`sgd_agc`, `adam_agc`);
+* `chains`: the SGD and Adam chains (`sgd_agc`, `adam_agc`) and the
+  freeze of the stem and first stages (`with_frozen_stages`);
 * `schedules`: the scaled LR and the warmup-cosine schedule;
 * `averaging`: the reference's EMA of weights and the SAM ascent step;
 * `config`: `config.optimizer` (`default_config`), its validation,
@@ -35,7 +37,7 @@ from nfnets.optim.agc import (
   unitwise_norm,
 )
 from nfnets.optim.averaging import ema_decay, ema_update, sam_perturb
-from nfnets.optim.chains import adam_agc, sgd_agc
+from nfnets.optim.chains import adam_agc, sgd_agc, with_frozen_stages
 from nfnets.optim.config import (
   OPTIMIZERS,
   build_optimizer,
@@ -46,9 +48,12 @@ from nfnets.optim.config import (
 )
 from nfnets.optim.groups import (
   AGC_EXCLUDE,
+  BLOCK_MODULES,
+  STEM_MODULES,
   WD_EXCLUDE,
   agc_mask,
   describe_param_groups,
+  frozen_mask,
   leaf_name,
   select_leaves,
   weight_decay_mask,
@@ -62,8 +67,10 @@ from nfnets.optim.schedules import (
 
 __all__ = [
   'AGC_EXCLUDE',
+  'BLOCK_MODULES',
   'LR_REFERENCE_BATCH_SIZE',
   'OPTIMIZERS',
+  'STEM_MODULES',
   'WD_EXCLUDE',
   'adam_agc',
   'adaptive_grad_clip',
@@ -74,6 +81,7 @@ __all__ = [
   'describe_param_groups',
   'ema_decay',
   'ema_update',
+  'frozen_mask',
   'global_norm',
   'hyperparams',
   'leaf_name',
@@ -88,4 +96,5 @@ __all__ = [
   'validate',
   'warmup_cosine',
   'weight_decay_mask',
+  'with_frozen_stages',
 ]

@@ -37,6 +37,9 @@ def ema_update(
 ) -> PyTree:
   """One EMA step, `ema * d + new * (1 - d)` with `d = ema_decay(step)`.
 
+  Leaves equal to their average keep it exactly, so the EMA of a parameter
+  that does not change (frozen for fine-tuning) stays equal to it.
+
   Called after every optimizer step with the updated parameters; the EMA
   starts as a copy of the initial parameters.
 
@@ -50,9 +53,14 @@ def ema_update(
     The new running average, with the dtypes of `ema_params`.
   """
   d = ema_decay(step, decay)
-  return jax.tree.map(
-    lambda e, p: (e * d + p * (1.0 - d)).astype(e.dtype), ema_params, new_params
-  )
+
+  def update(e, p):
+    # Where the two are equal the exact average is that value, but the
+    # rounded `e * d + p * (1 - d)` can be an ulp off it: the EMA of a
+    # frozen (never updated) parameter would drift from it.
+    return jnp.where(e == p, e, e * d + p * (1.0 - d)).astype(e.dtype)
+
+  return jax.tree.map(update, ema_params, new_params)
 
 
 def sam_perturb(

@@ -5,7 +5,8 @@ place where the parts are put in order, and every optimizer of the package
 comes from one of them: the user-facing `sgd_agc` and `adam_agc` (which
 check their arguments first) and `config.build_optimizer` (whose numbers
 were checked at config time and may be traced inputs of a train step).
-In both chains `None` turns a part off.
+In both chains `None` turns a part off. `with_frozen_stages` wraps any of
+them for fine-tuning with the stem and the first stages frozen.
 """
 
 from collections.abc import Callable
@@ -180,3 +181,34 @@ def adam_agc(
     decoupled=decoupled, clipping=clipping, agc_eps=agc_eps,
     agc_exclude=agc_exclude, wd_exclude=wd_exclude,
   )  # fmt: skip
+
+
+def with_frozen_stages(
+  tx: optax.GradientTransformation, num_stages: int
+) -> optax.GradientTransformation:
+  """`tx` on all but the stem and the first `num_stages` stages.
+
+  The frozen parameters (`groups.frozen_mask`) get zero updates, so no
+  weight decay either, and `tx` never sees them: its state holds no entry
+  for them (optax's `MaskedNode` stands in their place), and AGC, weight
+  decay and momentum act on the others exactly as without the freeze.
+  A jitted step that uses the gradients only through the updates lets XLA
+  drop the frozen parameters' gradient computation.
+
+  Args:
+    tx: the optimizer of the trainable parameters.
+    num_stages: stages frozen with the stem (0 returns `tx` itself).
+
+  Returns:
+    An `optax.GradientTransformation` whose `init` and `update` take the
+    whole parameter tree.
+  """
+  if num_stages <= 0:
+    return tx
+  labels = lambda params: jax.tree.map(
+    lambda frozen: 'frozen' if frozen else 'trainable',
+    groups.frozen_mask(params, num_stages),
+  )
+  return optax.multi_transform(
+    {'trainable': tx, 'frozen': optax.set_to_zero()}, labels
+  )

@@ -93,3 +93,12 @@ def check_ema_decay(decay: float) -> None:
     raise ValueError(
       f'optimizer.ema_decay must be in [0, 1) (0 = off), got {decay}.'
     )
+
+
+def check_freeze_stages(num_stages: int) -> None:
+  """Stages frozen for fine-tuning: an int in 0..4 (0 = none)."""
+  if isinstance(num_stages, bool) or num_stages not in range(5):
+    raise ValueError(
+      f'optimizer.freeze_stages must be an integer in 0..4, got '
+      f'{num_stages!r}: N > 0 freezes the stem and the first N stages.'
+    )

@@ -32,7 +32,9 @@ def default_config() -> ml_collections.ConfigDict:
     A ConfigDict. `lr` is per 256 images when `scale_lr_by_batch`;
     `warmup_steps`, when set, overrides `warmup_epochs`; `clipping=0` turns
     AGC off; `sam_rho=0` and `ema_decay=0` turn SAM and EMA off (the train
-    step reads those two).
+    step reads those two); `freeze_stages=N > 0` freezes the stem and the
+    first N of the four stages for fine-tuning (`chains.with_frozen_stages`:
+    no updates, no weight decay, no optimizer state).
   """
   c = ml_collections.ConfigDict()
   c.name = 'sgd_agc'  # One of OPTIMIZERS.
@@ -52,6 +54,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.wd_exclude = groups.WD_EXCLUDE
   c.sam_rho = 0.0
   c.ema_decay = 0.99999
+  c.freeze_stages = 0
   return c
 
 
@@ -87,6 +90,7 @@ def validate(opt_config: ml_collections.ConfigDict) -> None:
   checks.check_groups(tuple(c.agc_exclude), tuple(c.wd_exclude))
   checks.check_sam_rho(c.sam_rho)
   checks.check_ema_decay(c.ema_decay)
+  checks.check_freeze_stages(c.get('freeze_stages', 0))
 
 
 def hyperparams(
@@ -105,7 +109,8 @@ def hyperparams(
   compile the same program: the second point of an LR or clipping sweep
   loads the first one's executable from the persistent compilation cache.
   What stays in the program is the structure: `optimizer.name`,
-  `nesterov`, the parameter groups, and whether AGC (`clipping` > 0),
+  `nesterov`, the parameter groups (`freeze_stages` among them), and
+  whether AGC (`clipping` > 0),
   weight decay, SAM and the EMA are on at all; and Adam's `momentum` (b1),
   `beta2` and `adam_eps` (see `build_optimizer`). With these inputs the
   step computes the bits it computes with the numbers as constants
@@ -188,7 +193,8 @@ def build_optimizer(
       agc_eps=hp['eps'],
       **shared,
     )
-  return tx, schedule
+  # Configs written before the key existed have no `freeze_stages`.
+  return chains.with_frozen_stages(tx, c.get('freeze_stages', 0)), schedule
 
 
 def make_optimizer(

@@ -4,8 +4,13 @@ A leaf's name is its Haiku path joined with '/', `module/param` (e.g.
 `NFNet/~/nf_block_1/~/conv0/w`); a group is a list of Python regexes, each
 `re.search`ed in that name. The defaults reproduce the groups of DeepMind's
 reference (`SGD_AGC` in `deepmind-research/nfnets`).
+
+The frozen group of fine-tuning (`frozen_mask`) is read from the module
+names the families of `nfnets.models` share: their stems (`STEM_MODULES`)
+and their numbered residual blocks (`BLOCK_MODULES`).
 """
 
+import collections
 import re
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -26,6 +31,18 @@ AGC_EXCLUDE = (r'^(?!.*squeeze_excite)(.*/)?linear(_\d+)?/w$',)
 # every `skip_gain`, Linear biases including the classifier's). Patterns are
 # anchored on the parameter name, the part after the last '/'.
 WD_EXCLUDE = (r'/(b|scale|offset)$', r'/[^/]*gain[^/]*$', r'/[^/]*bias[^/]*$')
+
+# The stem modules of every family in `nfnets.models` (NFNet's four
+# `stem_conv{i}`; the ResNets' and NF-RegNets' `initial_conv`, and BN
+# ResNet v1's `initial_bn`), and the base names of their residual blocks,
+# which Haiku numbers `name`, `name_1`, `name_2`, ... in network order.
+STEM_MODULES = r'stem_conv\d+|initial_conv|initial_bn'
+BLOCK_MODULES = r'nf_block|nf_res_block|res_block_v[12]'
+_STEM_RE = re.compile(rf'^(?P<net>.*?)/~/(?:{STEM_MODULES})/[^/]+$')
+_BLOCK_RE = re.compile(
+  rf'^(?P<net>.*?)/~/(?P<base>{BLOCK_MODULES})'
+  r'(?:_(?P<index>\d+))?/(?P<rest>.*)$'
+)
 
 
 def _key_name(key: Any) -> str:
@@ -152,3 +169,73 @@ def describe_param_groups(
     'no_weight_decay': select_leaves(params, wd_exclude),
     'all': select_leaves(params, ('',)),
   }
+
+
+def _block_stages(names: Sequence[str]) -> dict[tuple, int]:
+  """`(net, base, index) -> stage` (from 1) of every residual block.
+
+  A stage starts at a network's first block and at every block with a
+  `conv_shortcut`: every later stage of each family starts with a strided
+  block, which has one, and no other block changes shape.
+  """
+  blocks = collections.defaultdict(set)  # (net, base) -> block indices.
+  starts = collections.defaultdict(set)
+  for name in names:
+    m = _BLOCK_RE.match(name)
+    if m:
+      key, index = (m['net'], m['base']), int(m['index'] or 0)
+      blocks[key].add(index)
+      if m['rest'].startswith('~/conv_shortcut/'):
+        starts[key].add(index)
+  stages = {}
+  for key, indices in blocks.items():
+    firsts = sorted(starts[key] | {min(indices)})
+    for index in indices:
+      stages[(*key, index)] = sum(first <= index for first in firsts)
+  return stages
+
+
+def frozen_mask(params: PyTree, num_stages: int) -> PyTree:
+  """Boolean tree: True on the stem and the first `num_stages` stages.
+
+  The stem is every parameter of a `STEM_MODULES` module directly under a
+  network; a stage is a run of `BLOCK_MODULES` blocks from one that starts
+  a stage (the first, or one with a `conv_shortcut`) to the next. Anything
+  else (the final conv, the classifier, modules of a head built around the
+  network) is never frozen.
+
+  Args:
+    params: a parameter tree of a network of `nfnets.models` (alone or
+      inside a larger model); leaves may be `jax.ShapeDtypeStruct`s.
+    num_stages: stages to freeze with the stem, 1 to 4 (0: nothing).
+
+  Returns:
+    A tree of Python bools with the structure of `params`.
+
+  Raises:
+    ValueError: `num_stages` > 0 but the tree has no such blocks, or has
+      fewer stages than `num_stages`.
+  """
+  names = select_leaves(params, ('',))
+  stages = _block_stages(names)
+  if num_stages > 0 and (not stages or max(stages.values()) < num_stages):
+    found = max(stages.values(), default=0)
+    raise ValueError(
+      f'Cannot freeze {num_stages} stages: the parameters have {found} '
+      f'stages of residual blocks (modules named {BLOCK_MODULES!r}, as in '
+      'nfnets.models). Use optimizer.freeze_stages <= that number.'
+    )
+
+  def frozen(name: str) -> bool:
+    if num_stages <= 0:
+      return False
+    if _STEM_RE.match(name):
+      return True
+    m = _BLOCK_RE.match(name)
+    if not m:
+      return False
+    return stages[(m['net'], m['base'], int(m['index'] or 0))] <= num_stages
+
+  return jax.tree_util.tree_map_with_path(
+    lambda path, _: frozen(leaf_name(path)), params
+  )

@@ -25,13 +25,21 @@ Measurements come from `nfnets.perf.measure` and are recorded in a
 `nfnets.perf.report.BenchmarkResult`.
 """
 
+import dataclasses
 import time
 
 import jax
 import ml_collections
 
 from nfnets.models import flops
-from nfnets.perf import compile_trace, kernel_census, measure, report, workload
+from nfnets.perf import (
+  compile_trace,
+  kernel_census,
+  measure,
+  op_profile,
+  report,
+  workload,
+)
 
 
 def run_benchmark(
@@ -48,6 +56,7 @@ def run_benchmark(
   compiler_options: dict | None = None,
   trace_compile: bool = False,
   augment: str = 'none',
+  profile_steps: int = 0,
 ) -> report.BenchmarkResult:
   """Benchmarks the train step (and forward pass) of one registry model.
 
@@ -73,6 +82,9 @@ def run_benchmark(
     augment: 'none', or 'device' / 'device_reference' to run the F0
       recipe's augmentation inside the step on a uint8 batch
       (`workload.make_workload`).
+    profile_steps: after timing, profile this many train steps and record
+      where their time goes by kind of kernel (`kernel_time`,
+      `nfnets.perf.op_profile`); 0 = off.
 
   Returns:
     A `nfnets.perf.report.BenchmarkResult`.
@@ -92,6 +104,49 @@ def run_benchmark(
   )  # fmt: skip
   jax.block_until_ready(work.state)
   init_s = time.perf_counter() - t_init
+  compiled, events, compile_s = _compile(work, compiler_options, trace_compile)
+  train = measure.summarize_times([float('nan')])
+  train['cpu'] = float('nan')
+  forward_ms = float('nan')
+  if not compile_only:
+    train, work.state = _time_train(compiled, work, steps, warmup)
+    if profile_steps:
+      kernel_time, work.state = _profile_train(compiled, work, profile_steps)
+    forward_steps = steps if forward_steps is None else forward_steps
+    if forward_steps > 0:
+      forward_ms = _time_forward(work, dtype, forward_steps)
+  result = _result(
+    model_config, work, compiled, device, train, forward_ms,
+    batch_size=batch_size, image_size=image_size, num_classes=num_classes,
+    dtype=dtype, compile_s=compile_s, init_s=init_s,
+    steps=0 if compile_only else steps,
+  )  # fmt: skip
+  result.compile_events = [[e.name, e.seconds, e.count] for e in events]
+  if not compile_only and profile_steps:
+    result.kernel_time = [dataclasses.asdict(k) for k in kernel_time]
+  return result
+
+
+def _profile_train(compiled, work: workload.Workload, steps: int):
+  """Profiles the donated train step; returns (rows, final state)."""
+  holder = {'state': work.state}
+
+  def run():
+    holder['state'], metrics = compiled(
+      holder['state'], work.batch, work.hyperparams
+    )
+    return metrics
+
+  rows = op_profile.profile(run, compiled.as_text(), steps)
+  return rows, holder['state']
+
+
+def _compile(work: workload.Workload, compiler_options, trace_compile):
+  """Compiles the donated train step.
+
+  Returns:
+    `(compiled, compile events, (wall seconds, CPU seconds))`.
+  """
   t0, c0 = time.perf_counter(), time.process_time()
   lowered = jax.jit(work.step, donate_argnums=0).lower(
     work.state, work.batch, work.hyperparams
@@ -103,24 +158,8 @@ def run_benchmark(
     )
   else:
     compiled = lowered.compile(compiler_options)
-  compile_s = time.perf_counter() - t0
-  compile_cpu_s = time.process_time() - c0
-  train = measure.summarize_times([float('nan')])
-  train['cpu'] = float('nan')
-  forward_ms = float('nan')
-  if not compile_only:
-    train, work.state = _time_train(compiled, work, steps, warmup)
-    forward_steps = steps if forward_steps is None else forward_steps
-    if forward_steps > 0:
-      forward_ms = _time_forward(work, dtype, forward_steps)
-  result = _result(
-    model_config, work, compiled, device, train, forward_ms,
-    batch_size=batch_size, image_size=image_size, num_classes=num_classes,
-    dtype=dtype, compile_s=(compile_s, compile_cpu_s), init_s=init_s,
-    steps=0 if compile_only else steps,
-  )  # fmt: skip
-  result.compile_events = [[e.name, e.seconds, e.count] for e in events]
-  return result
+  seconds = (time.perf_counter() - t0, time.process_time() - c0)
+  return compiled, events, seconds
 
 
 def _time_train(compiled, work: workload.Workload, steps: int, warmup: int):

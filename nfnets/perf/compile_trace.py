@@ -43,7 +43,8 @@ def _profile_options():
   return options
 
 
-def _read_trace(directory: str) -> list[dict]:
+def read_trace(directory: str) -> list[dict]:
+  """The events of the one Perfetto trace `jax.profiler.trace` wrote."""
   (path,) = glob.glob(
     os.path.join(directory, '**', 'perfetto_trace.json.gz'), recursive=True
   )
@@ -81,7 +82,7 @@ def compile_with_events(lowered, compiler_options: dict | None = None):
       directory, create_perfetto_trace=True, profiler_options=_profile_options()
     ):
       compiled = lowered.compile(compiler_options)
-    events = summarize(_read_trace(directory))
+    events = summarize(read_trace(directory))
   return compiled, events
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jaxlib
 
+from nfnets import ops
 from nfnets.train import runtime
 
 
@@ -94,6 +95,9 @@ class BenchmarkResult:
   # With `trace_compile`: XLA's compile events summed by name, longest
   # first (`nfnets.perf.compile_trace`), as [name, seconds, count] lists.
   compile_events: list = dataclasses.field(default_factory=list)
+  # With `profile_steps`: the train step's time by kind of kernel
+  # (`nfnets.perf.op_profile.KindTime` as dicts), longest first.
+  kernel_time: list = dataclasses.field(default_factory=list)
 
   def to_dict(self) -> dict:
     """Returns the result as a JSON-serialisable dict."""
@@ -101,17 +105,21 @@ class BenchmarkResult:
 
 
 def environment() -> dict[str, Any]:
-  """The software settings a result depends on besides its options.
+  """The software settings and host CPU a result depends on.
 
   Returns:
-    The jax and jaxlib versions, `XLA_FLAGS`, and whether the host malloc
-    settings of `nfnets.train.runtime` were applied.
+    The jax and jaxlib versions, `XLA_FLAGS`, whether the host malloc
+    settings of `nfnets.train.runtime` were applied, and the host CPU's
+    model, AVX2/AVX-512/AMX flags and the CPU convolution form they select
+    (`nfnets.ops.cpu_summary`; CPU speed differs several-fold between
+    CPU classes).
   """
   return {
     'jax': jax.__version__,
     'jaxlib': jaxlib.__version__,
     'xla_flags': os.environ.get('XLA_FLAGS', ''),
     'malloc_kept': runtime.settings_applied(),
+    **ops.cpu_summary(),
   }
 
 

@@ -278,7 +278,37 @@ def is_resume_safe(key: str) -> bool:
   )
 
 
-def check_resume(old, new, *, step: int, allow_change: bool) -> list[str]:
+def library_defaults() -> dict:
+  """`{dotted key: default}` of every config group the library defines.
+
+  A key missing from a run's saved config was added to the library after
+  the run started; at its default it reproduces the earlier behaviour (new
+  keys default to what the code did before them), so resuming with it is
+  no change.
+  """
+  # Imported here: the readers above stay free of JAX and TensorFlow.
+  from nfnets import data, models, optim  # noqa: PLC0415
+  from nfnets.train import config as train_config  # noqa: PLC0415
+
+  groups = {
+    'model': models.default_config(),
+    'data': data.default_config(),
+    'optimizer': optim.default_config(),
+    'train': train_config.default_train_config(),
+    'eval': train_config.default_eval_config(),
+    'checkpoint': train_config.default_checkpoint_config(),
+    'distributed': train_config.default_distributed_config(),
+  }
+  return _flatten(groups)
+
+
+def _newly_defined_at_default(key: str, old: dict, new: dict, defaults) -> bool:
+  return key not in old and key in defaults and new.get(key) == defaults[key]
+
+
+def check_resume(
+  old, new, *, step: int, allow_change: bool, defaults=None
+) -> list[str]:
   """Checks a resume's config against the run's; returns the differences.
 
   Args:
@@ -286,6 +316,8 @@ def check_resume(old, new, *, step: int, allow_change: bool) -> list[str]:
     new: the config of the segment about to start.
     step: the step the run resumes from (for the message).
     allow_change: accept changes outside `RESUME_SAFE_KEYS` too.
+    defaults: `{dotted key: default}`; a key absent from `old` and at its
+      default in `new` is no change (default: `library_defaults()`).
 
   Returns:
     `config_differences(old, new)`.
@@ -296,8 +328,13 @@ def check_resume(old, new, *, step: int, allow_change: bool) -> list[str]:
   """
   lines = config_differences(old, new)
   keys = changed_keys(old, new)
+  defaults = library_defaults() if defaults is None else defaults
+  flat_old, flat_new = _flatten(old), _flatten(new)
   unsafe = [
-    ln for k, ln in zip(keys, lines, strict=True) if not is_resume_safe(k)
+    ln
+    for k, ln in zip(keys, lines, strict=True)
+    if not is_resume_safe(k)
+    and not _newly_defined_at_default(k, flat_old, flat_new, defaults)
   ]
   if unsafe and not allow_change:
     listed = '\n'.join(f'  {line}' for line in unsafe)

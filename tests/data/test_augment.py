@@ -10,7 +10,7 @@ import skimage.data
 import tensorflow as tf
 from PIL import Image, ImageEnhance, ImageOps
 
-from nfnets.data import augment
+from nfnets.data import augment, recipe
 
 SEED = tf.constant([3, 7], tf.int64)
 
@@ -113,12 +113,12 @@ def test_enhance_factor_is_identity_at_magnitude_5_with_quirks(photo):
 def test_solarize_threshold_quirk_and_fix():
   # Reference (TF's wrap of an out-of-range uint8 constant): 256 -> 0,
   # 384 -> 128. Without quirks: 256 - 256 M / 10, clamped.
-  assert [augment.solarize_threshold(m, True) for m in (5, 10, 15)] == [
+  assert [recipe.solarize_threshold(m, True) for m in (5, 10, 15)] == [
     128,
     0,
     128,
   ]
-  assert [augment.solarize_threshold(m, False) for m in (0, 5, 10, 15)] == [
+  assert [recipe.solarize_threshold(m, False) for m in (0, 5, 10, 15)] == [
     256,
     128,
     0,
@@ -190,12 +190,12 @@ def test_cutout_greys_one_square(photo):
 def test_magnitude_table_matches_reference():
   # dm-reference.md section 5.6, columns M = 5, 10, 15.
   def arg(m, frac):
-    return m / augment.MAX_LEVEL * frac
+    return m / recipe.MAX_LEVEL * frac
 
   assert [arg(m, 30) for m in (5, 10, 15)] == [15, 30, 45]
   assert [int(arg(m, 4)) for m in (5, 10, 15)] == [2, 4, 6]
   assert [int(arg(m, 110)) for m in (5, 10, 15)] == [55, 110, 165]
-  assert [int(arg(m, augment.CUTOUT_CONST)) for m in (5, 10, 15)] == [
+  assert [int(arg(m, recipe.CUTOUT_CONST)) for m in (5, 10, 15)] == [
     20,
     40,
     60,
@@ -203,10 +203,10 @@ def test_magnitude_table_matches_reference():
   assert [augment.enhance_factor(m, SEED) for m in (5, 10, 15)] == (
     pytest.approx([1.0, 1.9, 2.8])
   )
-  assert augment.parse_level('405') == (4, 5)
-  assert augment.parse_level('415') == (4, 15)
+  assert recipe.parse_level('405') == (4, 5)
+  assert recipe.parse_level('415') == (4, 15)
   with pytest.raises(ValueError, match='405'):
-    augment.parse_level('ra4')
+    recipe.parse_level('ra4')
 
 
 def test_posterize_op_at_magnitude_5_keeps_two_bits(photo):
@@ -231,3 +231,8 @@ def test_randaugment_is_seeded_and_uses_all_ops(photo):
   assert len(augment.RANDAUGMENT_OPS) == 16
   with pytest.raises(ValueError, match='AutoContrast'):
     augment.apply_op('Blur', image, 5, SEED)
+
+
+def test_host_ops_are_in_the_shared_order():
+  # The device side indexes ops by `recipe.RANDAUGMENT_OP_NAMES`.
+  assert tuple(augment.RANDAUGMENT_OPS) == recipe.RANDAUGMENT_OP_NAMES

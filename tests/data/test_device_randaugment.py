@@ -16,7 +16,7 @@ import skimage.data
 import tensorflow as tf
 from PIL import Image
 
-from nfnets.data import augment
+from nfnets.data import augment, recipe
 from nfnets.data import device_randaugment as dra
 
 
@@ -99,20 +99,20 @@ def test_geometric_ops_match_host_on_all_but_half_a_percent(photos, name, arg):
     assert differ <= 0.005, (name, differ)
     # The grey fill is where the host's is (a wrong sign or axis would not
     # be within 0.5%).
-    assert np.any(got == augment.REPLACE)
+    assert np.any(got == recipe.REPLACE)
 
 
 def test_cutout_at_greys_the_clipped_square(photos):
   photo = photos[0]
   got = np.asarray(dra.cutout_at(jnp.asarray(photo), 3, 50, 8))
   want = photo.copy()
-  want[0:11, 42:56] = augment.REPLACE  # Rows 3-8..3+8, cols 50-8..50+8.
+  want[0:11, 42:56] = recipe.REPLACE  # Rows 3-8..3+8, cols 50-8..50+8.
   np.testing.assert_array_equal(got, want)
 
 
 def _host_candidates(photo, magnitude, quirks):
   """(name, host output) of every op at `magnitude`, both signs."""
-  m = magnitude / augment.MAX_LEVEL
+  m = magnitude / recipe.MAX_LEVEL
   x = tf.constant(photo)
   enhance = [m * 1.8 + 0.1] if quirks else [1 - m * 0.9, 1 + m * 0.9]
   out = [
@@ -122,7 +122,7 @@ def _host_candidates(photo, magnitude, quirks):
     ('Posterize', augment.posterize(x, int(m * 4))),
     (
       'Solarize',
-      augment.solarize(x, augment.solarize_threshold(magnitude, quirks)),
+      augment.solarize(x, recipe.solarize_threshold(magnitude, quirks)),
     ),
     ('SolarizeAdd', augment.solarize_add(x, int(m * 110))),
   ]
@@ -149,7 +149,7 @@ _GEOMETRIC = {'Rotate', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY'}
 
 def _is_host_op_output(out, photo, magnitude, quirks):
   """Whether `out` is one of the host's 16 ops at `magnitude` on `photo`."""
-  grey = np.all(out == augment.REPLACE, axis=-1)
+  grey = np.all(out == recipe.REPLACE, axis=-1)
   if grey.any() and (grey | np.all(out == photo, axis=-1)).all():
     return True  # Cutout: a grey square, the rest untouched.
   for name, want in _host_candidates(photo, magnitude, quirks):
@@ -187,3 +187,23 @@ def test_op_choice_is_uniform_and_per_example():
 def test_needs_uint8():
   with pytest.raises(ValueError, match='uint8'):
     dra.randaugment_batch(jnp.zeros((1, 4, 4, 3)), jax.random.key(0), 1, 5)
+
+
+def test_map_and_vmap_strategies_give_the_same_images(photos):
+  # The loop runs only each example's chosen ops, vmap computes all 16 and
+  # selects: the same keys must give bit-identical outputs (two layers, so
+  # an op sees another op's output).
+  images = jnp.asarray(np.stack(photos))
+  key = jax.random.key(11)
+  by_loop = dra.randaugment_batch(images, key, 2, 9, strategy='map')
+  by_vmap = dra.randaugment_batch(images, key, 2, 9, strategy='vmap')
+  np.testing.assert_array_equal(np.asarray(by_loop), np.asarray(by_vmap))
+  assert not np.array_equal(np.asarray(by_loop), np.asarray(images))
+
+
+def test_unknown_strategy_lists_the_valid_ones():
+  with pytest.raises(ValueError, match="'auto', 'vmap', 'map'"):
+    dra.randaugment_batch(
+      jnp.zeros((1, 4, 4, 3), jnp.uint8), jax.random.key(0), 1, 5,
+      strategy='scan',
+    )  # fmt: skip

@@ -10,6 +10,7 @@ which is independent of the traced count the benchmark uses.
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -17,7 +18,7 @@ import jax
 import pytest
 
 from nfnets.models import flops
-from nfnets.perf import benchmark, report, workload
+from nfnets.perf import benchmark, op_profile, report, workload
 from nfnets.train import runtime
 from tests.models.test_flops import resnet_macs
 from tests.models.test_resnet import expected_resnet_params
@@ -34,7 +35,7 @@ def cli_run(tmp_path_factory):
     [sys.executable, '-m', 'experiments.benchmark', '--model=NFNet:F0',
      f'--batch_size={BATCH}', f'--image_size={SIZE}', f'--steps={STEPS}',
      '--warmup=1', '--forward_steps=1', f'--model_kwargs={json.dumps(TINY)}',
-     '--trace_compile=5', f'--json_out={out}'],
+     '--trace_compile=5', '--breakdown', f'--json_out={out}'],
     capture_output=True, text=True, check=False, timeout=600,
   )  # fmt: skip
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -124,6 +125,18 @@ def test_cli_records_what_else_changes_the_numbers(cli_run):
   assert env['malloc_kept'] == (not runtime.accelerator_expected())
 
 
+def test_cli_records_the_cpu_model_and_flags(cli_run):
+  """Every result names the CPU and its AVX-512/AMX flags (/proc/cpuinfo)."""
+  env = cli_run[1]['environment']
+  with open('/proc/cpuinfo') as f:
+    info = f.read()
+  model = re.search(r'^model name\s*:\s*(.*)$', info, re.M).group(1).strip()
+  flags = set(re.search(r'^flags\s*:\s*(.*)$', info, re.M).group(1).split())
+  assert env['cpu_model'] == model
+  want = ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16')
+  assert {f: env['cpu_flags'][f] for f in want} == {f: f in flags for f in want}
+
+
 def test_cli_traces_the_compile(cli_run):
   stdout, row = cli_run
   lines = stdout.split('XLA compile events')[1].split('\n')[1:6]
@@ -134,6 +147,16 @@ def test_cli_traces_the_compile(cli_run):
   assert count == 1 and 0 < seconds <= row['compile_s']
   assert len(lines) == 5 and all(line.split()[1] == 's' for line in lines)
   assert lines[0].split()[3] == row['compile_events'][0][0].split()[0]
+
+
+def test_cli_breaks_the_step_time_down_by_kernel_kind(cli_run):
+  stdout, row = cli_run
+  kinds = {k['kind']: k for k in row['kernel_time']}
+  assert set(kinds) <= set(op_profile.KINDS)
+  assert 'conv 3x3' in kinds and 'element-wise' in kinds
+  assert sum(k['share'] for k in kinds.values()) == pytest.approx(1.0)
+  assert all(k['ms'] > 0 for k in kinds.values())
+  assert 'Train step time by kind of kernel:' in stdout
 
 
 def test_bn_resnet_runs_the_trainer_step_with_its_statistics():

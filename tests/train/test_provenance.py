@@ -114,6 +114,22 @@ def test_resume_refuses_training_changes_and_allows_cadence():
   assert len(provenance.check_resume(old, new, step=1, allow_change=False)) == 3
 
 
+def test_a_key_newer_than_the_run_is_no_change_at_its_default():
+  """A run saved before `optimizer.freeze_stages` existed resumes with it
+  at 0 (the code's behaviour before the key), but not at 2."""
+  new = quickstart.get_config()
+  old = provenance.config_record(new)['config']
+  del old['optimizer']['freeze_stages']
+  assert provenance.check_resume(old, new, step=5, allow_change=False) == [
+    'optimizer.freeze_stages: (absent) -> 0'
+  ]
+  new.optimizer.freeze_stages = 2
+  with pytest.raises(provenance.ConfigChangeError, match=r'\(absent\) -> 2'):
+    provenance.check_resume(old, new, step=5, allow_change=False)
+  # The defaults come from the library's own config groups.
+  assert provenance.library_defaults()['optimizer.freeze_stages'] == 0
+
+
 @pytest.mark.parametrize(
   'key,safe',
   [

@@ -1,0 +1,89 @@
+r"""Exports an NFNet for serving: SavedModel, TFLite or StableHLO.
+
+    # A weights file (DeepMind's F*_haiku.npz, .safetensors, .npz):
+    python -m experiments.export --weights=pretrained/F0_haiku.npz \
+      --variant=F0 --format=savedmodel --out=exported/f0
+
+    # A training run (the EMA params of its newest checkpoint; --params=raw
+    # for the raw ones), taking uint8 images of any size:
+    python -m experiments.export --workdir=runs/flowers --format=tflite \
+      --preprocess=eval --out=exported/flowers.tflite
+
+Weight standardisation and the gains are folded into the conv kernels
+first, so the program holds plain convolutions. --preprocess=none exports
+`images` = normalised float32 [N, S, S, 3] (S: the variant's test size or
+the run's eval size) -> `logits` [N, C]; --preprocess=eval exports uint8
+[N, H, W, 3] of any size, resized and cropped inside as in evaluation. N is
+free in every format. --platforms lowers SavedModel and StableHLO programs
+for other backends (e.g. cpu,cuda). User errors exit with status 2 (usage)
+or 1 (missing files); NFNETS_TRACEBACK=1 shows their tracebacks. See
+docs/export.md.
+"""
+
+from absl import app, flags
+
+from experiments import common
+
+FORMATS = ('savedmodel', 'tflite', 'stablehlo')
+
+_SOURCE = common.define_weights_flags('exports its newest checkpoint.')
+_FORMAT = flags.DEFINE_enum('format', 'savedmodel', FORMATS, 'What to write.')
+_OUT = flags.DEFINE_string(
+  'out', None, 'Output: a directory (savedmodel) or a file.'
+)
+_PREPROCESS = flags.DEFINE_enum(
+  'preprocess',
+  'none',
+  ['none', 'eval'],
+  'none: normalised float32 [N, S, S, 3] in; eval: uint8 [N, H, W, 3] in, '
+  'eval resize and crop inside.',
+)
+_PLATFORMS = flags.DEFINE_list(
+  'platforms', ['cpu'], 'Backends of the program (savedmodel, stablehlo).'
+)
+
+
+def _check_flags():
+  _SOURCE.check()
+  if not _OUT.value:
+    raise app.UsageError('Pass --out=PATH, where the export is written.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  _check_flags()
+  if _FORMAT.value != 'stablehlo':
+    common.import_tensorflow_quietly()
+  # Deferred so --help and flag errors stay fast.
+  from nfnets import export
+
+  if _SOURCE.weights.value:
+    spec, params, state = export.spec_from_weights(
+      _SOURCE.weights.value,
+      _SOURCE.variant.value,
+      _SOURCE.parsed_model_kwargs(),
+    )
+  else:
+    common.print_config_differences(_SOURCE.workdir.value, _SOURCE.config.value)
+    spec, params, state = export.spec_from_workdir(
+      _SOURCE.config.value, _SOURCE.workdir.value, _SOURCE.params.value
+    )
+  out = export.export_model(
+    spec,
+    params,
+    state,
+    fmt=_FORMAT.value,
+    out=_OUT.value,
+    preprocess=_PREPROCESS.value,
+    platforms=tuple(_PLATFORMS.value),
+  )
+  shape, dtype, _ = export.serving.input_spec(spec, _PREPROCESS.value)
+  print(
+    f'Wrote {_FORMAT.value} {out}: images {dtype.name} [{shape}] -> logits '
+    f'float32 [b, {spec.num_classes}]'
+  )
+
+
+if __name__ == '__main__':
+  common.run(main, prepare=common.use_run_config)

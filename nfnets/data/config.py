@@ -1,0 +1,54 @@
+"""The `config.data` section: which dataset, its preprocessing and recipe.
+
+Free of TensorFlow, so that code which only needs the config or the
+device-side augmentation (the benchmark, the train step on an accelerator
+host without TensorFlow) imports no input pipeline.
+"""
+
+import ml_collections
+
+
+def default_config():
+  """Returns the `config.data` section (the quickstart's digits defaults).
+
+  Variant configs switch on the reference recipe, e.g. for F0:
+  name='imagenet2012', train_image_size=192, eval_image_size=256,
+  mixup_alpha=0.2, cutmix=True, randaugment='405'.
+  """
+  return ml_collections.ConfigDict(
+    dict(
+      # 'digits' | 'imagenet2012' | 'folder' | 'tfds/<name>'.
+      name='digits',
+      data_dir='',  # tfds data dir; '' = tfds's default directory.
+      folder_root='',  # For name='folder': ROOT/<split>/<class>/<image>.
+      image_key='image',  # Feature names for 'tfds/<name>' datasets.
+      label_key='label',
+      train_split='train',  # tfds slicing allowed, e.g. 'train[10000:]'.
+      eval_split='',  # '' = 'validation' if the dataset has one, else 'test'.
+      train_image_size=32,
+      eval_image_size=32,
+      # 'auto' = 'inception_crop_flip' for photos, 'resize' for digits.
+      train_preproc='auto',
+      # 'auto' = 'resize_crop_32' for photos, 'resize' for digits;
+      # or 'crop_resize'.
+      eval_preproc='auto',
+      mixup_alpha=0.0,  # Beta(alpha, alpha); 0 = off. The reference: 0.2.
+      cutmix=False,  # With MixUp on too: half the batch each.
+      randaugment='',  # '' = off, or a level like '405' (4 layers, M=5).
+      randaugment_quirks=True,  # Reproduce the reference's quirks.
+      augment_before_mix=False,  # The reference: RandAugment after mixing.
+      # Where MixUp/CutMix/RandAugment/normalisation run: 'host' (tf.data),
+      # 'device' (in the train step) or 'auto' (device on GPU/TPU, host on
+      # CPU; docs/data.md has the measurements).
+      augment_on='auto',
+      # MixUp/CutMix partners: 'reference' (2b images mixed into b),
+      # 'in_batch' (b images, image i paired with i - 1: half the decoding)
+      # or 'auto' (in_batch on the device, reference on the host).
+      mix_pairing='auto',
+      shuffle_buffer=10_000,  # Examples; in-memory sets shuffle fully.
+      seed=0,
+      deterministic=True,  # Fixed element order (False: a little faster).
+      cache=False,  # Cache the encoded examples in memory after reading.
+      num_threads=0,  # tf.data private threadpool size; 0 = tf.data default.
+    )
+  )

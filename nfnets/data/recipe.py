@@ -1,0 +1,58 @@
+"""The recipe's numbers that the host (TF) and device (JAX) sides share.
+
+Normalisation statistics, RandAugment's constants, op order and level
+parsing, in one TensorFlow-free module: `augment.py` and `preprocess.py`
+(tf.data) and `device_augment.py` / `device_randaugment.py` (JAX) read
+them from here, so both sides apply the same recipe and the device side
+imports no TensorFlow.
+"""
+
+# ImageNet channel statistics in 0..255 (the reference's).
+MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+# RandAugment, as the reference's TPU-EfficientNet port.
+MAX_LEVEL = 10.0
+REPLACE = 128
+CUTOUT_CONST = 40
+TRANSLATE_CONST = 100
+SOLARIZE_ADD_THRESHOLD = 128
+# The 16 ops in the reference's order: an op index means the same op on
+# both sides.
+RANDAUGMENT_OP_NAMES = (
+  'AutoContrast',
+  'Equalize',
+  'Invert',
+  'Rotate',
+  'Posterize',
+  'Solarize',
+  'Color',
+  'Contrast',
+  'Brightness',
+  'Sharpness',
+  'ShearX',
+  'ShearY',
+  'TranslateX',
+  'TranslateY',
+  'Cutout',
+  'SolarizeAdd',
+)
+
+
+def parse_level(level):
+  """Parses a RandAugment level like '405' into (num_layers, magnitude)."""
+  if isinstance(level, str) and not level.isdigit():
+    raise ValueError(
+      f'RandAugment level {level!r} must be digits like "405" (4 layers, '
+      'magnitude 5), or "" to turn RandAugment off.'
+    )
+  level = int(level)
+  return level // 100, level % 100
+
+
+def solarize_threshold(magnitude, quirks=True):
+  """Solarize threshold for a magnitude (see the module docstring)."""
+  t = int(magnitude / MAX_LEVEL * 256)
+  if quirks:
+    return t % 256
+  return min(max(256 - t, 0), 256)

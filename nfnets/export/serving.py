@@ -1,0 +1,185 @@
+"""What is exported: a model, its folded weights and its serving function.
+
+An `ExportSpec` says which network and input the exported program has; it
+comes from a weights file (`spec_from_weights`, any format
+`nfnets.pretrained.load` reads) or a training run's workdir
+(`spec_from_workdir`). `make_serving_fn` turns a spec and its folded params
+into the function every format exports, `images -> {'logits': [N, C]}`,
+with one of two input signatures (`input_spec`):
+
+* `preprocess='none'`: normalised float32 images [N, S, S, 3], S the eval
+  image size;
+* `preprocess='eval'`: uint8 RGB images [N, H, W, 3] of any size, run
+  through the eval transform (`nfnets.export.preprocess`) inside.
+
+N (and, with 'eval', H and W) are symbolic in the exported program.
+"""
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from nfnets.export import fold, preprocess
+from nfnets.models import nfnet
+
+PREPROCESS_MODES = ('none', 'eval')
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSpec:
+  """The network and input of an exported program.
+
+  Attributes:
+    model_config: `config.model` (name, kwargs) of the network.
+    num_classes: classifier width.
+    image_size: the model's input size S (the eval image size).
+    eval_mode: the eval transform of `preprocess='eval'` (a key of
+      `nfnets.export.preprocess.EVAL_MODES`).
+  """
+
+  model_config: ml_collections.ConfigDict
+  num_classes: int
+  image_size: int
+  eval_mode: str = 'resize_crop_32'
+
+
+def check_preprocess(mode: str) -> None:
+  """Raises a ValueError for a preprocess mode not in `PREPROCESS_MODES`."""
+  if mode not in PREPROCESS_MODES:
+    raise ValueError(
+      f'Unknown preprocess {mode!r}; choose one of {list(PREPROCESS_MODES)}.'
+    )
+
+
+def input_spec(spec: ExportSpec, preprocess_mode: str):
+  """The exported input: (symbolic shape string, dtype, static shape).
+
+  Args:
+    spec: the export spec.
+    preprocess_mode: 'none' or 'eval'.
+
+  Returns:
+    `(shape, dtype, static)`: a `jax.export.symbolic_shape` string such as
+    'b, 256, 256, 3', the NumPy dtype, and the shape with None for the
+    symbolic sizes (for TensorFlow's `TensorSpec`).
+  """
+  check_preprocess(preprocess_mode)
+  if preprocess_mode == 'eval':
+    return 'b, h, w, 3', np.dtype(np.uint8), (None, None, None, 3)
+  s = spec.image_size
+  return f'b, {s}, {s}, 3', np.dtype(np.float32), (None, s, s, 3)
+
+
+def make_serving_fn(spec: ExportSpec, preprocess_mode: str):
+  """`(folded params, model state, images) -> {'logits': float32 [N, C]}`.
+
+  Args:
+    spec: the export spec.
+    preprocess_mode: 'none' (images are the model input) or 'eval' (uint8
+      images, preprocessed inside).
+
+  Returns:
+    The pure function; apply it with `fold.fold_weight_standardization`'s
+    params.
+  """
+  check_preprocess(preprocess_mode)
+  if preprocess_mode == 'eval':
+    preprocess.check_eval_mode(spec.eval_mode)
+  model = fold.make_folded_model(spec.model_config, spec.num_classes)
+
+  def serve(params, state, images):
+    if preprocess_mode == 'eval':
+      images = preprocess.eval_preprocess(
+        images, spec.image_size, spec.eval_mode
+      )
+    outputs, _ = model.apply(params, state, None, images, False)
+    return {'logits': outputs['logits'].astype(jnp.float32)}
+
+  return serve
+
+
+def spec_from_weights(
+  path: str, variant: str | None = None, model_kwargs: dict | None = None
+):
+  """The spec and params of an NFNet weights file.
+
+  Args:
+    path: any file `nfnets.pretrained.load` reads.
+    variant: the NFNet variant; None: the file's metadata, else 'F0'.
+    model_kwargs: further NFNet kwargs; None: the file's metadata.
+
+  Returns:
+    `(spec, params, state)`, the state empty (NFNets keep none); the image
+    size is the variant's test_imsize.
+
+  Raises:
+    FileNotFoundError: no file at `path`.
+    PretrainedMismatchError: the weights do not fit the variant.
+  """
+  from nfnets.pretrained import inference, loading
+
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'No weights file {path!r}.')
+  variant, model_kwargs = inference.model_spec(path, variant, model_kwargs)
+  params = loading.load(path, variant, **model_kwargs)
+  num_classes = params[loading.CLASSIFIER_MODULE]['b'].shape[0]
+  kwargs = dict(model_kwargs, variant=variant)
+  model_config = ml_collections.ConfigDict(dict(name='NFNet', kwargs=kwargs))
+  size = nfnet.get_variant(variant)['test_imsize']
+  return ExportSpec(model_config, int(num_classes), size), params, {}
+
+
+def _eval_mode(data_config) -> str:
+  """The run's eval transform, resolving 'auto' as its pipeline does."""
+  from nfnets.data import sources
+
+  mode = data_config.eval_preproc
+  if mode == 'auto':
+    natural = sources.make_source(data_config).natural_images
+    mode = 'resize_crop_32' if natural else 'resize'
+  return mode
+
+
+def spec_from_workdir(config, workdir: str, params_set: str = 'ema'):
+  """The spec and params of a training run's newest checkpoint.
+
+  Args:
+    config: the run's config (`nfnets.train.provenance.load_run_config`).
+    workdir: the training workdir.
+    params_set: 'ema' (the EMA params, as evaluation reports them) or
+      'raw'.
+
+  Returns:
+    `(spec, params, state)`; the image size and eval transform are the
+    run's `config.data.eval_image_size` and `eval_preproc`.
+
+  Raises:
+    ValueError: 'ema' for a run that keeps no EMA.
+    FileNotFoundError: the workdir holds no complete checkpoint.
+  """
+  from nfnets import data
+  from nfnets.train import evaluation
+
+  info = data.dataset_info(config.data)
+  _, sets = evaluation.restore_workdir(config, workdir, info.num_classes)
+  key = 'eval_ema' if params_set == 'ema' else 'eval'
+  if key not in sets:
+    raise ValueError(
+      f'{workdir!r} keeps no EMA params (config.train.ema_decay unset); '
+      'export the raw ones.'
+    )
+  params, state = jax.device_get(sets[key])
+  model_config = ml_collections.ConfigDict(
+    dict(name=config.model.name, kwargs=dict(config.model.kwargs))
+  )
+  spec = ExportSpec(
+    model_config,
+    info.num_classes,
+    int(config.data.eval_image_size),
+    _eval_mode(config.data),
+  )
+  return spec, params, state

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The GPU measurements the docs ask for, in one run of about 10 minutes on
+# an H100 (each step has its own time limit; a step that fails or runs out
+# of time is reported and the next one runs):
+#
+#   1. NFNet-F0, batch 32, bf16: the train step with a float batch and with
+#      the recipe's augmentation on the device (docs/data.md: the device
+#      augmentation's share of the step);
+#   2. the paper's Table 3 models at batch 32 (docs/performance.md, "The
+#      paper's comparison"): `experiments.benchmark --table=paper`;
+#   3. timm's dm_nfnet_f0 and f1 at batch 32 in bf16, eager and
+#      torch.compile, where torch and timm are installed
+#      (scripts/bench_timm.py).
+#
+#   scripts/gpu_checks.sh [DIR]            # results into DIR (gpu_checks)
+#
+# The benchmark needs no TensorFlow. On a GPU image with jax, optax, chex
+# and orbax but without dm-haiku, ml-collections and jmp, put their wheels
+# in .whl/ first (on a machine with the package registry:
+#   pip download --no-deps -d .whl dm-haiku==0.0.17 ml-collections==1.1.0 \
+#     jmp==0.0.4
+# ) and this script installs them. PYTHON picks the interpreter (default:
+# python3, else python).
+set -uo pipefail
+
+dest="${1:-gpu_checks}"
+python="${PYTHON:-$(command -v python3 || command -v python)}"
+mkdir -p "${dest}"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "${python}" -m pip install --quiet --no-deps .whl/*.whl \
+    >"${dest}/pip.log" 2>&1 || echo "pip install failed: ${dest}/pip.log"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv \
+  >"${dest}/gpu.txt" 2>&1
+
+failed=0
+step() {  # step NAME LIMIT_S COMMAND...: runs one check, logs to DIR/NAME.log
+  local name="$1" limit="$2"
+  shift 2
+  local start=$(date +%s)
+  timeout "${limit}" "$@" >"${dest}/${name}.log" 2>&1
+  local rc=$?
+  echo "${name}: exit ${rc} after $(( $(date +%s) - start )) s" \
+    | tee -a "${dest}/gpu.txt"
+  [[ ${rc} -eq 0 ]] || failed=1
+}
+
+step augment 200 "${python}" -m experiments.benchmark --model=NFNet:F0 \
+  --batch_size=32 --steps=20 --forward_steps=0 --augment=none,device \
+  --json_out="${dest}/augment.json"
+step paper_table 330 "${python}" -m experiments.benchmark --table=paper \
+  --steps=20 --plot_out="${dest}/flops_vs_time.png" \
+  --json_out="${dest}/paper_table.json"
+if "${python}" -c 'import timm, torch' 2>/dev/null; then
+  for model in dm_nfnet_f0 dm_nfnet_f1; do
+    size=$([[ ${model} == dm_nfnet_f0 ]] && echo 192 || echo 224)
+    step "timm_${model}_eager" 90 "${python}" scripts/bench_timm.py \
+      --model="${model}" --batch_size=32 --image_size="${size}" \
+      --dtype=bfloat16 --steps=20
+    step "timm_${model}_compile" 200 "${python}" scripts/bench_timm.py \
+      --model="${model}" --batch_size=32 --image_size="${size}" \
+      --dtype=bfloat16 --steps=20 --compile
+  done
+fi
+grep -h -A8 '^| Model' "${dest}"/*.log 2>/dev/null | head -40
+exit "${failed}"
