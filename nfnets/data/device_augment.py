@@ -34,7 +34,7 @@ PLACEMENTS = ('auto', 'host', 'device')
 PAIRINGS = ('auto', 'reference', 'in_batch')
 # 'auto' on a CPU backend: the host (docs/data.md). On a CPU the "device" is
 # the same cores and both placements cost little next to the model step
-# (measured: ~1% of an F0 step on the device), so the reference's recipe
+# (measured: 0.3% of an F0 step on the device), so the reference's recipe
 # is kept exactly, with tf.data's threads overlapping it with the step.
 CPU_PLACEMENT = 'host'
 
