@@ -50,17 +50,6 @@ def _predict_weights(paths):
   )
 
 
-def _eval_preproc(data_config):
-  """The run's eval preprocessing, resolving 'auto' as its pipeline does."""
-  from nfnets.data import sources
-
-  mode = data_config.eval_preproc
-  if mode == 'auto':
-    natural = sources.make_source(data_config).natural_images
-    mode = 'resize_crop_32' if natural else 'resize'
-  return mode
-
-
 def _predict_workdir(paths, config, workdir):
   common.import_tensorflow_quietly()
   import jax
@@ -68,7 +57,7 @@ def _predict_workdir(paths, config, workdir):
   import tensorflow as tf
 
   from nfnets import data, models
-  from nfnets.data import preprocess
+  from nfnets.data import pipeline, preprocess
   from nfnets.pretrained import inference
   from nfnets.train import evaluation
 
@@ -88,7 +77,7 @@ def _predict_workdir(paths, config, workdir):
   model = models.make_model(config.model, info.num_classes)
   apply = jax.jit(lambda x: model.apply(params, model_state, None, x, False))
   size = _IMAGE_SIZE.value or config.data.eval_image_size
-  mode = _eval_preproc(config.data)
+  mode = pipeline.eval_preproc_mode(config.data)
 
   def load(path):
     pixels = inference.read_rgb(path)  # Reports a bad file clearly.

@@ -73,6 +73,19 @@ def _seeds(data_config, seed, process_index):
   return int(state[0] >> 1), int(state[1] >> 1), aug
 
 
+def eval_preproc_mode(data_config):
+  """The eval preprocessing a dataset's eval pipeline uses ('auto' resolved).
+
+  Args:
+    data_config: the `config.data` ConfigDict.
+
+  Returns:
+    A `preprocess.EVAL_PREPROCS` mode: for 'auto', 'resize_crop_32' for
+    photos and 'resize' for digits-like sets, as `make_eval_dataset` does.
+  """
+  return _modes(data_config, sources.make_source(data_config))[1]
+
+
 def _modes(data_config, source):
   train, evl = data_config.train_preproc, data_config.eval_preproc
   if train == 'auto':

@@ -133,17 +133,6 @@ def spec_from_weights(
   return ExportSpec(model_config, int(num_classes), size), params, {}
 
 
-def _eval_mode(data_config) -> str:
-  """The run's eval transform, resolving 'auto' as its pipeline does."""
-  from nfnets.data import sources
-
-  mode = data_config.eval_preproc
-  if mode == 'auto':
-    natural = sources.make_source(data_config).natural_images
-    mode = 'resize_crop_32' if natural else 'resize'
-  return mode
-
-
 def spec_from_workdir(config, workdir: str, params_set: str = 'ema'):
   """The spec and params of a training run's newest checkpoint.
 
@@ -162,6 +151,7 @@ def spec_from_workdir(config, workdir: str, params_set: str = 'ema'):
     FileNotFoundError: the workdir holds no complete checkpoint.
   """
   from nfnets import data
+  from nfnets.data import pipeline
   from nfnets.train import evaluation
 
   info = data.dataset_info(config.data)
@@ -180,6 +170,6 @@ def spec_from_workdir(config, workdir: str, params_set: str = 'ema'):
     model_config,
     info.num_classes,
     int(config.data.eval_image_size),
-    _eval_mode(config.data),
+    pipeline.eval_preproc_mode(config.data),
   )
   return spec, params, state

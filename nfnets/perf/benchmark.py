@@ -109,9 +109,11 @@ def run_benchmark(
   train['cpu'] = float('nan')
   forward_ms = float('nan')
   if not compile_only:
-    train, work.state = _time_train(compiled, work, steps, warmup)
+    train = _time_train(compiled, work, steps, warmup)
     if profile_steps:
-      kernel_time, work.state = _profile_train(compiled, work, profile_steps)
+      kernel_time = op_profile.profile(
+        _step_runner(compiled, work), compiled.as_text(), profile_steps
+      )
     forward_steps = steps if forward_steps is None else forward_steps
     if forward_steps > 0:
       forward_ms = _time_forward(work, dtype, forward_steps)
@@ -127,18 +129,14 @@ def run_benchmark(
   return result
 
 
-def _profile_train(compiled, work: workload.Workload, steps: int):
-  """Profiles the donated train step; returns (rows, final state)."""
-  holder = {'state': work.state}
+def _step_runner(compiled, work: workload.Workload):
+  """One call of the donated train step, carrying the state in `work`."""
 
   def run():
-    holder['state'], metrics = compiled(
-      holder['state'], work.batch, work.hyperparams
-    )
+    work.state, metrics = compiled(work.state, work.batch, work.hyperparams)
     return metrics
 
-  rows = op_profile.profile(run, compiled.as_text(), steps)
-  return rows, holder['state']
+  return run
 
 
 def _compile(work: workload.Workload, compiler_options, trace_compile):
@@ -163,21 +161,14 @@ def _compile(work: workload.Workload, compiler_options, trace_compile):
 
 
 def _time_train(compiled, work: workload.Workload, steps: int, warmup: int):
-  """Times the donated train step; returns (summary, final state)."""
-  holder = {'state': work.state}
-
-  def call():
-    holder['state'], metrics = compiled(
-      holder['state'], work.batch, work.hyperparams
-    )
-    return metrics
-
+  """Times the donated train step; returns its timing summary."""
+  call = _step_runner(compiled, work)
   jax.block_until_ready(call())  # Warm-up outside the CPU-time window.
   c0 = time.process_time()
   times = measure.time_calls(call, steps, max(warmup - 1, 0))
   summary = measure.summarize_times(times)
   summary['cpu'] = (time.process_time() - c0) / len(times) * 1e3
-  return summary, holder['state']
+  return summary
 
 
 def _time_forward(work: workload.Workload, dtype: str, steps: int) -> float:
