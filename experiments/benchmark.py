@@ -46,8 +46,10 @@ _FWD = flags.DEFINE_integer(
   'forward_steps', None, 'Timed forward passes (default --steps; 0 = skip).'
 )
 _DTYPE = flags.DEFINE_enum(
-  'dtype', None, ['float32', 'bfloat16'],
-  'Compute dtype; default float32 on CPU, bfloat16 on accelerators.',
+  'dtype', None, ['float32', 'bfloat16', 'bfloat16_convs'],
+  'Compute dtype (config.train.compute_dtype); bfloat16_convs: float32 '
+  'with bfloat16 conv operands. Default float32 on CPU, bfloat16 on '
+  'accelerators.',
 )  # fmt: skip
 _REMAT = flags.DEFINE_bool('remat', None, 'Rematerialise every block.')
 _GROUPED = flags.DEFINE_enum(

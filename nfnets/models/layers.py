@@ -235,9 +235,15 @@ class WSConv2D(hk.Module):
 
   def _convolve(self, x, kernel, bias, in_loop):
     """`conv(x, kernel) + bias` with the module's geometry and conv mode."""
-    y = ops.grouped_conv2d(
+    y = self._conv(x, kernel.astype(x.dtype), in_loop)
+    return y + bias.astype(y.dtype)
+
+  def _conv(self, x, kernel, in_loop):
+    """The convolution alone: the operation a precision policy recasts
+    (`nfnets.models.precision`)."""
+    return ops.grouped_conv2d(
       x,
-      kernel.astype(x.dtype),
+      kernel,
       stride=self.stride,
       padding=self.padding,
       rate=self.rate,
@@ -245,7 +251,6 @@ class WSConv2D(hk.Module):
       mode=ops.resolve_grouped_conv(self.grouped_conv),
       in_loop=in_loop,
     )
-    return y + bias.astype(y.dtype)
 
   def __call__(self, x: jax.Array, *, in_loop: bool = False) -> jax.Array:
     """Applies the convolution to an NHWC batch `x`.

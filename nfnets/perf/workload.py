@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from nfnets import data, models, optim
-from nfnets.models import nfnet
+from nfnets.models import nfnet, precision
 from nfnets.train import state as state_lib
 from nfnets.train import step as step_lib
 
@@ -263,14 +263,17 @@ def forward_fn(logits_fn: Callable, dtype: str) -> Callable:
 
   Args:
     logits_fn: `Workload.logits_fn`.
-    dtype: compute dtype; the variables and images are cast to it.
+    dtype: a `nfnets.models.precision.POLICIES` name.
 
   Returns:
     `(variables, images) -> logits`, not jitted.
   """
 
+  cast_to = precision.variables_dtype(dtype)
+
   def forward(variables, images):
-    variables = state_lib.cast_floats(variables, jnp.dtype(dtype))
-    return logits_fn(variables, images.astype(dtype))
+    variables = state_lib.cast_floats(variables, cast_to)
+    with precision.policy_scope(dtype):
+      return logits_fn(variables, images.astype(cast_to))
 
   return forward

@@ -9,7 +9,9 @@ that would only fail later, with a message that says what to change.
 
 import ml_collections
 
-COMPUTE_DTYPES = ('float32', 'bfloat16')
+from nfnets.models import precision
+
+COMPUTE_DTYPES = precision.POLICIES
 DATA_RESUME_MODES = ('skip', 'reseed')
 HOST_INPUT_MODES = ('shard', 'slice')
 
@@ -27,8 +29,10 @@ def default_train_config() -> ml_collections.ConfigDict:
         of grad_accum_steps times the device count.
       num_epochs: length of the run in passes over the train split.
       num_steps: if > 0, length of the run in steps (overrides num_epochs).
-      compute_dtype: 'bfloat16' or 'float32' for the forward/backward pass;
-        master weights, optimizer state and the loss stay float32.
+      compute_dtype: 'bfloat16', 'float32' or 'bfloat16_convs' (float32
+        with bfloat16 convolution operands, the fast policy on AMX CPUs;
+        `nfnets.models.precision`) for the forward/backward pass; master
+        weights, optimizer state and the loss stay float32.
       label_smoothing: weight of the uniform distribution in the targets.
       seed: seed for parameter init and per-step randomness.
       log_every_steps: how often train metrics are logged.

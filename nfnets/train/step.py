@@ -12,7 +12,9 @@ constants, with the same bits.
 Mixed precision follows the paper: float32 master weights are cast to the
 compute dtype (and the images with them) for the forward and backward pass,
 logits are cast back to float32 before the loss, and the gradients arrive in
-float32 because they are taken with respect to the float32 weights.
+float32 because they are taken with respect to the float32 weights. The
+'bfloat16_convs' policy keeps the weights and activations in float32 and
+casts only the convolutions' operands (`nfnets.models.precision`).
 
 With `grad_accum_steps > 1` the step processes its batch as micro-batches
 one after another and applies one update from their averaged gradient
@@ -33,6 +35,7 @@ import jax.numpy as jnp
 import optax
 
 from nfnets import optim
+from nfnets.models import precision
 from nfnets.train import losses
 from nfnets.train import state as state_lib
 
@@ -115,7 +118,8 @@ def make_train_step(
     opt_config: `config.optimizer`, already checked by `optim.hyperparams`;
       it fixes the structure (name, Nesterov, groups, which of AGC, SAM and
       weight decay are on).
-    compute_dtype: 'float32' or 'bfloat16' for the forward/backward pass.
+    compute_dtype: a `nfnets.models.precision.POLICIES` name for the
+      forward/backward pass: 'float32', 'bfloat16' or 'bfloat16_convs'.
     grad_accum_steps: number of micro-batches per optimizer step (>= 1).
     batch_fn: optional `(batch, key) -> batch` applied to the global batch
       inside the step; None leaves the batch as given.
@@ -405,19 +409,21 @@ def _check_accum_steps(grad_accum_steps) -> None:
 def _make_grad_fn(model: hk.TransformedWithState, compute_dtype: str):
   """`(params, model_state, batch, targets, rng) -> ((loss, aux), grads)`.
 
-  `aux` is `(float32 logits, new model state)`; the forward pass runs in
-  `compute_dtype`, the loss in float32.
+  `aux` is `(float32 logits, new model state)`; the forward pass follows
+  the `compute_dtype` policy (`nfnets.models.precision`), the loss is
+  float32.
   """
-  dtype = jnp.dtype(compute_dtype)
+  dtype = precision.variables_dtype(compute_dtype)
 
   def loss_fn(params, model_state, batch, targets, rng):
-    out, new_model_state = model.apply(
-      state_lib.cast_floats(params, dtype),
-      model_state,
-      rng,
-      batch['images'].astype(dtype),
-      True,
-    )
+    with precision.policy_scope(compute_dtype):
+      out, new_model_state = model.apply(
+        state_lib.cast_floats(params, dtype),
+        model_state,
+        rng,
+        batch['images'].astype(dtype),
+        True,
+      )
     logits = out['logits'].astype(jnp.float32)
     loss = jnp.mean(losses.softmax_cross_entropy(logits, targets))
     return loss, (logits, new_model_state)
