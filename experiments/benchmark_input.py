@@ -13,6 +13,10 @@ pipelines on it:
   - 'f0_device': the F0 recipe with augment_on='device', reference pairing:
     the host decodes 2b images per b outputs and ships uint8;
   - 'f0_device_inbatch': the same with in-batch pairing (b images);
+  - 'python_device': 'f0_device_inbatch' from the TensorFlow-free loader
+    (`config.data.loader='python'`: PIL decoding, NumPy crop and resize on
+    `num_threads` threads), reading the same JPEGs prepared a second time
+    as array_record;
   - 'eval': the F0 evaluation pipeline at 256 px (resize_crop_32);
   - 'digits': the quickstart's in-memory digits at 32 px.
 
@@ -46,7 +50,7 @@ _PIPELINES = flags.DEFINE_list(
   'pipelines',
   ['plain', 'f0_host', 'f0_device', 'f0_device_inbatch'],
   'Which pipelines to time: plain, f0_host, f0_device, f0_device_inbatch, '
-  'eval, digits.',
+  'python_device, eval, digits.',
 )
 _JSON = flags.DEFINE_string('json_out', '', 'Write the results as JSON here.')
 _NOISE = flags.DEFINE_float(
@@ -61,44 +65,35 @@ _WORKDIR = flags.DEFINE_string('workdir', '', "Data folder ('' = temp).")
 
 def _imagenet_like_photos(n, seed=0):
   """n uint8 photos: random crops of skimage's colour images, ~500x375."""
-  import numpy as np
-  import skimage.data
-  from PIL import Image
+  from nfnets.data import synthetic
 
-  names = ('astronaut', 'chelsea', 'coffee', 'rocket', 'immunohistochemistry')
-  sources = [getattr(skimage.data, name)()[..., :3] for name in names]
-  sources.append(skimage.data.stereo_motorcycle()[0])
-  rng = np.random.default_rng(seed)
-  photos = []
-  for i in range(n):
-    src = sources[i % len(sources)]
-    h, w = src.shape[:2]
-    ch, cw = int(h * rng.uniform(0.6, 1)), int(w * rng.uniform(0.6, 1))
-    y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-    size = (int(rng.uniform(450, 550)), int(rng.uniform(340, 410)))
-    crop = Image.fromarray(src[y : y + ch, x : x + cw]).resize(size)
-    noisy = np.asarray(crop) + rng.normal(0, _NOISE.value, (*size[::-1], 3))
-    photos.append(np.clip(noisy, 0, 255).astype(np.uint8))
-  return photos
+  return synthetic.imagenet_like_photos(n, seed, _NOISE.value)
 
 
-def build_tiny_imagenet(workdir, num_images):
-  """Writes and prepares the benchmark ImageNet; returns its data_dir."""
+def build_tiny_imagenet(workdir, num_images, file_format='tfrecord'):
+  """Writes and prepares the benchmark ImageNet; returns its data_dir.
+
+  The tars are written once; each file format is prepared from them into
+  its own data_dir, so every pipeline reads the same JPEGs.
+  """
   from nfnets.data import prepare
 
   data_dir = os.path.join(workdir, 'data')
+  if file_format != 'tfrecord':
+    data_dir = f'{data_dir}_{file_format}'
   if os.path.isdir(os.path.join(data_dir, 'imagenet2012')):
     return data_dir
-  photos = _imagenet_like_photos(num_images + 16)
-  synsets = prepare.imagenet_synsets()
-  train = {synsets[i]: photos[i:num_images:8] for i in range(8)}
   manual = os.path.join(workdir, 'manual')
-  train_tar, _ = prepare.write_imagenet_tars(
-    manual, train, photos[-16:], quality=_QUALITY.value
-  )
-  mb = os.path.getsize(train_tar) / 2**20
-  print(f'Wrote {num_images} JPEGs ({mb / num_images * 1024:.0f} KB each).')
-  prepare.prepare_imagenet(manual, data_dir)
+  if not os.path.isfile(os.path.join(manual, prepare.TRAIN_TAR)):
+    photos = _imagenet_like_photos(num_images + 16)
+    synsets = prepare.imagenet_synsets()
+    train = {synsets[i]: photos[i:num_images:8] for i in range(8)}
+    train_tar, _ = prepare.write_imagenet_tars(
+      manual, train, photos[-16:], quality=_QUALITY.value
+    )
+    mb = os.path.getsize(train_tar) / 2**20
+    print(f'Wrote {num_images} JPEGs ({mb / num_images * 1024:.0f} KB each).')
+  prepare.prepare_imagenet(manual, data_dir, file_format=file_format)
   return data_dir
 
 
@@ -115,7 +110,10 @@ def _config(name, data_dir):
     eval_image_size=_EVAL_SIZE.value,
     deterministic=False,  # Throughput setting, as the reference.
   )
-  if name.startswith('f0'):
+  if name == 'python_device':
+    config.update(mixup_alpha=0.2, cutmix=True, randaugment='405')
+    config.update(augment_on='device', mix_pairing='in_batch', loader='python')
+  elif name.startswith('f0'):
     config.update(mixup_alpha=0.2, cutmix=True, randaugment='405')
     config.augment_on = 'host' if name == 'f0_host' else 'device'
     config.mix_pairing = 'in_batch' if name.endswith('inbatch') else 'reference'
@@ -214,7 +212,11 @@ def main(argv):
   print(f'os.cpu_count()={os.cpu_count()}, load average {os.getloadavg()}')
   results = {}
   for name in _PIPELINES.value:
-    rate, cpu_ms = time_pipeline(name, data_dir)
+    source = data_dir
+    if name.startswith('python'):
+      # The python loader reads tfds datasets stored as array_record.
+      source = build_tiny_imagenet(workdir, _IMAGES.value, 'array_record')
+    rate, cpu_ms = time_pipeline(name, source)
     results[name] = {'cpu_ms_per_image': cpu_ms, 'images_per_s': rate}
   if 'plain' in results:
     for name, r in results.items():

@@ -93,12 +93,17 @@ def _stderr_filtered(noise):
 def import_tensorflow_quietly() -> None:
   """Imports TensorFlow, dropping its `STARTUP_NOISE` lines from stderr.
 
-  Anything else it prints (and any import error) still reaches stderr.
+  Anything else it prints still reaches stderr. Without TensorFlow it does
+  nothing: the data loader then reads without it
+  (`config.data.loader='python'`).
   """
   if 'tensorflow' in sys.modules:
     return
   with _stderr_filtered(STARTUP_NOISE):
-    import tensorflow  # noqa: F401
+    try:
+      import tensorflow  # noqa: F401
+    except ImportError:
+      pass
 
 
 def exit_code(error: BaseException) -> int | None:

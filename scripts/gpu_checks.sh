@@ -8,13 +8,24 @@
 #      augmentation's share of the step);
 #   2. the paper's Table 3 models at batch 32 (docs/performance.md, "The
 #      paper's comparison"): `experiments.benchmark --table=paper`;
-#   3. timm's dm_nfnet_f0 and f1 at batch 32 in bf16, eager and
+#   3. the end-to-end trainer: `experiments.train` with the F0 config and
+#      its full recipe at batch 32 on a synthetic ImageNet-like folder of
+#      JPEGs (scripts/write_synthetic_folder.py), with the TensorFlow-free
+#      input loader when TensorFlow is absent; scripts/train_rate.py prints
+#      its steady images/s as a fraction of step 1's (augment=device) and
+#      its input_wait (docs/performance.md, "End to end");
+#   4. timm's dm_nfnet_f0 and f1 at batch 32 in bf16, eager and
 #      torch.compile, where torch and timm are installed
 #      (scripts/bench_timm.py).
 #
 #   scripts/gpu_checks.sh [DIR]            # results into DIR (gpu_checks)
+#   CHECKS="augment e2e" scripts/gpu_checks.sh   # only some of them
 #
-# The benchmark needs no TensorFlow. On a GPU image with jax, optax, chex
+# CHECKS names the checks to run (default "augment e2e timm paper"; e2e
+# compares with augment's result, so it needs augment in the same run).
+# All four take about 17 minutes on an H100; "augment e2e timm" about 11.
+#
+# Nothing here needs TensorFlow. On a GPU image with jax, optax, chex
 # and orbax but without dm-haiku, ml-collections and jmp, put their wheels
 # in .whl/ first (on a machine with the package registry:
 #   pip download --no-deps -d .whl dm-haiku==0.0.17 ml-collections==1.1.0 \
@@ -34,6 +45,9 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv \
   >"${dest}/gpu.txt" 2>&1
 
+checks=" ${CHECKS:-augment e2e timm paper} "
+want() { [[ "${checks}" == *" $1 "* ]]; }
+
 failed=0
 step() {  # step NAME LIMIT_S COMMAND...: runs one check, logs to DIR/NAME.log
   local name="$1" limit="$2"
@@ -46,13 +60,28 @@ step() {  # step NAME LIMIT_S COMMAND...: runs one check, logs to DIR/NAME.log
   [[ ${rc} -eq 0 ]] || failed=1
 }
 
-step augment 200 "${python}" -m experiments.benchmark --model=NFNet:F0 \
-  --batch_size=32 --steps=20 --forward_steps=0 --augment=none,device \
-  --json_out="${dest}/augment.json"
-step paper_table 330 "${python}" -m experiments.benchmark --table=paper \
-  --steps=20 --plot_out="${dest}/flops_vs_time.png" \
+want augment && step augment 200 "${python}" -m experiments.benchmark \
+  --model=NFNet:F0 --batch_size=32 --steps=20 --forward_steps=0 \
+  --augment=none,device --json_out="${dest}/augment.json"
+want paper && step paper_table 330 "${python}" -m experiments.benchmark \
+  --table=paper --steps=20 --plot_out="${dest}/flops_vs_time.png" \
   --json_out="${dest}/paper_table.json"
-if "${python}" -c 'import timm, torch' 2>/dev/null; then
+if want e2e; then
+  synth="${E2E_DATA:-/tmp/nfnets_synth}" e2e="${E2E_WORKDIR:-/tmp/nfnets_e2e}"
+  step e2e_data 120 "${python}" scripts/write_synthetic_folder.py \
+    --out="${synth}" --classes=100 --train_per_class=40 --val_per_class=1
+  rm -rf "${e2e}"
+  step e2e_train 300 "${python}" -m experiments.train --config=configs/f0.py \
+    --workdir="${e2e}" --config.data.name=folder \
+    --config.data.folder_root="${synth}" --config.train.batch_size=32 \
+    --config.train.num_steps="${E2E_STEPS:-1500}" \
+    --config.train.log_every_steps=10 --config.checkpoint.every_steps=0 \
+    --config.eval.batch_size=100
+  step e2e_rate 30 "${python}" scripts/train_rate.py --workdir="${e2e}" \
+    --benchmark_json="${dest}/augment.json" --skip=200
+  cp "${e2e}/metrics.jsonl" "${dest}/e2e_metrics.jsonl" 2>/dev/null
+fi
+if want timm && "${python}" -c 'import timm, torch' 2>/dev/null; then
   for model in dm_nfnet_f0 dm_nfnet_f1; do
     size=$([[ ${model} == dm_nfnet_f0 ]] && echo 192 || echo 224)
     step "timm_${model}_eager" 90 "${python}" scripts/bench_timm.py \
@@ -63,5 +92,6 @@ if "${python}" -c 'import timm, torch' 2>/dev/null; then
       --dtype=bfloat16 --steps=20 --compile
   done
 fi
+cat "${dest}/e2e_rate.log" 2>/dev/null
 grep -h -A8 '^| Model' "${dest}"/*.log 2>/dev/null | head -40
 exit "${failed}"

@@ -7,6 +7,8 @@ host without TensorFlow) imports no input pipeline.
 
 import ml_collections
 
+LOADERS = ('auto', 'tf', 'python')
+
 
 def default_config():
   """Returns the `config.data` section (the quickstart's digits defaults).
@@ -49,6 +51,37 @@ def default_config():
       seed=0,
       deterministic=True,  # Fixed element order (False: a little faster).
       cache=False,  # Cache the encoded examples in memory after reading.
-      num_threads=0,  # tf.data private threadpool size; 0 = tf.data default.
+      # Threads: tf.data's private threadpool (0 = tf.data's default) or
+      # the python loader's decoding pool (0 = os.cpu_count()).
+      num_threads=0,
+      # Which input loader reads the data: 'tf' (tf.data + tfds), 'python'
+      # (PIL and NumPy, no TensorFlow; see docs/data.md) or 'auto' ('tf'
+      # when TensorFlow imports, else 'python').
+      loader='auto',
     )
   )
+
+
+def resolve_loader(data_config):
+  """Returns 'tf' or 'python' for `config.data.loader`.
+
+  Args:
+    data_config: the `config.data` ConfigDict.
+
+  Returns:
+    The loader: 'auto' is 'tf' when TensorFlow imports (importing it), else
+    'python'.
+
+  Raises:
+    ValueError: for an unknown loader.
+  """
+  loader = data_config.get('loader', 'auto')
+  if loader not in LOADERS:
+    raise ValueError(f'config.data.loader={loader!r}; valid: {list(LOADERS)}.')
+  if loader != 'auto':
+    return loader
+  try:
+    import tensorflow  # noqa: F401, PLC0415  (the tf loader needs it anyway)
+  except ImportError:
+    return 'python'
+  return 'tf'

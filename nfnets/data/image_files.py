@@ -2,17 +2,17 @@
 
 A folder dataset is read lazily: a file is decoded when a batch needs it,
 which for a corrupt file can be hours into a run. `check_images` decodes
-every file once, in parallel, with the same TensorFlow decoder the input
-pipeline uses, before the first step, and reports every file that cannot
-be used.
+every file once, in parallel, with the decoder the input loader uses
+(TensorFlow's for tf.data, PIL's for the TensorFlow-free loader), before
+the first step, and reports every file that cannot be used.
 
 The verdicts are cached per file in the user's cache directory
 (`$XDG_CACHE_HOME/nfnets/image_checks/`, default `~/.cache`), one JSON file
-per folder, keyed by each file's relative path, size and modification
-time: a later run re-checks only new or changed files, and nothing is ever
-written into the dataset folder (it may be read-only or shared, and it is
-the user's data). Only files that decoded are recorded, so a fixed file is
-checked again.
+per folder and decoder, keyed by each file's relative path, size and
+modification time: a later run re-checks only new or changed files, and
+nothing is ever written into the dataset folder (it may be read-only or
+shared, and it is the user's data). Only files that decoded are recorded,
+so a fixed file is checked again.
 
 File rules:
 
@@ -79,8 +79,10 @@ def cache_dir():
   return os.path.join(os.path.expanduser(base), 'nfnets', 'image_checks')
 
 
-def _cache_path(folder):
-  key = hashlib.sha256(os.path.abspath(folder).encode()).hexdigest()[:20]
+def _cache_path(folder, decoder):
+  # One cache per decoder: a file one decoder reads the other may not.
+  name = os.path.abspath(folder) + ('' if decoder == 'tf' else f'\0{decoder}')
+  key = hashlib.sha256(name.encode()).hexdigest()[:20]
   return os.path.join(cache_dir(), f'{key}.json')
 
 
@@ -89,9 +91,9 @@ def _signature(path):
   return [st.st_size, st.st_mtime_ns]
 
 
-def _load_cache(folder):
+def _load_cache(folder, decoder):
   try:
-    with open(_cache_path(folder)) as f:
+    with open(_cache_path(folder, decoder)) as f:
       cached = json.load(f)
   except (OSError, ValueError):
     return {}
@@ -100,8 +102,8 @@ def _load_cache(folder):
   return cached.get('files', {})
 
 
-def _save_cache(folder, good):
-  path = _cache_path(folder)
+def _save_cache(folder, good, decoder):
+  path = _cache_path(folder, decoder)
   record = {'folder': os.path.abspath(folder), 'files': good}
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -119,6 +121,9 @@ def _reason(message):
   text = message.strip().splitlines()[-1] if message.strip() else ''
   text = re.sub(r'\{\{[^}]*\}\}\s*', '', text)
   return re.sub(r'\s*\[Op:[^\]]*\].*$', '', text) or 'cannot be decoded'
+
+
+DECODERS = ('tf', 'pil')
 
 
 def decode_error(path):
@@ -147,22 +152,50 @@ def decode_error(path):
   return ''
 
 
-def find_undecodable(paths, num_threads=None):
-  """Returns {path: reason} for the paths TensorFlow cannot decode.
+def pil_decode_error(path):
+  """Returns why PIL cannot decode `path` as the python loader does, or ''.
+
+  Args:
+    path: an image file.
+
+  Returns:
+    '' when the file decodes to an RGB image, else a one-line reason.
+  """
+  from PIL import Image  # noqa: PLC0415  (lazy: only folder datasets)
+
+  try:
+    with Image.open(path) as img:
+      size = img.convert('RGB').size
+  except (OSError, ValueError, SyntaxError) as e:  # PIL's decode errors.
+    return (
+      str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    )
+  if 0 in size:
+    return f'decodes to an empty image {size[::-1]}'
+  return ''
+
+
+def find_undecodable(paths, num_threads=None, decoder='tf'):
+  """Returns {path: reason} for the paths the decoder cannot decode.
 
   Args:
     paths: image files.
-    num_threads: decoding threads (TensorFlow releases the GIL while
+    num_threads: decoding threads (TensorFlow and PIL release the GIL while
       decoding); None uses one per CPU.
+    decoder: 'tf' (TensorFlow's, the tf.data loader's) or 'pil' (the
+      python loader's).
 
   Returns:
     The failures, in the order of `paths`.
   """
+  if decoder not in DECODERS:
+    raise ValueError(f'decoder={decoder!r}; valid: {list(DECODERS)}.')
   if not paths:
     return {}
+  check = decode_error if decoder == 'tf' else pil_decode_error
   workers = num_threads or min(32, os.cpu_count() or 1)
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    reasons = list(pool.map(decode_error, paths))
+    reasons = list(pool.map(check, paths))
   return {p: r for p, r in zip(paths, reasons, strict=True) if r}
 
 
@@ -173,19 +206,20 @@ def _listing(paths, what):
   return f'{len(paths)} {what}:{shown}{more}'
 
 
-def check_images(folder, paths, unsupported=()):
+def check_images(folder, paths, unsupported=(), decoder='tf'):
   """Decodes every file once (cached) and raises if any cannot be used.
 
   Args:
     folder: the directory the files lie under (keys the cache).
     paths: image files to check.
     unsupported: files with an image extension TensorFlow cannot decode.
+    decoder: 'tf' or 'pil', as `find_undecodable`.
 
   Raises:
     ImageCheckError: listing undecodable and unsupported files, with what
       to do about each.
   """
-  cached = _load_cache(folder)
+  cached = _load_cache(folder, decoder)
   good, todo = {}, []
   for path in paths:
     rel = os.path.relpath(path, folder)
@@ -196,10 +230,10 @@ def check_images(folder, paths, unsupported=()):
       todo.append((path, rel, sig))
   if todo:
     logging.info('Checking %d new image(s) in %s once.', len(todo), folder)
-  bad = find_undecodable([path for path, _, _ in todo])
+  bad = find_undecodable([path for path, _, _ in todo], decoder=decoder)
   good.update({rel: sig for path, rel, sig in todo if path not in bad})
   if todo:
-    _save_cache(folder, good)
+    _save_cache(folder, good, decoder)
   if not bad and not unsupported:
     return
   parts = [f'The image folder {folder!r} has files that cannot be read.']

@@ -20,8 +20,6 @@ pipeline stops after crop/flip/resize: it yields `images` uint8 [n, S, S, 3]
 normalises them (`device_augment.make_batch_fn`).
 """
 
-import math
-
 import numpy as np
 import tensorflow as tf
 
@@ -29,39 +27,11 @@ from nfnets.data import (
   augment,
   device_augment,
   mixing,
+  plan,
   preprocess,
   recipe,
   sources,
 )
-
-
-def dataset_info(data_config):
-  """Returns DatasetInfo(num_classes, num_train/eval_examples, class_names).
-
-  Args:
-    data_config: the `config.data` ConfigDict.
-
-  Returns:
-    A `sources.DatasetInfo`.
-  """
-  source = sources.make_source(data_config)
-  train_split, eval_split = sources.resolve_splits(data_config, source)
-  return sources.DatasetInfo(
-    num_classes=len(source.class_names),
-    num_train_examples=source.num_examples(train_split),
-    num_eval_examples=source.num_examples(eval_split),
-    class_names=tuple(source.class_names),
-  )
-
-
-def _local_batch(global_batch_size, process_index, process_count):
-  sources.check_process(process_index, process_count)
-  if global_batch_size < 1 or global_batch_size % process_count:
-    raise ValueError(
-      f'global_batch_size={global_batch_size} must be a positive multiple '
-      f'of process_count={process_count}.'
-    )
-  return global_batch_size // process_count
 
 
 def _seeds(data_config, seed, process_index):
@@ -80,29 +50,10 @@ def eval_preproc_mode(data_config):
     data_config: the `config.data` ConfigDict.
 
   Returns:
-    A `preprocess.EVAL_PREPROCS` mode: for 'auto', 'resize_crop_32' for
+    A `recipe.EVAL_PREPROCS` mode: for 'auto', 'resize_crop_32' for
     photos and 'resize' for digits-like sets, as `make_eval_dataset` does.
   """
-  return _modes(data_config, sources.make_source(data_config))[1]
-
-
-def _modes(data_config, source):
-  train, evl = data_config.train_preproc, data_config.eval_preproc
-  if train == 'auto':
-    train = 'inception_crop_flip' if source.natural_images else 'resize'
-  if evl == 'auto':
-    evl = 'resize_crop_32' if source.natural_images else 'resize'
-  if train not in preprocess.TRAIN_PREPROCS:
-    raise ValueError(
-      f'Unknown train_preproc {train!r}; valid: '
-      f'{["auto", *preprocess.TRAIN_PREPROCS]}.'
-    )
-  if evl not in preprocess.EVAL_PREPROCS:
-    raise ValueError(
-      f'Unknown eval_preproc {evl!r}; valid: '
-      f'{["auto", *preprocess.EVAL_PREPROCS]}.'
-    )
-  return train, evl
+  return plan.resolve_modes(data_config, sources.make_source(data_config))[1]
 
 
 def _options(data_config, deterministic):
@@ -247,10 +198,12 @@ def _train_dataset(
   data_config, global_batch_size, process_index, process_count, seed
 ):
   """Builds the training dataset; returns (dataset, source, split)."""
-  local_batch = _local_batch(global_batch_size, process_index, process_count)
+  local_batch = plan.local_batch(
+    global_batch_size, process_index, process_count
+  )
   source = sources.make_source(data_config)
   train_split, _ = sources.resolve_splits(data_config, source)
-  mode, _ = _modes(data_config, source)
+  mode, _ = plan.resolve_modes(data_config, source)
   file_seed, shuffle_seed, aug_seed = _seeds(data_config, seed, process_index)
   shard = source.read(
     train_split,
@@ -287,11 +240,6 @@ def _train_dataset(
   return ds.prefetch(tf.data.AUTOTUNE), source, train_split
 
 
-def eval_num_batches(num_examples, global_batch_size):
-  """Batches per process for one padded pass over `num_examples`."""
-  return math.ceil(num_examples / global_batch_size)
-
-
 def make_eval_dataset(
   data_config, *, global_batch_size, process_index=0, process_count=1
 ):
@@ -314,10 +262,12 @@ def make_eval_dataset(
 
 def _eval_dataset(data_config, global_batch_size, process_index, process_count):
   """Builds the eval dataset; returns (dataset, source, split)."""
-  local_batch = _local_batch(global_batch_size, process_index, process_count)
+  local_batch = plan.local_batch(
+    global_batch_size, process_index, process_count
+  )
   source = sources.make_source(data_config)
   _, eval_split = sources.resolve_splits(data_config, source)
-  _, mode = _modes(data_config, source)
+  _, mode = plan.resolve_modes(data_config, source)
   size = data_config.eval_image_size
   shard = source.read(
     eval_split,
@@ -329,7 +279,7 @@ def _eval_dataset(data_config, global_batch_size, process_index, process_count):
   )
   total = source.num_examples(eval_split)
   num_padding = (
-    eval_num_batches(total, global_batch_size) * local_batch
+    plan.eval_num_batches(total, global_batch_size) * local_batch
     - shard.num_examples
   )
   ds = _map(

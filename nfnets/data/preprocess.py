@@ -14,16 +14,17 @@ uint8 [H, W, 3]; outputs are float32 [S, S, 3] in the 0..255 range.
 
 import tensorflow as tf
 
-from nfnets.data.recipe import MEAN_RGB, STDDEV_RGB
-
-# Pixels added around the eval crop, as in the reference (F0: 288 -> 256).
-CROP_PADDING = 32
-AREA_RANGE = (0.08, 1.0)
-ASPECT_RATIO_RANGE = (3.0 / 4.0, 4.0 / 3.0)
-MIN_OBJECT_COVERED = 0.1
-MAX_ATTEMPTS = 10
-TRAIN_PREPROCS = ('inception_crop_flip', 'inception_crop', 'resize')
-EVAL_PREPROCS = ('resize_crop_32', 'crop_resize', 'resize')
+from nfnets.data.recipe import (
+  AREA_RANGE,
+  ASPECT_RATIO_RANGE,
+  CROP_PADDING,
+  EVAL_PREPROCS,
+  MAX_ATTEMPTS,
+  MEAN_RGB,
+  MIN_OBJECT_COVERED,
+  STDDEV_RGB,
+  TRAIN_PREPROCS,
+)
 
 
 def normalize(images):

@@ -1,11 +1,24 @@
 """The recipe's numbers that the host (TF) and device (JAX) sides share.
 
-Normalisation statistics, RandAugment's constants, op order and level
-parsing, in one TensorFlow-free module: `augment.py` and `preprocess.py`
-(tf.data) and `device_augment.py` / `device_randaugment.py` (JAX) read
-them from here, so both sides apply the same recipe and the device side
-imports no TensorFlow.
+The crop constants, normalisation statistics, RandAugment's constants, op
+order and level parsing, in one TensorFlow-free module: `augment.py` and
+`preprocess.py` (tf.data), `numpy_preprocess.py` (the TensorFlow-free
+loader) and `device_augment.py` / `device_randaugment.py` (JAX) read them
+from here, so every side applies the same recipe and only tf.data imports
+TensorFlow.
 """
+
+# The per-image crops (`preprocess.py` in tf.data, `numpy_preprocess.py` in
+# the TensorFlow-free loader). Pixels added around the eval crop, as in the
+# reference (F0: 288 -> 256); the Inception crop's area and aspect ranges,
+# minimum coverage and attempts before the centre-crop fallback.
+CROP_PADDING = 32
+AREA_RANGE = (0.08, 1.0)
+ASPECT_RATIO_RANGE = (3.0 / 4.0, 4.0 / 3.0)
+MIN_OBJECT_COVERED = 0.1
+MAX_ATTEMPTS = 10
+TRAIN_PREPROCS = ('inception_crop_flip', 'inception_crop', 'resize')
+EVAL_PREPROCS = ('resize_crop_32', 'crop_resize', 'resize')
 
 # ImageNet channel statistics in 0..255 (the reference's).
 MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)

@@ -1,23 +1,31 @@
 """Where examples come from: digits, tfds datasets and image folders.
 
-A source turns a dataset name and a split into a `tf.data.Dataset` of
-`{'image', 'label'}` examples for one process's shard. `image` is either the
-encoded file bytes (a scalar string, decoded later, fused with the crop) or a
-decoded uint8 [H, W, 3] tensor (the in-memory digits set); `label` is int32.
+A source turns a dataset name and a split into one process's shard, in two
+forms: `read` gives the tf.data pipeline a `tf.data.Dataset` of
+`{'image', 'label'}` examples (`image` is the encoded file bytes, a scalar
+string decoded later, fused with the crop, or a decoded uint8 [H, W, 3]
+tensor for the in-memory digits; `label` is int32), and `records` gives the
+TensorFlow-free loader a random-access sequence of (image, label) pairs
+(`records.Records`; `image` a file path, encoded bytes or a uint8 array).
 
-Sources never download: tfds is always used with `download=False`, and a
-dataset that is not prepared fails at once with instructions.
+TensorFlow and tfds are imported only by the methods that need them, so
+the digits and folder sources, `make_source` and `resolve_splits` work
+without TensorFlow. Sources never download: tfds is always used with
+`download=False`, and a dataset that is not prepared fails at once with
+instructions.
 """
 
 import dataclasses
+import importlib
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
-from nfnets.data import image_files
+from nfnets.data import config as config_lib
+from nfnets.data import image_files, numpy_preprocess
+from nfnets.data import records as records_lib
 
 # The digits set has 1,797 images; every fifth one (index % 5 == 0) is the
 # test split, so both splits cover all writers and classes (1,437 / 360).
@@ -51,15 +59,32 @@ class Shard:
   """One process's part of a split.
 
   Attributes:
-    dataset: examples `{'image', 'label'}`, finite, in a fixed order.
+    dataset: a `tf.data.Dataset` of examples `{'image', 'label'}`, finite,
+      in a fixed order.
     num_examples: how many examples `dataset` yields.
     in_memory: True when the whole shard is cheap to reshuffle each epoch
       (arrays or file paths), so the pipeline shuffles it fully.
   """
 
-  dataset: tf.data.Dataset
+  dataset: Any
   num_examples: int
   in_memory: bool
+
+
+def _tf():
+  """TensorFlow, imported on first use (only the tf.data path needs it)."""
+  return importlib.import_module('tensorflow')
+
+
+def _tfds():
+  """tensorflow_datasets, imported on first use; a short error without it."""
+  try:
+    return importlib.import_module('tensorflow_datasets')
+  except ImportError as e:
+    raise ValueError(
+      f'tfds datasets need tensorflow_datasets, which cannot be imported '
+      f'({e}). Install it, or use name="folder" or "digits".'
+    ) from e
 
 
 def _process_slice(n, process_index, process_count):
@@ -112,19 +137,25 @@ class DigitsSource:
     here, so the training loop only gathers ready-made arrays.
     """
     idx = self._indices(split)
-    small = self._images[idx, :, :, None] * (255.0 / 16.0)
-    big = tf.image.resize(small, [image_size, image_size], 'bilinear')
-    big = np.clip(np.round(big.numpy()), 0, 255).astype(np.uint8)
-    return np.repeat(big, 3, axis=-1), self._labels[idx]
+    small = self._images[idx] * np.float32(255.0 / 16.0)
+    big = numpy_preprocess.resize_bilinear(small, image_size)
+    big = np.clip(np.round(big), 0, 255).astype(np.uint8)
+    return np.repeat(big[..., None], 3, axis=-1), self._labels[idx]
 
   def read(self, split, *, image_size, process_index, process_count, **_):
     """Returns this process's Shard of `split` at `image_size` pixels."""
     images, labels = self.upscaled(split, image_size)
     start, stop = _process_slice(len(labels), process_index, process_count)
-    ds = tf.data.Dataset.from_tensor_slices(
+    ds = _tf().data.Dataset.from_tensor_slices(
       {'image': images[start:stop], 'label': labels[start:stop]}
     )
     return Shard(ds, stop - start, in_memory=True)
+
+  def records(self, split, *, image_size, process_index, process_count):
+    """Returns this process's Records of `split` at `image_size` pixels."""
+    images, labels = self.upscaled(split, image_size)
+    start, stop = _process_slice(len(labels), process_index, process_count)
+    return records_lib.Records(images[start:stop], labels[start:stop])
 
 
 class TfdsSource:
@@ -133,6 +164,7 @@ class TfdsSource:
   natural_images = True
 
   def __init__(self, name, data_dir, image_key='image', label_key='label'):
+    tfds = _tfds()
     self.name = name
     data_dir = data_dir or None
     if data_dir and not os.path.isdir(data_dir):
@@ -187,6 +219,7 @@ class TfdsSource:
 
   def read(self, split, *, process_index, process_count, shuffle, seed, **_):
     """Returns this process's Shard of `split`; files shuffled if asked."""
+    tf, tfds = _tf(), _tfds()
     self.num_examples(split)  # Validates the split name.
     if process_count > 1:
       split = tfds.even_splits(split, n=process_count)[process_index]
@@ -212,6 +245,41 @@ class TfdsSource:
     )
     return Shard(ds, num, in_memory=False)
 
+  def records(self, split, *, process_index, process_count, **_):
+    """Returns this process's Records of `split` (array_record files only).
+
+    Raises:
+      ValueError: if the dataset is stored as TFRecord (sequential files,
+        which only tf.data reads).
+    """
+    tfds = _tfds()
+    num = self.num_examples(split)  # Validates the split name.
+    formats = [str(getattr(f, 'value', f)) for f in self._file_formats()]
+    if 'array_record' not in formats:
+      raise ValueError(
+        f'Dataset {self.name!r} is stored as {" and ".join(formats)} files, '
+        "which only the tf loader reads: install tensorflow (loader='tf'), "
+        "or prepare it again with file_format='array_record' for the python "
+        'loader.'
+      )
+    decoders = None
+    image_feature = self._builder.info.features[self._image_key]
+    if isinstance(image_feature, tfds.features.Image):
+      decoders = {self._image_key: tfds.decode.SkipDecoding()}
+    data_source = self._builder.as_data_source(
+      split=split, decoders=decoders, file_format='array_record'
+    )
+    start, stop = _process_slice(num, process_index, process_count)
+    return records_lib.TfdsRecords(
+      data_source, start, stop, self._image_key, self._label_key
+    )
+
+  def _file_formats(self):
+    """The file formats the prepared dataset is stored in."""
+    info = self._builder.info
+    formats = list(getattr(info, 'alternative_file_formats', ()) or ())
+    return [info.file_format, *formats]
+
 
 class FolderSource:
   """Images laid out as `root/<split>/<class>/<image>`.
@@ -221,19 +289,21 @@ class FolderSource:
   (`.x`, macOS `._x`) are skipped. The first time a split is listed, every
   file is decoded once (in parallel, cached per file; see `image_files`),
   so undecodable files and image formats TensorFlow cannot read are
-  reported, with their paths, before training starts.
+  reported, with their paths, before training starts. The check decodes
+  with the loader's decoder: TensorFlow's ('tf') or PIL ('pil').
   """
 
   name = 'folder'
   natural_images = True
 
-  def __init__(self, root):
+  def __init__(self, root, decoder='tf'):
     if not root or not os.path.isdir(root):
       raise FileNotFoundError(
         f'config.data.folder_root={root!r} is not a directory; point it at '
         'a folder laid out as ROOT/<split>/<class>/<image>.jpg.'
       )
     self.root = root
+    self.decoder = decoder
     self._splits = _subdirs(root)
     classes = set()
     for split in self._splits:
@@ -283,7 +353,10 @@ class FolderSource:
           f'{split_dir!r}.'
         )
       image_files.check_images(
-        os.path.join(self.root, split), paths, unsupported
+        os.path.join(self.root, split),
+        paths,
+        unsupported,
+        decoder=self.decoder,
       )
       self._files[split] = (paths, labels)
     return self._files[split]
@@ -295,6 +368,7 @@ class FolderSource:
     """Returns this process's Shard of `split` (bytes read lazily)."""
     paths, labels = self.files(split)
     start, stop = _process_slice(len(paths), process_index, process_count)
+    tf = _tf()
     ds = tf.data.Dataset.from_tensor_slices(
       {'path': paths[start:stop], 'label': labels[start:stop]}
     )
@@ -304,13 +378,20 @@ class FolderSource:
     )
     return Shard(ds, stop - start, in_memory=True)
 
+  def records(self, split, *, process_index, process_count, **_):
+    """Returns this process's Records of `split` (file paths, read later)."""
+    paths, labels = self.files(split)
+    start, stop = _process_slice(len(paths), process_index, process_count)
+    return records_lib.Records(paths[start:stop], labels[start:stop])
+
   def find_corrupt_files(self, split):
-    """Returns the files of `split` that TensorFlow cannot decode now.
+    """Returns the files of `split` that the decoder cannot decode now.
 
     Not cached: used when decoding fails mid-run (a file changed after the
     check at start).
     """
-    return list(image_files.find_undecodable(self._list(split)[0]))
+    paths = self._list(split)[0]
+    return list(image_files.find_undecodable(paths, decoder=self.decoder))
 
 
 def _subdirs(path):
@@ -332,7 +413,10 @@ def _make_imagenet(data_config):
 
 
 def _make_folder(data_config):
-  return FolderSource(data_config.folder_root)
+  # The start-up check decodes as the loader will.
+  loader = config_lib.resolve_loader(data_config)
+  decoder = 'tf' if loader == 'tf' else 'pil'
+  return FolderSource(data_config.folder_root, decoder=decoder)
 
 
 # Names accepted by config.data.name, besides 'tfds/<name>'.

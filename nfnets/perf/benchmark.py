@@ -123,6 +123,7 @@ def run_benchmark(
     dtype=dtype, compile_s=compile_s, init_s=init_s,
     steps=0 if compile_only else steps,
   )  # fmt: skip
+  result.options['augment'] = augment
   result.compile_events = [[e.name, e.seconds, e.count] for e in events]
   if not compile_only and profile_steps:
     result.kernel_time = [dataclasses.asdict(k) for k in kernel_time]

@@ -25,10 +25,10 @@ run keeps (to restore its checkpoints elsewhere). One module per concern:
 * `runtime`: process setup before JAX starts (multi-host, compilation
   cache) and the host malloc settings for XLA:CPU.
 
-The names above are imported lazily: `loop` and `evaluation` pull in
-TensorFlow (for tf.data), so the step, mesh and runtime modules work where
-TensorFlow is not installed (e.g. a GPU image used only for
-`experiments.benchmark`).
+The names above are imported lazily: `loop` and `evaluation` import the
+input pipelines and Orbax, which the step, mesh and runtime modules do not
+need. Nothing here needs TensorFlow: without it the data loader is the
+TensorFlow-free one (`config.data.loader`).
 """
 
 import importlib

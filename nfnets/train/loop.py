@@ -310,10 +310,10 @@ def _train_iterator(config, start_step: int):
     process_index=0 if sliced else index,
     process_count=1 if sliced else count,
     seed=seed,
+    # 'skip' resumes where the batches left off (tf.data skips them one by
+    # one; the python loader starts there without decoding them).
+    start_batch=start_step if config.train.data_resume == 'skip' else 0,
   )
-  if config.train.data_resume == 'skip':
-    for _ in range(start_step):
-      next(it)
   if sliced:
     it = _rows_of_process(it, index, count)
   return it

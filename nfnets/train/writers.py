@@ -14,6 +14,9 @@ multi-host run produces one log. Files in the workdir:
                            a kill, are moved as they are).
   tensorboard/             TensorBoard event files (`tensorboard --logdir
                            <workdir>`); they keep the abandoned values.
+                           Written only where TensorFlow imports; without
+                           it the writer says so once and writes
+                           metrics.jsonl alone.
 """
 
 import json
@@ -67,11 +70,21 @@ class MetricWriter:
     self._write_tensorboard(step, record)
 
   def _write_tensorboard(self, step, record):
+    if self._tb is False:
+      return  # No TensorFlow: metrics.jsonl only.
     if self._tb is None:
       # Imported here: TensorFlow costs seconds to import and only this
       # writer needs it.
-      import tensorflow as tf  # noqa: PLC0415
-
+      try:
+        import tensorflow as tf  # noqa: PLC0415
+      except ImportError:
+        print(
+          'TensorFlow is not installed: no TensorBoard logs; metrics go to '
+          f'{self._path} only.',
+          file=sys.stderr,
+        )
+        self._tb = False
+        return
       self._tb = tf.summary.create_file_writer(self._tb_dir)
       self._tf = tf
     with self._tb.as_default():
@@ -93,7 +106,7 @@ class MetricWriter:
     if self._jsonl is not None:
       self._jsonl.close()
       self._jsonl = None
-    if self._tb is not None:
+    if self._tb:
       self._tb.close()
       self._tb = None
 
