@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from nfnets import ops
-from nfnets.models import common, layers
+from nfnets.models import common, conv, layers
 
 TOTAL_STRIDE = 32
 BN_DECAY = 0.99
@@ -198,31 +198,15 @@ CONV_INIT = hk.initializers.VarianceScaling(2.0, 'fan_out', 'normal')
 DENSE_INIT = hk.initializers.VarianceScaling(1.0 / 3.0, 'fan_out', 'uniform')
 
 
-class Conv2D(hk.Module):
-  """A bias-free NHWC/HWIO convolution with 'SAME' padding (kernel `w`).
-
-  Runs through `nfnets.ops.grouped_conv2d` in the backend's fast form
-  (1x1 convs as matmuls, XLA:CPU-friendly gradients on large maps).
-  """
-
-  def __init__(
-    self, out_ch: int, kernel: int, stride: int = 1, name: str | None = None
-  ):
-    """Creates the module (out channels, square kernel size, stride)."""
-    super().__init__(name=name)
-    self.out_ch, self.kernel, self.stride = out_ch, kernel, stride
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """Convolves NHWC `x`."""
-    shape = (self.kernel, self.kernel, x.shape[-1], self.out_ch)
-    w = hk.get_parameter('w', shape, x.dtype, init=CONV_INIT)
-    return ops.grouped_conv2d(
-      x,
-      w.astype(x.dtype),
-      stride=(self.stride, self.stride),
-      padding='SAME',
-      mode=ops.resolve_grouped_conv('auto'),
-    )
+def _conv2d(
+  out_ch: int, kernel: int, stride: int = 1, name: str | None = None
+) -> conv.Conv2D:
+  """A bias-free NHWC/HWIO convolution with 'SAME' padding (kernel `w`),
+  in the backend's fast form (`nfnets.models.conv.Conv2D`)."""
+  return conv.Conv2D(
+    out_ch, kernel, stride=stride, with_bias=False, padding='SAME',
+    w_init=CONV_INIT, name=name,
+  )  # fmt: skip
 
 
 class DepthwiseConv2D(hk.Module):
@@ -284,7 +268,7 @@ class MBConvBlock(hk.Module):
     self.spec = spec
     self.expand_conv = self.expand_bn = None
     if spec.expand_ratio != 1:
-      self.expand_conv = Conv2D(spec.expanded_ch, 1, name='expand_conv')
+      self.expand_conv = _conv2d(spec.expanded_ch, 1, name='expand_conv')
       self.expand_bn = which_norm(name='expand_bn')
     self.depthwise_conv = DepthwiseConv2D(
       spec.kernel, spec.stride, depthwise_conv, name='depthwise_conv'
@@ -294,7 +278,7 @@ class MBConvBlock(hk.Module):
     self.se_expand = hk.Linear(
       spec.expanded_ch, w_init=CONV_INIT, name='se_expand'
     )
-    self.project_conv = Conv2D(spec.out_ch, 1, name='project_conv')
+    self.project_conv = _conv2d(spec.out_ch, 1, name='project_conv')
     self.project_bn = which_norm(name='project_bn')
     self.drop_connect = None
     if spec.has_skip and spec.drop_connect_rate > 0.0:
@@ -376,7 +360,7 @@ class EfficientNet(hk.Module):
     depth = config['depth'] if depth is None else depth
     self.drop_rate = config['drop_rate'] if drop_rate is None else drop_rate
     which_norm = make_norm(bn_decay, bn_eps)
-    self.stem_conv = Conv2D(
+    self.stem_conv = _conv2d(
       round_filters(STEM_CH, width), 3, stride=2, name='stem_conv'
     )
     self.stem_bn = which_norm(name='stem_bn')
@@ -385,7 +369,7 @@ class EfficientNet(hk.Module):
     self.blocks = _make_blocks(
       block_specs(width, depth, drop_connect_rate), which_norm, depthwise_conv
     )
-    self.head_conv = Conv2D(round_filters(HEAD_CH, width), 1, name='head_conv')
+    self.head_conv = _conv2d(round_filters(HEAD_CH, width), 1, name='head_conv')
     self.head_bn = which_norm(name='head_bn')
     self.fc = hk.Linear(num_classes, w_init=DENSE_INIT)
 

@@ -7,14 +7,14 @@
   and activations in bfloat16: the fast form on GPUs and TPUs, where
   element-wise work is bound by memory traffic.
 - 'bfloat16_convs': everything in float32 except the operands of the
-  weight-standardised convolutions (`WSConv2D`, every conv of the
-  normalizer-free families), which are cast to bfloat16, with the product
-  returned in float32 (what `torch.autocast` does for convolutions). On
-  CPUs with AMX tiles the convolutions' GEMMs reach the bfloat16 units,
+  convolutions (`WSConv2D` in the normalizer-free families,
+  `nfnets.models.conv.Conv2D` in the baselines), which are cast to
+  bfloat16, with the product returned in float32 (what `torch.autocast`
+  does for convolutions). On
+  CPUs with AMX tiles or `avx512_bf16` the convolutions' GEMMs reach the
+  bfloat16 units,
   while XLA:CPU's element-wise loops and reductions, 2-4x slower in
   bfloat16 than in float32 there, stay in float32 (docs/performance.md).
-  The BatchNorm and EfficientNet baselines (plain `hk.Conv2D`) run in
-  float32 under this policy.
 """
 
 import contextlib
@@ -23,7 +23,11 @@ from collections.abc import Iterator
 import haiku as hk
 import jax.numpy as jnp
 
-from nfnets.models import layers
+from nfnets.models import conv, layers
+
+# The modules whose `_conv(x, kernel, ...)` the 'bfloat16_convs' policy
+# recasts.
+_CONV_MODULES = (layers.WSConv2D, conv.Conv2D)
 
 POLICIES = ('float32', 'bfloat16', 'bfloat16_convs')
 
@@ -43,8 +47,9 @@ def variables_dtype(policy: str) -> jnp.dtype:
 
 
 def _bfloat16_conv_operands(next_fun, args, kwargs, context):
-  """Runs `WSConv2D._conv` on bfloat16 operands, returning the input dtype."""
-  if isinstance(context.module, layers.WSConv2D) and (
+  """Runs a convolution's `_conv` on bfloat16 operands, returning the
+  input dtype."""
+  if isinstance(context.module, _CONV_MODULES) and (
     context.method_name == '_conv'
   ):
     x, kernel, *rest = args

@@ -13,7 +13,9 @@ BatchNorm keeps running statistics in Haiku *state*, so build the network
 with `hk.transform_with_state` (see `make_transformed`); `apply` returns
 `(outputs, new_state)`. BatchNorm is `hk.BatchNorm(create_scale=True,
 create_offset=True, decay_rate=0.9)` as in the reference config. Convs are
-plain `hk.Conv2D` without bias; the classifier is zero-initialised.
+plain convolutions without bias (`nfnets.models.conv.Conv2D`: `hk.Conv2D`'s
+parameters, the convolution forms of `nfnets.ops`); the classifier is
+zero-initialised.
 
 `norm='none'` removes every normalisation layer. With `conv_init='he'` this
 is the unnormalised, unscaled ResNet whose residual stream variance doubles
@@ -27,7 +29,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from nfnets.models import common, layers
+from nfnets.models import common, conv, layers
 
 # The depth variants are the NF-ResNets' (ResNet50 ... ResNet600).
 VARIANTS = common.RESNET_VARIANTS
@@ -113,17 +115,19 @@ class ResBlock(hk.Module):
     self.preactivation = preactivation
     self.activation, self.which_norm = activation, which_norm
     width = max(1, out_ch // 4)
-    conv = functools.partial(
-      hk.Conv2D, with_bias=False, padding='SAME', w_init=w_init
+    make_conv = functools.partial(
+      conv.Conv2D, with_bias=False, padding='SAME', w_init=w_init
     )
     self.bn0 = which_norm(name='bn0')
-    self.conv0 = conv(width, 1, name='conv0')
+    self.conv0 = make_conv(width, 1, name='conv0')
     self.bn1 = which_norm(name='bn1')
-    self.conv1 = conv(width, 3, stride=stride, name='conv1')
+    self.conv1 = make_conv(width, 3, stride=stride, name='conv1')
     self.bn2 = which_norm(name='bn2')
-    self.conv2 = conv(out_ch, 1, name='conv2')
+    self.conv2 = make_conv(out_ch, 1, name='conv2')
     if use_projection:
-      self.conv_shortcut = conv(out_ch, 1, stride=stride, name='conv_shortcut')
+      self.conv_shortcut = make_conv(
+        out_ch, 1, stride=stride, name='conv_shortcut'
+      )
     self.se = None
     if use_se:
       self.se = layers.SqueezeExcite(out_ch, out_ch, se_ratio, gate_scale=1.0)
@@ -240,7 +244,7 @@ class ResNet(hk.Module):
     self.preactivation, self.drop_rate = preactivation, drop_rate
     self.which_norm = make_norm(norm, bn_decay)
     w_init = make_conv_init(conv_init)
-    self.initial_conv = hk.Conv2D(
+    self.initial_conv = conv.Conv2D(
       int(common.RESNET_STEM_MULTIPLIER * width),
       7,
       stride=2,

@@ -31,7 +31,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from nfnets.models import common, layers
+from nfnets.models import common, conv, layers
 
 VARIANTS = common.RESNET_VARIANTS
 TOTAL_STRIDE = 32
@@ -119,7 +119,7 @@ class _BaselineResNet(hk.Module):
     self.activation = _activation(activation)
     self.drop_rate = drop_rate
     specs = _block_specs(self.family, variant, width, stochdepth_rate, depth)
-    self.initial_conv = hk.Conv2D(
+    self.initial_conv = conv.Conv2D(
       specs[0].in_ch, 7, stride=2, padding='SAME', with_bias=False,
       name='initial_conv',
     )  # fmt: skip
@@ -191,14 +191,14 @@ class SkipInitBlock(hk.Module):
     super().__init__(name=name)
     del num_blocks
     self.activation = activation
-    self.conv0 = hk.Conv2D(spec.width, 1, padding='SAME', name='conv0')
-    self.conv1 = hk.Conv2D(
+    self.conv0 = conv.Conv2D(spec.width, 1, padding='SAME', name='conv0')
+    self.conv1 = conv.Conv2D(
       spec.width, 3, stride=spec.stride, padding='SAME', name='conv1'
     )
-    self.conv2 = hk.Conv2D(spec.out_ch, 1, padding='SAME', name='conv2')
+    self.conv2 = conv.Conv2D(spec.out_ch, 1, padding='SAME', name='conv2')
     self.conv_shortcut = None
     if spec.use_projection:
-      self.conv_shortcut = hk.Conv2D(
+      self.conv_shortcut = conv.Conv2D(
         spec.out_ch, 1, stride=spec.stride, padding='SAME',
         name='conv_shortcut',
       )  # fmt: skip
@@ -245,21 +245,21 @@ class FixupBlock(hk.Module):
     self.activation = activation
     normal = hk.initializers.RandomNormal
     depth_scale = num_blocks**-0.25
-    self.conv0 = hk.Conv2D(
+    self.conv0 = conv.Conv2D(
       spec.width, 1, padding='SAME', with_bias=False, name='conv0',
       w_init=normal((2 / spec.width) ** 0.5 * depth_scale),
     )  # fmt: skip
-    self.conv1 = hk.Conv2D(
+    self.conv1 = conv.Conv2D(
       spec.width, 3, stride=spec.stride, padding='SAME', with_bias=False,
       name='conv1', w_init=normal((2 / (spec.width * 9)) ** 0.5 * depth_scale),
     )  # fmt: skip
-    self.conv2 = hk.Conv2D(
+    self.conv2 = conv.Conv2D(
       spec.out_ch, 1, padding='SAME', with_bias=False, name='conv2',
       w_init=jnp.zeros,
     )  # fmt: skip
     self.conv_shortcut = None
     if spec.use_projection:
-      self.conv_shortcut = hk.Conv2D(
+      self.conv_shortcut = conv.Conv2D(
         spec.out_ch, 1, stride=spec.stride, padding='SAME', with_bias=False,
         name='conv_shortcut', w_init=normal((2 / spec.out_ch) ** 0.5),
       )  # fmt: skip

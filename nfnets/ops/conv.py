@@ -6,7 +6,7 @@ fastest on the backend: GPU and TPU have fast grouped kernels
 one dense convolution per group plus a concat (mode 'split'), with the
 gradients of large maps, and of every conv inside a loop body, taken by
 `conv2d_im2col_grad`. 1x1 convolutions run as a matmul on every backend;
-on CPUs with AMX, 'split' mode runs them as float32-accumulated GEMMs with
+on CPUs with AVX-512, 'split' mode runs them as float32-accumulated GEMMs with
 a custom gradient (`nfnets.ops.matmul_f32acc`; the plan is
 `nfnets.ops.cpu_conv_plan`'s, which can also put the larger kernels'
 gradients on GEMMs, `conv2d_gemm`). All forms give the same results from
@@ -60,7 +60,9 @@ def _split_dense_conv(x, w, stride, padding, rate, in_loop):
   """One dense conv of the split implementation, with the fast gradient."""
   pads = padding
   if isinstance(padding, str):
-    pads = jax.lax.padtype_to_pads(x.shape[1:3], w.shape[:2], stride, padding)
+    # 'SAME' pads for the dilated kernel's extent, as XLA's conv does.
+    extent = [(k - 1) * r + 1 for k, r in zip(w.shape[:2], rate, strict=True)]
+    pads = jax.lax.padtype_to_pads(x.shape[1:3], extent, stride, padding)
   pads = tuple(tuple(p) for p in pads)
   if rate == (1, 1) and _cpu_plan().gemm_grads:
     return gemm_conv.conv2d_gemm(x, w, tuple(stride), pads)
@@ -100,7 +102,7 @@ def grouped_conv2d(
       dense conv per group, concatenated, with the kernel gradient of large
       feature maps as an im2col matmul, see `conv2d_im2col_grad`): the
       XLA:CPU-friendly form; where `nfnets.ops.cpu_conv_plan` says so (1x1
-      convs on AMX CPUs; undilated convs' gradients on request), those are
+      convs on AVX-512 CPUs; undilated convs' gradients on request), those are
       float32-accumulated GEMMs (`matmul_f32acc`, `conv2d_gemm`). Same
       result, same parameters.
     in_loop: whether the conv is traced inside a loop body (`hk.scan`,

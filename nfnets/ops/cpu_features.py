@@ -1,18 +1,24 @@
 """The host CPU's model and vector/matrix extensions, and what they imply.
 
-XLA:CPU's matrix multiplies use the AMX tile units for bfloat16 operands
-with a float32 accumulator (~765 GFLOP/s on a 2-core Intel Xeon, against
-~320 in float32); its convolutions do not. `cpu_conv_plan` therefore runs
-1x1 convolutions as float32-accumulated GEMMs with a custom gradient
-(`nfnets.ops.matmul_f32acc`) on CPUs with AMX. Larger kernels keep XLA's
-convolutions everywhere, and CPUs without AMX keep today's path: at F0's
-3x3 shapes the GEMM form of their gradients (`nfnets.ops.conv2d_gemm`,
-selectable with the override below) measured slower (docs/performance.md).
+`cpu_conv_plan` runs 1x1 convolutions as float32-accumulated GEMMs with a
+custom gradient (`nfnets.ops.matmul_f32acc`) on CPUs with AVX-512. Its
+kernel gradient is computed transposed, the orientation XLA:CPU's GEMM
+runs fastest, where the gradient autodiff gives `jnp.dot` spends more in
+copies and element-wise kernels; with AMX its bfloat16 operands also
+reach the tile units (~765 GFLOP/s on a 2-core Intel Xeon, against ~320
+in float32), which XLA's convolutions never do. Measured on both AVX-512
+classes, float32: F0's step 2% faster on an AMX Xeon and 6-8% on Zen 4,
+NF-ResNet-50's 15-20% and BN-ResNet-50's 32-38% on Zen 4
+(docs/performance.md). AVX2 CPUs keep the plain `jnp.dot`, the path
+measured there; larger kernels keep XLA's convolutions everywhere: at
+F0's 3x3 shapes the GEMM form of their gradients
+(`nfnets.ops.conv2d_gemm`, selectable below) measured slower.
 
 Override: the environment variable `NFNETS_CPU_CONV` ('gemm': every form
-a GEMM, or 'xla': none) forces the choice on any CPU; unset or 'auto', the
-flags decide. The flags are read from /proc/cpuinfo once per process
-(cached on first use, nothing happens at import).
+a GEMM; 'gemm_1x1': the 1x1 GEMMs only, e.g. to try them on AVX2; 'xla':
+none) forces the choice on any CPU; unset or 'auto', the flags decide.
+The flags are read from /proc/cpuinfo once per process (cached on first
+use, nothing happens at import).
 """
 
 import dataclasses
@@ -22,7 +28,7 @@ import os
 # The flags a benchmark result records and the dispatch looks at.
 RELEVANT_FLAGS = ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16', 'amx_tile')
 CPU_CONV_ENV = 'NFNETS_CPU_CONV'
-CPU_CONV_IMPLS = ('auto', 'gemm', 'xla')
+CPU_CONV_IMPLS = ('auto', 'gemm', 'gemm_1x1', 'xla')
 _CPUINFO = '/proc/cpuinfo'
 
 
@@ -98,15 +104,16 @@ def cpu_conv_plan(
 
   Args:
     flags: CPU feature flags; None reads this host's (`cpu_flags`).
-    override: 'auto', 'gemm' (every form a GEMM) or 'xla' (none: XLA's
-      convolutions, the portable path); None reads `NFNETS_CPU_CONV` from
-      the environment (unset = 'auto').
+    override: 'auto', 'gemm' (every form a GEMM), 'gemm_1x1' (the 1x1
+      GEMMs only) or 'xla' (none: XLA's convolutions and `jnp.dot`, the
+      portable path); None reads `NFNETS_CPU_CONV` from the environment
+      (unset = 'auto').
 
   Returns:
-    On AMX CPUs 1x1 convolutions as GEMMs (in every dtype: up to 2.4x
-    faster forward + backward at F0's shapes, never slower, in bfloat16
-    on the AMX units); on other CPUs, and for the larger kernels'
-    gradients on every CPU, XLA's convolutions (the GEMM form measured
+    On AVX-512 CPUs, with or without AMX, 1x1 convolutions as GEMMs (in
+    every dtype: up to 2.4x faster forward + backward at F0's shapes on
+    AMX, in bfloat16 on the AMX units); on AVX2 CPUs, and for the larger
+    kernels' gradients on every CPU, XLA's forms (the GEMM form measured
     1.0-2.0x slower at F0's 3x3 shapes, its im2col/col2im copies costing
     more than the faster GEMM saves). The plan is the same in float32 and
     bfloat16.
@@ -121,9 +128,10 @@ def cpu_conv_plan(
       f'Unknown {CPU_CONV_ENV}={override!r}; choose one of {CPU_CONV_IMPLS}.'
     )
   if override != 'auto':
-    return ConvPlan(override == 'gemm', override == 'gemm')
+    return ConvPlan(override.startswith('gemm'), override == 'gemm')
   flags = cpu_flags() if flags is None else flags
-  return ConvPlan(matmul_1x1=cpu_class(flags) == 'amx', gemm_grads=False)
+  avx512 = cpu_class(flags) in ('amx', 'avx512')
+  return ConvPlan(matmul_1x1=avx512, gemm_grads=False)
 
 
 def cpu_summary() -> dict[str, object]:

@@ -30,9 +30,10 @@ def default_train_config() -> ml_collections.ConfigDict:
       num_epochs: length of the run in passes over the train split.
       num_steps: if > 0, length of the run in steps (overrides num_epochs).
       compute_dtype: 'bfloat16', 'float32' or 'bfloat16_convs' (float32
-        with bfloat16 convolution operands, the fast policy on AMX CPUs;
-        `nfnets.models.precision`) for the forward/backward pass; master
-        weights, optimizer state and the loss stay float32.
+        with bfloat16 convolution operands, the fast policy on AVX-512
+        CPUs with bfloat16 units; `nfnets.models.precision`) for the
+        forward/backward pass; master weights, optimizer state and the
+        loss stay float32.
       label_smoothing: weight of the uniform distribution in the targets.
       seed: seed for parameter init and per-step randomness.
       log_every_steps: how often train metrics are logged.

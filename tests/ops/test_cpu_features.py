@@ -9,8 +9,8 @@ from nfnets.ops import cpu_features
 
 # Flag sets of the CPU classes seen (trimmed to what matters).
 ZEN3 = {'sse4_2', 'avx', 'avx2', 'fma'}
-ZEN5 = ZEN3 | {'avx512f', 'avx512bw', 'avx512_bf16'}
-SAPPHIRE_RAPIDS = ZEN5 | {'amx_bf16', 'amx_tile', 'amx_int8'}
+ZEN4 = ZEN3 | {'avx512f', 'avx512bw', 'avx512_bf16'}
+SAPPHIRE_RAPIDS = ZEN4 | {'amx_bf16', 'amx_tile', 'amx_int8'}
 
 
 NONE = ops.ConvPlan(matmul_1x1=False, gemm_grads=False)
@@ -24,7 +24,7 @@ MATMUL_1X1 = ops.ConvPlan(matmul_1x1=True, gemm_grads=False)
   'flags,cls,plan',
   [
     (SAPPHIRE_RAPIDS, 'amx', MATMUL_1X1),
-    (ZEN5, 'avx512', NONE),
+    (ZEN4, 'avx512', MATMUL_1X1),
     (ZEN3, 'avx2', NONE),  # The AVX2 path is today's.
     (set(), 'other', NONE),
     ({'amx_bf16'}, 'other', NONE),  # AMX without AVX-512: portable.
@@ -36,7 +36,9 @@ def test_cpu_class_and_conv_plan_from_flags(flags, cls, plan, monkeypatch):
   assert ops.cpu_conv_plan(flags) == plan
 
 
-@pytest.mark.parametrize('override,plan', [('gemm', ALL), ('xla', NONE)])
+@pytest.mark.parametrize(
+  'override,plan', [('gemm', ALL), ('gemm_1x1', MATMUL_1X1), ('xla', NONE)]
+)
 def test_environment_override_beats_flags(override, plan, monkeypatch):
   monkeypatch.setenv(ops.CPU_CONV_ENV, override)
   assert ops.cpu_conv_plan(ZEN3) == plan
@@ -47,7 +49,7 @@ def test_environment_override_beats_flags(override, plan, monkeypatch):
 
 def test_unknown_override_is_an_error_listing_choices(monkeypatch):
   monkeypatch.setenv(ops.CPU_CONV_ENV, 'onednn')
-  with pytest.raises(ValueError, match="'auto', 'gemm', 'xla'"):
+  with pytest.raises(ValueError, match="'auto', 'gemm', 'gemm_1x1', 'xla'"):
     ops.cpu_conv_plan(ZEN3)
 
 
