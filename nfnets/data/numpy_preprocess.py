@@ -22,6 +22,7 @@ in the 0..255 range, unclamped, as `preprocess.py` does.
 import io
 
 import numpy as np
+import scipy.sparse
 from PIL import Image
 
 from nfnets.data.recipe import (
@@ -118,22 +119,31 @@ def resize_taps(in_size, out_size):
   return np.clip(index, 0, in_size - 1), weights
 
 
-def _taps_rows(taps, image):
-  """Applies 4-tap `taps` along axis 0 of [h, w, c]: float32 [o, w, c]."""
+def _taps_matrix(taps, in_size):
+  """The [out, in] resize matrix of 4-tap `taps`, sparse (4 non-zeros a row).
+
+  A sparse product applies the taps in one compiled pass; NumPy's gathers
+  and multiply-adds per tap took twice as long for F0's 192 px crops.
+  """
   index, weights = taps
-  out = weights[:, 0, None, None] * image[index[:, 0]]
-  for k in range(1, 4):
-    out += weights[:, k, None, None] * image[index[:, k]]
-  return out
+  rows = np.repeat(np.arange(len(index)), index.shape[1])
+  shape = (len(index), in_size)
+  # Duplicate (clipped) indices carry weight 0; COO -> CSR sums them.
+  return scipy.sparse.csr_matrix(
+    (weights.ravel(), (rows, index.ravel())), shape
+  )
+
+
+def _taps_rows(taps, image):
+  """Applies 4-tap `taps` along axis 0 of float32 [h, w, c]: [o, w, c]."""
+  h, w, c = image.shape
+  out = _taps_matrix(taps, h) @ image.reshape(h, w * c)
+  return out.reshape(-1, w, c)
 
 
 def _taps_cols(taps, image):
-  """Applies 4-tap `taps` along axis 1 of [h, w, c]: float32 [h, o, c]."""
-  index, weights = taps
-  out = weights[None, :, 0, None] * image[:, index[:, 0]]
-  for k in range(1, 4):
-    out += weights[None, :, k, None] * image[:, index[:, k]]
-  return out
+  """Applies 4-tap `taps` along axis 1 of float32 [h, w, c]: [h, o, c]."""
+  return _taps_rows(taps, image.transpose(1, 0, 2)).transpose(1, 0, 2)
 
 
 def resize_bicubic(image, size, crop=None):
@@ -158,6 +168,7 @@ def resize_bicubic(image, size, crop=None):
     part = slice(crop[0], crop[0] + crop[1])
     rows = rows[0][part], rows[1][part]
     cols = cols[0][part], cols[1][part]
+  image = np.asarray(image, np.float32)
   # Either axis first gives the same image; take the cheaper order.
   if len(rows[0]) * w <= h * len(cols[0]):
     return _taps_cols(cols, _taps_rows(rows, image))
