@@ -37,7 +37,12 @@ from nfnets.optim.agc import (
   unitwise_norm,
 )
 from nfnets.optim.averaging import ema_decay, ema_update, sam_perturb
-from nfnets.optim.chains import adam_agc, sgd_agc, with_frozen_stages
+from nfnets.optim.chains import (
+  adam_agc,
+  sgd_agc,
+  stop_frozen_gradients,
+  with_frozen_stages,
+)
 from nfnets.optim.config import (
   OPTIMIZERS,
   build_optimizer,
@@ -91,6 +96,7 @@ __all__ = [
   'scaled_lr',
   'select_leaves',
   'sgd_agc',
+  'stop_frozen_gradients',
   'unit_sq_norms',
   'unitwise_norm',
   'validate',

@@ -6,7 +6,8 @@ comes from one of them: the user-facing `sgd_agc` and `adam_agc` (which
 check their arguments first) and `config.build_optimizer` (whose numbers
 were checked at config time and may be traced inputs of a train step).
 In both chains `None` turns a part off. `with_frozen_stages` wraps any of
-them for fine-tuning with the stem and the first stages frozen.
+them for fine-tuning with the stem and the first stages frozen, and
+`stop_frozen_gradients` spares the train step their gradients.
 """
 
 from collections.abc import Callable
@@ -192,8 +193,8 @@ def with_frozen_stages(
   weight decay either, and `tx` never sees them: its state holds no entry
   for them (optax's `MaskedNode` stands in their place), and AGC, weight
   decay and momentum act on the others exactly as without the freeze.
-  A jitted step that uses the gradients only through the updates lets XLA
-  drop the frozen parameters' gradient computation.
+  The train step does not compute their gradients at all
+  (`stop_frozen_gradients`).
 
   Args:
     tx: the optimizer of the trainable parameters.
@@ -211,4 +212,29 @@ def with_frozen_stages(
   )
   return optax.multi_transform(
     {'trainable': tx, 'frozen': optax.set_to_zero()}, labels
+  )
+
+
+def stop_frozen_gradients(params, num_stages: int):
+  """`params` with `lax.stop_gradient` on the frozen ones (`frozen_mask`).
+
+  Applied to the parameters inside the differentiated loss, it makes the
+  frozen parameters' gradients zeros that autodiff never computes: no
+  weight gradients for the stem and the frozen stages, and no backward
+  pass below the first trainable layer (the activations there carry no
+  tangent). The trainable parameters' gradients are unchanged.
+
+  Args:
+    params: the parameter tree.
+    num_stages: stages frozen with the stem (0 returns `params` itself).
+
+  Returns:
+    A tree like `params`.
+  """
+  if num_stages <= 0:
+    return params
+  return jax.tree.map(
+    lambda p, frozen: jax.lax.stop_gradient(p) if frozen else p,
+    params,
+    groups.frozen_mask(params, num_stages),
   )

@@ -127,14 +127,16 @@ def make_train_step(
   Returns:
     The step function. Metrics (float32 scalars): loss, top1, top5 (against
     the unmixed labels), grad_norm (before clipping), param_norm (after the
-    update), agc_clip_fraction and lr.
+    update), agc_clip_fraction and lr; with `freeze_stages`, grad_norm and
+    agc_clip_fraction cover the trainable parameters alone.
 
   Raises:
     ValueError: if `grad_accum_steps` is not an integer >= 1.
   """
   _check_accum_steps(grad_accum_steps)
+  freeze_stages = opt_config.get('freeze_stages', 0)
   gradients = _make_gradients(
-    _make_grad_fn(model, compute_dtype),
+    _make_grad_fn(model, compute_dtype, freeze_stages),
     num_classes=num_classes,
     grad_accum_steps=grad_accum_steps,
   )
@@ -406,16 +408,20 @@ def _check_accum_steps(grad_accum_steps) -> None:
     )
 
 
-def _make_grad_fn(model: hk.TransformedWithState, compute_dtype: str):
+def _make_grad_fn(
+  model: hk.TransformedWithState, compute_dtype: str, freeze_stages: int
+):
   """`(params, model_state, batch, targets, rng) -> ((loss, aux), grads)`.
 
   `aux` is `(float32 logits, new model state)`; the forward pass follows
   the `compute_dtype` policy (`nfnets.models.precision`), the loss is
-  float32.
+  float32. The gradients of parameters frozen by `freeze_stages` are zeros
+  that are never computed (`optim.stop_frozen_gradients`).
   """
   dtype = precision.variables_dtype(compute_dtype)
 
   def loss_fn(params, model_state, batch, targets, rng):
+    params = optim.stop_frozen_gradients(params, freeze_stages)
     with precision.policy_scope(compute_dtype):
       out, new_model_state = model.apply(
         state_lib.cast_floats(params, dtype),
@@ -452,6 +458,8 @@ def _clip_fraction(grads, params, opt_config, hyperparams):
   if not opt_config.clipping:
     return jnp.zeros((), jnp.float32)
   mask = optim.agc_mask(params, exclude=opt_config.agc_exclude)
+  frozen = optim.frozen_mask(params, opt_config.get('freeze_stages', 0))
+  mask = jax.tree.map(lambda m, f: m and not f, mask, frozen)
   frac = optim.agc_clip_fraction(
     grads, params, hyperparams['clipping'], hyperparams['eps'], mask
   )

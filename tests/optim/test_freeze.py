@@ -6,7 +6,9 @@ stage's last one, counted from `DEPTH`. The optimizer is checked through
 the real train step (`make_train_step` with `config.optimizer`): frozen
 parameters bit-identical after several steps, the rest moving, the
 optimizer state sized by the trainable parameters alone, the trainable
-parameters' first update equal to the unfrozen optimizer's, and the EMA.
+parameters' first update equal to the unfrozen optimizer's, and the EMA;
+and the step's multiply-adds, which show no gradient work for the frozen
+part.
 """
 
 import functools
@@ -19,6 +21,7 @@ import numpy as np
 import pytest
 
 from nfnets import models, optim
+from nfnets.models import flops
 from nfnets.train import losses
 from nfnets.train import state as state_lib
 from nfnets.train import step as step_lib
@@ -279,6 +282,50 @@ def test_trainable_parameters_get_the_unfrozen_update():
   jax.tree.map(
     check, mask, start, frozen_states[1].params, plain_states[1].params
   )
+
+
+def _train_step_macs(family, freeze_stages, batch_size=8):
+  """(multiply-adds of one train step, of its forward pass; params)."""
+  model = _model(FAMILIES[family][0])
+  images = jnp.zeros((batch_size, 32, 32, 3))
+  rng = jax.random.PRNGKey(0)
+  params, model_state = model.init(rng, images[:1], True)
+  forward = flops.count_model_flops(
+    lambda p, s, x: model.apply(p, s, rng, x, True), params, model_state, images
+  )
+  opt_config = _opt_config(freeze_stages)
+  hyperparams = optim.hyperparams(
+    opt_config, steps_per_epoch=1.0, total_steps=100, global_batch_size=8
+  )
+  hyperparams.update(losses.label_smoothing_inputs(0.1, NUM_CLASSES))
+  tx, _ = optim.build_optimizer(opt_config, hyperparams)
+  state = state_lib.make_train_state(params, model_state, tx, rng, ema=True)
+  train_step = step_lib.make_train_step(
+    model, num_classes=NUM_CLASSES, opt_config=opt_config,
+    compute_dtype='float32',
+  )  # fmt: skip
+  batch = {'images': images, 'labels': jnp.zeros(batch_size, jnp.int32)}
+  step = flops.count_model_flops(
+    lambda st, b: train_step(st, b, hyperparams), state, batch
+  )
+  return step, forward, params
+
+
+@pytest.mark.parametrize('family', ['NF_ResNet', 'ResNet_v1'])
+def test_frozen_parameters_gradients_are_never_computed(family):
+  """The step's backward pass stops at the first trainable layer.
+
+  With all four stages and the stem frozen only the classifier trains, so
+  the step's multiply-adds are the forward pass's plus the classifier's
+  kernel gradient (batch x features x classes), by hand; each stage
+  frozen removes work.
+  """
+  macs = [_train_step_macs(family, n) for n in range(5)]
+  _, forward, params = macs[0]
+  features = params[f'{family.split("_v")[0]}/~/linear']['w'].shape[0]
+  assert macs[4][0] == forward + 8 * features * NUM_CLASSES
+  steps = [m[0] for m in macs]
+  assert all(a > b for a, b in zip(steps, steps[1:], strict=False)), steps
 
 
 def test_ema_of_an_unchanged_leaf_stays_equal_to_it():
