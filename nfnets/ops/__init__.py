@@ -5,7 +5,7 @@ The model layer (`nfnets.models`) calls these; they know nothing of models.
 `depthwise` the depthwise-convolution form, and `im2col` holds the
 XLA:CPU-friendly dense convolution with custom gradients. `gemm_conv`
 writes convolutions and their gradients as float32-accumulated GEMMs (the
-fast form of 1x1 convolutions on CPUs with AVX-512), and `cpu_features`
+fast form of 1x1 convolutions on x86 CPUs), and `cpu_features`
 reads the host CPU's extensions that choose between the two; `dispatch`
 maps a mode ('auto', the CPU form, 'native') to the backend's
 implementation.

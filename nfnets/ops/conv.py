@@ -6,8 +6,8 @@ fastest on the backend: GPU and TPU have fast grouped kernels
 one dense convolution per group plus a concat (mode 'split'), with the
 gradients of large maps, and of every conv inside a loop body, taken by
 `conv2d_im2col_grad`. 1x1 convolutions run as a matmul on every backend;
-on CPUs with AVX-512, 'split' mode runs them as float32-accumulated GEMMs with
-a custom gradient (`nfnets.ops.matmul_f32acc`; the plan is
+on x86 CPUs with AVX2, 'split' mode runs them as float32-accumulated GEMMs
+with a custom gradient (`nfnets.ops.matmul_f32acc`; the plan is
 `nfnets.ops.cpu_conv_plan`'s, which can also put the larger kernels'
 gradients on GEMMs, `conv2d_gemm`). All forms give the same results from
 the same kernel.
@@ -102,9 +102,9 @@ def grouped_conv2d(
       dense conv per group, concatenated, with the kernel gradient of large
       feature maps as an im2col matmul, see `conv2d_im2col_grad`): the
       XLA:CPU-friendly form; where `nfnets.ops.cpu_conv_plan` says so (1x1
-      convs on AVX-512 CPUs; undilated convs' gradients on request), those are
-      float32-accumulated GEMMs (`matmul_f32acc`, `conv2d_gemm`). Same
-      result, same parameters.
+      convs on AVX2/AVX-512 CPUs; undilated convs' gradients on request),
+      those are float32-accumulated GEMMs (`matmul_f32acc`,
+      `conv2d_gemm`). Same result, same parameters.
     in_loop: whether the conv is traced inside a loop body (`hk.scan`,
       `lax.scan`). XLA:CPU runs the gradients `jax.vjp` gives a convolution
       as naive loop nests there, 25x slower than outside a loop, whatever

@@ -1,23 +1,25 @@
 """The host CPU's model and vector/matrix extensions, and what they imply.
 
 `cpu_conv_plan` runs 1x1 convolutions as float32-accumulated GEMMs with a
-custom gradient (`nfnets.ops.matmul_f32acc`) on CPUs with AVX-512. Its
-kernel gradient is computed transposed, the orientation XLA:CPU's GEMM
-runs fastest, where the gradient autodiff gives `jnp.dot` spends more in
-copies and element-wise kernels; with AMX its bfloat16 operands also
-reach the tile units (~765 GFLOP/s on a 2-core Intel Xeon, against ~320
-in float32), which XLA's convolutions never do. Measured on both AVX-512
-classes, float32: F0's step 2% faster on an AMX Xeon and 6-8% on Zen 4,
-NF-ResNet-50's 15-20% and BN-ResNet-50's 32-38% on Zen 4
-(docs/performance.md). AVX2 CPUs keep the plain `jnp.dot`, the path
-measured there; larger kernels keep XLA's convolutions everywhere: at
-F0's 3x3 shapes the GEMM form of their gradients
-(`nfnets.ops.conv2d_gemm`, selectable below) measured slower.
+custom gradient (`nfnets.ops.matmul_f32acc`) on x86 CPUs with AVX2 or
+AVX-512. Its kernel gradient is computed transposed, the orientation
+XLA:CPU's GEMM runs fastest, where the gradient autodiff gives `jnp.dot`
+spends more in copies and element-wise kernels; with AMX its bfloat16
+operands also reach the tile units (~765 GFLOP/s on a 2-core Intel Xeon,
+against ~320 in float32), which XLA's convolutions never do. Measured in
+float32 (docs/performance.md): F0's step 2% faster on an AMX Xeon and 6-8%
+on Zen 4, NF-ResNet-50's 15-20% and BN-ResNet-50's 32-38% on Zen 4; on
+Zen 4 with XLA's code generation held to AVX2 (`--xla_cpu_max_isa=AVX2`),
+F0 within run-to-run noise and BN-ResNet-50 27% faster. Larger kernels
+keep XLA's convolutions everywhere: at F0's 3x3 shapes the GEMM form of
+their gradients (`nfnets.ops.conv2d_gemm`, selectable below) measured
+slower. CPUs without AVX2 (and non-x86 CPUs, whose flags are not read)
+take the portable path.
 
 Override: the environment variable `NFNETS_CPU_CONV` ('gemm': every form
-a GEMM; 'gemm_1x1': the 1x1 GEMMs only, e.g. to try them on AVX2; 'xla':
-none) forces the choice on any CPU; unset or 'auto', the flags decide.
-The flags are read from /proc/cpuinfo once per process (cached on first
+a GEMM; 'gemm_1x1': the 1x1 GEMMs only; 'xla': none, the portable path)
+forces the choice on any CPU; unset or 'auto', the flags decide. The
+flags are read from /proc/cpuinfo once per process (cached on first
 use, nothing happens at import).
 """
 
@@ -110,10 +112,10 @@ def cpu_conv_plan(
       (unset = 'auto').
 
   Returns:
-    On AVX-512 CPUs, with or without AMX, 1x1 convolutions as GEMMs (in
-    every dtype: up to 2.4x faster forward + backward at F0's shapes on
-    AMX, in bfloat16 on the AMX units); on AVX2 CPUs, and for the larger
-    kernels' gradients on every CPU, XLA's forms (the GEMM form measured
+    On AVX2 and AVX-512 CPUs, 1x1 convolutions as GEMMs (in every dtype:
+    up to 2.4x faster forward + backward at F0's shapes on AMX, in
+    bfloat16 on the AMX units); on other CPUs, and for the larger kernels'
+    gradients on every CPU, XLA's forms (the GEMM form measured
     1.0-2.0x slower at F0's 3x3 shapes, its im2col/col2im copies costing
     more than the faster GEMM saves). The plan is the same in float32 and
     bfloat16.
@@ -130,8 +132,8 @@ def cpu_conv_plan(
   if override != 'auto':
     return ConvPlan(override.startswith('gemm'), override == 'gemm')
   flags = cpu_flags() if flags is None else flags
-  avx512 = cpu_class(flags) in ('amx', 'avx512')
-  return ConvPlan(matmul_1x1=avx512, gemm_grads=False)
+  x86_simd = cpu_class(flags) in ('amx', 'avx512', 'avx2')
+  return ConvPlan(matmul_1x1=x86_simd, gemm_grads=False)
 
 
 def cpu_summary() -> dict[str, object]:

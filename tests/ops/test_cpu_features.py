@@ -25,7 +25,7 @@ MATMUL_1X1 = ops.ConvPlan(matmul_1x1=True, gemm_grads=False)
   [
     (SAPPHIRE_RAPIDS, 'amx', MATMUL_1X1),
     (ZEN4, 'avx512', MATMUL_1X1),
-    (ZEN3, 'avx2', NONE),  # The AVX2 path is today's.
+    (ZEN3, 'avx2', MATMUL_1X1),
     (set(), 'other', NONE),
     ({'amx_bf16'}, 'other', NONE),  # AMX without AVX-512: portable.
   ],
@@ -41,10 +41,11 @@ def test_cpu_class_and_conv_plan_from_flags(flags, cls, plan, monkeypatch):
 )
 def test_environment_override_beats_flags(override, plan, monkeypatch):
   monkeypatch.setenv(ops.CPU_CONV_ENV, override)
-  assert ops.cpu_conv_plan(ZEN3) == plan
-  assert ops.cpu_conv_plan(SAPPHIRE_RAPIDS) == plan
+  for flags in (set(), ZEN3, SAPPHIRE_RAPIDS):
+    assert ops.cpu_conv_plan(flags) == plan
   monkeypatch.setenv(ops.CPU_CONV_ENV, 'auto')
-  assert ops.cpu_conv_plan(ZEN3) == NONE
+  assert ops.cpu_conv_plan(set()) == NONE
+  assert ops.cpu_conv_plan(ZEN3) == MATMUL_1X1
 
 
 def test_unknown_override_is_an_error_listing_choices(monkeypatch):
@@ -116,15 +117,16 @@ def _dots(jaxpr):
 
 
 @pytest.mark.parametrize(
-  'flags,f32_acc', [(SAPPHIRE_RAPIDS, True), (ZEN3, False)]
+  'flags,f32_acc', [(SAPPHIRE_RAPIDS, True), (ZEN3, True), (set(), False)]
 )
-def test_bfloat16_1x1_conv_accumulates_in_float32_on_amx_only(
+def test_bfloat16_1x1_conv_accumulates_in_float32_on_the_plan(
   flags, f32_acc, monkeypatch
 ):
-  """bf16 1x1 convs take float32-accumulated dots on AMX CPUs only.
+  """bf16 1x1 convs take float32-accumulated dots where the plan says so.
 
-  AMX: every product, forward and backward, is a bf16 x bf16 -> float32
-  dot (the form XLA:CPU sends to the AMX units); AVX2: plain bf16 dots.
+  AVX2 and up: every product, forward and backward, is a bf16 x bf16 ->
+  float32 dot (the form XLA:CPU sends to the AMX units where there are
+  some); the portable path: plain bf16 dots.
   """
   monkeypatch.delenv(ops.CPU_CONV_ENV, raising=False)
   monkeypatch.setattr(cpu_features, 'cpu_flags', lambda: frozenset(flags))
