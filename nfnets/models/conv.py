@@ -1,13 +1,14 @@
 """`Conv2D`: Haiku's `hk.Conv2D` with the convolution forms of `nfnets.ops`.
 
-The baselines (BN-/SE-ResNets, SkipInit and Fixup ResNets) are built from
-plain convolutions. With `hk.Conv2D` they would run every convolution as
-`lax.conv_general_dilated`, whose 1x1 and large-map kernel gradients take
-XLA:CPU's slow path (51 GFLOP/s for ResNet-50's 1x1 convolutions, against
-about 240 for the same products as matrix multiplies), while the
-normalizer-free models' `WSConv2D` gets `nfnets.ops.grouped_conv2d`. That
-would make a CPU comparison of the families measure the implementations
-rather than the architectures, so the baselines use this module.
+The baselines (BN-/SE-ResNets, SkipInit and Fixup ResNets, EfficientNets)
+are built from plain convolutions. With `hk.Conv2D` they would run every
+convolution as `lax.conv_general_dilated`, whose 1x1 and large-map kernel
+gradients take XLA:CPU's slow path (51 GFLOP/s for ResNet-50's 1x1
+convolutions, against about 240 for the same products as matrix
+multiplies), while the normalizer-free models' `WSConv2D` gets
+`nfnets.ops.grouped_conv2d`. That would make a CPU comparison of the
+families measure the implementations rather than the architectures, so
+the baselines use this module.
 
 It is `hk.Conv2D` with its parameters unchanged (`w` HWIO, optional `b`, the
 same default initialiser and the same module name, so checkpoints and

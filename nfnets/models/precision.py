@@ -10,10 +10,9 @@
   convolutions (`WSConv2D` in the normalizer-free families,
   `nfnets.models.conv.Conv2D` in the baselines), which are cast to
   bfloat16, with the product returned in float32 (what `torch.autocast`
-  does for convolutions). On
-  CPUs with AMX tiles or `avx512_bf16` the convolutions' GEMMs reach the
-  bfloat16 units,
-  while XLA:CPU's element-wise loops and reductions, 2-4x slower in
+  does for convolutions). On CPUs with AMX tiles or `avx512_bf16` the
+  convolutions' GEMMs reach the bfloat16 units, while XLA:CPU's
+  element-wise loops and reductions, 2-4x slower in
   bfloat16 than in float32 there, stay in float32 (docs/performance.md).
 """
 
@@ -47,8 +46,7 @@ def variables_dtype(policy: str) -> jnp.dtype:
 
 
 def _bfloat16_conv_operands(next_fun, args, kwargs, context):
-  """Runs a convolution's `_conv` on bfloat16 operands, returning the
-  input dtype."""
+  """Runs a conv module's `_conv` on bfloat16 operands, in the input dtype."""
   if isinstance(context.module, _CONV_MODULES) and (
     context.method_name == '_conv'
   ):
