@@ -90,20 +90,24 @@ def _stderr_filtered(noise):
       sys.stderr.flush()
 
 
-def import_tensorflow_quietly() -> None:
+def import_tensorflow_quietly() -> bool:
   """Imports TensorFlow, dropping its `STARTUP_NOISE` lines from stderr.
 
   Anything else it prints still reaches stderr. Without TensorFlow it does
   nothing: the data loader then reads without it
   (`config.data.loader='python'`).
+
+  Returns:
+    Whether TensorFlow is imported.
   """
-  if 'tensorflow' in sys.modules:
-    return
+  if sys.modules.get('tensorflow') is not None:
+    return True
   with _stderr_filtered(STARTUP_NOISE):
     try:
       import tensorflow  # noqa: F401
     except ImportError:
-      pass
+      return False
+  return True
 
 
 def exit_code(error: BaseException) -> int | None:

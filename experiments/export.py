@@ -53,8 +53,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   _check_flags()
-  if _FORMAT.value != 'stablehlo':
-    common.import_tensorflow_quietly()
+  if _FORMAT.value != 'stablehlo' and not common.import_tensorflow_quietly():
+    raise app.UsageError(
+      f'--format={_FORMAT.value} needs TensorFlow, which is not installed '
+      'here: install it (requirements.txt), or pass --format=stablehlo.'
+    )
   # Deferred so --help and flag errors stay fast.
   from nfnets import export
 

@@ -18,6 +18,7 @@ read is reported and the others are still classified (exit status 1 at the
 end). See docs/pretrained.md.
 """
 
+import functools
 import json
 import sys
 
@@ -51,13 +52,11 @@ def _predict_weights(paths):
 
 
 def _predict_workdir(paths, config, workdir):
+  # First: the dataset's loader check imports TensorFlow where it exists.
   common.import_tensorflow_quietly()
   import jax
-  import numpy as np
-  import tensorflow as tf
 
   from nfnets import data, models
-  from nfnets.data import pipeline, preprocess
   from nfnets.pretrained import inference
   from nfnets.train import evaluation
 
@@ -76,24 +75,60 @@ def _predict_workdir(paths, config, workdir):
   params, model_state = sets[key]
   model = models.make_model(config.model, info.num_classes)
   apply = jax.jit(lambda x: model.apply(params, model_state, None, x, False))
-  size = _IMAGE_SIZE.value or config.data.eval_image_size
-  mode = pipeline.eval_preproc_mode(config.data)
-
-  def load(path):
-    pixels = inference.read_rgb(path)  # Reports a bad file clearly.
-    with open(path, 'rb') as f:
-      encoded = tf.constant(f.read())
-    try:
-      # The encoded bytes, as the eval pipeline decodes them (TensorFlow's
-      # JPEG decoder rounds differently from PIL's).
-      image = preprocess.eval_preprocess(encoded, size, mode)
-    except tf.errors.InvalidArgumentError:
-      image = preprocess.eval_preprocess(pixels, size, mode)  # e.g. TIFF.
-    return np.asarray(preprocess.normalize(image), np.float32)
-
+  load = _eval_loader(config.data, _IMAGE_SIZE.value)
   return inference.classify_files(
     paths, load, lambda x: apply(x)[0]['logits'], names, _TOP_K.value
   )
+
+
+def _eval_loader(data_config, image_size=None):
+  """`path -> normalised float32 image`, as the run's eval pipeline makes it.
+
+  The run's loader decides which code decodes and resizes: TensorFlow's
+  for tf.data (its JPEG decoder rounds differently from PIL's), PIL and
+  NumPy for the python loader. Where TensorFlow is not installed, a tf.data
+  run's files go through the python loader's code, whose resize agrees
+  with TensorFlow's to 1e-3 (docs/data.md).
+
+  Args:
+    data_config: the run's `config.data`.
+    image_size: the input size; default the run's `eval_image_size`.
+  """
+  from nfnets import data
+  from nfnets.data import plan
+
+  size = image_size or data_config.eval_image_size
+  mode = plan.eval_preproc_mode(data_config)
+  has_tf = common.import_tensorflow_quietly()
+  if has_tf and data.resolve_loader(data_config) == 'tf':
+    return functools.partial(_load_with_tensorflow, size=size, mode=mode)
+  return functools.partial(_load_with_numpy, size=size, mode=mode)
+
+
+def _load_with_tensorflow(path, size, mode):
+  import numpy as np
+  import tensorflow as tf
+
+  from nfnets.data import preprocess
+  from nfnets.pretrained import inference
+
+  pixels = inference.read_rgb(path)  # Reports a bad file clearly.
+  with open(path, 'rb') as f:
+    encoded = tf.constant(f.read())
+  try:
+    image = preprocess.eval_preprocess(encoded, size, mode)
+  except tf.errors.InvalidArgumentError:
+    image = preprocess.eval_preprocess(pixels, size, mode)  # e.g. TIFF.
+  return np.asarray(preprocess.normalize(image), np.float32)
+
+
+def _load_with_numpy(path, size, mode):
+  from nfnets.data import numpy_preprocess
+  from nfnets.pretrained import inference
+
+  pixels = inference.read_rgb(path)  # Reports a bad file clearly.
+  image = numpy_preprocess.eval_image(pixels, size, mode)
+  return numpy_preprocess.normalize(image)
 
 
 def _print(path, result):

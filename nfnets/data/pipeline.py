@@ -43,19 +43,6 @@ def _seeds(data_config, seed, process_index):
   return int(state[0] >> 1), int(state[1] >> 1), aug
 
 
-def eval_preproc_mode(data_config):
-  """The eval preprocessing a dataset's eval pipeline uses ('auto' resolved).
-
-  Args:
-    data_config: the `config.data` ConfigDict.
-
-  Returns:
-    A `recipe.EVAL_PREPROCS` mode: for 'auto', 'resize_crop_32' for
-    photos and 'resize' for digits-like sets, as `make_eval_dataset` does.
-  """
-  return plan.resolve_modes(data_config, sources.make_source(data_config))[1]
-
-
 def _options(data_config, deterministic):
   opts = tf.data.Options()
   opts.deterministic = deterministic

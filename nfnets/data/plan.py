@@ -5,7 +5,8 @@ The tf.data pipeline (`pipeline.py`) and the TensorFlow-free loader
 (`dataset_info`), each process's share of a global batch (`local_batch`),
 the number of padded eval batches every process yields
 (`eval_num_batches`) and the preprocessing modes that 'auto' resolves to
-(`resolve_modes`).
+(`resolve_modes`, `eval_preproc_mode`). Prediction and export use them
+too, so a run's eval transform is known on a host without TensorFlow.
 """
 
 import math
@@ -90,3 +91,16 @@ def resolve_modes(data_config, source):
       f'Unknown eval_preproc {evl!r}; valid: {["auto", *recipe.EVAL_PREPROCS]}.'
     )
   return train, evl
+
+
+def eval_preproc_mode(data_config):
+  """The eval preprocessing a dataset's eval pipeline uses ('auto' resolved).
+
+  Args:
+    data_config: the `config.data` ConfigDict.
+
+  Returns:
+    A `recipe.EVAL_PREPROCS` mode: for 'auto', 'resize_crop_32' for
+    photos and 'resize' for digits-like sets, as both loaders do.
+  """
+  return resolve_modes(data_config, sources.make_source(data_config))[1]

@@ -151,7 +151,7 @@ def spec_from_workdir(config, workdir: str, params_set: str = 'ema'):
     FileNotFoundError: the workdir holds no complete checkpoint.
   """
   from nfnets import data
-  from nfnets.data import pipeline
+  from nfnets.data import plan
   from nfnets.train import evaluation
 
   info = data.dataset_info(config.data)
@@ -170,6 +170,6 @@ def spec_from_workdir(config, workdir: str, params_set: str = 'ema'):
     model_config,
     info.num_classes,
     int(config.data.eval_image_size),
-    pipeline.eval_preproc_mode(config.data),
+    plan.eval_preproc_mode(config.data),
   )
   return spec, params, state

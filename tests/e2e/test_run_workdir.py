@@ -28,6 +28,7 @@ import pytest
 
 from configs import quickstart
 from nfnets import train
+from nfnets.data import numpy_preprocess as npp
 from nfnets.train import checkpoint as ckpt_lib
 
 ROOT = os.path.dirname(
@@ -154,6 +155,69 @@ def test_predict_with_workdir_alone_matches_the_run(
   np.testing.assert_allclose(
     -np.mean(np.log(true_probs)), reference[f'{prefix}/loss'], rtol=2e-3
   )
+
+
+def _hide_tensorflow(root):
+  """A PYTHONPATH under which `import tensorflow` fails, as on a GPU image
+  without it (the packages in `root` shadow the installed ones)."""
+  for name in ('tensorflow', 'tensorflow_datasets'):
+    (root / name).mkdir(parents=True)
+    (root / name / '__init__.py').write_text(
+      f'raise ModuleNotFoundError("No module named {name!r}")\n'
+    )
+  return str(root)
+
+
+def test_predict_and_stablehlo_export_need_no_tensorflow(
+  trained_run, folder_dataset, tmp_path
+):
+  """A run trained with tf.data, used on a host without TensorFlow.
+
+  predict falls back to the python loader's decode and resize; the
+  exported program applied to the same NumPy-preprocessed files gives
+  predict's probabilities, and predict agrees with the run's own eval.
+  """
+  hidden = _hide_tensorflow(tmp_path / 'no_tf')
+  files = _validation_files(folder_dataset)
+  proc = _run(
+    'experiments.predict', f'--workdir={trained_run}', '--json',
+    *[path for path, _ in files], PYTHONPATH=hidden,
+  )  # fmt: skip
+  assert proc.returncode == 0, proc.stderr
+  rows = [json.loads(line) for line in proc.stdout.splitlines()]
+  out = tmp_path / 'run.stablehlo'
+  proc = _run(
+    'experiments.export', f'--workdir={trained_run}', '--format=stablehlo',
+    f'--out={out}', PYTHONPATH=hidden,
+  )  # fmt: skip
+  assert proc.returncode == 0, proc.stderr
+  proc = _run(
+    'experiments.export', f'--workdir={trained_run}', '--format=tflite',
+    f'--out={tmp_path / "run.tflite"}', PYTHONPATH=hidden,
+  )  # fmt: skip
+  assert proc.returncode == 2
+  assert proc.stderr == (
+    'Error: --format=tflite needs TensorFlow, which is not installed here: '
+    'install it (requirements.txt), or pass --format=stablehlo.\n'
+  )
+
+  # A folder of photos is evaluated at 40 px with 'resize_crop_32'.
+  images = np.stack(
+    [npp.normalize(npp.eval_image(path, 40)) for path, _ in files]
+  )
+  exported = jax.export.deserialize(out.read_bytes())
+  logits = np.asarray(exported.call(images)['logits'], np.float64)
+  probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+  probs /= probs.sum(axis=1, keepdims=True)
+  for row, p in zip(rows, probs, strict=True):
+    for name, prob in row['top_k']:
+      np.testing.assert_allclose(prob, p[CLASSES.index(name)], rtol=1e-4)
+  reference = _final_eval(trained_run)
+  correct = [
+    row['top_k'][0][0] == CLASSES[label]
+    for row, (_, label) in zip(rows, files, strict=True)
+  ]
+  np.testing.assert_allclose(np.mean(correct), reference['eval_ema/top1'])
 
 
 # ----------------------------------------------------------------------------
