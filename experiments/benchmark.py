@@ -104,7 +104,7 @@ _PLOT = flags.DEFINE_string(
 
 def _model_specs() -> list[tuple[str, dict]]:
   """(registry name, kwargs) for every benchmarked model."""
-  extra = json.loads(_KWARGS.value)
+  extra = common.json_object_flag(_KWARGS)
   if _REMAT.value is not None:
     extra['remat'] = _REMAT.value
   if _GROUPED.value is not None:
@@ -180,6 +180,9 @@ def main(argv):
     return _paper_table()
   results = []
   specs = [(n, k, a) for n, k in _model_specs() for a in _AUGMENT.value]
+  compiler_options = common.json_object_flag(
+    _COMPILER_OPTIONS, '{"xla_backend_optimization_level": 0}'
+  )
   for name, kwargs, augment in specs:
     config = workload.make_model_config(name, **kwargs)
     print(
@@ -195,7 +198,7 @@ def main(argv):
       dtype=_DTYPE.value,
       forward_steps=_FWD.value,
       compile_only=_COMPILE_ONLY.value,
-      compiler_options=json.loads(_COMPILER_OPTIONS.value) or None,
+      compiler_options=compiler_options or None,
       trace_compile=_TRACE.value > 0,
       augment=augment,
       profile_steps=2 if _BREAKDOWN.value else 0,

@@ -310,10 +310,30 @@ class WeightsFlags:
     """`--model_kwargs` as a dict (None when not given)."""
     if not self.model_kwargs.value:
       return None
-    try:
-      return json.loads(self.model_kwargs.value)
-    except json.JSONDecodeError as e:
-      raise app.UsageError(f'--model_kwargs is not JSON: {e}') from e
+    return json_object_flag(self.model_kwargs)
+
+
+def json_object_flag(holder, example: str = '{"width": 0.5}') -> dict:
+  """The value of a string flag that holds a JSON object, as a dict.
+
+  Args:
+    holder: the flag's holder.
+    example: a valid value, shown in the error.
+
+  Raises:
+    app.UsageError: naming the flag, with an example of the quoting a
+      shell needs (Python's single-quoted dicts are the usual mistake).
+  """
+  try:
+    value = json.loads(holder.value)
+  except json.JSONDecodeError:
+    value = None
+  if not isinstance(value, dict):
+    raise app.UsageError(
+      f'--{holder.name}={holder.value} is not a JSON object; write it as '
+      f"--{holder.name}='{example}' (keys in double quotes)."
+    )
+  return value
 
 
 def define_weights_flags(what_it_does: str) -> WeightsFlags:

@@ -40,10 +40,7 @@ def main(argv):
   from nfnets import pretrained  # Deferred: fast --help.
   from nfnets.pretrained import timm_interop
 
-  try:
-    kwargs = json.loads(_MODEL_KWARGS.value)
-  except json.JSONDecodeError as e:
-    raise app.UsageError(f'--model_kwargs is not JSON: {e}') from e
+  kwargs = common.json_object_flag(_MODEL_KWARGS)
   params = pretrained.load(_INPUT.value, _VARIANT.value, **kwargs)
   if _TO.value == 'timm':
     timm_interop.save_timm(params, _OUTPUT.value)

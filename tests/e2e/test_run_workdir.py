@@ -371,6 +371,13 @@ def test_usage_errors_are_short(known_run, tmp_path):
   _assert_short(proc, 2, 'image files')
   proc = _run('experiments.convert_weights', f'--output={tmp_path}/w.npz')
   _assert_short(proc, 2, '--input')
+  # A Python dict where JSON is wanted: the flag named, with valid quoting.
+  proc = _run(
+    'experiments.benchmark', "--model_kwargs={'width': 0.25}", '--steps=1'
+  )
+  _assert_short(proc, 2, "--model_kwargs={'width': 0.25} is not a JSON")
+  assert """--model_kwargs='{"width": 0.5}'""" in proc.stderr
+  assert 'Benchmarking' not in proc.stdout  # Refused before any work.
 
 
 def test_runtime_errors_are_short_unless_a_traceback_is_asked_for(
