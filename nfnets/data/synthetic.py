@@ -8,6 +8,7 @@ cost. Labels carry no signal beyond which source photo a crop came from.
 """
 
 import concurrent.futures
+import multiprocessing
 import os
 
 import numpy as np
@@ -105,5 +106,8 @@ def write_image_folder(
     for seed in [s * num_classes + c]
   ]
   workers = workers or os.cpu_count() or 1
-  with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+  # Spawned, not forked: the caller may hold JAX's threads (a test, a
+  # notebook), and a forked child of a threaded process can deadlock.
+  spawn = multiprocessing.get_context('spawn')
+  with concurrent.futures.ProcessPoolExecutor(workers, spawn) as pool:
     return sum(pool.map(_write_class, jobs))
