@@ -6,6 +6,7 @@ as a Markdown table shaped like the NFNet paper's Table 3.
 """
 
 import dataclasses
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -150,6 +151,14 @@ TABLE_COLUMNS = (
 )
 
 
+def _cell(fmt: str, value: Any) -> str:
+  """One table cell; '-' for a number not measured (NaN, e.g. with
+  `--forward_steps=0` or `--compile_only`)."""
+  if isinstance(value, float) and math.isnan(value):
+    return '-'
+  return fmt.format(value)
+
+
 def format_table(results: Sequence[BenchmarkResult]) -> str:
   """A Markdown table of results, shaped like the paper's Table 3.
 
@@ -166,7 +175,7 @@ def format_table(results: Sequence[BenchmarkResult]) -> str:
   """
   headers = [c[0] for c in TABLE_COLUMNS]
   rows = [
-    [fmt.format(get(r)) for _, fmt, get in TABLE_COLUMNS] for r in results
+    [_cell(fmt, get(r)) for _, fmt, get in TABLE_COLUMNS] for r in results
   ]
   lines = [
     '| ' + ' | '.join(headers) + ' |',

@@ -7,6 +7,7 @@ The FLOP count is checked against the paper's formula
 which is independent of the traced count the benchmark uses.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -107,6 +108,12 @@ def test_table_and_json(tiny_result):
   )
   assert 'Device: cpu x1' in table
   assert json.loads(json.dumps(tiny_result.to_dict()))['model'] == 'NFNet-F0'
+  # A quantity not measured (no forward pass timed) shows '-', not 'nan'.
+  skipped = dataclasses.replace(tiny_result, forward_ms=float('nan'))
+  row = report.format_table([skipped]).split('\n')[2]
+  cells = [c.strip() for c in row.strip('|').split('|')]
+  assert cells[headers.index('Fwd ms')] == '-'
+  assert 'nan' not in row
 
 
 def test_cli_prints_the_table(cli_run):
