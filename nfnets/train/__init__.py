@@ -20,6 +20,7 @@ run keeps (to restore its checkpoints elsewhere). One module per concern:
 * `provenance`: the run's configs, one record per segment
   (`load_run_config`, `config_differences`), and the resume rules;
 * `writers`: console progress, `metrics.jsonl` and TensorBoard;
+* `event_file`: TensorBoard event files written without TensorFlow;
 * `mesh`: the `('data',)` device mesh and sharding helpers;
 * `config`: the `train`, `eval` and `checkpoint` config sections;
 * `runtime`: process setup before JAX starts (multi-host, compilation

@@ -13,10 +13,8 @@ multi-host run produces one log. Files in the workdir:
                            S added (lines that are not JSON, e.g. one cut by
                            a kill, are moved as they are).
   tensorboard/             TensorBoard event files (`tensorboard --logdir
-                           <workdir>`); they keep the abandoned values.
-                           Written only where TensorFlow imports; without
-                           it the writer says so once and writes
-                           metrics.jsonl alone.
+                           <workdir>`), written without TensorFlow
+                           (`event_file`); they keep the abandoned values.
 """
 
 import json
@@ -27,6 +25,8 @@ import time
 from typing import NamedTuple
 
 import jax
+
+from nfnets.train import event_file
 
 METRICS_FILE = 'metrics.jsonl'
 ABANDONED_METRICS_FILE = 'metrics.abandoned.jsonl'
@@ -70,43 +70,17 @@ class MetricWriter:
     self._write_tensorboard(step, record)
 
   def _write_tensorboard(self, step, record):
-    if self._tb is False:
-      return  # No TensorFlow: metrics.jsonl only.
     if self._tb is None:
-      # Imported here: TensorFlow costs seconds to import and only this
-      # writer needs it.
-      try:
-        import tensorflow as tf  # noqa: PLC0415
-      except ImportError:
-        print(
-          'TensorFlow is not installed: no TensorBoard logs; metrics go to '
-          f'{self._path} only.',
-          file=sys.stderr,
-        )
-        self._tb = False
-        return
-      self._tb = tf.summary.create_file_writer(self._tb_dir)
-      self._tf = tf
-    with self._tb.as_default():
-      for name, value in record.items():
-        if name != 'step':
-          # `tf.summary.write` with the scalars plugin's metadata is what
-          # `tf.summary.scalar` does, minus its need for the tensorboard
-          # package (tensorflow-cpu does not pull it in).
-          self._tf.summary.write(
-            name,
-            self._tf.constant(value, self._tf.float32),
-            step=int(step),
-            metadata=_scalar_metadata(),
-          )
-    self._tb.flush()
+      self._tb = event_file.EventFileWriter(self._tb_dir)
+    scalars = {k: v for k, v in record.items() if k != 'step'}
+    self._tb.write_scalars(step, scalars)
 
   def close(self) -> None:
     """Flushes and closes the files."""
     if self._jsonl is not None:
       self._jsonl.close()
       self._jsonl = None
-    if self._tb:
+    if self._tb is not None:
       self._tb.close()
       self._tb = None
 
@@ -180,14 +154,6 @@ def logged_eval(workdir: str, step: int, key: str = 'eval/top1') -> dict:
       if key in record:
         return record
   return {}
-
-
-def _scalar_metadata() -> bytes:
-  """Serialized SummaryMetadata marking a value as a TensorBoard scalar."""
-  from tensorflow.core.framework import summary_pb2  # noqa: PLC0415
-
-  plugin = summary_pb2.SummaryMetadata.PluginData(plugin_name='scalars')
-  return summary_pb2.SummaryMetadata(plugin_data=plugin).SerializeToString()
 
 
 def format_duration(seconds: float) -> str:

@@ -37,7 +37,6 @@ def test_resume_moves_later_records_aside_and_keeps_them(tmp_path):
   ]
   # A writer opened afterwards appends after the kept records.
   writer = writers.MetricWriter(str(tmp_path))
-  writer._write_tensorboard = lambda step, record: None  # No TF here.
   writer.write(120, {'train/loss': 0.25})
   writer.close()
   steps = [r['step'] for r in _read(tmp_path / 'metrics.jsonl')]
