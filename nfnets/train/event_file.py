@@ -15,12 +15,14 @@ trainer then logs to TensorBoard on accelerator hosts without TensorFlow,
 and never pays TensorFlow's multi-second import for it.
 """
 
+import math
 import os
 import socket
 import struct
 import time
 
 FILE_VERSION = 'brain.Event:2'  # What TensorBoard expects first.
+_FLOAT32_MAX = 3.4028234663852886e38
 
 # CRC32C (Castagnoli), reflected polynomial, one table entry per byte.
 _CRC32C_POLY = 0x82F63B78
@@ -79,12 +81,21 @@ def _length_delimited(field: int, payload: bytes) -> bytes:
   return _varint(field << 3 | 2) + _varint(len(payload)) + payload
 
 
+def _float32(value: float) -> float:
+  """`value` as a float32 rounds it: beyond float32's range, +-inf (a
+  diverging loss or norm must not stop the run's logging)."""
+  value = float(value)
+  if math.isfinite(value) and abs(value) > _FLOAT32_MAX:
+    return math.copysign(math.inf, value)
+  return value
+
+
 def _scalar_value(tag: str, value: float) -> bytes:
   """A Summary.Value: tag, simple_value (float32, wire type 5)."""
   return (
     _length_delimited(1, tag.encode())
     + bytes([2 << 3 | 5])
-    + (struct.pack('<f', value))
+    + struct.pack('<f', _float32(value))
   )
 
 
