@@ -45,9 +45,9 @@ def compilation_cache_dir(tmp_path_factory):
 # `make test` sends whole modules to the two workers in collection order
 # (`--dist loadscope --no-loadscope-reorder`); longest first keeps one
 # worker from starting a long module while the other runs out of work.
-# The order decides the wall time as much as the costs do: on 2026-12-06
-# (Zen 4) this one gave 10 min 46-48 s, one sorted strictly by that day's
-# per-module sums 11 min 14 s.
+# On 2026-12-06 (Zen 4) this order took 10 min 46 s to 12 min 17 s over
+# three runs, one sorted strictly by that day's per-module sums 11 min
+# 14 s: within the machine's run-to-run spread, so it stays.
 LONGEST_MODULES_FIRST = (
   'test_multidevice.py',
   'test_nfnet.py',
