@@ -53,7 +53,7 @@ def _predict_weights(paths):
 
 def _predict_workdir(paths, config, workdir):
   # First: the dataset's loader check imports TensorFlow where it exists.
-  common.import_tensorflow_quietly()
+  has_tf = common.import_tensorflow_quietly()
   import jax
 
   from nfnets import data, models
@@ -75,13 +75,13 @@ def _predict_workdir(paths, config, workdir):
   params, model_state = sets[key]
   model = models.make_model(config.model, info.num_classes)
   apply = jax.jit(lambda x: model.apply(params, model_state, None, x, False))
-  load = _eval_loader(config.data, _IMAGE_SIZE.value)
+  load = _eval_loader(config.data, has_tf, _IMAGE_SIZE.value)
   return inference.classify_files(
     paths, load, lambda x: apply(x)[0]['logits'], names, _TOP_K.value
   )
 
 
-def _eval_loader(data_config, image_size=None):
+def _eval_loader(data_config, has_tf, image_size=None):
   """`path -> normalised float32 image`, as the run's eval pipeline makes it.
 
   The run's loader decides which code decodes and resizes: TensorFlow's
@@ -92,6 +92,7 @@ def _eval_loader(data_config, image_size=None):
 
   Args:
     data_config: the run's `config.data`.
+    has_tf: whether TensorFlow is imported.
     image_size: the input size; default the run's `eval_image_size`.
   """
   from nfnets import data
@@ -99,7 +100,6 @@ def _eval_loader(data_config, image_size=None):
 
   size = image_size or data_config.eval_image_size
   mode = plan.eval_preproc_mode(data_config)
-  has_tf = common.import_tensorflow_quietly()
   if has_tf and data.resolve_loader(data_config) == 'tf':
     return functools.partial(_load_with_tensorflow, size=size, mode=mode)
   return functools.partial(_load_with_numpy, size=size, mode=mode)
