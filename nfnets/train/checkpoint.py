@@ -333,9 +333,9 @@ def _quiet_failures():
   A failed read leaves Orbax's other read coroutines unawaited, and Python
   prints each one's exception when it is collected, so a failure is
   followed by a collection while the hook is silenced. A read that
-  succeeds leaves none: it skips the collection, which costs 0.2 s or more
-  in a process that holds TensorFlow and JAX. Orbax also logs warnings (e.g. a
-  missing metadata file) that the diagnosis repeats.
+  succeeds leaves none and skips the collection (0.2 s or more in a
+  process that holds TensorFlow and JAX). Orbax also logs warnings (e.g.
+  a missing metadata file) that the diagnosis repeats.
   """
   previous = sys.unraisablehook
   sys.unraisablehook = lambda unraisable: None
