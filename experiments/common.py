@@ -486,6 +486,11 @@ def use_run_config(argv):
       raise FileNotFoundError(f'No config file {config_arg!r}.')
   elif config_arg is not None or workdir is None:
     return argv
+  if not os.path.isdir(os.path.expanduser(workdir)):
+    raise flags.ValidationError(
+      f'--workdir={workdir} is not a directory: pass the --workdir of a '
+      'training run, or a config with --config=configs/<name>.py.'
+    )
   saved = saved_run_config(workdir)
   if saved is None:
     raise flags.ValidationError(

@@ -359,6 +359,9 @@ def test_config_errors_are_short(known_run, tmp_path):
   # A directory that is no training run, and no --config.
   proc = _run('experiments.evaluate', f'--workdir={tmp_path}')
   _assert_short(proc, 2, 'config.json does not exist', '--config=')
+  # A mistyped workdir: the path named as no directory at all.
+  proc = _run('experiments.predict', f'--workdir={tmp_path}/typo', 'x.jpg')
+  _assert_short(proc, 2, f'--workdir={tmp_path}/typo is not a directory')
 
 
 def test_usage_errors_are_short(known_run, tmp_path):
