@@ -15,8 +15,10 @@ without TensorFlow. Sources never download: tfds is always used with
 instructions.
 """
 
+import contextlib
 import dataclasses
 import importlib
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -158,6 +160,31 @@ class DigitsSource:
     return records_lib.Records(images[start:stop], labels[start:stop])
 
 
+class _DropMissingInfoWarning(logging.Filter):
+  """Drops tfds's "Variant folder ... has no dataset_info.json" warning."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return 'has no dataset_info.json' not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_missing_dataset_info():
+  """Silences tfds's warning about an unprepared dataset's folder.
+
+  The builder's `is_prepared` logs it (through absl) for a dataset that is
+  not prepared, just before `TfdsSource` raises an error that names the
+  folder and says how to prepare it; the warning would only put noise
+  above that error. Every other tfds message passes.
+  """
+  drop = _DropMissingInfoWarning()
+  logger = logging.getLogger('absl')
+  logger.addFilter(drop)
+  try:
+    yield
+  finally:
+    logger.removeFilter(drop)
+
+
 class TfdsSource:
   """A prepared tfds image-classification dataset (never downloaded)."""
 
@@ -180,7 +207,9 @@ class TfdsSource:
         '`tfds.list_builders()` (e.g. "tfds/cifar10"), "imagenet2012", '
         '"digits" or "folder".'
       ) from e
-    if not self._builder.is_prepared():
+    with _quiet_missing_dataset_info():
+      prepared = self._builder.is_prepared()
+    if not prepared:
       raise FileNotFoundError(
         f'Dataset {name!r} is not prepared in '
         f'{self._builder.data_dir!r} (download=False: nothing is fetched). '

@@ -201,12 +201,14 @@ def test_bad_input_errors(tmp_path):
     data.dataset_info(_config(name='folder', folder_root=str(tmp_path / 'x')))
 
 
-def test_missing_tfds_dataset_fails_fast(tmp_path):
+def test_missing_tfds_dataset_fails_fast(tmp_path, caplog):
   # download=False everywhere: no network, an immediate, actionable error.
   with pytest.raises(FileNotFoundError, match='not prepared'):
     data.dataset_info(_config(name='tfds/mnist', data_dir=str(tmp_path)))
   with pytest.raises(FileNotFoundError, match='prepare_imagenet.sh'):
     data.dataset_info(_config(name='imagenet2012', data_dir=str(tmp_path)))
+  # The error alone: not tfds's warning about the folder above it.
+  assert 'dataset_info.json' not in caplog.text
   with pytest.raises(FileNotFoundError, match='does not exist'):
     data.dataset_info(
       _config(name='imagenet2012', data_dir=str(tmp_path / 'nope'))
