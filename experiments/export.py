@@ -61,6 +61,8 @@ def main(argv):
   # Deferred so --help and flag errors stay fast.
   from nfnets import export
 
+  # Before any weights are read: a slip of --out must fail at once.
+  export.check_destination(_FORMAT.value, _OUT.value)
   if _SOURCE.weights.value:
     spec, params, state = export.spec_from_weights(
       _SOURCE.weights.value,

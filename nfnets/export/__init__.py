@@ -8,7 +8,9 @@
 * `serving`: `ExportSpec` and the exported function, from a weights file
   or a training run;
 * `savedmodel`, `tflite`, `stablehlo`: the writers (jax2tf SavedModel,
-  TFLite converted from it, `jax.export` serialization).
+  TFLite converted from it, `jax.export` serialization);
+* `destination`: `check_destination`, which lets an export replace an
+  earlier export and nothing else.
 
 `export_model` folds and writes one format; `python -m experiments.export`
 is its command line. See docs/export.md.
@@ -18,6 +20,7 @@ import os
 import tempfile
 
 from nfnets.export import serving
+from nfnets.export.destination import check_destination
 from nfnets.export.fold import (
   fold_weight_standardization,
   folded_convs,
@@ -69,11 +72,14 @@ def export_model(
   Raises:
     ValueError: an unknown format or preprocess mode, or params without
       weight-standardised convs.
+    FileExistsError: `out` holds something other than an earlier export
+      of this format (`check_destination`).
   """
   from nfnets.export import savedmodel, stablehlo, tflite
 
   check_format(fmt)
   serving.check_preprocess(preprocess)
+  check_destination(fmt, out)
   folded = fold_weight_standardization(params)
   if fmt == 'stablehlo':
     return stablehlo.write_stablehlo(
@@ -95,6 +101,7 @@ __all__ = [
   'FORMATS',
   'PREPROCESS_MODES',
   'ExportSpec',
+  'check_destination',
   'check_format',
   'export_model',
   'fold_weight_standardization',

@@ -21,6 +21,7 @@ import skimage.data
 from configs import f0
 from nfnets import export, models, pretrained, train
 from nfnets.data import preprocess as host
+from nfnets.export import stablehlo
 from nfnets.pretrained import inference
 from nfnets.train import checkpoint as ckpt_lib
 from tests.export import helpers
@@ -245,7 +246,7 @@ def test_workdir_exports_the_ema_params(tmp_path):
   _write_checkpoint(str(tmp_path), config, raw, ema)
   spec, params, state = export.spec_from_workdir(config, str(tmp_path))
   assert (spec.image_size, spec.eval_mode) == (32, 'resize')
-  exported = export.stablehlo.export_stablehlo(
+  exported = stablehlo.export_stablehlo(
     spec, export.fold_weight_standardization(params), state
   )
   x = np.random.default_rng(0).standard_normal((3, 32, 32, 3))
@@ -277,3 +278,21 @@ def test_cli_errors_are_one_line(weights, tmp_path, args, code, message):
   assert first.startswith('Error') and message in first, proc.stderr
   assert 'Traceback' not in proc.stderr
   assert not os.path.exists(tmp_path / 'out')
+
+
+def test_cli_refuses_to_write_over_the_weights_file(weights, tmp_path):
+  # --weights and --out swapped by a slip: the weights must survive.
+  target = tmp_path / 'F0_copy.npz'
+  with open(weights['path'], 'rb') as f:
+    original = f.read()
+  target.write_bytes(original)
+  proc = _run_cli(
+    f'--weights={weights["path"]}', f'--model_kwargs={json.dumps(SMALL)}',
+    f'--out={target}', '--format=tflite',
+  )  # fmt: skip
+  assert proc.returncode == 1, proc.stderr
+  assert f'--out={target} is a file that holds no tflite export' in (
+    proc.stderr
+  )
+  assert 'Traceback' not in proc.stderr
+  assert target.read_bytes() == original
