@@ -15,6 +15,7 @@ checked against --variant before anything is written. See docs/pretrained.md.
 """
 
 import json
+import os
 
 from absl import app, flags
 
@@ -34,9 +35,20 @@ _TO = flags.DEFINE_enum(
 flags.mark_flags_as_required(['input', 'output'])
 
 
+def _refuse_writing_over_the_input():
+  """A conversion never replaces its source file (say, DeepMind's pickle)."""
+  if os.path.exists(_OUTPUT.value) and os.path.exists(_INPUT.value):
+    if os.path.samefile(_INPUT.value, _OUTPUT.value):
+      raise app.UsageError(
+        f'--output={_OUTPUT.value} is the --input file; the conversion would '
+        'replace it. Pass a new --output path.'
+      )
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  _refuse_writing_over_the_input()
   from nfnets import pretrained  # Deferred: fast --help.
   from nfnets.pretrained import timm_interop
 

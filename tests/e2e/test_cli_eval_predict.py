@@ -248,6 +248,15 @@ def test_convert_weights_dm_pickle_to_safetensors(tmp_path):
       np.testing.assert_array_equal(loaded[module][key], value)
   metadata = pretrained.read_metadata(dst)
   assert metadata['variant'] == 'F0'
+  # The source is never replaced: --output naming --input is refused.
+  original = src.read_bytes()
+  proc = _run(
+    'experiments.convert_weights', f'--input={src}', f'--output={src}',
+    f'--model_kwargs={json.dumps(TINY)}',
+  )  # fmt: skip
+  assert proc.returncode == 2, proc.stderr
+  assert 'is the --input file' in proc.stderr
+  assert src.read_bytes() == original
   assert json.loads(metadata['model_kwargs']) == {
     'width': 0.125, 'depth': [1, 1, 1, 1]
   }  # fmt: skip
