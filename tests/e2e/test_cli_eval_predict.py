@@ -236,10 +236,14 @@ def test_convert_weights_dm_pickle_to_safetensors(tmp_path):
   params = _tiny_weights(10, np.arange(10))
   src, dst = tmp_path / 'F0_haiku.npz', tmp_path / 'F0.safetensors'
   write_dm_pickle(params, src)
-  proc = _run(
-    'experiments.convert_weights', f'--input={src}', f'--output={dst}',
-    f'--model_kwargs={json.dumps(TINY)}',
-  )  # fmt: skip
+
+  def convert(output):
+    return _run(
+      'experiments.convert_weights', f'--input={src}', f'--output={output}',
+      f'--model_kwargs={json.dumps(TINY)}',
+    )  # fmt: skip
+
+  proc = convert(dst)
   assert proc.returncode == 0, proc.stderr
   assert '0.74M parameters' in proc.stdout
   loaded = pretrained.load(dst, 'F0', **TINY)
@@ -250,10 +254,7 @@ def test_convert_weights_dm_pickle_to_safetensors(tmp_path):
   assert metadata['variant'] == 'F0'
   # The source is never replaced: --output naming --input is refused.
   original = src.read_bytes()
-  proc = _run(
-    'experiments.convert_weights', f'--input={src}', f'--output={src}',
-    f'--model_kwargs={json.dumps(TINY)}',
-  )  # fmt: skip
+  proc = convert(src)
   assert proc.returncode == 2, proc.stderr
   assert 'is the --input file' in proc.stderr
   assert src.read_bytes() == original
