@@ -7,7 +7,7 @@ r"""Classifies image files with a training run or a weights file; prints top-5.
 
     # A weights file (DeepMind's F*_haiku.npz, .safetensors, .npz):
     python -m experiments.predict --weights=pretrained/F0_haiku.npz \
-      photo1.jpg photo2.png
+      photo1.jpg photo2.png photos/   # a directory: its image files
 
 With --weights each image gets the reference's evaluation preprocessing
 (resize to (S+32)^2 ignoring the aspect ratio, centre crop S = the variant's
@@ -141,10 +141,14 @@ def _print(path, result):
 
 
 def main(argv):
-  paths = argv[1:]
-  if not paths:
-    raise app.UsageError('Pass one or more image files after the flags.')
+  if not argv[1:]:
+    raise app.UsageError(
+      'Pass one or more image files (or directories of them) after the flags.'
+    )
   _SOURCE.check()
+  from nfnets.pretrained import inference
+
+  paths = inference.image_paths(argv[1:])
   if _SOURCE.weights.value:
     results = _predict_weights(paths)
   else:

@@ -94,6 +94,44 @@ class UnreadableImageError(FileNotFoundError):
   """An image file is missing, not an image, or truncated or damaged."""
 
 
+def image_paths(args: Sequence[str]) -> list[str]:
+  """The files to classify: each file as given, each directory's images.
+
+  A directory stands for its image files (by extension, as the folder
+  dataset names them; hidden files skipped), sorted, not recursing.
+
+  Args:
+    args: file and directory paths from the command line.
+
+  Returns:
+    The file paths, in the order given.
+
+  Raises:
+    ValueError: a directory holds no image file.
+  """
+  from nfnets.data import image_files
+
+  paths = []
+  for arg in args:
+    if not os.path.isdir(arg):
+      paths.append(arg)
+      continue
+    found = [
+      os.path.join(arg, name)
+      for name in image_files.list_dir(arg)
+      if image_files.classify(name) != 'other'
+      and os.path.isfile(os.path.join(arg, name))
+    ]
+    if not found:
+      raise ValueError(
+        f'{arg!r} is a directory without image files '
+        f'({", ".join(image_files.SUPPORTED_EXTENSIONS)}, ...); pass image '
+        'files or a directory that holds some.'
+      )
+    paths.extend(found)
+  return paths
+
+
 def read_rgb(path: str) -> np.ndarray:
   """Decodes an image file to uint8 RGB [H, W, 3].
 

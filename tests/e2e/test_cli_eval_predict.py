@@ -82,12 +82,17 @@ def test_predict_prints_top5_imagenet_names(tmp_path):
   bias = np.zeros(1000)
   bias[[945, 950, 954, 0, 999, 7]] = [6.0, 5.0, 4.0, 3.0, 2.5, 2.0]
   weights = _save(_tiny_weights(1000, bias), tmp_path / 'tiny.safetensors')
-  cat, camera = tmp_path / 'cat.jpg', tmp_path / 'camera.png'
+  # A file and a directory, which stands for its image files only.
+  photos = tmp_path / 'photos'
+  photos.mkdir()
+  cat, camera = tmp_path / 'cat.jpg', photos / 'camera.png'
   PIL.Image.fromarray(skimage.data.chelsea()).save(cat)
   PIL.Image.fromarray(skimage.data.camera()).save(camera)  # Greyscale.
+  (photos / 'notes.txt').write_text('not an image')
+  PIL.Image.fromarray(skimage.data.chelsea()).save(photos / '.hidden.png')
   proc = _run(
     'experiments.predict', f'--weights={weights}', '--image_size=64',
-    '--json', str(cat), str(camera),
+    '--json', str(cat), str(photos),
   )  # fmt: skip
   assert proc.returncode == 0, proc.stderr
   rows = [json.loads(line) for line in proc.stdout.splitlines()]
@@ -113,6 +118,9 @@ def test_predict_errors_are_clear(tmp_path):
     inference.load_image(str(tmp_path / 'missing.jpg'), 64)
   with pytest.raises(FileNotFoundError, match='not an image'):
     inference.load_image(weights, 64)
+  (tmp_path / 'empty').mkdir()
+  with pytest.raises(ValueError, match="empty' is a directory without image"):
+    inference.image_paths([str(image), str(tmp_path / 'empty')])
 
 
 def test_load_image_matches_the_reference_demo_preprocessing(tmp_path):
