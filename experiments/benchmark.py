@@ -100,6 +100,8 @@ _BREAKDOWN = flags.DEFINE_bool(
 _PLOT = flags.DEFINE_string(
   'plot_out', '', 'With --table=paper: write the FLOPs-vs-time plot (PNG).'
 )
+common.validate_output_file(_JSON)
+common.validate_output_file(_PLOT)
 
 
 def _model_specs() -> list[tuple[str, dict]]:

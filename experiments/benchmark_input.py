@@ -53,6 +53,7 @@ _PIPELINES = flags.DEFINE_list(
   'python_device, eval, digits.',
 )
 _JSON = flags.DEFINE_string('json_out', '', 'Write the results as JSON here.')
+common.validate_output_file(_JSON)
 _NOISE = flags.DEFINE_float(
   'noise', 10.0, 'Gaussian noise sd added to the photos (JPEG size).'
 )

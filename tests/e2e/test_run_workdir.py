@@ -379,6 +379,13 @@ def test_usage_errors_are_short(known_run, tmp_path):
   _assert_short(proc, 2, "--model_kwargs={'width': 0.25} is not a JSON")
   assert """--model_kwargs='{"width": 0.5}'""" in proc.stderr
   assert 'Benchmarking' not in proc.stdout  # Refused before any work.
+  # A result file that could not be written is refused before the work too.
+  proc = _run('experiments.benchmark', f'--json_out={tmp_path}', '--steps=1')
+  _assert_short(proc, 2, f'--json_out={tmp_path}: is a directory')
+  assert 'Benchmarking' not in proc.stdout
+  missing = tmp_path / 'no' / 'r.json'
+  proc = _run('experiments.benchmark_input', f'--json_out={missing}')
+  _assert_short(proc, 2, f'its directory {missing.parent} does not exist')
 
 
 def test_runtime_errors_are_short_unless_a_traceback_is_asked_for(
