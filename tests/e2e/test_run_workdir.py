@@ -379,6 +379,11 @@ def test_usage_errors_are_short(known_run, tmp_path):
   _assert_short(proc, 2, "--model_kwargs={'width': 0.25} is not a JSON")
   assert """--model_kwargs='{"width": 0.5}'""" in proc.stderr
   assert 'Benchmarking' not in proc.stdout  # Refused before any work.
+  proc = _run(
+    'experiments.train', '--config=configs/quickstart.py',
+    f'--workdir={known_run}/config.json',
+  )  # fmt: skip
+  _assert_short(proc, 2, 'config.json is a file; pass a directory')
   # A result file that could not be written is refused before the work too.
   proc = _run('experiments.benchmark', f'--json_out={tmp_path}', '--steps=1')
   _assert_short(proc, 2, f'--json_out={tmp_path}: is a directory')
