@@ -80,6 +80,8 @@ def export_model(
   check_format(fmt)
   serving.check_preprocess(preprocess)
   check_destination(fmt, out)
+  # `--out=exported/f0.tflite` on a fresh checkout: the folder is made.
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   folded = fold_weight_standardization(params)
   if fmt == 'stablehlo':
     return stablehlo.write_stablehlo(

@@ -205,7 +205,7 @@ def test_full_size_f0_from_deepmind_pickle(tmp_path):
 @pytest.mark.parametrize('preprocess', ['none', 'eval'])
 def test_stablehlo_round_trip(weights, preprocess, tmp_path):
   spec, params, state = _spec(weights)
-  path = str(tmp_path / 'f0.stablehlo')
+  path = str(tmp_path / 'exported' / 'f0.stablehlo')  # A folder to make.
   export.export_model(
     spec, params, state, fmt='stablehlo', out=path, preprocess=preprocess
   )
