@@ -21,6 +21,8 @@ from absl import app, flags
 
 from experiments import common
 
+_HAIKU_SUFFIXES = ('.safetensors', '.npz')  # The timm layout: safetensors.
+
 _INPUT = flags.DEFINE_string('input', None, 'Source weights file.')
 _OUTPUT = flags.DEFINE_string(
   'output', None, 'Destination: .safetensors, or .npz (haiku layout only).'
@@ -35,25 +37,36 @@ _TO = flags.DEFINE_enum(
 flags.mark_flags_as_required(['input', 'output'])
 
 
-def _refuse_writing_over_the_input():
-  """A conversion never replaces its source file (say, DeepMind's pickle)."""
-  if os.path.exists(_OUTPUT.value) and os.path.exists(_INPUT.value):
-    if os.path.samefile(_INPUT.value, _OUTPUT.value):
+def _check_output():
+  """Refuses an --output that cannot take the result, before any work.
+
+  A conversion never replaces its source file (say, DeepMind's pickle),
+  and its name must say a format the chosen layout is written in.
+  """
+  output = _OUTPUT.value
+  if os.path.exists(output) and os.path.exists(_INPUT.value):
+    if os.path.samefile(_INPUT.value, output):
       raise app.UsageError(
-        f'--output={_OUTPUT.value} is the --input file; the conversion would '
+        f'--output={output} is the --input file; the conversion would '
         'replace it. Pass a new --output path.'
       )
+  suffixes = ('.safetensors',) if _TO.value == 'timm' else _HAIKU_SUFFIXES
+  if not output.endswith(suffixes):
+    raise app.UsageError(
+      f'--output={output}: name it {" or ".join(suffixes)} (--to={_TO.value}).'
+    )
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  _refuse_writing_over_the_input()
+  _check_output()
   from nfnets import pretrained  # Deferred: fast --help.
   from nfnets.pretrained import timm_interop
 
   kwargs = common.json_object_flag(_MODEL_KWARGS)
   params = pretrained.load(_INPUT.value, _VARIANT.value, **kwargs)
+  os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
   if _TO.value == 'timm':
     timm_interop.save_timm(params, _OUTPUT.value)
   else:

@@ -242,7 +242,8 @@ def test_convert_weights_dm_pickle_to_safetensors(tmp_path):
   from tests.pretrained.test_pretrained import write_dm_pickle
 
   params = _tiny_weights(10, np.arange(10))
-  src, dst = tmp_path / 'F0_haiku.npz', tmp_path / 'F0.safetensors'
+  src = tmp_path / 'F0_haiku.npz'
+  dst = tmp_path / 'converted' / 'F0.safetensors'  # A folder to make.
   write_dm_pickle(params, src)
 
   def convert(output):
@@ -266,6 +267,9 @@ def test_convert_weights_dm_pickle_to_safetensors(tmp_path):
   assert proc.returncode == 2, proc.stderr
   assert 'is the --input file' in proc.stderr
   assert src.read_bytes() == original
+  proc = convert(tmp_path / 'F0.pt')  # Refused before the input is read.
+  assert proc.returncode == 2, proc.stderr
+  assert 'name it .safetensors or .npz' in proc.stderr
   assert json.loads(metadata['model_kwargs']) == {
     'width': 0.125, 'depth': [1, 1, 1, 1]
   }  # fmt: skip
