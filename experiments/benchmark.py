@@ -156,10 +156,10 @@ def _paper_table():
     print('\nTrain step time by kind of kernel (ms/step, share):')
     print(paper_table.format_breakdowns(rows))
   if _PLOT.value:
-    paper_table.plot_flops_vs_time(rows, _PLOT.value)
+    paper_table.plot_flops_vs_time(rows, common.make_parent(_PLOT.value))
     print(f'Wrote {_PLOT.value}')
   if _JSON.value:
-    with open(_JSON.value, 'w') as f:
+    with open(common.make_parent(_JSON.value), 'w') as f:
       json.dump([paper_table.row_dict(r) for r in rows], f, indent=2)
     print(f'Wrote {_JSON.value}')
 
@@ -219,7 +219,7 @@ def main(argv):
       _print_compile_events(result.compile_events[: _TRACE.value])
   print(report.format_table(results))
   if _JSON.value:
-    with open(_JSON.value, 'w') as f:
+    with open(common.make_parent(_JSON.value), 'w') as f:
       json.dump([r.to_dict() for r in results], f, indent=2)
     print(f'Wrote {_JSON.value}')
 

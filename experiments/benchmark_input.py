@@ -224,7 +224,7 @@ def main(argv):
       ratio = r['cpu_ms_per_image'] / results['plain']['cpu_ms_per_image']
       print(f'{name:17s} host cost {ratio:.2f}x plain')
   if _JSON.value:
-    with open(_JSON.value, 'w') as f:
+    with open(common.make_parent(_JSON.value), 'w') as f:
       json.dump(results, f, indent=2)
   if _MODEL_STEPS.value:
     time_model_steps(_MODEL_STEPS.value)

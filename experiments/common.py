@@ -381,28 +381,27 @@ def validate_output_file(holder) -> None:
   """Checks a result-file flag when flags are parsed, not after the work.
 
   A benchmark writes its file at the end, after minutes or hours; a path
-  that is a directory, or lies in a directory that does not exist, is
-  refused at once (exit 2) instead of losing the results then.
+  that is a directory is refused at once (exit 2) instead of losing the
+  results then. A missing folder is made when the file is written
+  (`make_parent`).
 
   Args:
     holder: the string flag's holder ('' = no file).
   """
 
   def check(path: str) -> bool:
-    if not path:
-      return True
-    parent = os.path.dirname(os.path.expanduser(path)) or '.'
-    if os.path.isdir(os.path.expanduser(path)):
+    if path and os.path.isdir(os.path.expanduser(path)):
       # absl's message starts "flag --name=value: ".
       raise flags.ValidationError('is a directory; pass a file path in it.')
-    if not os.path.isdir(parent):
-      raise flags.ValidationError(
-        f'its directory {parent} does not exist; create it first or pass '
-        'a path in an existing one.'
-      )
     return True
 
   flags.register_validator(holder.name, check)
+
+
+def make_parent(path: str) -> str:
+  """Makes the folder `path` is to be written in; returns `path`."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  return path
 
 
 def define_weights_flags(what_it_does: str) -> WeightsFlags:

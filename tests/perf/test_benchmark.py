@@ -31,7 +31,8 @@ BATCH, SIZE, STEPS = 2, 32, 2
 @pytest.fixture(scope='module')
 def cli_run(tmp_path_factory):
   """One CLI run on a tiny NFNet (one compile for the whole file)."""
-  out = tmp_path_factory.mktemp('bench') / 'bench.json'
+  # In a folder that does not exist yet: the benchmark makes it.
+  out = tmp_path_factory.mktemp('bench') / 'results' / 'bench.json'
   proc = subprocess.run(
     [sys.executable, '-m', 'experiments.benchmark', '--model=NFNet:F0',
      f'--batch_size={BATCH}', f'--image_size={SIZE}', f'--steps={STEPS}',
