@@ -66,7 +66,7 @@ def main(argv):
 
   kwargs = common.json_object_flag(_MODEL_KWARGS)
   params = pretrained.load(_INPUT.value, _VARIANT.value, **kwargs)
-  os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
+  common.make_parent(_OUTPUT.value)
   if _TO.value == 'timm':
     timm_interop.save_timm(params, _OUTPUT.value)
   else:

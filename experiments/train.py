@@ -16,7 +16,6 @@ errors exit with status 2 (usage, config) or 1 (runtime);
 NFNETS_TRACEBACK=1 shows their tracebacks. See docs/training.md.
 """
 
-import os
 import signal
 import sys
 
@@ -44,12 +43,6 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  workdir = os.path.expanduser(_WORKDIR.value)
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise app.UsageError(
-      f'--workdir={_WORKDIR.value} is a file; pass a directory (a new one '
-      'starts a run, an existing run directory resumes it).'
-    )
   # Imported after flag parsing so `--help` and flag errors stay fast.
   from nfnets.train import checkpoint, train_and_evaluate
 

@@ -124,11 +124,16 @@ def train_and_evaluate(
     provenance.ConfigChangeError: resuming with a changed config, unless
       allowed.
     checkpoint.CheckpointError: no checkpoint of the run can be restored.
-    ValueError: for config values that cannot work (with what to change).
+    ValueError: config values that cannot work, or a workdir that is a file.
   """
   config_lib.validate_config(config)
   runtime.setup_runtime(config.train)
   workdir = os.path.abspath(os.path.expanduser(workdir))
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(
+      f'workdir {workdir} is a file; pass a directory (a new one starts a '
+      'run, an existing run directory resumes it).'
+    )
   checkpointer = None
   if config.checkpoint.enabled:
     checkpointer = ckpt_lib.Checkpointer(
