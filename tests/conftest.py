@@ -62,35 +62,44 @@ def session_wide_compilation_cache(compilation_cache_dir):
   jax.config.update('jax_compilation_cache_dir', compilation_cache_dir)
 
 
-# Test modules roughly by their cost on a 2-core machine, longest first.
-# `make test` sends whole modules to the two workers in collection order
-# (`--dist loadscope --no-loadscope-reorder`); longest first keeps one
-# worker from starting a long module while the other runs out of work.
-# On 2026-12-06 (Zen 4) this order took 10 min 46 s to 12 min 17 s over
-# three runs, one sorted strictly by that day's per-module sums 11 min
-# 14 s: within the machine's run-to-run spread, so it stays.
+# Test modules by their cost on a 2-core machine, longest first (every
+# module over ~10 s; the rest follow in collection order). `make test`
+# sends whole modules to the two workers in this order (`--dist loadscope
+# --no-loadscope-reorder`), so neither worker starts a long module while
+# the other runs out of work. Ranked by per-module sums of one run
+# (AMD EPYC Zen 4, 2026-12-07, 12 min 49 s); in the next run the two
+# workers finished 26 s apart. The machine's run-to-run spread is larger
+# than what another order changes.
 LONGEST_MODULES_FIRST = (
   'test_multidevice.py',
   'test_nfnet.py',
-  'test_loop.py',
   'test_run_workdir.py',
-  'test_grad_accum.py',
-  'test_train_f0.py',
-  'test_notebook.py',
-  'test_features.py',
+  'test_loop.py',
   'test_export.py',
-  'test_benchmark.py',
-  'test_skipinit_fixup.py',
+  'test_train_f0.py',
+  'test_grad_accum.py',
+  'test_features.py',
   'test_freeze.py',
-  'test_paper_table.py',
   'test_efficientnet.py',
   'test_spp.py',
+  'test_skipinit_fixup.py',
+  'test_notebook.py',
+  'test_python_loader.py',
+  'test_benchmark.py',
+  'test_fold.py',
+  'test_train_cli.py',
   'test_cli_eval_predict.py',
-  'test_batched_init.py',
+  'test_paper_table.py',
   'test_sweep.py',
-  'test_step.py',
-  'test_flops.py',
+  'test_workload.py',
+  'test_precision.py',
   'test_optim.py',
+  'test_batched_init.py',
+  'test_step.py',
+  'test_device_augment.py',
+  'test_gemm_conv.py',
+  'test_checkpoint.py',
+  'test_flops.py',
   'test_layers.py',
 )
 
