@@ -50,6 +50,8 @@ def main(argv):
   results = evaluation.evaluate_from(
     _CONFIG.value, weights=_WEIGHTS.value, workdir=_WORKDIR.value
   )
+  if 'step' in results:  # Names the checkpoint, e.g. after a fallback.
+    print(f'{_WORKDIR.value}: the checkpoint of step {int(results["step"])}')
   for prefix in ('eval', 'eval_ema'):
     if f'{prefix}/top1' in results:
       print(

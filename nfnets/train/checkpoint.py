@@ -147,23 +147,36 @@ class Checkpointer:
       raise DamagedCheckpointError(
         f'Checkpoint {where} is incomplete or damaged: {problem}.'
       )
+    restored, error = _quietly(lambda: self._try_restore(step, abstract, state))
+    if error is not None:
+      raise error
+    return restored
+
+  def _try_restore(self, step: int, abstract, state):
+    """(the restored state, None), or (None, the diagnosed CheckpointError).
+
+    The error is returned, not raised from Orbax's exception: that
+    exception's traceback holds the failed read's unawaited coroutines,
+    and returning lets them go while their noise is still silenced.
+    """
     try:
-      with _quiet_failures():
+      with _orbax_warnings_off():
         if self._predates_model_state(step, state):
-          return self._restore_without_model_state(step, abstract, state)
-        return self._manager.restore(
+          return self._restore_without_model_state(step, abstract, state), None
+        restored = self._manager.restore(
           step, args=ocp.args.StandardRestore(abstract)
         )
-    except CheckpointError:
-      raise
-    except Exception as e:  # Orbax raises many types; diagnosed below.
-      raise self._diagnose(step, abstract, e) from None
+        return restored, None
+    except CheckpointError as e:
+      return None, e
+    except Exception as e:  # Orbax raises many types; diagnosed here.
+      return None, self._diagnose(step, abstract, e)
 
   def _diagnose(self, step: int, abstract, error) -> CheckpointError:
     """Tells a config mismatch from damage, for a failed restore."""
     where = os.path.join(self.directory, str(step))
     try:
-      with _quiet_failures():
+      with _orbax_warnings_off():
         metadata = self._manager.item_metadata(step)
     except Exception:  # noqa: BLE001  (unreadable metadata is damage)
       metadata = None
@@ -326,25 +339,25 @@ def _unused_name(path: str) -> str:
   return f'{path}.{n}'
 
 
-@contextlib.contextmanager
-def _quiet_failures():
-  """Silences the noise of a failed read; its exception says it all.
+def _quietly(read):
+  """`read() -> (result, error)`, silencing what a failed read leaves.
 
-  A failed read leaves Orbax's other read coroutines unawaited, and Python
-  prints each one's exception when it is collected, so a failure is
-  followed by a collection while the hook is silenced. A read that
-  succeeds leaves none and skips the collection (0.2 s or more in a
-  process that holds TensorFlow and JAX). Orbax also logs warnings (e.g.
-  a missing metadata file) that the diagnosis repeats.
+  A failed Orbax read leaves its other read coroutines unawaited, and
+  Python prints each one's exception (a page of TensorStore spec) when it
+  is collected: thousands of lines for one damaged checkpoint of a real
+  model, burying the diagnosis, which says it all. `read` returns its
+  error instead of raising it, which releases Orbax's exception and the
+  coroutines its traceback holds; they are collected here, silently. Only
+  a failure is followed by a collection (0.2 s or more in a process that
+  holds TensorFlow and JAX).
   """
   previous = sys.unraisablehook
   sys.unraisablehook = lambda unraisable: None
   try:
-    with _orbax_warnings_off():
-      yield
-  except BaseException:
-    gc.collect()
-    raise
+    result, error = read()
+    if error is not None:
+      gc.collect()
+    return result, error
   finally:
     sys.unraisablehook = previous
 

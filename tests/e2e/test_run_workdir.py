@@ -325,6 +325,7 @@ def test_evaluate_accepts_the_saved_config_json(known_run):
   assert proc.returncode == 0, proc.stderr
   assert 'NameError' not in proc.stderr
   assert 'eval.batch_size: 8 -> 4' in proc.stderr
+  assert f'{known_run}: the checkpoint of step 3' in proc.stdout
   # Every image is predicted as class 0 (raw) or 1 (EMA): half are right.
   assert 'eval: top-1 50.00%' in proc.stdout
   assert 'eval_ema: top-1 50.00%' in proc.stdout
