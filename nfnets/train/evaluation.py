@@ -221,6 +221,7 @@ def restore_workdir(
   directory = _checkpoint_dir(workdir)
   checkpointer = ckpt_lib.Checkpointer(directory, max_to_keep=1_000_000)
   try:
+    newest = checkpointer.latest_step()
     state = checkpointer.restore(
       init_state.abstract_train_state(config, num_classes), log=log
     )
@@ -228,6 +229,8 @@ def restore_workdir(
     checkpointer.close()
   if state is None:
     raise FileNotFoundError(f'{directory!r} holds no complete checkpoint.')
+  if int(state.step) != newest:
+    log(f'Using the checkpoint of step {int(state.step)}, the newest readable.')
   sets = {'eval': (state.params, state.model_state)}
   if state.ema_params is not None:
     sets['eval_ema'] = (state.ema_params, state.ema_model_state)

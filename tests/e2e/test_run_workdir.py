@@ -16,8 +16,10 @@ TF_CPP_MIN_LOG_LEVEL set, and its stderr must hold none of TensorFlow's,
 oneDNN's or JAX's start-up notices.
 """
 
+import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -264,6 +266,27 @@ def known_run(tmp_path_factory, folder_dataset):
   checkpointer.save(3, state)
   checkpointer.close()
   return workdir
+
+
+def test_evaluate_passes_over_a_damaged_checkpoint_in_a_few_lines(
+  known_run, tmp_path
+):
+  run = tmp_path / 'run'
+  shutil.copytree(known_run, run)
+  newer = run / 'checkpoints' / '5'  # A newer copy of step 3, then damaged.
+  shutil.copytree(run / 'checkpoints' / '3', newer)
+  files = glob.glob(str(newer / 'default' / '**' / 'd' / '*'), recursive=True)
+  largest = max(files, key=os.path.getsize)
+  os.truncate(largest, os.path.getsize(largest) // 2)
+  proc = _run('experiments.evaluate', f'--workdir={run}')
+  assert proc.returncode == 0, proc.stderr
+  # Two lines: the warning and the step used; no traceback.
+  warning, used = proc.stderr.splitlines()
+  assert warning.startswith(f'Warning: Checkpoint {newer} is damaged: its ')
+  assert used == 'Using the checkpoint of step 3, the newest readable.'
+  assert f'{run}: the checkpoint of step 3' in proc.stdout
+  assert 'eval: top-1 50.00%' in proc.stdout
+  assert os.path.isdir(newer)  # Left in place.
 
 
 def _softmax(x):
