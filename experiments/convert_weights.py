@@ -1,4 +1,4 @@
-r"""Converts NFNet weights between formats, once, into a safe file.
+r"""Converts NFNet weights between formats, or a training run's into a file.
 
     # DeepMind's dill pickle -> safetensors (read with a restricted
     # unpickler; nothing in the file is executed):
@@ -9,9 +9,16 @@ r"""Converts NFNet weights between formats, once, into a safe file.
     python -m experiments.convert_weights --input=pretrained/F0_haiku.npz \
       --output=dm_nfnet_f0.safetensors --variant=F0 --to=timm
 
+    # A training run's params (EMA by default; --params=raw), e.g. to share
+    # them or to use them with --weights; --to=timm for PyTorch:
+    python -m experiments.convert_weights --workdir=runs/flowers \
+      --output=flowers.safetensors
+
 The input may be any format `nfnets.pretrained.read_params` reads (DeepMind
 pickle, our .safetensors/.npz, timm safetensors). Names and shapes are
-checked against --variant before anything is written. See docs/pretrained.md.
+checked against --variant before anything is written. A run's file records
+its model, class names and eval image size, which `predict --weights` uses.
+See docs/pretrained.md.
 """
 
 import json
@@ -24,27 +31,37 @@ from experiments import common
 _HAIKU_SUFFIXES = ('.safetensors', '.npz')  # The timm layout: safetensors.
 
 _INPUT = flags.DEFINE_string('input', None, 'Source weights file.')
+_WORKDIR = flags.DEFINE_string(
+  'workdir', None, "Or a training run: its newest checkpoint's params."
+)
+_PARAMS = flags.DEFINE_enum(
+  'params', 'ema', ['ema', 'raw'], 'With --workdir: the EMA or raw params.'
+)
 _OUTPUT = flags.DEFINE_string(
   'output', None, 'Destination: .safetensors, or .npz (haiku layout only).'
 )
-_VARIANT = flags.DEFINE_string('variant', 'F0', 'NFNet variant of the weights.')
+_VARIANT = flags.DEFINE_string(
+  'variant', 'F0', 'NFNet variant of the --input weights.'
+)
 _MODEL_KWARGS = flags.DEFINE_string(
   'model_kwargs', '{}', 'JSON of extra NFNet kwargs, e.g. {"width": 0.5}.'
 )
 _TO = flags.DEFINE_enum(
   'to', 'haiku', ['haiku', 'timm'], 'Layout of the output file.'
 )
-flags.mark_flags_as_required(['input', 'output'])
+flags.mark_flags_as_required(['output'])
 
 
-def _check_output():
-  """Refuses an --output that cannot take the result, before any work.
+def _check_flags():
+  """Refuses flags that cannot work, before any work.
 
   A conversion never replaces its source file (say, DeepMind's pickle),
-  and its name must say a format the chosen layout is written in.
+  and the --output name must say a format the chosen layout is written in.
   """
+  if bool(_INPUT.value) == bool(_WORKDIR.value):
+    raise app.UsageError('Pass exactly one of --input and --workdir.')
   output = _OUTPUT.value
-  if os.path.exists(output) and os.path.exists(_INPUT.value):
+  if _INPUT.value and os.path.exists(output) and os.path.exists(_INPUT.value):
     if os.path.samefile(_INPUT.value, output):
       raise app.UsageError(
         f'--output={output} is the --input file; the conversion would '
@@ -57,24 +74,53 @@ def _check_output():
     )
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  _check_output()
+def _from_file():
+  """`(params, metadata, what)` of the --input file, checked."""
   from nfnets import pretrained  # Deferred: fast --help.
-  from nfnets.pretrained import timm_interop
 
   kwargs = common.json_object_flag(_MODEL_KWARGS)
   params = pretrained.load(_INPUT.value, _VARIANT.value, **kwargs)
+  metadata = {'variant': _VARIANT.value, 'model_kwargs': json.dumps(kwargs)}
+  return params, metadata, f'NFNet-{_VARIANT.value}'
+
+
+def _from_workdir():
+  """`(params, metadata, what)` of the --workdir run's newest checkpoint."""
+  from nfnets.train import run_weights  # Deferred: fast --help.
+
+  workdir = _WORKDIR.value
+  if common.saved_run_config(workdir) is None:
+    raise app.UsageError(
+      f'--workdir={workdir} is not a training run (it has no '
+      f'{common.RUN_CONFIG_FILE}).'
+    )
+  run = run_weights.run_params(workdir, _PARAMS.value)
+  metadata = run_weights.weights_metadata(run)
+  if _TO.value == 'timm' and 'variant' not in metadata:
+    raise app.UsageError(
+      f'--to=timm writes NFNets only; {workdir} trains a '
+      f'{run.config.model.name}. Write the Haiku layout (--to=haiku).'
+    )
+  name = '-'.join(filter(None, [metadata['model'], metadata.get('variant')]))
+  return run.params, metadata, f'{name}, {run.description} of {workdir}'
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  _check_flags()
+  from nfnets import pretrained
+  from nfnets.pretrained import timm_interop
+
+  params, metadata, what = _from_file() if _INPUT.value else _from_workdir()
   common.make_parent(_OUTPUT.value)
   if _TO.value == 'timm':
     timm_interop.save_timm(params, _OUTPUT.value)
   else:
-    metadata = {'variant': _VARIANT.value, 'model_kwargs': json.dumps(kwargs)}
     pretrained.save_params(params, _OUTPUT.value, metadata)
   count = sum(x.size for leaves in params.values() for x in leaves.values())
   print(
-    f'Wrote {_OUTPUT.value} ({_TO.value} layout, NFNet-{_VARIANT.value}, '
+    f'Wrote {_OUTPUT.value} ({_TO.value} layout, {what}, '
     f'{count / 1e6:.2f}M parameters).'
   )
 

@@ -84,9 +84,10 @@ def main(argv):
     platforms=tuple(_PLATFORMS.value),
   )
   shape, dtype, _ = export.serving.input_spec(spec, _PREPROCESS.value)
+  source = f' ({spec.source})' if spec.source else ''
   print(
-    f'Wrote {_FORMAT.value} {out}: images {dtype.name} [{shape}] -> logits '
-    f'float32 [b, {spec.num_classes}]'
+    f'Wrote {_FORMAT.value} {out}{source}: images {dtype.name} [{shape}] -> '
+    f'logits float32 [b, {spec.num_classes}]'
   )
 
 

@@ -56,32 +56,23 @@ def _predict_workdir(paths, config, workdir):
   has_tf = common.import_tensorflow_quietly()
   import jax
 
-  from nfnets import data, models
+  from nfnets import models
   from nfnets.pretrained import inference
-  from nfnets.train import evaluation
+  from nfnets.train import run_weights
 
   common.print_config_differences(workdir, config)
-  info = data.dataset_info(config.data)
-  names = info.class_names
+  run = run_weights.run_params(workdir, _SOURCE.params.value, config=config)
+  names = run.info.class_names
   if config.data.name.startswith('imagenet'):
     names = inference.imagenet_class_names()  # tfds names are synset ids.
-  _, sets = evaluation.restore_workdir(config, workdir, info.num_classes)
-  key = 'eval_ema' if _SOURCE.params.value == 'ema' else 'eval'
-  if key not in sets:
-    raise ValueError(
-      f'{workdir!r} keeps no EMA params (config.train.ema_decay unset); '
-      'pass --params=raw.'
-    )
-  params, model_state = sets[key]
-  model = models.make_model(config.model, info.num_classes)
-  apply = jax.jit(lambda x: model.apply(params, model_state, None, x, False))
-  load = _eval_loader(config.data, has_tf, _IMAGE_SIZE.value)
-  return inference.classify_files(
-    paths, load, lambda x: apply(x)[0]['logits'], names, _TOP_K.value
-  )
+  model = models.make_model(config.model, run.info.num_classes)
+  apply = jax.jit(lambda p, s, x: model.apply(p, s, None, x, False)[0])
+  logits = lambda x: apply(run.params, run.model_state, x)['logits']
+  load = _eval_loader(config.data, run.info, has_tf, _IMAGE_SIZE.value)
+  return inference.classify_files(paths, load, logits, names, _TOP_K.value)
 
 
-def _eval_loader(data_config, has_tf, image_size=None):
+def _eval_loader(data_config, info, has_tf, image_size=None):
   """`path -> normalised float32 image`, as the run's eval pipeline makes it.
 
   The run's loader decides which code decodes and resizes: TensorFlow's
@@ -92,6 +83,7 @@ def _eval_loader(data_config, has_tf, image_size=None):
 
   Args:
     data_config: the run's `config.data`.
+    info: the run's `DatasetInfo` (`natural_images` resolves 'auto').
     has_tf: whether TensorFlow is imported.
     image_size: the input size; default the run's `eval_image_size`.
   """
@@ -99,7 +91,7 @@ def _eval_loader(data_config, has_tf, image_size=None):
   from nfnets.data import plan
 
   size = image_size or data_config.eval_image_size
-  mode = plan.eval_preproc_mode(data_config)
+  mode = plan.eval_preproc_mode(data_config, info.natural_images)
   if has_tf and data.resolve_loader(data_config) == 'tf':
     return functools.partial(_load_with_tensorflow, size=size, mode=mode)
   return functools.partial(_load_with_numpy, size=size, mode=mode)

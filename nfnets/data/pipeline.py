@@ -190,7 +190,7 @@ def _train_dataset(
   )
   source = sources.make_source(data_config)
   train_split, _ = sources.resolve_splits(data_config, source)
-  mode, _ = plan.resolve_modes(data_config, source)
+  mode, _ = plan.resolve_modes(data_config, source.natural_images)
   file_seed, shuffle_seed, aug_seed = _seeds(data_config, seed, process_index)
   shard = source.read(
     train_split,
@@ -254,7 +254,7 @@ def _eval_dataset(data_config, global_batch_size, process_index, process_count):
   )
   source = sources.make_source(data_config)
   _, eval_split = sources.resolve_splits(data_config, source)
-  _, mode = plan.resolve_modes(data_config, source)
+  _, mode = plan.resolve_modes(data_config, source.natural_images)
   size = data_config.eval_image_size
   shard = source.read(
     eval_split,

@@ -30,6 +30,7 @@ def dataset_info(data_config):
     num_train_examples=source.num_examples(train_split),
     num_eval_examples=source.num_examples(eval_split),
     class_names=tuple(source.class_names),
+    natural_images=bool(source.natural_images),
   )
 
 
@@ -61,12 +62,13 @@ def eval_num_batches(num_examples, global_batch_size):
   return math.ceil(num_examples / global_batch_size)
 
 
-def resolve_modes(data_config, source):
-  """Returns (train mode, eval mode) with 'auto' resolved for `source`.
+def resolve_modes(data_config, natural_images: bool):
+  """Returns (train mode, eval mode) with 'auto' resolved for the dataset.
 
   Args:
     data_config: the `config.data` ConfigDict.
-    source: the dataset's source (its `natural_images` decides 'auto').
+    natural_images: the dataset's source's `natural_images` (photos, not
+      digits-like images), which decides 'auto'.
 
   Returns:
     A `recipe.TRAIN_PREPROCS` and a `recipe.EVAL_PREPROCS` mode: 'auto' is
@@ -78,9 +80,9 @@ def resolve_modes(data_config, source):
   """
   train, evl = data_config.train_preproc, data_config.eval_preproc
   if train == 'auto':
-    train = 'inception_crop_flip' if source.natural_images else 'resize'
+    train = 'inception_crop_flip' if natural_images else 'resize'
   if evl == 'auto':
-    evl = 'resize_crop_32' if source.natural_images else 'resize'
+    evl = 'resize_crop_32' if natural_images else 'resize'
   if train not in recipe.TRAIN_PREPROCS:
     raise ValueError(
       f'Unknown train_preproc {train!r}; valid: '
@@ -93,14 +95,18 @@ def resolve_modes(data_config, source):
   return train, evl
 
 
-def eval_preproc_mode(data_config):
+def eval_preproc_mode(data_config, natural_images: bool | None = None):
   """The eval preprocessing a dataset's eval pipeline uses ('auto' resolved).
 
   Args:
     data_config: the `config.data` ConfigDict.
+    natural_images: the dataset's `DatasetInfo.natural_images` (e.g. a
+      training run's record), or None to read the dataset for it.
 
   Returns:
     A `recipe.EVAL_PREPROCS` mode: for 'auto', 'resize_crop_32' for
     photos and 'resize' for digits-like sets, as both loaders do.
   """
-  return resolve_modes(data_config, sources.make_source(data_config))[1]
+  if natural_images is None:
+    natural_images = sources.make_source(data_config).natural_images
+  return resolve_modes(data_config, natural_images)[1]

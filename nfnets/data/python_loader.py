@@ -150,7 +150,7 @@ def _train_setup(data_config, global_batch_size, process_index, process_count):
   on_host, rows = _check_placement(data_config)
   source = sources.make_source(data_config)
   train_split, _ = sources.resolve_splits(data_config, source)
-  mode, _ = plan.resolve_modes(data_config, source)
+  mode, _ = plan.resolve_modes(data_config, source.natural_images)
   records = source.records(
     train_split,
     image_size=data_config.train_image_size,
@@ -256,7 +256,7 @@ def make_eval_iterator(
   local = plan.local_batch(global_batch_size, process_index, process_count)
   source = sources.make_source(data_config)
   _, eval_split = sources.resolve_splits(data_config, source)
-  _, mode = plan.resolve_modes(data_config, source)
+  _, mode = plan.resolve_modes(data_config, source.natural_images)
   size = data_config.eval_image_size
   records = source.records(
     eval_split,

@@ -48,12 +48,15 @@ class DatasetInfo:
     num_train_examples: size of the configured training split.
     num_eval_examples: size of the configured evaluation split.
     class_names: one name per label index.
+    natural_images: photos (resized and cropped), not digits-like images
+      (resized whole); what `eval_preproc='auto'` resolves by.
   """
 
   num_classes: int
   num_train_examples: int
   num_eval_examples: int
   class_names: tuple[str, ...]
+  natural_images: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

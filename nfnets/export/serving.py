@@ -18,7 +18,6 @@ N (and, with 'eval', H and W) are symbolic in the exported program.
 import dataclasses
 import os
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -39,12 +38,15 @@ class ExportSpec:
     image_size: the model's input size S (the eval image size).
     eval_mode: the eval transform of `preprocess='eval'` (a key of
       `nfnets.export.preprocess.EVAL_MODES`).
+    source: which params these are, for messages (e.g. 'the EMA params of
+      step 300'); empty for a weights file.
   """
 
   model_config: ml_collections.ConfigDict
   num_classes: int
   image_size: int
   eval_mode: str = 'resize_crop_32'
+  source: str = ''
 
 
 def check_preprocess(mode: str) -> None:
@@ -144,32 +146,26 @@ def spec_from_workdir(config, workdir: str, params_set: str = 'ema'):
 
   Returns:
     `(spec, params, state)`; the image size and eval transform are the
-    run's `config.data.eval_image_size` and `eval_preproc`.
+    run's `config.data.eval_image_size` and `eval_preproc`; the number of
+    classes is the run's record (`nfnets.train.run_weights`), so the
+    dataset need not be here.
 
   Raises:
     ValueError: 'ema' for a run that keeps no EMA.
     FileNotFoundError: the workdir holds no complete checkpoint.
   """
-  from nfnets import data
   from nfnets.data import plan
-  from nfnets.train import evaluation
+  from nfnets.train import run_weights
 
-  info = data.dataset_info(config.data)
-  _, sets = evaluation.restore_workdir(config, workdir, info.num_classes)
-  key = 'eval_ema' if params_set == 'ema' else 'eval'
-  if key not in sets:
-    raise ValueError(
-      f'{workdir!r} keeps no EMA params (config.train.ema_decay unset); '
-      'export the raw ones.'
-    )
-  params, state = jax.device_get(sets[key])
+  run = run_weights.run_params(workdir, params_set, config=config)
   model_config = ml_collections.ConfigDict(
     dict(name=config.model.name, kwargs=dict(config.model.kwargs))
   )
   spec = ExportSpec(
     model_config,
-    info.num_classes,
+    run.info.num_classes,
     int(config.data.eval_image_size),
-    plan.eval_preproc_mode(config.data),
+    plan.eval_preproc_mode(config.data, run.info.natural_images),
+    source=run.description,
   )
-  return spec, params, state
+  return spec, run.params, run.model_state

@@ -258,30 +258,58 @@ def predict_files(
     weights: any weights file `nfnets.pretrained.load` reads.
     variant: NFNet variant; None = the file's metadata, else 'F0'.
     model_kwargs: extra NFNet kwargs; None = the file's metadata.
-    image_size: input size; None = the variant's test_imsize.
+    image_size: input size; None = the file's `image_size`, else the
+      variant's test_imsize.
     k: how many classes to return per image.
 
   Returns:
     Per image, the top-k (class name, probability), best first, or the
     `UnreadableImageError` of a file that could not be read. Names are the
-    ImageNet classes for 1000-class weights, else 'class_<i>'.
+    file's `class_names`, else the ImageNet classes for 1000-class
+    weights, else 'class_<i>'. A training run's file (`convert_weights
+    --workdir`) records its names, eval size and eval preprocessing, which
+    are used as the run used them.
   """
+  metadata = formats.read_metadata(weights)
   variant, model_kwargs = model_spec(weights, variant, model_kwargs)
   params = loading.load(weights, variant, **model_kwargs)
   num_classes = params[loading.CLASSIFIER_MODULE]['b'].shape[0]
-  names = (
-    imagenet_class_names()
-    if num_classes == 1000
-    else [f'class_{i}' for i in range(num_classes)]
+  names = _class_names(metadata, num_classes)
+  size = (
+    image_size
+    or int(metadata.get('image_size', 0))
+    or nfnet.get_variant(variant)['test_imsize']
   )
-  size = image_size or nfnet.get_variant(variant)['test_imsize']
   forward = make_forward(
     variant, num_classes, return_metrics=False, **model_kwargs
   )
   return classify_files(
     paths,
-    lambda path: load_image(path, size),
+    _image_loader(metadata.get('eval_preproc'), size),
     lambda images: forward(params, images)['logits'],
     names,
     k,
+  )
+
+
+def _class_names(metadata: Mapping[str, str], num_classes: int) -> list:
+  """The file's class names, else ImageNet's for 1000 classes, else indices."""
+  names = json.loads(metadata.get('class_names', '[]'))
+  if len(names) == num_classes:
+    return names
+  if num_classes == 1000:
+    return imagenet_class_names()
+  return [f'class_{i}' for i in range(num_classes)]
+
+
+def _image_loader(eval_preproc: str | None, size: int):
+  """`path -> image`: DeepMind's demo preprocessing, or a run's eval mode."""
+  if eval_preproc is None:
+    return lambda path: load_image(path, size)
+  # The training run's own (TensorFlow-free) eval code, as predict
+  # --workdir uses on a host without TensorFlow.
+  from nfnets.data import numpy_preprocess
+
+  return lambda path: numpy_preprocess.normalize(
+    numpy_preprocess.eval_image(read_rgb(path), size, eval_preproc)
   )

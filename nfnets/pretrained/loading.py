@@ -243,6 +243,8 @@ def merge_pretrained(
       'Pretrained weights do not fit the model being fine-tuned (use the '
       f'same variant and width): {len(problems)} problems.'
       + format_problems(problems)
+      + '\n  Re-initialised where their shapes differ (reinit_modules, '
+      f'config.model.reinit_modules): {", ".join(reinit_modules) or "none"}.'
     )
   return {
     m: {

@@ -8,7 +8,7 @@ run keeps (to restore its checkpoints elsewhere). One module per concern:
 * `loop`: the run itself (`train_and_evaluate`): builds the run, steps,
   logs, evaluates and checkpoints;
 * `init_state`: the state a run starts from (fresh, `init_from` weights or
-  the newest checkpoint) and `abstract_train_state`;
+  run, or the newest checkpoint) and `abstract_train_state`;
 * `step`: the pure train and eval steps;
 * `state`: the train state (`TrainState`, `make_train_state`);
 * `losses`: targets with label smoothing, the loss and top-k accuracy;
@@ -19,6 +19,8 @@ run keeps (to restore its checkpoints elsewhere). One module per concern:
   diagnosed) and SIGTERM/SIGINT handling;
 * `provenance`: the run's configs, one record per segment
   (`load_run_config`, `config_differences`), and the resume rules;
+* `run_weights`: a run as a source of weights where its dataset is not
+  (`dataset.json`, `run_params`: its newest checkpoint's params);
 * `writers`: console progress, `metrics.jsonl` and TensorBoard;
 * `event_file`: TensorBoard event files written without TensorFlow;
 * `mesh`: the `('data',)` device mesh and sharding helpers;

@@ -41,7 +41,7 @@ from nfnets.train import step as step_lib
 METRICS = ('top1', 'top5', 'loss')
 
 
-def _warn(line: str) -> None:
+def warn(line: str) -> None:
   """Prints to stderr, where stdout's results stay clean for pipes."""
   print(line, file=sys.stderr, flush=True)
 
@@ -196,7 +196,7 @@ def _checkpoint_dir(workdir: str) -> str:
 
 
 def restore_workdir(
-  config, workdir: str, num_classes: int, *, log: Callable[[str], None] = _warn
+  config, workdir: str, num_classes: int, *, log: Callable[[str], None] = warn
 ):
   """Restores the newest readable checkpoint of a run in `workdir`.
 
@@ -332,9 +332,9 @@ def evaluate_from(config, *, weights: str = '', workdir: str = '') -> dict:
     params = load_weights_for_config(config, weights, info.num_classes)
     sets = {'eval': (params, {})}
   else:
-    step, sets = restore_workdir(config, workdir, info.num_classes, log=_warn)
+    step, sets = restore_workdir(config, workdir, info.num_classes, log=warn)
     results['step'] = step
-  progress = writers.EvalProgress(info.num_eval_examples, _warn)
+  progress = writers.EvalProgress(info.num_eval_examples, warn)
   results.update(evaluate(config, sets, info.num_classes, progress=progress))
   return results
 

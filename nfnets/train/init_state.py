@@ -1,13 +1,15 @@
 """The train state a run starts from: fresh, pretrained or restored.
 
 `initial_train_state` builds the step-0 state from the config's seed
-(jitted, replicated over the mesh), loads `config.model.init_from` weights
-into it when set (fine-tuning), and replaces it with the newest checkpoint
-of the run when there is one. `abstract_train_state` gives the shapes of
-that state without computing anything, the target for restoring a run's
-checkpoints elsewhere (`nfnets.train.evaluation`).
+(jitted, replicated over the mesh), loads `config.model.init_from` into it
+when set (fine-tuning from a weights file or another run's workdir), and
+replaces it with the newest checkpoint of the run when there is one.
+`abstract_train_state` gives the shapes of that state without computing
+anything, the target for restoring a run's checkpoints elsewhere
+(`nfnets.train.evaluation`).
 """
 
+import os
 from collections.abc import Callable
 
 import jax
@@ -16,6 +18,7 @@ import numpy as np
 
 from nfnets import models, optim, pretrained
 from nfnets.train import mesh as mesh_lib
+from nfnets.train import provenance
 from nfnets.train import state as state_lib
 
 # The optimizer's state structure does not depend on the run length; any
@@ -101,14 +104,13 @@ def initial_train_state(
   # Every process holds the same key, so every process builds the same init.
   state = jax.jit(init, in_shardings=repl, out_shardings=repl)(rng)
   if config.model.init_from:
-    params = _load_init_params(config.model, state.params, mesh)
-    # The optimizer and the EMA start from the loaded weights; the Haiku
-    # state (BatchNorm statistics) is not in weights files and stays fresh.
+    params, model_state = _load_init_from(config.model, state, mesh, log)
+    # The optimizer and the EMA start from the loaded weights.
     ema = config.optimizer.ema_decay > 0
-    restart = lambda p, s: state_lib.make_train_state(
-      p, s.model_state, optimizer, s.rng, ema=ema
+    restart = lambda p, s, rng: state_lib.make_train_state(
+      p, s, optimizer, rng, ema=ema
     )
-    state = jax.jit(restart, out_shardings=repl)(params, state)
+    state = jax.jit(restart, out_shardings=repl)(params, model_state, state.rng)
   if checkpointer is not None:
     # Damaged checkpoints are moved aside: kept, and out of the way of the
     # new ones (Orbax's retention would delete them, or skip their steps).
@@ -121,12 +123,42 @@ def initial_train_state(
   return state
 
 
-def _load_init_params(model_config, params, mesh):
-  """Loads `init_from` weights into `params` (fresh classifier if needed)."""
-  loaded, _ = pretrained.read_params(model_config.init_from)
-  merged = pretrained.merge_pretrained(
-    jax.device_get(params),
-    loaded,
-    reinit_modules=tuple(model_config.reinit_modules),
+def _load_init_from(model_config, state, mesh, log):
+  """`(params, model_state)` from `init_from`, replicated over `mesh`.
+
+  A weights file gives the params; the Haiku state (BatchNorm statistics)
+  is not in weights files and stays fresh. A training run's workdir gives
+  its newest checkpoint's EMA params (raw ones if it keeps no EMA), and
+  its Haiku state, which is what its evaluations used. Every parameter is
+  taken except those of `model_config.reinit_modules` whose shapes differ
+  (a classifier for another number of classes).
+  """
+  path = os.path.expanduser(model_config.init_from)
+  fresh_params, fresh_state = jax.device_get((state.params, state.model_state))
+  reinit = tuple(model_config.reinit_modules)
+  if os.path.isdir(path):
+    loaded, loaded_state = _read_run(path, log)
+    fresh_state = pretrained.merge_pretrained(
+      fresh_state, loaded_state, reinit_modules=reinit
+    )
+  else:
+    loaded, _ = pretrained.read_params(path)
+  params = pretrained.merge_pretrained(
+    fresh_params, loaded, reinit_modules=reinit
   )
-  return mesh_lib.replicate(merged, mesh)
+  return mesh_lib.replicate((params, fresh_state), mesh)
+
+
+def _read_run(workdir: str, log):
+  """The params and Haiku state a training run's evaluations used."""
+  # Imported here: run_weights imports evaluation, which imports this module.
+  from nfnets.train import run_weights
+
+  if not os.path.isfile(os.path.join(workdir, provenance.CONFIG_FILE)):
+    raise FileNotFoundError(
+      f'config.model.init_from={workdir!r} is a directory without a '
+      "training run's config.json: pass a weights file or a run's workdir."
+    )
+  run = run_weights.run_params(workdir, 'auto', log=log)
+  log(f'Starting from {run.description} of the run in {workdir}.')
+  return run.params, run.model_state

@@ -10,7 +10,8 @@ Order of events:
   4. a fresh state (or `config.model.init_from` weights), replaced by the
      newest readable checkpoint (`init_state.initial_train_state`), then
      the segment recorded (`provenance.start_segment`: config.json, the
-     segment's record, metrics after the resume step set aside);
+     segment's record, metrics after the resume step set aside) and the
+     classes (`run_weights.write_dataset_record`: dataset.json);
   5. the train loop (`_train`, `_train_steps`): log every
      `log_every_steps` (with images/s and `input_wait`), evaluate every
      `eval.every_steps`, checkpoint every `checkpoint.every_steps` and on a
@@ -51,6 +52,7 @@ from nfnets.train import (
   evaluation,
   init_state,
   provenance,
+  run_weights,
   runtime,
   writers,
 )
@@ -95,7 +97,7 @@ class _Run:
   optimizer: Any
   train_step: Any
   eval_step: Any
-  num_eval_examples: int
+  dataset: data.DatasetInfo
   writer: writers.MetricWriter
   progress: writers.ProgressReporter
 
@@ -178,6 +180,7 @@ def _run_segment(run: _Run, checkpointer, guard, changes) -> TrainResult:
       num_devices=run.mesh.devices.size,
       log=run.progress.print,
     )
+    run_weights.write_dataset_record(run.workdir, run.config.data, run.dataset)
   state, train_metrics, stopped = _train(run, state, checkpointer, guard)
   if checkpointer is not None:
     checkpointer.save(int(state.step), state)
@@ -253,7 +256,7 @@ def _build_run(config, workdir: str) -> _Run:
     optimizer=optimizer,
     train_step=train_step,
     eval_step=eval_step,
-    num_eval_examples=info.num_eval_examples,
+    dataset=info,
     writer=writers.MetricWriter(workdir, enabled=is_chief),
     progress=writers.ProgressReporter(
       total_steps=total_steps,
@@ -396,7 +399,7 @@ def _is_due(done: int, every: int, end: int | None = None) -> bool:
 def _report_compile(run: _Run, state, done, t0, cache_hits) -> None:
   """Waits for the first step (incl. compilation) and starts the clock."""
   jax.block_until_ready(state.step)
-  took = _since(t0)
+  took = f'{time.perf_counter() - t0:.1f}s'
   if cache_hits.hits:
     message = f'First step took {took} (the train step came from the '
     message += 'persistent compilation cache).'
@@ -405,10 +408,6 @@ def _report_compile(run: _Run, state, done, t0, cache_hits) -> None:
   cache_hits.close()
   run.progress.print(message)
   run.progress.start(done)
-
-
-def _since(t0: float) -> str:
-  return f'{time.perf_counter() - t0:.1f}s'
 
 
 # Checks and logs.
@@ -470,7 +469,7 @@ def _evaluate_and_log(run: _Run, state, guard, *, final: bool) -> dict | None:
     state,
     writer=run.writer,
     print_fn=run.progress.print,
-    num_examples=run.num_eval_examples,
+    num_examples=run.dataset.num_eval_examples,
     # Polling across hosts would be a collective per batch.
     stop=guard.requested if jax.process_count() == 1 else None,
     label='Final eval' if final else 'Eval',

@@ -220,6 +220,80 @@ def test_predict_and_stablehlo_export_need_no_tensorflow(
   np.testing.assert_allclose(np.mean(correct), reference['eval_ema/top1'])
 
 
+def test_a_run_is_used_where_its_dataset_is_not(
+  trained_run, folder_dataset, tmp_path
+):
+  """predict, export and convert_weights read the run's dataset.json.
+
+  With the dataset folder gone (a serving host), predict still names the
+  folder's classes and agrees with the run's eval; export and
+  convert_weights need only the classifier's width. The converted file
+  records the run's class names, eval size and eval preprocessing, so
+  `predict --weights` gives the exported program's probabilities.
+  """
+  record = json.loads((trained_run / 'dataset.json').read_text())
+  assert record == {
+    'name': 'folder', 'num_classes': 2, 'class_names': list(CLASSES),
+    'num_train_examples': 16, 'num_eval_examples': 8, 'natural_images': True,
+  }  # fmt: skip
+  photos = []
+  for i, (path, _) in enumerate(_validation_files(folder_dataset)):
+    photos.append(str(tmp_path / f'photo{i}.jpg'))
+    shutil.copy(path, photos[-1])
+  weights = tmp_path / 'run.safetensors'
+  hlo = tmp_path / 'run.stablehlo'
+  elsewhere = folder_dataset.with_name('moved')
+  folder_dataset.rename(elsewhere)
+  try:
+    by_workdir = _run(
+      'experiments.predict', f'--workdir={trained_run}', '--json', *photos
+    )
+    exported = _run(
+      'experiments.export', f'--workdir={trained_run}', '--format=stablehlo',
+      f'--out={hlo}',
+    )  # fmt: skip
+    converted = _run(
+      'experiments.convert_weights', f'--workdir={trained_run}',
+      f'--output={weights}',
+    )  # fmt: skip
+    by_weights = _run(
+      'experiments.predict', f'--weights={weights}', '--json', *photos
+    )
+  finally:
+    elsewhere.rename(folder_dataset)
+  for proc in (by_workdir, exported, converted, by_weights):
+    assert proc.returncode == 0, proc.stderr
+  assert '(the EMA params of step 4): images float32 [b, 40, 40, 3]' in (
+    exported.stdout
+  )
+  assert 'NFNet-F0, the EMA params of step 4' in converted.stdout
+
+  labels = [label for _, label in _validation_files(folder_dataset)]
+  rows = [json.loads(r)['top_k'] for r in by_workdir.stdout.splitlines()]
+  true_probs = [
+    dict(row)[CLASSES[y]] for row, y in zip(rows, labels, strict=True)
+  ]
+  correct = [
+    row[0][0] == CLASSES[y] for row, y in zip(rows, labels, strict=True)
+  ]
+  reference = _final_eval(trained_run)  # The run's eval of the EMA params.
+  np.testing.assert_allclose(np.mean(correct), reference['eval_ema/top1'])
+  np.testing.assert_allclose(
+    -np.mean(np.log(true_probs)), reference['eval_ema/loss'], rtol=2e-3
+  )
+  # The file's names, size (40) and eval transform ('resize_crop_32'):
+  # the exported program's probabilities on the same NumPy-prepared images.
+  images = np.stack([npp.normalize(npp.eval_image(p, 40)) for p in photos])
+  program = jax.export.deserialize(hlo.read_bytes())
+  logits = np.asarray(program.call(images)['logits'])
+  lines = by_weights.stdout.splitlines()
+  for line, p in zip(lines, map(_softmax, logits), strict=True):
+    top_k = json.loads(line)['top_k']
+    assert {name for name, _ in top_k} == set(CLASSES)
+    for name, prob in top_k:
+      np.testing.assert_allclose(prob, p[CLASSES.index(name)], rtol=1e-4)
+
+
 # ----------------------------------------------------------------------------
 # A hand-written run with known outputs.
 # ----------------------------------------------------------------------------

@@ -13,8 +13,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from nfnets import data, models
-from nfnets.train import NonFiniteLossError, train_and_evaluate
+from nfnets import data, models, optim
+from nfnets.train import NonFiniteLossError, init_state, train_and_evaluate
+from nfnets.train import mesh as mesh_lib
 from tests.support.train_harness import tiny_config
 
 BN_STEPS = 12
@@ -131,6 +132,50 @@ def test_bn_resnet_trains_evaluates_and_resumes_with_its_statistics(
                  getattr(state, name))  # fmt: skip
   for key in ('eval/top1', 'eval/loss', 'eval_ema/loss'):
     assert again.metrics[key] == first.metrics[key]
+
+  # Fine-tuning from the run (config.model.init_from=<workdir>) for 5
+  # classes: its EMA params and EMA statistics (what its eval_ema used),
+  # except the classifier, resized and freshly initialised.
+  config.model.init_from = workdir
+  with pytest.raises(ValueError, match=r'reinit_modules\): NFNet/~/linear\.'):
+    _initial_state(config, 5)  # The default names the NFNet's classifier.
+  config.model.reinit_modules = ('ResNet/~/linear',)
+  lines = []
+  tuned = _initial_state(config, 5, log=lines.append)
+  config.model.init_from = ''
+  fresh = _initial_state(config, 5)
+  assert lines == [f'Starting from the EMA params of step 12 of the run in '
+                   f'{workdir}.']  # fmt: skip
+  classifier = 'ResNet/~/linear'
+  assert tuned.params[classifier]['w'].shape[-1] == 5
+  jax.tree.map(np.testing.assert_array_equal, tuned.params[classifier],
+               fresh.params[classifier])  # fmt: skip
+  del tuned.params[classifier], state.ema_params[classifier]
+  jax.tree.map(np.testing.assert_array_equal, tuned.params, state.ema_params)
+  jax.tree.map(np.testing.assert_array_equal, tuned.model_state,
+               state.ema_model_state)  # fmt: skip
+  assert int(tuned.step) == 0
+
+
+def _initial_state(config, num_classes, log=print):
+  """The state a run of `config` on `num_classes` starts from, on the host."""
+  model = models.make_model(config.model, num_classes)
+  optimizer, _ = optim.make_optimizer(
+    config.optimizer, steps_per_epoch=1.0, total_steps=100,
+    global_batch_size=config.train.batch_size,
+  )  # fmt: skip
+  state = init_state.initial_train_state(
+    config, mesh=mesh_lib.make_mesh(), model=model, optimizer=optimizer,
+    log=log,
+  )  # fmt: skip
+  return jax.device_get(state)
+
+
+def test_init_from_a_folder_that_is_not_a_run_says_so(tmp_path):
+  config = tiny_config()
+  config.model.init_from = str(tmp_path)
+  with pytest.raises(FileNotFoundError, match="without a training run's"):
+    _initial_state(config, 10)
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
