@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,6 +29,7 @@ FORMAT_NAME = 'nfnets-haiku-params'
 _METADATA_KEY = '__metadata__'
 _PICKLE_MAGIC = b'\x80'
 _ZIP_MAGIC = b'PK'
+_MAX_SAFETENSORS_HEADER = 100_000_000  # As the safetensors library's.
 _SAFETENSORS_SUFFIX = '.safetensors'
 
 
@@ -122,6 +124,24 @@ def _read_npz(path: str) -> tuple[dict, dict]:
   return flat, metadata
 
 
+def _is_safetensors(f, head: bytes, size: int) -> bool:
+  """An 8-byte little-endian size N, then N bytes of a JSON object.
+
+  The size is any number (its low byte is 0x80, the pickle opcode, in one
+  file of 256), so the header itself is checked.
+  """
+  if len(head) < 9 or head[8:9] != b'{':
+    return False
+  (length,) = struct.unpack('<Q', head[:8])
+  if length > min(size - 8, _MAX_SAFETENSORS_HEADER):
+    return False
+  try:
+    header = json.loads(head[8:] + f.read(length - 1))
+  except ValueError:  # Also UnicodeDecodeError.
+    return False
+  return isinstance(header, dict)
+
+
 def sniff_format(path: str | os.PathLike) -> str:
   """Tells the weights formats apart by content, not by file name.
 
@@ -142,13 +162,13 @@ def sniff_format(path: str | os.PathLike) -> str:
     )
   with open(path, 'rb') as f:
     head = f.read(9)
+    # First: a safetensors header's size may start with the pickle byte.
+    if _is_safetensors(f, head, os.path.getsize(path)):
+      return 'safetensors'
   if head[:1] == _PICKLE_MAGIC:
     return 'pickle'
   if head[:2] == _ZIP_MAGIC:
     return 'npz'
-  # safetensors: 8-byte little-endian header size, then a JSON header.
-  if len(head) == 9 and head[8:9] == b'{':
-    return 'safetensors'
   raise WeightsError(
     f'{os.fspath(path)!r} is not a DeepMind pickle, an .npz or a '
     '.safetensors weights file (truncated or wrong file?).'

@@ -58,8 +58,18 @@ def model_spec(path: str, variant: str | None, model_kwargs: Mapping | None):
 
   Returns:
     (variant, model_kwargs dict).
+
+  Raises:
+    ValueError: the file records another model than an NFNet (a training
+      run's params, `convert_weights --workdir`).
   """
   metadata = formats.read_metadata(path)
+  model = metadata.get('model', 'NFNet')
+  if model != 'NFNet':
+    raise ValueError(
+      f'{path} holds the params of a {model}; this takes NFNets. Use the '
+      "training run's workdir (--workdir) instead."
+    )
   if variant is None:
     variant = metadata.get('variant', 'F0')
   if model_kwargs is None:

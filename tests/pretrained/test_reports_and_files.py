@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from nfnets import pretrained
-from nfnets.pretrained import loading, timm_interop
+from nfnets.pretrained import inference, loading, timm_interop
 
 TINY = dict(width=0.125, depth=(1, 1, 1, 1))
 
@@ -72,3 +72,29 @@ def test_weights_files_follow_the_umask(tiny_params, tmp_path, umask):
   for name in ('w.safetensors', 'w.npz', 'timm.safetensors'):
     mode = os.stat(tmp_path / name).st_mode & 0o777
     assert mode == 0o666 & ~umask, (name, oct(mode))
+
+
+def test_a_file_of_another_model_is_refused_by_name(tiny_params, tmp_path):
+  path = tmp_path / 'run.safetensors'
+  pretrained.save_params(tiny_params, path, {'model': 'NF_ResNet'})
+  with pytest.raises(ValueError, match='holds the params of a NF_ResNet'):
+    inference.model_spec(str(path), None, None)
+  pretrained.save_params(tiny_params, path, {'model': 'NFNet', 'variant': 'F1'})
+  assert inference.model_spec(str(path), None, None) == ('F1', {})
+
+
+def test_a_safetensors_header_size_starting_with_the_pickle_byte(tmp_path):
+  """The header's size is little-endian: 1 file in 256 starts with 0x80."""
+  from nfnets.pretrained import formats
+
+  params = {'m': {'w': np.arange(6, dtype=np.float32).reshape(2, 3)}}
+  path = tmp_path / 'w.safetensors'
+  for pad in range(256):
+    pretrained.save_params(params, path, {'note': 'x' * pad})
+    if path.read_bytes()[:1] == b'\x80':
+      break
+  assert path.read_bytes()[:1] == b'\x80'
+  assert formats.sniff_format(path) == 'safetensors'
+  loaded, metadata = pretrained.read_params(path)
+  np.testing.assert_array_equal(loaded['m']['w'], params['m']['w'])
+  assert metadata['note'] == 'x' * pad
