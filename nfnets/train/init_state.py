@@ -103,14 +103,6 @@ def initial_train_state(
   init = _init_fn(config, model, optimizer)
   # Every process holds the same key, so every process builds the same init.
   state = jax.jit(init, in_shardings=repl, out_shardings=repl)(rng)
-  if config.model.init_from:
-    params, model_state = _load_init_from(config.model, state, mesh, log)
-    # The optimizer and the EMA start from the loaded weights.
-    ema = config.optimizer.ema_decay > 0
-    restart = lambda p, s, rng: state_lib.make_train_state(
-      p, s, optimizer, rng, ema=ema
-    )
-    state = jax.jit(restart, out_shardings=repl)(params, model_state, state.rng)
   if checkpointer is not None:
     # Damaged checkpoints are moved aside: kept, and out of the way of the
     # new ones (Orbax's retention would delete them, or skip their steps).
@@ -120,6 +112,14 @@ def initial_train_state(
         f'Resuming from {checkpointer.directory} at step {int(restored.step)}.'
       )
       return restored
+  if config.model.init_from:  # Only at step 0: it may be gone by a resume.
+    params, model_state = _load_init_from(config.model, state, mesh, log)
+    # The optimizer and the EMA start from the loaded weights.
+    ema = config.optimizer.ema_decay > 0
+    restart = lambda p, s, rng: state_lib.make_train_state(
+      p, s, optimizer, rng, ema=ema
+    )
+    state = jax.jit(restart, out_shardings=repl)(params, model_state, state.rng)
   return state
 
 

@@ -15,6 +15,7 @@ import pytest
 
 from nfnets import data, models, optim
 from nfnets.train import NonFiniteLossError, init_state, train_and_evaluate
+from nfnets.train import checkpoint as ckpt_lib
 from nfnets.train import mesh as mesh_lib
 from tests.support.train_harness import tiny_config
 
@@ -155,9 +156,19 @@ def test_bn_resnet_trains_evaluates_and_resumes_with_its_statistics(
   jax.tree.map(np.testing.assert_array_equal, tuned.model_state,
                state.ema_model_state)  # fmt: skip
   assert int(tuned.step) == 0
+  # A resume reads its checkpoint, not init_from (which may be gone).
+  config.model.init_from = str(tmp_path / 'gone')
+  checkpointer = ckpt_lib.Checkpointer(
+    os.path.join(workdir, 'checkpoints'), max_to_keep=2
+  )
+  try:
+    resumed = _initial_state(config, 10, checkpointer=checkpointer)
+  finally:
+    checkpointer.close()
+  assert int(resumed.step) == BN_STEPS
 
 
-def _initial_state(config, num_classes, log=print):
+def _initial_state(config, num_classes, log=print, checkpointer=None):
   """The state a run of `config` on `num_classes` starts from, on the host."""
   model = models.make_model(config.model, num_classes)
   optimizer, _ = optim.make_optimizer(
@@ -166,7 +177,7 @@ def _initial_state(config, num_classes, log=print):
   )  # fmt: skip
   state = init_state.initial_train_state(
     config, mesh=mesh_lib.make_mesh(), model=model, optimizer=optimizer,
-    log=log,
+    checkpointer=checkpointer, log=log,
   )  # fmt: skip
   return jax.device_get(state)
 
