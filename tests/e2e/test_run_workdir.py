@@ -170,128 +170,79 @@ def _hide_tensorflow(root):
   return str(root)
 
 
-def test_predict_and_stablehlo_export_need_no_tensorflow(
+def test_a_run_serves_without_tensorflow_and_without_its_dataset(
   trained_run, folder_dataset, tmp_path
 ):
-  """A run trained with tf.data, used on a host without TensorFlow.
+  """A run trained with tf.data, used on a host with neither TensorFlow nor
+  the dataset (a serving host).
 
-  predict falls back to the python loader's decode and resize; the
-  exported program applied to the same NumPy-preprocessed files gives
-  predict's probabilities, and predict agrees with the run's own eval.
-  """
-  hidden = _hide_tensorflow(tmp_path / 'no_tf')
-  files = _validation_files(folder_dataset)
-  proc = _run(
-    'experiments.predict', f'--workdir={trained_run}', '--json',
-    *[path for path, _ in files], PYTHONPATH=hidden,
-  )  # fmt: skip
-  assert proc.returncode == 0, proc.stderr
-  rows = [json.loads(line) for line in proc.stdout.splitlines()]
-  out = tmp_path / 'run.stablehlo'
-  proc = _run(
-    'experiments.export', f'--workdir={trained_run}', '--format=stablehlo',
-    f'--out={out}', PYTHONPATH=hidden,
-  )  # fmt: skip
-  assert proc.returncode == 0, proc.stderr
-  proc = _run(
-    'experiments.export', f'--workdir={trained_run}', '--format=tflite',
-    f'--out={tmp_path / "run.tflite"}', PYTHONPATH=hidden,
-  )  # fmt: skip
-  assert proc.returncode == 2
-  assert proc.stderr == (
-    'Error: --format=tflite needs TensorFlow, which is not installed here: '
-    'install it (requirements.txt), or pass --format=stablehlo.\n'
-  )
-
-  # A folder of photos is evaluated at 40 px with 'resize_crop_32'.
-  images = np.stack(
-    [npp.normalize(npp.eval_image(path, 40)) for path, _ in files]
-  )
-  exported = jax.export.deserialize(out.read_bytes())
-  logits = np.asarray(exported.call(images)['logits'])
-  for row, p in zip(rows, map(_softmax, logits), strict=True):
-    for name, prob in row['top_k']:
-      np.testing.assert_allclose(prob, p[CLASSES.index(name)], rtol=1e-4)
-  reference = _final_eval(trained_run)
-  correct = [
-    row['top_k'][0][0] == CLASSES[label]
-    for row, (_, label) in zip(rows, files, strict=True)
-  ]
-  np.testing.assert_allclose(np.mean(correct), reference['eval_ema/top1'])
-
-
-def test_a_run_is_used_where_its_dataset_is_not(
-  trained_run, folder_dataset, tmp_path
-):
-  """predict, export and convert_weights read the run's dataset.json.
-
-  With the dataset folder gone (a serving host), predict still names the
-  folder's classes and agrees with the run's eval; export and
-  convert_weights need only the classifier's width. The converted file
-  records the run's class names, eval size and eval preprocessing, so
-  `predict --weights` gives the exported program's probabilities.
+  predict falls back to the python loader's decode and resize and names the
+  folder's classes from the run's dataset.json; export and convert_weights
+  need only the classifier's width from it. The exported program applied
+  to the same NumPy-preprocessed files gives predict's probabilities, and
+  predict agrees with the run's own eval. The converted file records the
+  run's class names, eval size and eval transform, so `predict --weights`
+  gives the same probabilities.
   """
   record = json.loads((trained_run / 'dataset.json').read_text())
   assert record == {
     'name': 'folder', 'num_classes': 2, 'class_names': list(CLASSES),
     'num_train_examples': 16, 'num_eval_examples': 8, 'natural_images': True,
   }  # fmt: skip
-  photos = []
-  for i, (path, _) in enumerate(_validation_files(folder_dataset)):
-    photos.append(str(tmp_path / f'photo{i}.jpg'))
-    shutil.copy(path, photos[-1])
-  weights = tmp_path / 'run.safetensors'
-  hlo = tmp_path / 'run.stablehlo'
+  hidden = _hide_tensorflow(tmp_path / 'no_tf')
+  files = _validation_files(folder_dataset)
+  photos = [str(tmp_path / f'photo{i}.jpg') for i in range(len(files))]
+  for (path, _), photo in zip(files, photos, strict=True):
+    shutil.copy(path, photo)
+  hlo, weights = tmp_path / 'run.stablehlo', tmp_path / 'run.safetensors'
   elsewhere = folder_dataset.with_name('moved')
   folder_dataset.rename(elsewhere)
   try:
-    by_workdir = _run(
-      'experiments.predict', f'--workdir={trained_run}', '--json', *photos
-    )
-    exported = _run(
-      'experiments.export', f'--workdir={trained_run}', '--format=stablehlo',
-      f'--out={hlo}',
-    )  # fmt: skip
-    converted = _run(
-      'experiments.convert_weights', f'--workdir={trained_run}',
-      f'--output={weights}',
-    )  # fmt: skip
-    by_weights = _run(
-      'experiments.predict', f'--weights={weights}', '--json', *photos
-    )
+    by_workdir, exported, tflite, converted, by_weights = [
+      _run(*args, PYTHONPATH=hidden)
+      for args in [
+        ('experiments.predict', f'--workdir={trained_run}', '--json',
+         *photos),
+        ('experiments.export', f'--workdir={trained_run}',
+         '--format=stablehlo', f'--out={hlo}'),
+        ('experiments.export', f'--workdir={trained_run}', '--format=tflite',
+         f'--out={tmp_path / "run.tflite"}'),
+        ('experiments.convert_weights', f'--workdir={trained_run}',
+         f'--output={weights}'),
+        ('experiments.predict', f'--weights={weights}', '--json', *photos),
+      ]
+    ]  # fmt: skip
   finally:
     elsewhere.rename(folder_dataset)
   for proc in (by_workdir, exported, converted, by_weights):
     assert proc.returncode == 0, proc.stderr
+  assert tflite.returncode == 2
+  assert tflite.stderr == (
+    'Error: --format=tflite needs TensorFlow, which is not installed here: '
+    'install it (requirements.txt), or pass --format=stablehlo.\n'
+  )
   assert '(the EMA params of step 4): images float32 [b, 40, 40, 3]' in (
     exported.stdout
   )
   assert 'NFNet-F0, the EMA params of step 4' in converted.stdout
 
-  labels = [label for _, label in _validation_files(folder_dataset)]
-  rows = [json.loads(r)['top_k'] for r in by_workdir.stdout.splitlines()]
-  true_probs = [
-    dict(row)[CLASSES[y]] for row, y in zip(rows, labels, strict=True)
-  ]
-  correct = [
-    row[0][0] == CLASSES[y] for row, y in zip(rows, labels, strict=True)
-  ]
-  reference = _final_eval(trained_run)  # The run's eval of the EMA params.
-  np.testing.assert_allclose(np.mean(correct), reference['eval_ema/top1'])
-  np.testing.assert_allclose(
-    -np.mean(np.log(true_probs)), reference['eval_ema/loss'], rtol=2e-3
-  )
-  # The file's names, size (40) and eval transform ('resize_crop_32'):
-  # the exported program's probabilities on the same NumPy-prepared images.
+  # A folder of photos is evaluated at 40 px with 'resize_crop_32'.
   images = np.stack([npp.normalize(npp.eval_image(p, 40)) for p in photos])
   program = jax.export.deserialize(hlo.read_bytes())
-  logits = np.asarray(program.call(images)['logits'])
-  lines = by_weights.stdout.splitlines()
-  for line, p in zip(lines, map(_softmax, logits), strict=True):
-    top_k = json.loads(line)['top_k']
-    assert {name for name, _ in top_k} == set(CLASSES)
-    for name, prob in top_k:
-      np.testing.assert_allclose(prob, p[CLASSES.index(name)], rtol=1e-4)
+  probs = [_softmax(x) for x in np.asarray(program.call(images)['logits'])]
+  for proc in (by_workdir, by_weights):
+    lines = proc.stdout.splitlines()
+    for line, p in zip(lines, probs, strict=True):
+      top_k = json.loads(line)['top_k']
+      assert {name for name, _ in top_k} == set(CLASSES)
+      for name, prob in top_k:
+        np.testing.assert_allclose(prob, p[CLASSES.index(name)], rtol=1e-4)
+  # The run's eval of the EMA params decoded with TensorFlow, whose JPEG
+  # decoder rounds otherwise than PIL's: the same top-1 (the loss differs
+  # by ~1.5% here; with TensorFlow predict matches it, test above).
+  reference = _final_eval(trained_run)
+  correct = np.argmax(probs, axis=1) == [label for _, label in files]
+  np.testing.assert_allclose(np.mean(correct), reference['eval_ema/top1'])
 
 
 # ----------------------------------------------------------------------------
