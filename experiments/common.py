@@ -320,14 +320,15 @@ class WeightsFlags:
   """The flags that say which weights a command uses: a file or a run.
 
   Attributes are absl flag holders: `config` (see `define_config_flag`),
-  `weights`, `workdir`, `params` ('ema' or 'raw'), `variant` and
-  `model_kwargs` (JSON).
+  `weights`, `workdir`, `params` ('ema' or 'raw'), `step` (a checkpoint of
+  the run), `variant` and `model_kwargs` (JSON).
   """
 
   config: Any
   weights: Any
   workdir: Any
   params: Any
+  step: Any
   variant: Any
   model_kwargs: Any
 
@@ -341,6 +342,8 @@ class WeightsFlags:
         f'--weights={weights} is a directory; for a training run pass '
         f'--workdir={weights}.'
       )
+    if weights and self.step.value is not None:
+      raise app.UsageError('--step picks a checkpoint of a --workdir run.')
     if workdir and (self.variant.value or self.model_kwargs.value):
       raise app.UsageError(
         '--variant and --model_kwargs are for --weights; with --workdir the '
@@ -404,6 +407,15 @@ def make_parent(path: str) -> str:
   return path
 
 
+def define_step_flag():
+  """--step: which checkpoint of a --workdir run (default the newest)."""
+  return flags.DEFINE_integer(
+    'step', None,
+    "With --workdir: this step's checkpoint (default: the newest readable).",
+    lower_bound=0,
+  )  # fmt: skip
+
+
 def define_weights_flags(what_it_does: str) -> WeightsFlags:
   """Defines --config, --weights, --workdir, --params, --variant and
   --model_kwargs.
@@ -425,6 +437,7 @@ def define_weights_flags(what_it_does: str) -> WeightsFlags:
       'params', 'ema', ['ema', 'raw'],
       'With --workdir: the EMA or raw params.',
     ),
+    step=define_step_flag(),
     variant=flags.DEFINE_string(
       'variant', None,
       'NFNet variant (F0..F7, F0+..); default: from the file.',

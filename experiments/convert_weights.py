@@ -37,6 +37,7 @@ _WORKDIR = flags.DEFINE_string(
 _PARAMS = flags.DEFINE_enum(
   'params', 'ema', ['ema', 'raw'], 'With --workdir: the EMA or raw params.'
 )
+_STEP = common.define_step_flag()
 _OUTPUT = flags.DEFINE_string(
   'output', None, 'Destination: .safetensors, or .npz (haiku layout only).'
 )
@@ -60,6 +61,8 @@ def _check_flags():
   """
   if bool(_INPUT.value) == bool(_WORKDIR.value):
     raise app.UsageError('Pass exactly one of --input and --workdir.')
+  if _INPUT.value and _STEP.value is not None:
+    raise app.UsageError('--step picks a checkpoint of a --workdir run.')
   output = _OUTPUT.value
   if _INPUT.value and os.path.exists(output) and os.path.exists(_INPUT.value):
     if os.path.samefile(_INPUT.value, output):
@@ -89,12 +92,15 @@ def _from_workdir():
   from nfnets.train import run_weights  # Deferred: fast --help.
 
   workdir = _WORKDIR.value
+  # A run without dataset.json reads its dataset, whose source imports
+  # TensorFlow where it is installed: quietly, first.
+  common.import_tensorflow_quietly()
   if common.saved_run_config(workdir) is None:
     raise app.UsageError(
       f'--workdir={workdir} is not a training run (it has no '
       f'{common.RUN_CONFIG_FILE}).'
     )
-  run = run_weights.run_params(workdir, _PARAMS.value)
+  run = run_weights.run_params(workdir, _PARAMS.value, step=_STEP.value)
   metadata = run_weights.weights_metadata(run)
   if _TO.value == 'timm' and 'variant' not in metadata:
     raise app.UsageError(

@@ -1,7 +1,8 @@
 r"""Evaluates NFNet weights or a training run on a dataset split.
 
-    # A training run: its newest checkpoint's raw and EMA params, with the
-    # config the run saved (model, dataset, eval image size, ...):
+    # A training run: its newest checkpoint's raw and EMA params (--step=N
+    # for another of its checkpoints), with the config the run saved (model,
+    # dataset, eval image size, ...):
     python -m experiments.evaluate --workdir=runs/quickstart
 
     # DeepMind's F0 weights on ImageNet (validation, 256 px, top-1/top-5):
@@ -30,6 +31,7 @@ _WEIGHTS = flags.DEFINE_string(
 _WORKDIR = flags.DEFINE_string(
   'workdir', '', 'Training workdir: evaluates its newest checkpoint.'
 )
+_STEP = common.define_step_flag()
 _OUTPUT = flags.DEFINE_string('output', '', 'Optional JSON file for metrics.')
 
 
@@ -38,6 +40,8 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if bool(_WEIGHTS.value) == bool(_WORKDIR.value):
     raise app.UsageError('Pass exactly one of --weights and --workdir.')
+  if _WEIGHTS.value and _STEP.value is not None:
+    raise app.UsageError('--step picks a checkpoint of a --workdir run.')
   if _CONFIG.value is None:
     raise app.UsageError(
       'Pass --config=configs/<name>.py for the model and dataset of --weights.'
@@ -48,7 +52,10 @@ def main(argv):
   if _WORKDIR.value:
     common.print_config_differences(_WORKDIR.value, _CONFIG.value)
   results = evaluation.evaluate_from(
-    _CONFIG.value, weights=_WEIGHTS.value, workdir=_WORKDIR.value
+    _CONFIG.value,
+    weights=_WEIGHTS.value,
+    workdir=_WORKDIR.value,
+    step=_STEP.value,
   )
   if 'step' in results:  # Names the checkpoint, e.g. after a fallback.
     print(f'{_WORKDIR.value}: the checkpoint of step {int(results["step"])}')

@@ -53,6 +53,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   _check_flags()
+  # A run without dataset.json reads its dataset, whose source imports
+  # TensorFlow where it is installed: quietly, first.
+  if _SOURCE.workdir.value:
+    common.import_tensorflow_quietly()
   if _FORMAT.value != 'stablehlo' and not common.import_tensorflow_quietly():
     raise app.UsageError(
       f'--format={_FORMAT.value} needs TensorFlow, which is not installed '
@@ -72,7 +76,10 @@ def main(argv):
   else:
     common.print_config_differences(_SOURCE.workdir.value, _SOURCE.config.value)
     spec, params, state = export.spec_from_workdir(
-      _SOURCE.config.value, _SOURCE.workdir.value, _SOURCE.params.value
+      _SOURCE.config.value,
+      _SOURCE.workdir.value,
+      _SOURCE.params.value,
+      step=_SOURCE.step.value,
     )
   out = export.export_model(
     spec,

@@ -61,7 +61,9 @@ def _predict_workdir(paths, config, workdir):
   from nfnets.train import run_weights
 
   common.print_config_differences(workdir, config)
-  run = run_weights.run_params(workdir, _SOURCE.params.value, config=config)
+  run = run_weights.run_params(
+    workdir, _SOURCE.params.value, config=config, step=_SOURCE.step.value
+  )
   names = run.info.class_names
   if config.data.name.startswith('imagenet'):
     names = inference.imagenet_class_names()  # tfds names are synset ids.

@@ -135,14 +135,17 @@ def spec_from_weights(
   return ExportSpec(model_config, int(num_classes), size), params, {}
 
 
-def spec_from_workdir(config, workdir: str, params_set: str = 'ema'):
-  """The spec and params of a training run's newest checkpoint.
+def spec_from_workdir(
+  config, workdir: str, params_set: str = 'ema', step: int | None = None
+):
+  """The spec and params of a training run's newest checkpoint, or `step`'s.
 
   Args:
     config: the run's config (`nfnets.train.provenance.load_run_config`).
     workdir: the training workdir.
     params_set: 'ema' (the EMA params, as evaluation reports them) or
       'raw'.
+    step: the checkpoint to export (default: the newest readable one).
 
   Returns:
     `(spec, params, state)`; the image size and eval transform are the
@@ -157,7 +160,7 @@ def spec_from_workdir(config, workdir: str, params_set: str = 'ema'):
   from nfnets.data import plan
   from nfnets.train import run_weights
 
-  run = run_weights.run_params(workdir, params_set, config=config)
+  run = run_weights.run_params(workdir, params_set, config=config, step=step)
   model_config = ml_collections.ConfigDict(
     dict(name=config.model.name, kwargs=dict(config.model.kwargs))
   )

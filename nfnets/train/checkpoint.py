@@ -86,6 +86,7 @@ class Checkpointer:
     *,
     log: Callable[[str], None] = print,
     set_aside_damaged: bool = False,
+    step: int | None = None,
   ):
     """Restores the newest readable checkpoint into the structure of `state`.
 
@@ -104,6 +105,7 @@ class Checkpointer:
         restored replicated over all devices of this process's mesh.
       log: prints a warning line.
       set_aside_damaged: move damaged checkpoints out of the directory.
+      step: restore this step's checkpoint, and no other.
 
     Returns:
       The restored state, or None if the directory has no checkpoint.
@@ -111,12 +113,21 @@ class Checkpointer:
     Raises:
       CheckpointMismatchError: the newest readable checkpoint does not fit
         `state` (another config was used in this workdir).
-      DamagedCheckpointError: every checkpoint is damaged.
+      DamagedCheckpointError: every checkpoint is damaged, or `step`'s.
+      CheckpointError: there is no checkpoint of `step`.
     """
     steps = sorted(self._manager.all_steps(), reverse=True)
     if not steps:
       return None
     abstract = _abstract(state)
+    if step is not None:
+      if step not in steps:
+        listed = ', '.join(map(str, sorted(steps)))
+        raise CheckpointError(
+          f'{self.directory} holds no checkpoint of step {step}; its steps: '
+          f'{listed}.'
+        )
+      return self._restore_step(step, abstract, state)
     damaged = []
     for step in steps:
       try:
@@ -356,10 +367,36 @@ def _quietly(read):
   try:
     result, error = read()
     if error is not None:
+      # The failed reads' tasks may be dropped later, on Orbax's thread.
+      _drop_orbax_read_failures(logging.getLogger('asyncio'))
       gc.collect()
     return result, error
   finally:
     sys.unraisablehook = previous
+
+
+def _drop_orbax_read_failures(logger) -> None:
+  """Keeps asyncio's 'exception was never retrieved' of Orbax reads quiet.
+
+  asyncio logs a page for every task or future of a failed read that is
+  collected with its exception unread, whenever and on whichever thread
+  that happens; the diagnosis of the damaged checkpoint says it all. Other
+  records pass.
+  """
+  if not any(isinstance(f, _OrbaxReadFailures) for f in logger.filters):
+    logger.addFilter(_OrbaxReadFailures())
+
+
+class _OrbaxReadFailures(logging.Filter):
+  """Drops asyncio's records of unread exceptions of checkpoint reads."""
+
+  _MARKS = ('orbax', 'OCDBT', 'TensorStore', 'tensorstore')
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    if 'exception was never retrieved' not in message:
+      return True
+    return not any(mark in message for mark in self._MARKS)
 
 
 @contextlib.contextmanager

@@ -196,9 +196,14 @@ def _checkpoint_dir(workdir: str) -> str:
 
 
 def restore_workdir(
-  config, workdir: str, num_classes: int, *, log: Callable[[str], None] = warn
+  config,
+  workdir: str,
+  num_classes: int,
+  *,
+  step: int | None = None,
+  log: Callable[[str], None] = warn,
 ):
-  """Restores the newest readable checkpoint of a run in `workdir`.
+  """Restores the newest readable checkpoint of a run in `workdir`, or `step`'s.
 
   The checkpoint may have been written on any device count; it is restored
   replicated over this process's devices. Damaged checkpoints are passed
@@ -208,6 +213,7 @@ def restore_workdir(
     config: the run's config (as used for training).
     workdir: the training workdir (checkpoints in `<workdir>/checkpoints`).
     num_classes: the dataset's number of classes.
+    step: the checkpoint to restore (default: the newest readable one).
     log: prints a warning line.
 
   Returns:
@@ -223,13 +229,13 @@ def restore_workdir(
   try:
     newest = checkpointer.latest_step()
     state = checkpointer.restore(
-      init_state.abstract_train_state(config, num_classes), log=log
+      init_state.abstract_train_state(config, num_classes), log=log, step=step
     )
   finally:
     checkpointer.close()
   if state is None:
     raise FileNotFoundError(f'{directory!r} holds no complete checkpoint.')
-  if int(state.step) != newest:
+  if step is None and int(state.step) != newest:
     log(f'Using the checkpoint of step {int(state.step)}, the newest readable.')
   sets = {'eval': (state.params, state.model_state)}
   if state.ema_params is not None:
@@ -307,7 +313,9 @@ def evaluate(
   return evaluate_sets(config, mesh, eval_step, placed, progress=progress)
 
 
-def evaluate_from(config, *, weights: str = '', workdir: str = '') -> dict:
+def evaluate_from(
+  config, *, weights: str = '', workdir: str = '', step: int | None = None
+) -> dict:
   """Evaluates a weights file or a training workdir (raw and EMA params).
 
   Args:
@@ -316,6 +324,7 @@ def evaluate_from(config, *, weights: str = '', workdir: str = '') -> dict:
       configs) and eval batch size come from it.
     weights: a weights file (any format `nfnets.pretrained` reads).
     workdir: a training workdir; exactly one of weights/workdir is given.
+    step: the workdir's checkpoint to evaluate (default: the newest).
 
   Returns:
     The metrics of `evaluate`, plus 'step' for a workdir.
@@ -332,7 +341,9 @@ def evaluate_from(config, *, weights: str = '', workdir: str = '') -> dict:
     params = load_weights_for_config(config, weights, info.num_classes)
     sets = {'eval': (params, {})}
   else:
-    step, sets = restore_workdir(config, workdir, info.num_classes, log=warn)
+    step, sets = restore_workdir(
+      config, workdir, info.num_classes, step=step, log=warn
+    )
     results['step'] = step
   progress = writers.EvalProgress(info.num_eval_examples, warn)
   results.update(evaluate(config, sets, info.num_classes, progress=progress))

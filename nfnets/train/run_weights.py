@@ -122,6 +122,7 @@ def run_params(
   params_set: str = 'auto',
   *,
   config=None,
+  step: int | None = None,
   log: Callable[[str], None] = evaluation.warn,
 ) -> RunParams:
   """Restores the params of a run's newest readable checkpoint.
@@ -135,6 +136,7 @@ def run_params(
       them (what its evaluations report as `eval_ema`), else the raw ones.
     config: the run's config, e.g. with a user's overrides; default: the
       one it saved (`provenance.load_run_config`).
+    step: the checkpoint to restore (default: the newest readable one).
     log: prints a warning (a damaged checkpoint passed over; default to
       stderr).
 
@@ -151,7 +153,7 @@ def run_params(
     config = provenance.load_run_config(workdir)
   info = run_dataset_info(config, workdir)
   step, sets = evaluation.restore_workdir(
-    config, workdir, info.num_classes, log=log
+    config, workdir, info.num_classes, step=step, log=log
   )
   if params_set == 'auto':
     params_set = 'ema' if 'eval_ema' in sets else 'raw'

@@ -306,12 +306,21 @@ def test_evaluate_passes_over_a_damaged_checkpoint_in_a_few_lines(
   proc = _run('experiments.evaluate', f'--workdir={run}')
   assert proc.returncode == 0, proc.stderr
   # Two lines: the warning and the step used; no traceback.
+  assert len(proc.stderr.splitlines()) == 2, proc.stderr
   warning, used = proc.stderr.splitlines()
   assert warning.startswith(f'Warning: Checkpoint {newer} is damaged: its ')
   assert used == 'Using the checkpoint of step 3, the newest readable.'
   assert f'{run}: the checkpoint of step 3' in proc.stdout
   assert 'eval: top-1 50.00%' in proc.stdout
   assert os.path.isdir(newer)  # Left in place.
+  # A step asked for is the one used: no other checkpoint is read.
+  out = tmp_path / 'step3.stablehlo'
+  proc = _run(
+    'experiments.export', f'--workdir={run}', '--step=3',
+    '--format=stablehlo', f'--out={out}',
+  )  # fmt: skip
+  assert proc.returncode == 0 and not proc.stderr, proc.stderr
+  assert f'Wrote stablehlo {out} (the EMA params of step 3)' in proc.stdout
 
 
 def _softmax(x):

@@ -1,9 +1,11 @@
 """Tests for nfnets.train.checkpoint: round trip, retention, other device
 counts, damaged checkpoints, SIGTERM and SIGINT."""
 
+import asyncio
 import gc
 import glob
 import io
+import logging
 import os
 import shutil
 import signal
@@ -102,6 +104,26 @@ def test_keeps_only_the_newest_checkpoints(tmp_path):
   _assert_same(restored, _state(seed=4))
   steps = sorted(int(d) for d in os.listdir(tmp_path) if d.isdigit())
   assert steps == [3, 4]
+
+
+def test_a_step_asked_for_is_restored_or_named_missing(tmp_path):
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), max_to_keep=3)
+  for step in (1, 2, 3):
+    ckpt.save(step, _big_state(seed=step))
+  ckpt.close()
+  _truncate_largest_array_file(str(tmp_path / '3'))
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), max_to_keep=3)
+  try:
+    _assert_same(ckpt.restore(_big_state(0), step=1), _big_state(seed=1))
+    with pytest.raises(ckpt_lib.CheckpointError, match='its steps: 1, 2, 3'):
+      ckpt.restore(_big_state(0), step=5)
+    lines = []  # A damaged step asked for: an error, no fallback.
+    with pytest.raises(ckpt_lib.DamagedCheckpointError, match='3 is damaged'):
+      ckpt.restore(_big_state(0), step=3, log=lines.append)
+    assert not lines
+  finally:
+    ckpt.close()
+  assert os.path.isdir(tmp_path / '3')
 
 
 def test_restore_into_another_structure_fails_clearly(tmp_path):
@@ -287,6 +309,37 @@ def test_damaged_newest_checkpoint_falls_back_and_is_kept(
     os.path.relpath(p, kept)
     for p in glob.glob(str(kept / '**'), recursive=True)
   )
+
+
+def test_unread_exceptions_of_failed_reads_are_not_logged(tmp_path):
+  """asyncio logs a task or future collected with its exception unread, at
+  any time; after a failed read, those of checkpoint reads are dropped."""
+  directory = str(tmp_path / 'checkpoints')
+  ckpt = ckpt_lib.Checkpointer(directory, max_to_keep=3)
+  ckpt.save(1, _big_state(seed=1))
+  ckpt.save(2, _big_state(seed=2))
+  ckpt.close()
+  _truncate_largest_array_file(os.path.join(directory, '2'))
+  ckpt = ckpt_lib.Checkpointer(directory, max_to_keep=3)
+  ckpt.restore(_big_state(seed=3), log=lambda line: None)
+  ckpt.close()
+  records = []
+  handler = logging.Handler()
+  handler.emit = records.append
+  logger = logging.getLogger('asyncio')
+  logger.addHandler(handler)
+  try:
+    for text in ('Error reading "w/0.0" in OCDBT database', 'another error'):
+      loop = asyncio.new_event_loop()
+      future = loop.create_future()
+      future.set_exception(ValueError(text))
+      del future  # Collected unread: asyncio logs it.
+      gc.collect()
+      loop.close()
+  finally:
+    logger.removeHandler(handler)
+  (record,) = records
+  assert 'another error' in record.getMessage()
 
 
 def test_no_readable_checkpoint_is_a_short_error(tmp_path):
