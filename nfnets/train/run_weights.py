@@ -20,7 +20,10 @@ import os
 from collections.abc import Callable
 from typing import NamedTuple
 
+import jax
+
 from nfnets import data
+from nfnets.data import plan
 from nfnets.train import evaluation, provenance
 
 DATASET_FILE = 'dataset.json'
@@ -145,8 +148,6 @@ def run_params(
       complete checkpoint.
     ValueError: 'ema' for a run without an EMA.
   """
-  import jax  # Here: the dataset-record readers need no JAX.
-
   if params_set not in PARAM_SETS:
     raise ValueError(f'params_set={params_set!r}: use one of {PARAM_SETS}.')
   if config is None:
@@ -181,8 +182,6 @@ def weights_metadata(run: RunParams) -> dict[str, str]:
     ValueError: for a model with Haiku state (BatchNorm statistics), which
       weights files do not hold.
   """
-  from nfnets.data import plan
-
   config = run.config
   if run.model_state:
     raise ValueError(
