@@ -42,10 +42,10 @@ _OUTPUT = flags.DEFINE_string(
   'output', None, 'Destination: .safetensors, or .npz (haiku layout only).'
 )
 _VARIANT = flags.DEFINE_string(
-  'variant', 'F0', 'NFNet variant of the --input weights.'
+  'variant', None, "--input's NFNet variant (default: the file's, else F0)."
 )
 _MODEL_KWARGS = flags.DEFINE_string(
-  'model_kwargs', '{}', 'JSON of extra NFNet kwargs, e.g. {"width": 0.5}.'
+  'model_kwargs', None, 'JSON of extra NFNet kwargs, e.g. {"width": 0.5}.'
 )
 _TO = flags.DEFINE_enum(
   'to', 'haiku', ['haiku', 'timm'], 'Layout of the output file.'
@@ -63,6 +63,11 @@ def _check_flags():
     raise app.UsageError('Pass exactly one of --input and --workdir.')
   if _INPUT.value and _STEP.value is not None:
     raise app.UsageError('--step picks a checkpoint of a --workdir run.')
+  if _WORKDIR.value and (_VARIANT.value or _MODEL_KWARGS.value):
+    raise app.UsageError(
+      '--variant and --model_kwargs are for --input; with --workdir the '
+      "model is the run's."
+    )
   output = _OUTPUT.value
   if _INPUT.value and os.path.exists(output) and os.path.exists(_INPUT.value):
     if os.path.samefile(_INPUT.value, output):
@@ -80,11 +85,16 @@ def _check_flags():
 def _from_file():
   """`(params, metadata, what)` of the --input file, checked."""
   from nfnets import pretrained  # Deferred: fast --help.
+  from nfnets.pretrained import inference
 
-  kwargs = common.json_object_flag(_MODEL_KWARGS)
-  params = pretrained.load(_INPUT.value, _VARIANT.value, **kwargs)
-  metadata = {'variant': _VARIANT.value, 'model_kwargs': json.dumps(kwargs)}
-  return params, metadata, f'NFNet-{_VARIANT.value}'
+  given = (
+    common.json_object_flag(_MODEL_KWARGS) if _MODEL_KWARGS.value else None
+  )
+  # The flags, else the file's metadata, else F0 (as predict does).
+  variant, kwargs = inference.model_spec(_INPUT.value, _VARIANT.value, given)
+  params = pretrained.load(_INPUT.value, variant, **kwargs)
+  metadata = {'variant': variant, 'model_kwargs': json.dumps(kwargs)}
+  return params, metadata, f'NFNet-{variant}'
 
 
 def _from_workdir():

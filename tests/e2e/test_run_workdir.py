@@ -29,7 +29,7 @@ import PIL.Image
 import pytest
 
 from configs import quickstart
-from nfnets import train
+from nfnets import pretrained, train
 from nfnets.data import numpy_preprocess as npp
 from nfnets.train import checkpoint as ckpt_lib
 
@@ -237,6 +237,16 @@ def test_a_run_serves_without_tensorflow_and_without_its_dataset(
       assert {name for name, _ in top_k} == set(CLASSES)
       for name, prob in top_k:
         np.testing.assert_allclose(prob, p[CLASSES.index(name)], rtol=1e-4)
+  # The file converts again with its own metadata for the model (width
+  # 1/8, one block per stage: not F0's defaults).
+  again = tmp_path / 'again.npz'
+  proc = _run(
+    'experiments.convert_weights', f'--input={weights}', f'--output={again}'
+  )
+  assert proc.returncode == 0, proc.stderr
+  jax.tree.map(np.testing.assert_array_equal, pretrained.read_params(again)[0],
+               pretrained.read_params(weights)[0])  # fmt: skip
+
   # The run's eval of the EMA params decoded with TensorFlow, whose JPEG
   # decoder rounds otherwise than PIL's: the same top-1 (the loss differs
   # by ~1.5% here; with TensorFlow predict matches it, test above).
@@ -430,6 +440,11 @@ def test_usage_errors_are_short(known_run, tmp_path):
   _assert_short(proc, 2, 'image files')
   proc = _run('experiments.convert_weights', f'--output={tmp_path}/w.npz')
   _assert_short(proc, 2, '--input')
+  proc = _run(
+    'experiments.convert_weights', f'--workdir={known_run}', '--variant=F1',
+    f'--output={tmp_path}/w.npz',
+  )  # fmt: skip
+  _assert_short(proc, 2, '--variant and --model_kwargs are for --input')
   # A Python dict where JSON is wanted: the flag named, with valid quoting.
   proc = _run(
     'experiments.benchmark', "--model_kwargs={'width': 0.25}", '--steps=1'
