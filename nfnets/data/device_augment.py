@@ -28,6 +28,7 @@ same augmentation for the same step.
 import jax
 import jax.numpy as jnp
 
+from nfnets.data import config as config_lib
 from nfnets.data import device_randaugment, recipe
 
 PLACEMENTS = ('auto', 'host', 'device')
@@ -48,7 +49,8 @@ def resolve_placement(data_config, backend=None):
 
   Returns:
     'host' or 'device' ('auto' is 'device' on GPU/TPU, `CPU_PLACEMENT` on
-    a CPU).
+    a CPU, and 'device' there too when the python loader, which has no
+    host-side MixUp, CutMix or RandAugment, meets a recipe with them).
   """
   where = data_config.get('augment_on', 'auto')
   if where not in PLACEMENTS:
@@ -58,7 +60,15 @@ def resolve_placement(data_config, backend=None):
   if where != 'auto':
     return where
   backend = backend or jax.default_backend()
-  return CPU_PLACEMENT if backend == 'cpu' else 'device'
+  if backend != 'cpu' or _python_loader_augments(data_config):
+    return 'device'
+  return CPU_PLACEMENT
+
+
+def _python_loader_augments(data_config):
+  """Whether the python loader, which cannot augment on the host, must."""
+  augments = mixing_on(data_config) or bool(data_config.randaugment)
+  return augments and config_lib.resolve_loader(data_config) == 'python'
 
 
 def resolve_pairing(data_config, placement):

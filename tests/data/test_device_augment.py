@@ -177,6 +177,15 @@ def test_placement_and_pairing_resolution():
   assert resolve(_config(), 'tpu') == 'device'
   assert resolve(_config(), 'cpu') == device_augment.CPU_PLACEMENT
   assert resolve(_config(augment_on='host'), 'gpu') == 'host'
+  # The python loader has no host-side augmentation: 'auto' picks the step
+  # for a recipe with any, and keeps plain batches on the host.
+  recipe = dict(mixup_alpha=0.2, randaugment='205')
+  assert resolve(_config(loader='tf', **recipe), 'cpu') == 'host'
+  assert resolve(_config(loader='python', **recipe), 'cpu') == 'device'
+  assert resolve(_config(loader='python', randaugment='205'), 'cpu') == 'device'
+  assert resolve(_config(loader='python'), 'cpu') == 'host'
+  explicit = _config(loader='python', augment_on='host', **recipe)
+  assert resolve(explicit, 'cpu') == 'host'
   assert device_augment.make_batch_fn(_config(), backend='cpu') is None
   pairing = device_augment.resolve_pairing
   assert pairing(_config(), 'device') == 'in_batch'
