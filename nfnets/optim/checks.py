@@ -66,7 +66,7 @@ def check_schedule(
   check_batch_size(global_batch_size or 1)
   if not 0 <= warmup_steps < total_steps:
     raise ValueError(
-      f'Need 0 <= warmup_steps < total_steps, got warmup_steps={warmup_steps}'
+      f'Need 0 <= warmup_steps < total_steps, got warmup_steps={warmup_steps:g}'
       f', total_steps={total_steps}. Shorten the warmup '
       '(config.optimizer.warmup_epochs, or warmup_steps, which overrides '
       'it) or train longer (config.train.num_steps or num_epochs).'
