@@ -9,6 +9,7 @@ itself). The programs:
 * `evaluate`: evaluate weights or a training run on a dataset split;
 * `predict`: classify image files with a training run or weights file;
 * `convert_weights`: convert weights files to safetensors, `.npz` or timm;
+* `export`: write a model for serving (SavedModel, TFLite, StableHLO);
 * `prepare_imagenet`: build the tfds ImageNet from the official tar files;
 * `benchmark`: time training steps, the paper's speed protocol;
 * `benchmark_input`: throughput of the input pipeline;

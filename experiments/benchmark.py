@@ -4,7 +4,8 @@ r"""Times training steps of registry models: `nfnets.perf.benchmark`'s CLI.
     python -m experiments.benchmark --model=NFNet --variant=F0,F1 \
       --batch_size=32 --image_size=192 --steps=50 --dtype=bfloat16 \
       --json_out=/tmp/bench.json
-    python -m experiments.benchmark --model=NFNet:F0,NFResNet50 --steps=10
+    python -m experiments.benchmark --model=NFNet:F0,NF_ResNet:ResNet50 \
+      --steps=10
     python -m experiments.benchmark --table=paper --steps=5 \
       --plot_out=flops_vs_time.png       # the paper's Table 3, batch 32
 

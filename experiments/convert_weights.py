@@ -16,7 +16,8 @@ r"""Converts NFNet weights between formats, or a training run's into a file.
 
 The input may be any format `nfnets.pretrained.read_params` reads (DeepMind
 pickle, our .safetensors/.npz, timm safetensors). Names and shapes are
-checked against --variant before anything is written. A run's file records
+checked against the model (--variant/--model_kwargs, else the file's
+metadata, else F0) before anything is written. A run's file records
 its model, class names and eval image size, which `predict --weights` uses.
 See docs/pretrained.md.
 """

@@ -6,8 +6,8 @@ A leaf's name is its Haiku path joined with '/', `module/param` (e.g.
 reference (`SGD_AGC` in `deepmind-research/nfnets`).
 
 The frozen group of fine-tuning (`frozen_mask`) is read from the module
-names the families of `nfnets.models` share: their stems (`STEM_MODULES`)
-and their numbered residual blocks (`BLOCK_MODULES`).
+names the ResNet-like families of `nfnets.models` share: their stems
+(`STEM_MODULES`) and their numbered residual blocks (`BLOCK_MODULES`).
 """
 
 import collections
@@ -32,13 +32,20 @@ AGC_EXCLUDE = (r'^(?!.*squeeze_excite)(.*/)?linear(_\d+)?/w$',)
 # anchored on the parameter name, the part after the last '/'.
 WD_EXCLUDE = (r'/(b|scale|offset)$', r'/[^/]*gain[^/]*$', r'/[^/]*bias[^/]*$')
 
-# The stem modules of every family in `nfnets.models` (NFNet's four
-# `stem_conv{i}`; the ResNets' and NF-RegNets' `initial_conv`, and BN
+# The stem modules of the ResNet-like families in `nfnets.models` (NFNet's
+# four `stem_conv{i}`; the ResNets' and NF-RegNets' `initial_conv`, and BN
 # ResNet v1's `initial_bn`), and the base names of their residual blocks,
-# which Haiku numbers `name`, `name_1`, `name_2`, ... in network order.
+# which Haiku numbers `name`, `name_1`, `name_2`, ... in network order
+# (Fixup's are `res_block`, SkipInit's `nf_res_block`). EfficientNet's
+# MBConv blocks are not among them: its seven stages change shape without
+# a `conv_shortcut`, so the stage rule below cannot find them.
 STEM_MODULES = r'stem_conv\d+|initial_conv|initial_bn'
-BLOCK_MODULES = r'nf_block|nf_res_block|res_block_v[12]'
+# Stem parameters held by the network module itself: Fixup's scalar `bias1`
+# after its stem conv (counted only on a network that has a stem module).
+STEM_NET_PARAMS = r'bias1'
+BLOCK_MODULES = r'nf_block|nf_res_block|res_block_v[12]|res_block'
 _STEM_RE = re.compile(rf'^(?P<net>.*?)/~/(?:{STEM_MODULES})/[^/]+$')
+_STEM_PARAM_RE = re.compile(rf'^(?P<net>.*)/(?:{STEM_NET_PARAMS})$')
 _BLOCK_RE = re.compile(
   rf'^(?P<net>.*?)/~/(?P<base>{BLOCK_MODULES})'
   r'(?:_(?P<index>\d+))?/(?P<rest>.*)$'
@@ -199,10 +206,10 @@ def frozen_mask(params: PyTree, num_stages: int) -> PyTree:
   """Boolean tree: True on the stem and the first `num_stages` stages.
 
   The stem is every parameter of a `STEM_MODULES` module directly under a
-  network; a stage is a run of `BLOCK_MODULES` blocks from one that starts
-  a stage (the first, or one with a `conv_shortcut`) to the next. Anything
-  else (the final conv, the classifier, modules of a head built around the
-  network) is never frozen.
+  network, and that network's own `STEM_NET_PARAMS`; a stage is a run of
+  `BLOCK_MODULES` blocks from one that starts a stage (the first, or one
+  with a `conv_shortcut`) to the next. Anything else (the final conv, the
+  classifier, modules of a head built around the network) is never frozen.
 
   Args:
     params: a parameter tree of a network of `nfnets.models` (alone or
@@ -218,18 +225,24 @@ def frozen_mask(params: PyTree, num_stages: int) -> PyTree:
   """
   names = select_leaves(params, ('',))
   stages = _block_stages(names)
+  nets_with_stem = {m['net'] for m in map(_STEM_RE.match, names) if m}
   if num_stages > 0 and (not stages or max(stages.values()) < num_stages):
     found = max(stages.values(), default=0)
     raise ValueError(
       f'Cannot freeze {num_stages} stages: the parameters have {found} '
-      f'stages of residual blocks (modules named {BLOCK_MODULES!r}, as in '
-      'nfnets.models). Use optimizer.freeze_stages <= that number.'
+      f'stages of residual blocks (modules named {BLOCK_MODULES!r}: '
+      'NFNets, NF-ResNets, NF-RegNets and the BN, SkipInit and Fixup '
+      "ResNets; EfficientNet's blocks have no stages here). Use "
+      'optimizer.freeze_stages <= that number.'
     )
 
   def frozen(name: str) -> bool:
     if num_stages <= 0:
       return False
     if _STEM_RE.match(name):
+      return True
+    m = _STEM_PARAM_RE.match(name)
+    if m and m['net'] in nets_with_stem:
       return True
     m = _BLOCK_RE.match(name)
     if not m:

@@ -62,6 +62,16 @@ FAMILIES = {
     ['ResNet/~/initial_conv', 'ResNet/~/initial_bn'],
     'ResNet/~/res_block_v1',
   ),
+  'SkipInit_ResNet': (
+    dict(name='SkipInit_ResNet', kwargs=dict(width=0.25, depth=DEPTH)),
+    ['SkipInit_ResNet/~/initial_conv'],
+    'SkipInit_ResNet/~/nf_res_block',
+  ),
+  'Fixup_ResNet': (
+    dict(name='Fixup_ResNet', kwargs=dict(width=0.25, depth=DEPTH)),
+    ['FixUp_ResNet/~/initial_conv'],
+    'FixUp_ResNet/~/res_block',
+  ),
 }
 
 
@@ -89,7 +99,11 @@ def _expected_frozen(names, stems, block, num_stages):
   last = STAGE_LAST_BLOCK[num_stages - 1]
   blocks = [block + ('' if i == 0 else f'_{i}') for i in range(last + 1)]
   prefixes = [m + '/' for m in stems + blocks]
-  return {n for n in names if any(n.startswith(p) for p in prefixes)}
+  # Fixup's scalar bias after the stem conv belongs to the network module.
+  fixup_stem_bias = {n for n in names if n == 'FixUp_ResNet/bias1'}
+  return fixup_stem_bias | {
+    n for n in names if any(n.startswith(p) for p in prefixes)
+  }
 
 
 @pytest.mark.parametrize('family', list(FAMILIES))
@@ -106,9 +120,10 @@ def test_frozen_mask_is_the_stem_and_the_first_stages(family):
     assert _names(mask, keep=bool) == want, num_stages
   # With all four stages frozen only the head is left.
   top = block.split('/')[0]
-  head = ('final_conv', 'final_bn', 'linear')
-  assert {n.split('/')[2] for n in names - want} <= set(head)
-  assert all(n.startswith(f'{top}/~/') for n in names - want)
+  head = ('final_conv', 'final_bn', 'linear', 'bias2')  # Fixup's bias2.
+  assert all(n.startswith(f'{top}/') for n in names - want)
+  rest = {n[len(top) + 1 :].removeprefix('~/') for n in names - want}
+  assert {n.split('/')[0] for n in rest} <= set(head)
 
 
 def test_frozen_mask_errors():
@@ -116,6 +131,9 @@ def test_frozen_mask_errors():
   assert not any(jax.tree.leaves(optim.frozen_mask(params, 0)))
   with pytest.raises(ValueError, match='Cannot freeze 1 stages'):
     optim.frozen_mask(params, 1)
+  efficientnet = dict(name='EfficientNet', kwargs=dict(variant='B0'))
+  with pytest.raises(ValueError, match="EfficientNet's blocks have no stages"):
+    optim.frozen_mask(_param_shapes(efficientnet), 1)
 
 
 def _config(**entries):
