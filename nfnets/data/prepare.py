@@ -126,11 +126,19 @@ def prepare_imagenet(manual_dir, data_dir, file_format='tfrecord'):
     'imagenet2012', data_dir=data_dir, file_format=file_format
   )
   start = time.time()
-  builder.download_and_prepare(
-    download_config=tfds.download.DownloadConfig(
-      manual_dir=manual_dir, try_download_gcs=False
+  try:
+    builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(
+        manual_dir=manual_dir, try_download_gcs=False
+      )
     )
-  )
+  except (tarfile.ReadError, EOFError) as e:
+    # Deep in tfds's extraction; a truncated download is the usual cause.
+    raise OSError(
+      f'An ImageNet tar in {manual_dir!r} cannot be read ({e}): it is '
+      'damaged or incomplete. Check it against the size and checksum '
+      'image-net.org lists, and download it again if they differ.'
+    ) from e
   print(
     f'Prepared imagenet2012 in {builder.data_dir} in '
     f'{time.time() - start:.1f}s: '

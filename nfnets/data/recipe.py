@@ -59,8 +59,15 @@ def parse_level(level):
       f'RandAugment level {level!r} must be digits like "405" (4 layers, '
       'magnitude 5), or "" to turn RandAugment off.'
     )
-  level = int(level)
-  return level // 100, level % 100
+  num_layers, magnitude = divmod(int(level), 100)
+  if num_layers == 0:
+    # '5' or '45' would apply no op at all, silently.
+    raise ValueError(
+      f'RandAugment level {level!r} has 0 layers: the digits before the '
+      'last two are the number of layers, e.g. "205" (2 layers, magnitude '
+      '5); "" turns RandAugment off.'
+    )
+  return num_layers, magnitude
 
 
 def solarize_threshold(magnitude, quirks=True):

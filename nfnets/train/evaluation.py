@@ -354,22 +354,36 @@ def check_eval_size(config, model) -> None:
   """Raises ValueError, before any work, if the model cannot eval this size.
 
   The trainer checks at start what would otherwise fail at its first
-  evaluation, possibly hours later.
+  evaluation, possibly hours later. When the model fails at the train size
+  too, the model config itself is at fault (e.g. a bad depth), and the
+  error says so rather than blaming the eval size.
 
   Args:
-    config: the run's config (`data.eval_image_size`).
+    config: the run's config (`data.eval_image_size`, `train_image_size`).
     model: the run's `hk.TransformedWithState`.
   """
   size = config.data.eval_image_size
   try:
-    # Training mode: eval mode would need the BatchNorm averages to exist.
-    # Both modes check the input size alike.
-    jax.eval_shape(
-      lambda rng, x: model.init(rng, x, True),
-      jax.random.PRNGKey(0),
-      jax.ShapeDtypeStruct((1, size, size, 3), np.float32),
-    )
+    _init_shapes(model, size)
+    return
   except ValueError as e:
-    raise ValueError(
-      f'config.data.eval_image_size={size} cannot be evaluated: {e}'
-    ) from None
+    error = f'config.data.eval_image_size={size} cannot be evaluated: {e}'
+  train_size = config.data.train_image_size
+  try:
+    _init_shapes(model, train_size)
+  except ValueError as e:
+    error = (
+      f'config.model cannot be built for {train_size}-px images '
+      f'(config.data.train_image_size): {e}'
+    )
+  raise ValueError(error)
+
+
+def _init_shapes(model, size):
+  # Training mode: eval mode would need the BatchNorm averages to exist.
+  # Both modes check the input size alike.
+  return jax.eval_shape(
+    lambda rng, x: model.init(rng, x, True),
+    jax.random.PRNGKey(0),
+    jax.ShapeDtypeStruct((1, size, size, 3), np.float32),
+  )

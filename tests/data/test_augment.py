@@ -207,6 +207,8 @@ def test_magnitude_table_matches_reference():
   assert recipe.parse_level('415') == (4, 15)
   with pytest.raises(ValueError, match='405'):
     recipe.parse_level('ra4')
+  with pytest.raises(ValueError, match='0 layers'):
+    recipe.parse_level('45')  # Magnitude 45 and no layer: a typo for '405'.
 
 
 def test_posterize_op_at_magnitude_5_keeps_two_bits(photo):

@@ -181,3 +181,8 @@ def test_eval_shards_cover_the_split_once(tiny):
 def test_prepare_imagenet_without_tars_says_what_to_do(tmp_path):
   with pytest.raises(FileNotFoundError, match='image-net.org'):
     prepare.prepare_imagenet(str(tmp_path), str(tmp_path / 'out'))
+  # Tars that are not tars (a failed download): named, with what to check.
+  for name in (prepare.TRAIN_TAR, prepare.VAL_TAR):
+    (tmp_path / name).write_bytes(b'<html>Session expired</html>' * 40)
+  with pytest.raises(OSError, match='damaged or incomplete'):
+    prepare.prepare_imagenet(str(tmp_path), str(tmp_path / 'out'))

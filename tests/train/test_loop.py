@@ -287,6 +287,13 @@ def test_too_small_eval_image_size_fails_before_training(tmp_path):
     train_and_evaluate(config, str(tmp_path))
   assert not os.path.exists(tmp_path / 'metrics.jsonl')
   assert not os.listdir(tmp_path / 'checkpoints')
+  # A model config no size can build is named as such, not as the eval size.
+  config = tiny_config()
+  config.model.kwargs.depth = (1, 1)
+  with pytest.raises(
+    ValueError, match=r'^config\.model cannot be built.*depth'
+  ):
+    train_and_evaluate(config, str(tmp_path / 'depth'))
 
 
 def test_warmup_longer_than_the_run_names_the_setting(tmp_path):
