@@ -28,7 +28,8 @@ def default_train_config() -> ml_collections.ConfigDict:
         `nfnets.train.step.make_train_step`). batch_size must be a multiple
         of grad_accum_steps times the device count.
       num_epochs: length of the run in passes over the train split.
-      num_steps: if > 0, length of the run in steps (overrides num_epochs).
+      num_steps: if > 0, length of the run in steps (overrides num_epochs);
+        0: num_epochs decides.
       compute_dtype: 'bfloat16', 'float32' or 'bfloat16_convs' (float32
         with bfloat16 convolution operands, the fast policy on AVX-512
         CPUs with bfloat16 units; `nfnets.models.precision`) for the
@@ -158,6 +159,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1:
     raise ValueError(
       f'config.train.grad_accum_steps must be an integer >= 1, got {accum!r}.'
+    )
+  if train.num_steps < 0:
+    raise ValueError(
+      f'config.train.num_steps={train.num_steps}: use a number of steps > 0, '
+      'or 0 for the length config.train.num_epochs gives.'
     )
   if train.num_steps <= 0 and train.num_epochs <= 0:
     raise ValueError(

@@ -119,6 +119,17 @@ def test_quickstart_runs_in_float32_on_digits():
   assert config.data.train_image_size == 32
 
 
+def test_negative_num_steps_is_refused_not_read_as_epochs():
+  from nfnets.train import config as config_lib  # noqa: PLC0415
+
+  config = _load('quickstart')
+  config.train.num_steps = -5  # Was silently the num_epochs schedule.
+  with pytest.raises(ValueError, match=r'num_steps=-5: use a number'):
+    config_lib.validate_config(config)
+  config.train.num_steps = 0  # 0 is documented: num_epochs decides.
+  config_lib.validate_config(config)
+
+
 def _parse(argv):
   """Parses --config flags like experiments/train.py, in a private registry."""
   values = flags.FlagValues()
