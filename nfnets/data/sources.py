@@ -468,6 +468,7 @@ def make_source(data_config):
   Returns:
     A DigitsSource, TfdsSource or FolderSource.
   """
+  check_dataset_name(data_config)
   name = data_config.name
   if name.startswith('tfds/'):
     return TfdsSource(
@@ -476,12 +477,21 @@ def make_source(data_config):
       image_key=data_config.image_key,
       label_key=data_config.label_key,
     )
-  if name not in SOURCES:
+  return SOURCES[name](data_config)
+
+
+def check_dataset_name(data_config) -> None:
+  """Raises ValueError for a `data_config.name` no source reads.
+
+  Cheap (no file is read), so the trainer checks it with the rest of the
+  config, before a resume compares the config with the run's.
+  """
+  name = data_config.name
+  if name not in SOURCES and not name.startswith('tfds/'):
     raise ValueError(
       f'Unknown dataset {name!r}; valid names are {sorted(SOURCES)} or '
       '"tfds/<name>" for any prepared tfds dataset.'
     )
-  return SOURCES[name](data_config)
 
 
 def resolve_splits(data_config, source) -> Sequence[str]:

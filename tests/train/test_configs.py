@@ -119,7 +119,7 @@ def test_quickstart_runs_in_float32_on_digits():
   assert config.data.train_image_size == 32
 
 
-def test_negative_num_steps_is_refused_not_read_as_epochs():
+def test_negative_num_steps_and_unknown_dataset_are_refused():
   from nfnets.train import config as config_lib  # noqa: PLC0415
 
   config = _load('quickstart')
@@ -128,6 +128,9 @@ def test_negative_num_steps_is_refused_not_read_as_epochs():
     config_lib.validate_config(config)
   config.train.num_steps = 0  # 0 is documented: num_epochs decides.
   config_lib.validate_config(config)
+  config.data.name = 'digitz'  # Checked with the config, before a resume.
+  with pytest.raises(ValueError, match="Unknown dataset 'digitz'"):
+    config_lib.validate_config(config)
 
 
 def _parse(argv):
