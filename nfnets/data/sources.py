@@ -481,11 +481,7 @@ def make_source(data_config):
 
 
 def check_dataset_name(data_config) -> None:
-  """Raises ValueError for a `data_config.name` no source reads.
-
-  Cheap (no file is read), so the trainer checks it with the rest of the
-  config, before a resume compares the config with the run's.
-  """
+  """Raises ValueError for a `data_config.name` no source reads (cheap)."""
   name = data_config.name
   if name not in SOURCES and not name.startswith('tfds/'):
     raise ValueError(
