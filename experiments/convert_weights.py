@@ -16,9 +16,11 @@ r"""Converts NFNet weights between formats, or a training run's into a file.
 
 The input may be any format `nfnets.pretrained.read_params` reads (DeepMind
 pickle, our .safetensors/.npz, timm safetensors). Names and shapes are
-checked against the model (--variant/--model_kwargs, else the file's
-metadata, else F0) before anything is written. A run's file records
-its model, class names and eval image size, which `predict --weights` uses.
+checked against the model (the file's metadata, else F0, with
+--variant/--model_kwargs set over it) before anything is written. A run's
+file records its model, class names, eval image size and preprocessing,
+which `predict --weights` uses; every output (.npz, --to=timm too) keeps
+what its input records.
 See docs/pretrained.md.
 """
 
@@ -91,10 +93,16 @@ def _from_file():
   given = (
     common.json_object_flag(_MODEL_KWARGS) if _MODEL_KWARGS.value else None
   )
-  # The flags, else the file's metadata, else F0 (as predict does).
+  # The file's metadata with the flags on top, else F0 (as predict does).
   variant, kwargs = inference.model_spec(_INPUT.value, _VARIANT.value, given)
   params = pretrained.load(_INPUT.value, variant, **kwargs)
-  metadata = {'variant': variant, 'model_kwargs': json.dumps(kwargs)}
+  # A run's file also records its class names, eval size and preprocessing:
+  # the copy keeps them, so it predicts as the original does.
+  metadata = pretrained.carried_metadata(
+    pretrained.read_metadata(_INPUT.value),
+    variant=variant,
+    model_kwargs=json.dumps(kwargs),
+  )
   return params, metadata, f'NFNet-{variant}'
 
 
@@ -132,7 +140,7 @@ def main(argv):
   params, metadata, what = _from_file() if _INPUT.value else _from_workdir()
   common.make_parent(_OUTPUT.value)
   if _TO.value == 'timm':
-    timm_interop.save_timm(params, _OUTPUT.value)
+    timm_interop.save_timm(params, _OUTPUT.value, metadata)
   else:
     pretrained.save_params(params, _OUTPUT.value, metadata)
   count = sum(x.size for leaves in params.values() for x in leaves.values())

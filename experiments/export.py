@@ -15,7 +15,8 @@ first, so the program holds plain convolutions. --preprocess=none exports
 the run's eval size) -> `logits` [N, C]; --preprocess=eval exports uint8
 [N, H, W, 3] of any size, resized and cropped inside as in evaluation. N is
 free in every format. --platforms lowers SavedModel and StableHLO programs
-for other backends (e.g. cpu,cuda). User errors exit with status 2 (usage)
+for other backends (cpu, cuda, rocm, tpu; e.g. cpu,cuda); TFLite runs on its
+own kernels and refuses it. User errors exit with status 2 (usage)
 or 1 (missing files); NFNETS_TRACEBACK=1 shows their tracebacks. See
 docs/export.md.
 """
@@ -38,9 +39,47 @@ _PREPROCESS = flags.DEFINE_enum(
   'none: normalised float32 [N, S, S, 3] in; eval: uint8 [N, H, W, 3] in, '
   'eval resize and crop inside.',
 )
+# nfnets.export.PLATFORMS, here so that flags are checked without JAX.
+PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 _PLATFORMS = flags.DEFINE_list(
-  'platforms', ['cpu'], 'Backends of the program (savedmodel, stablehlo).'
+  'platforms',
+  ['cpu'],
+  f'Backends of the program ({", ".join(PLATFORMS)}; savedmodel and '
+  'stablehlo only).',
 )
+
+
+@flags.validator('platforms')
+def _check_platforms(platforms):
+  """Refuses a platform jax.export does not know, at flag parsing.
+
+  Such a name would be written into the program unchecked (exit 0), and
+  the program would then run nowhere.
+  """
+  unknown = [p for p in platforms if p not in PLATFORMS]
+  if unknown or not platforms:
+    raise flags.ValidationError(
+      f'{", ".join(unknown) or "no platform"}: not a platform jax.export '
+      f'knows; name one or more of {", ".join(PLATFORMS)} (GPUs: cuda or '
+      'rocm).'
+    )
+  if len(set(platforms)) < len(platforms):
+    raise flags.ValidationError('name each platform once.')
+  return True
+
+
+@flags.multi_flags_validator(['format', 'platforms'])
+def _check_tflite_platforms(values):
+  """A TFLite file runs on TFLite's own kernels: --platforms is no use.
+
+  Refused rather than silently ignored (the default, cpu, passes).
+  """
+  if values['format'] == 'tflite' and values['platforms'] != ['cpu']:
+    raise flags.ValidationError(
+      "a TFLite file runs on TFLite's own kernels, for no XLA platform; "
+      'drop --platforms, or export savedmodel or stablehlo for them.'
+    )
+  return True
 
 
 def _check_flags():

@@ -43,6 +43,36 @@ def check_format(fmt: str) -> None:
     raise ValueError(f'Unknown format {fmt!r}; choose one of {list(FORMATS)}.')
 
 
+# The platforms `jax.export` has built in ('gpu' is none: it stands for cuda
+# or rocm by the backend at hand). Another name would be written into the
+# program unchecked, and the program would then run nowhere.
+PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
+
+
+def check_platforms(fmt: str, platforms) -> None:
+  """Raises a ValueError for platforms `fmt`'s program cannot be made for.
+
+  SavedModel and StableHLO programs are lowered for any of `PLATFORMS`,
+  each named once. A TFLite file runs on TFLite's own kernels, not on
+  an XLA backend: it takes the default ('cpu',) only, so that a request
+  for others is not silently dropped.
+  """
+  platforms = tuple(platforms)
+  unknown = [p for p in platforms if p not in PLATFORMS]
+  if unknown or not platforms:
+    raise ValueError(
+      f'Platforms {", ".join(unknown) or "(none)"}: name one or more of '
+      f"{', '.join(PLATFORMS)} (jax.export's; for GPUs cuda or rocm)."
+    )
+  if len(set(platforms)) < len(platforms):
+    raise ValueError(f'Platforms {",".join(platforms)}: name each once.')
+  if fmt == 'tflite' and platforms != ('cpu',):
+    raise ValueError(
+      "A TFLite file runs on TFLite's own kernels, for no XLA platform: "
+      'drop --platforms, or export savedmodel or stablehlo for them.'
+    )
+
+
 def export_model(
   spec: ExportSpec,
   params,
@@ -64,20 +94,21 @@ def export_model(
     preprocess: 'none' (normalised float32 [N, S, S, 3] in) or 'eval'
       (uint8 [N, H, W, 3] in, eval transform inside).
     platforms: the platforms the program is lowered for (savedmodel and
-      stablehlo; TFLite runs on its own CPU kernels).
+      stablehlo; TFLite runs on its own CPU kernels and takes ('cpu',)).
 
   Returns:
     `out`.
 
   Raises:
-    ValueError: an unknown format or preprocess mode, or params without
-      weight-standardised convs.
+    ValueError: an unknown format, platform or preprocess mode, or params
+      without weight-standardised convs.
     FileExistsError: `out` holds something other than an earlier export
       of this format (`check_destination`).
   """
   from nfnets.export import savedmodel, stablehlo, tflite
 
   check_format(fmt)
+  check_platforms(fmt, platforms)
   serving.check_preprocess(preprocess)
   check_destination(fmt, out)
   # `--out=exported/f0.tflite` on a fresh checkout: the folder is made.
@@ -101,10 +132,12 @@ def export_model(
 
 __all__ = [
   'FORMATS',
+  'PLATFORMS',
   'PREPROCESS_MODES',
   'ExportSpec',
   'check_destination',
   'check_format',
+  'check_platforms',
   'export_model',
   'fold_weight_standardization',
   'folded_convs',

@@ -112,17 +112,20 @@ def spec_from_weights(
   Args:
     path: any file `nfnets.pretrained.load` reads.
     variant: the NFNet variant; None: the file's metadata, else 'F0'.
-    model_kwargs: further NFNet kwargs; None: the file's metadata.
+    model_kwargs: NFNet kwargs set over the file's metadata
+      (`nfnets.pretrained.inference.model_spec`).
 
   Returns:
     `(spec, params, state)`, the state empty (NFNets keep none); the image
-    size is the variant's test_imsize.
+    size and eval transform are the file's `image_size` and `eval_preproc`
+    (a training run's file records them, as `predict --weights` uses
+    them), else the variant's test_imsize and 'resize_crop_32'.
 
   Raises:
     FileNotFoundError: no file at `path`.
     PretrainedMismatchError: the weights do not fit the variant.
   """
-  from nfnets.pretrained import inference, loading
+  from nfnets.pretrained import formats, inference, loading
 
   if not os.path.isfile(path):
     raise FileNotFoundError(f'No weights file {path!r}.')
@@ -131,8 +134,17 @@ def spec_from_weights(
   num_classes = params[loading.CLASSIFIER_MODULE]['b'].shape[0]
   kwargs = dict(model_kwargs, variant=variant)
   model_config = ml_collections.ConfigDict(dict(name='NFNet', kwargs=kwargs))
-  size = nfnet.get_variant(variant)['test_imsize']
-  return ExportSpec(model_config, int(num_classes), size), params, {}
+  metadata = formats.read_metadata(path)
+  size = int(metadata.get('image_size', 0)) or int(
+    nfnet.get_variant(variant)['test_imsize']
+  )
+  spec = ExportSpec(
+    model_config,
+    int(num_classes),
+    size,
+    metadata.get('eval_preproc', 'resize_crop_32'),
+  )
+  return spec, params, {}
 
 
 def spec_from_workdir(

@@ -29,6 +29,7 @@ from nfnets.pretrained.errors import (
 )
 from nfnets.pretrained.formats import (
   FORMAT_NAME,
+  carried_metadata,
   flatten_params,
   read_metadata,
   read_params,
@@ -55,6 +56,7 @@ __all__ = [
   'PretrainedMismatchError',
   'UnsafePickleError',
   'WeightsError',
+  'carried_metadata',
   'check_params',
   'expected_shapes',
   'find_mismatches',

@@ -196,6 +196,31 @@ def read_metadata(path: str | os.PathLike) -> dict:
   return {}
 
 
+# Metadata that says how a file stores its arrays, so each writer sets its
+# own rather than copying the source file's.
+_STORAGE_KEYS = ('format', 'layout')
+
+
+def carried_metadata(source: Mapping[str, str], **updates: str) -> dict:
+  """The metadata a converted copy of a weights file keeps.
+
+  Everything the source records about its weights (model, variant, kwargs,
+  class names, eval image size and preprocessing, source) goes along, so
+  the copy predicts as the original does; how the source stores its arrays
+  does not.
+
+  Args:
+    source: the source file's metadata (`read_metadata`).
+    **updates: values set over it (e.g. the variant the weights were
+      checked as).
+
+  Returns:
+    String metadata for `save_params` or `timm_interop.save_timm`.
+  """
+  kept = {k: v for k, v in source.items() if k not in _STORAGE_KEYS}
+  return {**kept, **updates}
+
+
 def read_params(path: str | os.PathLike) -> tuple[Params, dict]:
   """Reads weights from any supported file, without checking them.
 

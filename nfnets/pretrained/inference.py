@@ -45,23 +45,27 @@ def imagenet_class_names() -> list[str]:
 
 
 def model_spec(path: str, variant: str | None, model_kwargs: Mapping | None):
-  """Variant and NFNet kwargs: explicit values, else the file's metadata.
+  """Variant and NFNet kwargs: the file's metadata, updated by explicit values.
 
   Files written by `nfnets.pretrained.save_params` may record `variant` and
   a JSON `model_kwargs`; DeepMind's pickles record nothing (variant F0
-  assumed).
+  assumed). Explicit kwargs update the recorded ones rather than replace
+  them: `{"grouped_conv": "native"}` keeps the file's width and depths (set
+  a recorded key to its default to undo it). Unknown keys are refused here,
+  before any weights are read.
 
   Args:
     path: the weights file.
     variant: explicit variant, or None to read it from the file.
-    model_kwargs: explicit NFNet kwargs, or None to read them from the file.
+    model_kwargs: NFNet kwargs set over the file's, or None.
 
   Returns:
     (variant, model_kwargs dict).
 
   Raises:
     ValueError: the file records another model than an NFNet (a training
-      run's params, `convert_weights --workdir`).
+      run's params, `convert_weights --workdir`), or a kwarg is not one of
+      NFNet's.
   """
   metadata = formats.read_metadata(path)
   model = metadata.get('model', 'NFNet')
@@ -72,9 +76,10 @@ def model_spec(path: str, variant: str | None, model_kwargs: Mapping | None):
     )
   if variant is None:
     variant = metadata.get('variant', 'F0')
-  if model_kwargs is None:
-    model_kwargs = json.loads(metadata.get('model_kwargs', '{}'))
-  return variant, dict(model_kwargs)
+  recorded = json.loads(metadata.get('model_kwargs', '{}'))
+  loading.check_model_kwargs(model_kwargs or {}, '--model_kwargs')
+  loading.check_model_kwargs(recorded, f'The model_kwargs {path} records')
+  return variant, {**recorded, **(model_kwargs or {})}
 
 
 def make_forward(
@@ -267,7 +272,7 @@ def predict_files(
     paths: image files.
     weights: any weights file `nfnets.pretrained.load` reads.
     variant: NFNet variant; None = the file's metadata, else 'F0'.
-    model_kwargs: extra NFNet kwargs; None = the file's metadata.
+    model_kwargs: NFNet kwargs set over the file's metadata (`model_spec`).
     image_size: input size; None = the file's `image_size`, else the
       variant's test_imsize.
     k: how many classes to return per image.

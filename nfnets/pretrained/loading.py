@@ -9,6 +9,8 @@ number of classes differs. `PRETRAINED` lists DeepMind's released weights.
 
 from __future__ import annotations
 
+import inspect
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -46,6 +48,40 @@ PRETRAINED = {
 # Module that holds the classifier in DeepMind's naming.
 CLASSIFIER_MODULE = 'NFNet/~/linear'
 
+# `NFNet` arguments that are no model kwargs: the variant is passed on its
+# own, the classifier width is read from the weights, and the module name
+# fixes the parameter names.
+_NOT_MODEL_KWARGS = {'num_classes', 'variant', 'name'}
+
+
+def check_model_kwargs(model_kwargs: Mapping, what: str = 'model_kwargs'):
+  """Raises a ValueError naming the keys `nfnet.NFNet` does not take.
+
+  A misspelt key (`widht`) would otherwise surface as a TypeError from deep
+  inside the model's construction, after the weights were read.
+
+  Args:
+    model_kwargs: NFNet constructor kwargs (without variant, num_classes).
+    what: where they come from, for the message.
+
+  Raises:
+    ValueError: naming the unknown keys and the valid ones.
+  """
+  valid = sorted(set(inspect.signature(nfnet.NFNet).parameters))
+  valid = [k for k in valid if k not in _NOT_MODEL_KWARGS]
+  unknown = sorted(set(model_kwargs) - set(valid))
+  if not unknown:
+    return
+  hint = ''
+  if 'variant' in unknown:
+    hint += ' Pass the variant on its own (--variant).'
+  if 'num_classes' in unknown:
+    hint += ' The number of classes is read from the weights.'
+  raise ValueError(
+    f'{what} has {", ".join(map(repr, unknown))}, which NFNet does not '
+    f'take; its keys are {", ".join(valid)}.{hint}'
+  )
+
 
 def expected_shapes(
   variant: str = 'F0', num_classes: int = 1000, **model_kwargs
@@ -59,11 +95,15 @@ def expected_shapes(
 
   Returns:
     `{module: {name: shape}}`, computed abstractly (no weights allocated).
+
+  Raises:
+    ValueError: an unknown variant or model kwarg.
   """
   if variant not in nfnet.VARIANTS:
     raise ValueError(
       f'Unknown variant {variant!r}; valid: {sorted(nfnet.VARIANTS)}.'
     )
+  check_model_kwargs(model_kwargs)
 
   def forward(x):
     net = nfnet.NFNet(num_classes=num_classes, variant=variant, **model_kwargs)
@@ -159,6 +199,37 @@ def _infer_num_classes(params: Params) -> int:
   return 1000 if bias is None else int(np.shape(bias)[0])
 
 
+def _items(kwargs: Mapping, keys) -> str:
+  """`k=v, ...` of `keys` in JSON ('unset' where missing)."""
+  return ', '.join(
+    f'{k}={json.dumps(kwargs[k]) if k in kwargs else "unset"}' for k in keys
+  )
+
+
+def _mismatch_hint(metadata: Mapping, variant: str, model_kwargs: Mapping):
+  """What to pass instead: widths and depths differ as much as variants."""
+  hint = ''
+  file_variant = metadata.get('variant')
+  if file_variant and file_variant != variant:
+    hint += f' The file says it holds variant {file_variant!r}.'
+  if 'model_kwargs' in metadata:
+    recorded = json.loads(metadata['model_kwargs'])
+    # Through JSON, as recorded: a depth tuple equals the list it is saved as.
+    wanted = json.loads(json.dumps(dict(model_kwargs), default=str))
+    differ = sorted(
+      k for k in recorded.keys() | wanted.keys()
+      if recorded.get(k, ...) != wanted.get(k, ...)
+    )  # fmt: skip
+    if differ:
+      hint += f' The file records model_kwargs {_items(recorded, differ)} '
+      hint += f'where the model has {_items(wanted, differ)}.'
+  return hint + (
+    ' Pass the variant and the model kwargs the weights were trained with '
+    '(--variant, --model_kwargs=\'{"width": ...}\'; a file written by '
+    'convert_weights records them).'
+  )
+
+
 def load(
   path: str | os.PathLike,
   variant: str = 'F0',
@@ -181,22 +252,21 @@ def load(
     Haiku params `{module: {name: float32 np.ndarray}}`.
 
   Raises:
+    ValueError: an unknown variant or model kwarg, before reading the file.
     PretrainedMismatchError: listing every mismatch, when `check` finds any.
   """
+  if check:
+    check_model_kwargs(model_kwargs)
   params, metadata = read_params(path)
   if num_classes is None:
     num_classes = _infer_num_classes(params)
   if check:
-    hint = ''
-    file_variant = metadata.get('variant')
-    if file_variant and file_variant != variant:
-      hint = f' The file says it holds variant {file_variant!r}.'
     check_params(
       params,
       expected_shapes(variant, num_classes, **model_kwargs),
       what=f'{os.fspath(path)!r} for NFNet variant {variant!r} with '
       f'{num_classes} classes',
-      hint=hint + ' Pass the variant the weights were trained as.',
+      hint=_mismatch_hint(metadata, variant, model_kwargs),
     )
   return jax.tree.map(lambda x: np.asarray(x, np.float32), params)
 

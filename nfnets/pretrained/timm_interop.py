@@ -279,22 +279,26 @@ def from_timm_state_dict(
 
 
 def save_timm(
-  params: Mapping[str, Mapping[str, np.ndarray]], path: str | os.PathLike
+  params: Mapping[str, Mapping[str, np.ndarray]],
+  path: str | os.PathLike,
+  metadata: Mapping[str, str] | None = None,
 ) -> None:
   """Writes Haiku params as a timm `dm_nfnet_*` safetensors state dict.
 
   Args:
     params: NFNet Haiku params.
     path: destination `.safetensors` file.
+    metadata: optional string metadata (variant, model kwargs, class
+      names, ...) for `predict --weights`; timm and PyTorch loaders ignore
+      it. Its 'format' is always 'pt'.
   """
   path = os.fspath(path)
   tmp = f'{path}.tmp-{os.getpid()}'
   # 'format': 'pt' marks the file as a PyTorch state dict for HF loaders.
   # Written with `open`, so the mode follows umask (`save_file` gives 0600).
+  meta = {**(metadata or {}), 'format': 'pt'}
   with open(tmp, 'wb') as f:
-    f.write(
-      safetensors_bytes(to_timm_state_dict(params), metadata={'format': 'pt'})
-    )
+    f.write(safetensors_bytes(to_timm_state_dict(params), metadata=meta))
   os.replace(tmp, path)
 
 

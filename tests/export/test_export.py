@@ -265,6 +265,8 @@ def test_workdir_exports_the_ema_params(tmp_path):
     (['--format=onnx'], 2, 'onnx'),
     (['--weights=/no/such/file.npz'], 1, 'No weights file'),
     (['--variant=F0+'], 2, 'F0+'),
+    # Checked at flag parsing: jax.export would write the name unchecked.
+    (['--platforms=cpu,cdua'], 2, 'cdua'),
   ],
 )
 def test_cli_errors_are_one_line(weights, tmp_path, args, code, message):
@@ -296,3 +298,37 @@ def test_cli_refuses_to_write_over_the_weights_file(weights, tmp_path):
   )
   assert 'Traceback' not in proc.stderr
   assert target.read_bytes() == original
+
+
+@pytest.mark.parametrize(
+  'fmt, platforms, message',
+  [
+    ('stablehlo', ('cpu', 'cdua'), 'cdua'),
+    ('savedmodel', ('gpu',), 'cuda or rocm'),
+    ('stablehlo', (), 'none'),
+    ('stablehlo', ('cpu', 'cpu'), 'once'),
+    ('tflite', ('cuda',), 'TFLite'),
+  ],
+)
+def test_export_refuses_platforms_before_any_work(fmt, platforms, message):
+  # None as params: the check must come before they are used.
+  with pytest.raises(ValueError, match=message):
+    export.export_model(
+      None, None, {}, fmt=fmt, out='/no/such/dir/x', platforms=platforms
+    )
+  export.check_platforms('savedmodel', ('cpu', 'cuda', 'rocm', 'tpu'))
+  export.check_platforms('tflite', ('cpu',))
+
+
+def test_a_run_file_exports_at_its_eval_size(weights, tmp_path):
+  # convert_weights --workdir records the run's eval size and transform.
+  path = str(tmp_path / 'run.safetensors')
+  params = pretrained.load(weights['path'], 'F0', **SMALL)
+  pretrained.save_params(params, path, {
+    'variant': 'F0', 'model_kwargs': json.dumps(SMALL), 'image_size': '48',
+    'eval_preproc': 'resize',
+  })  # fmt: skip
+  spec, _, _ = export.spec_from_weights(path)
+  assert (spec.image_size, spec.eval_mode) == (48, 'resize')
+  # No record (DeepMind's pickle): the variant's test size.
+  assert _spec(weights)[0].image_size == SIZE

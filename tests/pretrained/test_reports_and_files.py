@@ -1,5 +1,6 @@
 """Mismatch reports stay short; written weights files follow the umask."""
 
+import json
 import os
 import re
 
@@ -98,3 +99,75 @@ def test_a_safetensors_header_size_starting_with_the_pickle_byte(tmp_path):
   loaded, metadata = pretrained.read_params(path)
   np.testing.assert_array_equal(loaded['m']['w'], params['m']['w'])
   assert metadata['note'] == 'x' * pad
+
+
+def _run_file(params, path, **metadata):
+  """A weights file as `convert_weights --workdir` writes one."""
+  meta = {
+    'model': 'NFNet', 'variant': 'F0', 'model_kwargs': json.dumps(TINY),
+    'class_names': json.dumps([f'c{i}' for i in range(10)]),
+    'image_size': '32', 'eval_preproc': 'resize', 'source': 'a run',
+  }  # fmt: skip
+  pretrained.save_params(params, path, {**meta, **metadata})
+  return str(path)
+
+
+def test_unknown_model_kwargs_are_named_before_weights_are_read(
+  tiny_params, tmp_path
+):
+  path = _run_file(tiny_params, tmp_path / 'w.safetensors')
+  with pytest.raises(ValueError, match="'widht'.*width") as err:
+    inference.model_spec(path, None, {'widht': 0.125})
+  assert 'depth' in str(err.value) and 'num_classes' not in str(err.value)
+  with pytest.raises(ValueError, match="'variant'.*--variant"):
+    inference.model_spec(path, None, {'variant': 'F1'})
+  # The check comes first: this file does not exist.
+  with pytest.raises(ValueError, match="'widht'"):
+    pretrained.load(tmp_path / 'none.npz', 'F0', widht=0.125)
+
+
+def test_model_kwargs_update_the_files_own(tiny_params, tmp_path):
+  path = _run_file(tiny_params, tmp_path / 'w.safetensors')
+  variant, kwargs = inference.model_spec(path, None, {'grouped_conv': 'split'})
+  assert variant == 'F0'
+  assert kwargs == {
+    'width': 0.125,
+    'depth': [1, 1, 1, 1],
+    'grouped_conv': 'split',
+  }
+  pretrained.load(path, variant, **kwargs)
+
+
+def test_a_width_mismatch_points_at_model_kwargs(tiny_params, tmp_path):
+  path = _run_file(tiny_params, tmp_path / 'w.safetensors')
+  with pytest.raises(pretrained.PretrainedMismatchError) as err:
+    pretrained.load(path, 'F0', width=0.25, depth=(1, 1, 1, 1))
+  first = str(err.value).splitlines()[0]
+  assert 'records model_kwargs width=0.125 where the model has width=0.25' in (
+    first
+  )
+  assert '--model_kwargs' in first and 'depth' not in first
+
+
+@pytest.mark.parametrize('to', ['w.npz', 'timm.safetensors'])
+def test_converted_files_keep_what_their_source_records(
+  tiny_params, tmp_path, to
+):
+  source = pretrained.read_metadata(
+    _run_file(tiny_params, tmp_path / 'src.safetensors')
+  )
+  metadata = pretrained.carried_metadata(source, variant='F0')
+  out = tmp_path / to
+  if to.startswith('timm'):
+    timm_interop.save_timm(tiny_params, out, metadata)
+  else:
+    pretrained.save_params(tiny_params, out, metadata)
+  got = pretrained.read_metadata(out)
+  for key in ('class_names', 'image_size', 'eval_preproc', 'source'):
+    assert got[key] == source[key], key
+  assert got['format'] == ('pt' if to.startswith('timm') else source['format'])
+  # A timm file predicts as its source does: it records the model too.
+  assert inference.model_spec(str(out), None, None) == (
+    'F0',
+    {'width': 0.125, 'depth': [1, 1, 1, 1]},
+  )
