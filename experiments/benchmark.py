@@ -105,6 +105,18 @@ common.validate_output_file(_JSON)
 common.validate_output_file(_PLOT)
 
 
+def _check_paper_flags() -> None:
+  """Refuses the --table=paper options without it (they would do nothing)."""
+  if _TABLE.value == 'paper':
+    return
+  for holder in (_PLOT, _PAPER_MODELS):
+    if holder.value:
+      raise app.UsageError(
+        f'--{holder.name} only applies with --table=paper; add --table=paper '
+        f'or drop --{holder.name}.'
+      )
+
+
 def _model_specs() -> list[tuple[str, dict]]:
   """(registry name, kwargs) for every benchmarked model."""
   extra = common.json_object_flag(_KWARGS)
@@ -122,6 +134,20 @@ def _model_specs() -> list[tuple[str, dict]]:
     else:
       specs.append((name, dict(extra)))
   return specs
+
+
+def _checked_configs(workload) -> list:
+  """Every model's config, all checked before the first is timed.
+
+  A typo in the last --model, --variant, --model_kwargs key or --augment
+  value would otherwise fail after the others were timed, losing them.
+  """
+  try:
+    for augment in _AUGMENT.value:
+      workload.check_augment(augment)
+    return [workload.make_model_config(n, **k) for n, k in _model_specs()]
+  except ValueError as e:  # A flag's mistake: no traceback hint.
+    raise app.UsageError(str(e)) from e
 
 
 def _print_compile_events(events) -> None:
@@ -168,6 +194,7 @@ def _paper_table():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  _check_paper_flags()
   from nfnets.train import runtime  # noqa: PLC0415
 
   runtime.keep_freed_memory_on_cpu()  # Before JAX starts a backend.
@@ -182,12 +209,11 @@ def main(argv):
   if _TABLE.value == 'paper':
     return _paper_table()
   results = []
-  specs = [(n, k, a) for n, k in _model_specs() for a in _AUGMENT.value]
+  configs = _checked_configs(workload)
   compiler_options = common.json_object_flag(
     _COMPILER_OPTIONS, '{"xla_backend_optimization_level": 0}'
   )
-  for name, kwargs, augment in specs:
-    config = workload.make_model_config(name, **kwargs)
+  for config, augment in [(c, a) for c in configs for a in _AUGMENT.value]:
     print(
       f'Benchmarking {workload.display_name(config)} (augment={augment}) ...',
       flush=True,

@@ -41,26 +41,60 @@ from absl import flags, logging
 
 from experiments import common
 
-_BATCH = flags.DEFINE_integer('batch_size', 64, 'Global batch size.')
-_BATCHES = flags.DEFINE_integer('num_batches', 20, 'Timed batches.')
-_IMAGES = flags.DEFINE_integer('num_images', 96, 'JPEGs in the train split.')
-_SIZE = flags.DEFINE_integer('image_size', 192, 'Training image size.')
-_EVAL_SIZE = flags.DEFINE_integer('eval_image_size', 256, 'Eval size.')
+# The pipelines `time_pipeline` knows (see the module docstring).
+PIPELINES = (
+  'plain', 'f0_host', 'f0_device', 'f0_device_inbatch', 'python_device',
+  'eval', 'digits',
+)  # fmt: skip
+
+_BATCH = flags.DEFINE_integer(
+  'batch_size', 64, 'Global batch size.', lower_bound=1
+)
+_BATCHES = flags.DEFINE_integer(
+  'num_batches', 20, 'Timed batches.', lower_bound=1
+)
+_IMAGES = flags.DEFINE_integer(
+  'num_images', 96, 'JPEGs in the train split.', lower_bound=1
+)
+_SIZE = flags.DEFINE_integer(
+  'image_size', 192, 'Training image size.', lower_bound=1
+)
+_EVAL_SIZE = flags.DEFINE_integer(
+  'eval_image_size', 256, 'Eval size.', lower_bound=1
+)
 _PIPELINES = flags.DEFINE_list(
   'pipelines',
   ['plain', 'f0_host', 'f0_device', 'f0_device_inbatch'],
-  'Which pipelines to time: plain, f0_host, f0_device, f0_device_inbatch, '
-  'python_device, eval, digits.',
+  f'Which pipelines to time: {", ".join(PIPELINES)}.',
 )
+
+
+def check_pipelines(names) -> bool:
+  """--pipelines' validator: an unknown name would time the plain one."""
+  unknown = [name for name in names if name not in PIPELINES]
+  if unknown:
+    raise flags.ValidationError(
+      f'unknown pipeline(s) {", ".join(unknown)}; valid: '
+      f'{", ".join(PIPELINES)}.'
+    )
+  if not names:
+    raise flags.ValidationError(f'name at least one of {", ".join(PIPELINES)}.')
+  return True
+
+
+flags.register_validator('pipelines', check_pipelines)
 _JSON = flags.DEFINE_string('json_out', '', 'Write the results as JSON here.')
 common.validate_output_file(_JSON)
 _NOISE = flags.DEFINE_float(
   'noise', 10.0, 'Gaussian noise sd added to the photos (JPEG size).'
 )
-_QUALITY = flags.DEFINE_integer('quality', 95, 'JPEG quality.')
-_MODEL_STEPS = flags.DEFINE_integer(
-  'model_steps', 0, 'Also time this many F0 train steps at batch 8.'
+_QUALITY = flags.DEFINE_integer(
+  'quality', 95, 'JPEG quality.', lower_bound=1, upper_bound=100
 )
+_MODEL_STEPS = flags.DEFINE_integer(
+  'model_steps', 0, 'Also time this many F0 train steps at batch 8.',
+  lower_bound=0,
+)  # fmt: skip
 _WORKDIR = flags.DEFINE_string('workdir', '', "Data folder ('' = temp).")
 
 

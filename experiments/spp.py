@@ -13,6 +13,8 @@ res_avg_var), one spp_<model>.png per model and spp_comparison.png. See
 docs/research.md.
 """
 
+import os
+
 from absl import app, flags
 
 from experiments import common
@@ -35,6 +37,25 @@ _SKIP_GAIN = flags.DEFINE_float(
 )
 _SEED = flags.DEFINE_integer('seed', 0, 'Initialisation and noise seed.')
 _OUTDIR = flags.DEFINE_string('outdir', 'runs/spp', 'Output directory.')
+
+
+def _is_directory_path(path: str) -> bool:
+  """--outdir's validator: no file in the way (found before the work)."""
+  path = os.path.abspath(os.path.expanduser(path))
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    raise flags.ValidationError(f'{path} is a file; pass a directory.')
+  return True
+
+
+flags.register_validator('outdir', _is_directory_path)
+flags.register_validator(
+  'models',
+  bool,
+  'name at least one model, e.g. nf_resnet50 (the keys of '
+  'nfnets.research.spp.SPP_MODELS).',
+)
 
 
 def main(argv):

@@ -8,10 +8,14 @@ r"""Runs a sweep of config overrides and tabulates the final metrics.
     python -m experiments.sweep --sweep=configs/sweeps/agc_ablation.py \
       --outdir=runs/agc_ablation --launch
 
-Each point trains in <outdir>/<point>; rerunning skips finished points.
-Results: <outdir>/results.csv, results.md and results.png. See
-docs/research.md.
+Each point trains in <outdir>/<point>; rerunning skips finished points and
+retries failed ones. Results: <outdir>/results.csv, results.md and
+results.png. A point that fails (its traceback in
+<outdir>/<point>/sweep_error.log) does not stop the others; the command then
+exits with status 1, naming the failed points. See docs/research.md.
 """
+
+import sys
 
 from absl import app, flags
 
@@ -35,8 +39,13 @@ def main(argv):
     sweep.point_configs(spec)  # Fails early on a bad key.
     print('\n'.join(sweep.launch_lines(spec, _OUTDIR.value)))
     return
-  sweep.run_sweep(spec, _OUTDIR.value)
+  rows = sweep.run_sweep(spec, _OUTDIR.value)
   print(f'Results in {_OUTDIR.value}/results.md')
+  failed = sweep.failed_summary(spec, rows, _OUTDIR.value)
+  if failed:
+    sys.stdout.flush()
+    sys.stderr.write(f'Error: {failed}\n')
+    sys.exit(common.FAILURE_EXIT)
 
 
 if __name__ == '__main__':

@@ -31,6 +31,8 @@ _FAMILY_LABELS = {'NF_ResNet': 'NF-ResNet', 'NF_RegNet': 'NF-RegNet'}
 _LABEL_SMOOTHING = 0.1
 # A run length for the LR schedule; the timed steps sit in its warmup.
 _STEPS_PER_EPOCH, _TOTAL_STEPS = 1000, 100000
+# `make_workload`'s augment values.
+AUGMENTS = ('none', 'device', 'device_reference')
 
 
 def default_dtype() -> str:
@@ -51,17 +53,60 @@ def make_model_config(
 
   Returns:
     A ConfigDict with `name` and `kwargs`, as `models.make_model` reads it.
+
+  Raises:
+    ValueError: for an unknown name, variant or constructor argument (each
+      listing the valid ones), so that a benchmark of several models fails
+      before it times the first.
   """
-  models.get_constructor(name)  # Unknown names fail here, listing the valid.
+  check_model(name, kwargs)
   # JSON and flags give lists; the configs type sequences as tuples.
   kwargs = {
     k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()
   }
   if name == 'NFNet':
-    model_kwargs = models.nfnet_kwargs(**kwargs)
+    recipe = models.nfnet_kwargs()
+    model_kwargs = models.nfnet_kwargs(
+      **{k: v for k, v in kwargs.items() if k in recipe}
+    )
+    with model_kwargs.unlocked():  # Arguments the recipe leaves at default.
+      model_kwargs.update({k: v for k, v in kwargs.items() if k not in recipe})
   else:
     model_kwargs = ml_collections.ConfigDict(kwargs)
   return ml_collections.ConfigDict(dict(name=name, kwargs=model_kwargs))
+
+
+def check_model(name: str, kwargs: dict) -> None:
+  """Raises a ValueError for a name, kwarg or variant the registry lacks.
+
+  Args:
+    name: a key of `nfnets.models.MODELS`.
+    kwargs: constructor arguments (without num_classes).
+  """
+  constructor = models.get_constructor(name)  # Lists the valid names.
+  params = inspect.signature(constructor).parameters
+  valid = sorted(set(params) - {'self', 'num_classes', 'name'})
+  unknown = sorted(set(kwargs) - set(valid))
+  if unknown:
+    raise ValueError(
+      f'{name} takes no argument {", ".join(map(repr, unknown))}; its '
+      f'arguments are {valid}.'
+    )
+  variants = getattr(inspect.getmodule(constructor), 'VARIANTS', None)
+  if kwargs.get('variant') is not None and variants is not None:
+    if kwargs['variant'] not in variants:
+      raise ValueError(
+        f'Unknown {name} variant {kwargs["variant"]!r}; valid: '
+        f'{list(variants)}.'
+      )
+
+
+def check_augment(augment: str) -> None:
+  """Raises a ValueError unless `augment` is one of `AUGMENTS`."""
+  if augment not in AUGMENTS:
+    raise ValueError(
+      f'Unknown augment {augment!r}; valid: {", ".join(AUGMENTS)}.'
+    )
 
 
 def default_image_size(model_config: ml_collections.ConfigDict) -> int:
@@ -181,10 +226,7 @@ def _recipe_optimizer(batch_size, num_classes):
 
 def _augment_inputs(batch, augment):
   """(uint8 batch to ship, batch_fn) for the F0 recipe on the device."""
-  if augment not in ('device', 'device_reference'):
-    raise ValueError(
-      f"augment={augment!r}; valid: 'none', 'device', 'device_reference'."
-    )
+  check_augment(augment)
   config = data.default_config()
   config.update(
     mixup_alpha=0.2, cutmix=True, randaugment='405', augment_on='device',

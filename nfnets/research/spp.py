@@ -352,6 +352,18 @@ def load_images(
   return np.asarray(batch['images'][real], np.float32)
 
 
+def _make_outdir(outdir: str) -> None:
+  """Makes `outdir`, failing clearly (and early) where a file is in the way."""
+  path = os.path.abspath(outdir)
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    raise NotADirectoryError(
+      f'Output directory {outdir!r}: {path!r} is a file; pass a directory.'
+    )
+  os.makedirs(outdir, exist_ok=True)
+
+
 def run_spp(
   names: Sequence[str],
   images: np.ndarray,
@@ -377,8 +389,15 @@ def run_spp(
 
   Returns:
     name -> SPP.
+
+  Raises:
+    ValueError: for no names or an unknown one, before computing anything.
+    NotADirectoryError: when `outdir` is a file, also before computing.
   """
+  if not names:
+    raise ValueError(f'No SPP models given; choose from {list(SPP_MODELS)}.')
   specs = {name: get_spp_model(name) for name in names}  # Validate first.
+  _make_outdir(outdir)
   results = {}
   for name, (model_name, kwargs) in specs.items():
     log(f'SPP of {name} on {images.shape[0]} images of {images.shape[1]} px')

@@ -7,13 +7,17 @@ grid, trains every point with `nfnets.train.train_and_evaluate` in its own
 workdir `<outdir>/<point>` (sequentially, in this process), and collects
 the final metrics into `results.csv`, `results.md` and `results.png`.
 
-A point that already has `sweep_result.json` in its workdir is not run
-again, so an interrupted sweep continues where it stopped. A point whose
-loss becomes NaN/Inf is recorded as 'diverged' (that is a result, not an
-error, in a stability ablation). `launch_lines` prints one
-`python -m experiments.train` command per point instead, for a cluster.
+A point whose workdir has a finished `sweep_result.json` is not run
+again, so an interrupted sweep continues where it stopped. A NaN/Inf loss
+is recorded as 'diverged' (a result, not an error, in a stability
+ablation). A point whose training raises (a missing dataset folder) is
+recorded as 'failed', its traceback in `<point>/sweep_error.log`; the other
+points still run, and a rerun retries it (`failed_summary` names them).
+`launch_lines` prints one `python -m experiments.train` command per point
+instead, for a cluster.
 """
 
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -31,6 +35,7 @@ from typing import Any
 import ml_collections
 
 RESULT_FILE = 'sweep_result.json'
+ERROR_LOG = 'sweep_error.log'
 STATUS_OK, STATUS_DIVERGED, STATUS_FAILED = 'ok', 'diverged', 'failed'
 
 
@@ -176,25 +181,27 @@ def apply_overrides(
     The new config.
 
   Raises:
-    KeyError: for a key the config does not have (listing the valid ones).
+    ValueError: for a key the config does not have (listing the valid
+      ones): a mistake in the sweep file, reported before any point trains.
   """
   config = copy.deepcopy(config)
   for dotted, value in overrides.items():
     *parents, leaf = dotted.split('.')
     node = config
-    for part in parents:
-      if part not in node:
-        raise KeyError(
-          f'Sweep key {dotted!r}: no {part!r} in the config; valid keys '
-          f'there: {sorted(node)}.'
+    for i, part in enumerate([*parents, leaf]):
+      group = isinstance(node, ml_collections.ConfigDict)
+      if not group or part not in node:
+        raise ValueError(
+          f'Sweep key {dotted!r}: {".".join(parents[:i]) or "the config"} '
+          f'has no {part!r}; valid keys there: {sorted(node) if group else []}'
+          '. Fix the key in the sweep file.'
         )
-      node = node[part]
-    if leaf not in node:
-      raise KeyError(
-        f'Sweep key {dotted!r}: no {leaf!r} in the config; valid keys '
-        f'there: {sorted(node)}.'
-      )
-    node[leaf] = value
+      if i < len(parents):
+        node = node[part]
+    try:
+      node[leaf] = value
+    except TypeError as e:  # ConfigDict's type check: 'a' for an int.
+      raise ValueError(f'Sweep key {dotted!r}: {e}') from e
   return config
 
 
@@ -246,7 +253,9 @@ def launch_lines(sweep: Sweep, outdir: str) -> list[str]:
 
 
 def run_point(config, workdir: str, train_fn: Callable, log=print) -> dict:
-  """Trains one point unless its workdir already holds a result.
+  """Trains one point unless its workdir already holds a finished result.
+
+  A 'failed' result is retried (the user reran after fixing the cause).
 
   Args:
     config: the point's full config.
@@ -257,13 +266,21 @@ def run_point(config, workdir: str, train_fn: Callable, log=print) -> dict:
 
   Returns:
     dict(status, metrics, seconds[, error]), also saved to
-    `<workdir>/sweep_result.json`.
+    `<workdir>/sweep_result.json`; a failure's traceback goes to
+    `<workdir>/sweep_error.log`.
   """
   path = os.path.join(workdir, RESULT_FILE)
+  error_log = os.path.join(workdir, ERROR_LOG)
   if os.path.exists(path):
     with open(path) as f:
+      previous = json.load(f)
+    if previous.get('status') != STATUS_FAILED:
       log(f'  already done ({path}); skipping')
-      return json.load(f)
+      return previous
+    log(f'  retrying; it failed last time: {previous.get("error", "?")}')
+    for stale in (path, error_log):  # If interrupted now, it is not done.
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(stale)
   from nfnets.train import NonFiniteLossError  # noqa: PLC0415
 
   t0 = time.perf_counter()
@@ -279,8 +296,12 @@ def run_point(config, workdir: str, train_fn: Callable, log=print) -> dict:
     if step:
       result['diverged_step'] = int(step.group(1))
   except (ValueError, RuntimeError, OSError) as e:
-    log(traceback.format_exc())
+    # One line says all about a missing folder; a bug needs the traceback.
     result.update(status=STATUS_FAILED, error=f'{type(e).__name__}: {e}')
+    os.makedirs(workdir, exist_ok=True)
+    with open(error_log, 'w') as f:
+      f.write(traceback.format_exc())
+    log(f'  {result["error"].strip()}\n  (traceback in {error_log})')
   result['seconds'] = time.perf_counter() - t0
   os.makedirs(workdir, exist_ok=True)
   with open(path, 'w') as f:
@@ -330,6 +351,29 @@ def run_sweep(
   return rows
 
 
+def failed_summary(sweep: Sweep, rows: Sequence[Mapping], outdir: str):
+  """One line naming the failed points (`run_sweep`'s rows) or None.
+
+  The sweep goes on past a failed point, to tabulate the others; this is
+  what the command says at the end, with where the tracebacks are.
+  """
+  points = expand(sweep)
+  statuses = [row['status'] for row in rows]
+  failed = [
+    p.name for p, s in zip(points, statuses, strict=True) if s == STATUS_FAILED
+  ]
+  if not failed:
+    return None
+  point = failed[0] if len(failed) == 1 else '<point>'
+  logs = os.path.join(outdir, point, ERROR_LOG)
+  return (
+    f'{len(failed)} of {len(points)} sweep points failed: '
+    f'{", ".join(failed)} (tracebacks in {logs}). Fix the cause and '
+    'rerun the same command (finished points are skipped, failed ones '
+    'retried).'
+  )
+
+
 def _summary(row: Mapping, sweep: Sweep) -> str:
   if row['status'] != STATUS_OK:
     return row['status']
@@ -354,10 +398,13 @@ def write_results(sweep: Sweep, rows: Sequence[Mapping], outdir: str) -> None:
       writer.writerow({c: row.get(c, '') for c in columns})
   with open(os.path.join(outdir, 'results.md'), 'w') as f:
     f.write(markdown_table(sweep, rows))
-  plot_results(sweep, rows, os.path.join(outdir, 'results.png'))
+  from nfnets.research import sweep_plot  # noqa: PLC0415  (matplotlib)
+
+  sweep_plot.plot_results(sweep, rows, os.path.join(outdir, 'results.png'))
 
 
-def _label(sweep: Sweep, key: str, value: Any) -> str:
+def label(sweep: Sweep, key: str, value: Any) -> str:
+  """How tables and plots show an axis value (`Sweep.labels` or the value)."""
   return sweep.labels.get(key, {}).get(value, _format_value(value))
 
 
@@ -385,7 +432,7 @@ def markdown_table(sweep: Sweep, rows: Sequence[Mapping]) -> str:
     (row_key, row_vals), (col_key, col_vals) = sweep.axes
     lines.append(
       f'| {row_key} \\ {col_key} | '
-      + ' | '.join(_label(sweep, col_key, v) for v in col_vals)
+      + ' | '.join(label(sweep, col_key, v) for v in col_vals)
       + ' |'
     )
     lines.append('|---' * (len(col_vals) + 1) + '|')
@@ -395,78 +442,16 @@ def markdown_table(sweep: Sweep, rows: Sequence[Mapping]) -> str:
         match = [r for r in rows if r[row_key] == rv and r[col_key] == cv]
         cells.append(_cell(match[0] if match else None, sweep.plot_metric))
       lines.append(
-        f'| {_label(sweep, row_key, rv)} | ' + ' | '.join(cells) + ' |'
+        f'| {label(sweep, row_key, rv)} | ' + ' | '.join(cells) + ' |'
       )
     lines += ['', '## All points', '']
   header = [*keys, 'status', *sweep.metrics, 'seconds']
   lines.append('| ' + ' | '.join(header) + ' |')
   lines.append('|---' * len(header) + '|')
   for row in rows:
-    cells = [_label(sweep, k, row[k]) for k in keys] + [row['status']]
+    cells = [label(sweep, k, row[k]) for k in keys] + [row['status']]
     ok = row['status'] == STATUS_OK
     cells += [_cell(row, m) if ok else '-' for m in sweep.metrics]
     cells.append(f'{row["seconds"]}')
     lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'
-
-
-def plot_results(sweep: Sweep, rows: Sequence[Mapping], path: str) -> None:
-  """Plots `plot_metric` against the last axis, one line per other value.
-
-  Diverged or failed points are drawn as red crosses at the bottom.
-
-  Args:
-    sweep: the sweep.
-    rows: `run_sweep`'s rows.
-    path: output PNG.
-  """
-  import matplotlib  # noqa: PLC0415  (plotting is optional at import time)
-
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # noqa: PLC0415
-
-  x_key, x_vals = sweep.axes[-1]
-  series = _series(sweep, rows)
-  fig, ax = plt.subplots(figsize=(5.2, 3.6))
-  xs = range(len(x_vals))
-  for k, (label, by_x) in enumerate(series.items()):
-    ys = [_metric_or_nan(by_x.get(v), sweep.plot_metric) for v in x_vals]
-    (line,) = ax.plot(xs, ys, marker='o', label=label)
-    bad = [i for i, v in enumerate(x_vals) if _is_bad(by_x.get(v))]
-    # Crosses in the series' colour, staggered so coincident ones show.
-    offset = 0.08 * (k - (len(series) - 1) / 2)
-    ax.plot(
-      [i + offset for i in bad], [0.0] * len(bad), 'x',
-      color=line.get_color(), markersize=9, markeredgewidth=2,
-    )  # fmt: skip
-  ax.set_xticks(list(xs), [_label(sweep, x_key, v) for v in x_vals])
-  ax.set_xlabel(x_key)
-  ax.set_ylabel(sweep.plot_metric)
-  ax.set_title(f'{sweep.name}\n(x at 0: diverged or failed)', fontsize=8)
-  if len(series) > 1:
-    ax.legend(fontsize=8)
-  ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
-
-
-def _series(sweep: Sweep, rows: Sequence[Mapping]) -> dict[str, dict]:
-  """Groups rows by all axes but the last: label -> {x value: row}."""
-  x_key = sweep.axes[-1][0]
-  other = [key for key, _ in sweep.axes[:-1]]
-  series = {}
-  for row in rows:
-    label = ', '.join(f'{k}={_label(sweep, k, row[k])}' for k in other)
-    series.setdefault(label or sweep.plot_metric, {})[row[x_key]] = row
-  return series
-
-
-def _is_bad(row: Mapping | None) -> bool:
-  return row is not None and row['status'] != STATUS_OK
-
-
-def _metric_or_nan(row: Mapping | None, metric: str) -> float:
-  if row is None or row['status'] != STATUS_OK:
-    return math.nan
-  return row[metric]

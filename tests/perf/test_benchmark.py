@@ -180,3 +180,27 @@ def test_bn_resnet_runs_the_trainer_step_with_its_statistics():
   assert r.macs_per_image == resnet_macs((1, 1, 1, 1), 0.25, SIZE, classes=10)
   assert r.params == expected_resnet_params((1, 1, 1, 1), True, width=0.25,
                                             classes=10)  # fmt: skip
+
+
+def _short_cli_error(module, *args):
+  proc = subprocess.run(
+    [sys.executable, '-m', module, *args],
+    capture_output=True, text=True, check=False, timeout=300,
+  )  # fmt: skip
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert 'Traceback' not in proc.stderr
+  return proc
+
+
+def test_cli_checks_every_model_before_timing_the_first():
+  proc = _short_cli_error(
+    'experiments.benchmark', '--model=NFNet:F0,NFNet:F9', '--steps=1'
+  )
+  assert "Unknown NFNet variant 'F9'" in proc.stderr
+  assert 'Benchmarking' not in proc.stdout  # F0 was not timed first.
+
+
+def test_input_cli_refuses_unknown_pipelines():
+  # Before, 'plian' timed the plain pipeline under that name.
+  proc = _short_cli_error('experiments.benchmark_input', '--pipelines=plian')
+  assert 'unknown pipeline(s) plian; valid: plain, f0_host' in proc.stderr

@@ -10,6 +10,21 @@ def test_unknown_model_lists_valid_names():
     workload.make_model_config('NoSuchNet')
 
 
+def test_model_mistakes_are_value_errors_naming_the_valid_choices():
+  """Checked when the configs are made, i.e. before anything is timed."""
+  with pytest.raises(ValueError, match=r"no argument 'widht'.*'width'"):
+    workload.make_model_config('NFNet', widht=0.1)
+  with pytest.raises(ValueError, match=r"variant 'F9'.*'F7\+'"):
+    workload.make_model_config('NFNet', variant='F9')
+  with pytest.raises(ValueError, match=r"variant 'R50'.*'ResNet50'"):
+    workload.make_model_config('NF_ResNet', variant='R50')
+  with pytest.raises(ValueError, match='devcie.*device_reference'):
+    workload.check_augment('devcie')
+  # Constructor arguments outside the NFNet recipe's kwargs are kept.
+  config = workload.make_model_config('NFNet', in_channels=1, width=0.5)
+  assert config.kwargs.in_channels == 1 and config.kwargs.width == 0.5
+
+
 def test_default_image_size_and_dtype():
   config = workload.make_model_config('NFNet', variant='F1')
   assert workload.default_image_size(config) == 224  # F1's train size.

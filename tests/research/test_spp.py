@@ -130,3 +130,15 @@ def test_short_folder_gives_a_smaller_batch_not_padding(tmp_path, monkeypatch):
   digits = spp.load_images('digits', 400, 8)
   assert digits.shape == (360, 8, 8, 3)
   assert digits.reshape(360, -1).std(axis=1).min() > 0.1
+
+
+def test_run_spp_refuses_bad_arguments_before_computing(tmp_path, images):
+  logged = []
+  with pytest.raises(ValueError, match='No SPP models given'):
+    spp.run_spp([], images, str(tmp_path), log=logged.append)
+  assert not os.path.exists(tmp_path / 'spp.csv')  # Not an empty table.
+  a_file = tmp_path / 'a_file'
+  a_file.write_text('')
+  with pytest.raises(NotADirectoryError, match='a_file.* is a file'):
+    spp.run_spp(['nf_resnet50'], images, str(a_file / 'sub'), log=logged.append)
+  assert logged == []  # Nothing was computed.

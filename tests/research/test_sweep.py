@@ -46,10 +46,13 @@ def test_overrides_copy_and_reject_unknown_keys(ablation):
   base = sweep_lib.load_config(ablation.base_config)
   new = sweep_lib.apply_overrides(base, {'optimizer.lr': 0.5})
   assert new.optimizer.lr == 0.5 and base.optimizer.lr == 1.6
-  with pytest.raises(KeyError, match='clipping'):
+  # ValueErrors: the CLI's one-line error (exit 2), before any point trains.
+  with pytest.raises(ValueError, match='clipping'):
     sweep_lib.apply_overrides(base, {'optimizer.cliping': 0.1})
-  with pytest.raises(KeyError, match='optimizer'):
+  with pytest.raises(ValueError, match='optimizer'):
     sweep_lib.apply_overrides(base, {'optimiser.lr': 0.1})
+  with pytest.raises(ValueError, match="'optimizer.lr'"):
+    sweep_lib.apply_overrides(base, {'optimizer.lr': 'fast'})
 
 
 def test_launch_lines(ablation):
@@ -157,3 +160,64 @@ def test_markdown_marks_diverged_points():
   text = sweep_lib.markdown_table(sweep, rows)
   assert '| 1 | 0.5000 |' in text
   assert '| 2 | diverged |' in text
+
+
+class _FakeTrain:
+  """A train_fn that fails on the workdirs in `failing` and counts calls."""
+
+  def __init__(self, failing=()):
+    self.failing, self.trained = set(failing), []
+
+  def __call__(self, config, workdir):
+    self.trained.append(os.path.basename(workdir))
+    if os.path.basename(workdir) in self.failing:
+      raise FileNotFoundError(f'no folder {config.optimizer.lr}')
+    return _FakeResult(metrics={'eval/top1': config.optimizer.lr})
+
+
+class _FakeResult:
+  preempted = False
+
+  def __init__(self, metrics):
+    self.metrics = metrics
+
+
+def test_failed_points_are_reported_and_retried(tmp_path, ablation):
+  base = sweep_lib.load_config(ablation.base_config)
+  sweep = sweep_lib.Sweep(
+    name='s',
+    base_config='',
+    axes=(('optimizer.lr', (0.1, 0.2, 0.3)),),
+    metrics=('eval/top1',),
+  )
+  names = [p.name for p in sweep_lib.expand(sweep)]
+  first = _FakeTrain(failing=names[1:])
+  rows = sweep_lib.run_sweep(
+    sweep, str(tmp_path), base=base, train_fn=first, log=lambda *_: None
+  )
+  assert [r['status'] for r in rows] == ['ok', 'failed', 'failed']
+  assert (
+    'FileNotFoundError' in (tmp_path / names[1] / 'sweep_error.log').read_text()
+  )
+  summary = sweep_lib.failed_summary(sweep, rows, str(tmp_path))
+  assert summary.startswith(
+    f'2 of 3 sweep points failed: {names[1]}, {names[2]}'
+  )
+  assert os.path.join(str(tmp_path), '<point>', 'sweep_error.log') in summary
+  # The rerun retries only the failed points; the finished one is kept.
+  second = _FakeTrain(failing=names[2:])
+  rows = sweep_lib.run_sweep(
+    sweep, str(tmp_path), base=base, train_fn=second, log=lambda *_: None
+  )
+  assert second.trained == names[1:]
+  assert [r['status'] for r in rows] == ['ok', 'ok', 'failed']
+  assert rows[1]['eval/top1'] == 0.2
+  assert not (tmp_path / names[1] / 'sweep_error.log').exists()
+  summary = sweep_lib.failed_summary(sweep, rows, str(tmp_path))
+  assert str(tmp_path / names[2] / 'sweep_error.log') in summary
+  third = _FakeTrain()
+  rows = sweep_lib.run_sweep(
+    sweep, str(tmp_path), base=base, train_fn=third, log=lambda *_: None
+  )
+  assert third.trained == names[2:]
+  assert sweep_lib.failed_summary(sweep, rows, str(tmp_path)) is None
