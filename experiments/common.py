@@ -31,6 +31,7 @@ import importlib.abc
 import importlib.machinery
 import json
 import os
+import shlex
 import sys
 import tempfile
 from typing import Any
@@ -259,6 +260,12 @@ def _parse_flags(argv, prepare):
       f'Error: {error_message(e)}\nPass --helpshort for the flags.\n'
     )
     sys.exit(USAGE_EXIT)
+  except RunConfigError as e:
+    # Before the generic handler: no flag or override is at fault.
+    if traceback_requested():
+      raise
+    sys.stderr.write(f'Error: {error_message(e)}\n')
+    sys.exit(USAGE_EXIT)
   except (
     KeyError,
     AttributeError,
@@ -380,25 +387,101 @@ def json_object_flag(holder, example: str = '{"width": 0.5}') -> dict:
   return value
 
 
-def validate_output_file(holder) -> None:
+def validate_output_file(holder, replaceable=None, kind: str = '') -> None:
   """Checks a result-file flag when flags are parsed, not after the work.
 
-  A benchmark writes its file at the end, after minutes or hours; a path
-  that is a directory is refused at once (exit 2) instead of losing the
-  results then. A missing folder is made when the file is written
-  (`make_parent`).
+  A benchmark or an evaluation writes its file at the end, after minutes or
+  hours; a path that cannot be written (a directory, a folder that is a
+  file) is refused at once (exit 2) instead of losing the results then. A
+  missing folder is made when the file is written (`make_parent`).
 
   Args:
     holder: the string flag's holder ('' = no file).
+    replaceable: optional `path -> bool`: whether an existing file may be
+      overwritten (e.g. it is an earlier result of the command); other
+      existing files are refused, so that a mistyped path cannot replace a
+      weights file or a run's config.json. Default: any file may be.
+    kind: what `replaceable` accepts, for the refusal message (e.g. 'a
+      metrics file of experiments.evaluate').
   """
 
   def check(path: str) -> bool:
-    if path and os.path.isdir(os.path.expanduser(path)):
-      # absl's message starts "flag --name=value: ".
+    if not path:
+      return True
+    # absl's message starts "flag --name=value: ".
+    path = os.path.expanduser(path)
+    if os.path.isdir(path):
       raise flags.ValidationError('is a directory; pass a file path in it.')
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+      folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+      raise flags.ValidationError(
+        f'{folder} is a file, not a folder: pick another path.'
+      )
+    if (
+      replaceable is not None
+      and os.path.isfile(path)
+      and os.path.getsize(path) > 0  # An empty file (mktemp) holds nothing.
+      and not replaceable(path)
+    ):
+      raise flags.ValidationError(
+        f'the file exists and is not {kind or "a result file"}, so it is '
+        'not replaced: pick another path.'
+      )
     return True
 
-  flags.register_validator(holder.name, check)
+  flags.register_validator(holder, check)
+
+
+def is_metrics_file(path: str) -> bool:
+  """Whether `path` holds metrics an earlier `experiments.evaluate` wrote.
+
+  Only such a file may be replaced by its `--output`: a mistyped path
+  naming the weights being evaluated or a run's config.json would
+  otherwise be lost. Evaluate writes a JSON object of numbers keyed 'step'
+  and '<params>/<metric>' ('eval/top1', 'eval_ema/loss', ...).
+  """
+  try:
+    with open(path) as f:
+      metrics = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return (
+    isinstance(metrics, dict)
+    and any(key.endswith('/top1') for key in metrics)
+    and all(
+      (key == 'step' or '/' in key)
+      and isinstance(value, int | float)
+      and not isinstance(value, bool)
+      for key, value in metrics.items()
+    )
+  )
+
+
+def validate_int_range(holder, lower: int, upper=None, meaning: str = ''):
+  """Checks an integer flag when flags are parsed (None: not given).
+
+  absl's own bounds say only "is not an integer in the range"; this names
+  the range and what the flag means, before any work is done.
+
+  Args:
+    holder: the integer flag's holder.
+    lower: the smallest value allowed.
+    upper: the largest value allowed (None: no bound).
+    meaning: what the value is, for the message.
+  """
+  allowed = f'at least {lower}' if upper is None else f'{lower} to {upper}'
+
+  def check(value) -> bool:
+    if value is not None and not (
+      lower <= value and (upper is None or value <= upper)
+    ):
+      # absl's message starts "flag --name=value: ".
+      raise flags.ValidationError(f'pass {allowed} ({meaning}).')
+    return True
+
+  flags.register_validator(holder, check)
 
 
 def make_parent(path: str) -> str:
@@ -477,22 +560,73 @@ def _without_flag(argv, name: str):
   return out
 
 
+class RunConfigError(ValueError):
+  """A run's `config.json` that is not a run config (damaged or replaced)."""
+
+
 def saved_run_config(workdir: str):
   """The config a training run saved in `workdir`, or None if it has none.
+
+  A `config.json` that is not the run's config (truncated, or another JSON
+  file written over it) is refused here with the way to restore it, rather
+  than failing later on a missing `config.data`.
 
   Args:
     workdir: a training workdir.
 
   Returns:
     A ConfigDict (`nfnets.train.provenance.load_run_config`) or None.
+
+  Raises:
+    RunConfigError: `config.json` is damaged.
   """
-  if not workdir or not os.path.isfile(
-    os.path.join(os.path.expanduser(workdir), RUN_CONFIG_FILE)
-  ):
+  workdir = os.path.expanduser(workdir or '')
+  path = os.path.join(workdir, RUN_CONFIG_FILE)
+  if not workdir or not os.path.isfile(path):
     return None
   from nfnets.train import provenance
 
-  return provenance.load_run_config(os.path.expanduser(workdir))
+  records = provenance.segment_records(workdir)
+  try:
+    config = provenance.load_run_config(workdir)
+  except ValueError as e:
+    raise RunConfigError(_damaged_config(path, records, str(e))) from e
+  # The sections the run's newest segment record has (each command reads
+  # some of them); without records, the two every command reads.
+  newest = records[-1][1] if records else None
+  newest = newest.get('config') if isinstance(newest, dict) else None
+  if not isinstance(newest, dict):
+    newest = {'data': {}, 'model': {}}
+  missing = [
+    key
+    for key, value in newest.items()
+    if isinstance(value, dict) and not hasattr(config.get(key), 'items')
+  ]
+  if missing:
+    lacks = ', '.join(missing) + (' sections' if missing[1:] else ' section')
+    problem = f'{path!r} is not a run config (it lacks the {lacks})'
+    raise RunConfigError(_damaged_config(path, records, problem))
+  return config
+
+
+def _damaged_config(path: str, records, problem: str) -> str:
+  """The message for an unusable config.json: what, and how to restore it.
+
+  Training keeps each segment's config in `configs/segment_NNN_step_S.json`
+  beside it, and `load_run_config` reads such a record copied over
+  `config.json`, so the newest one restores it.
+  """
+  text = f'{problem.rstrip(".")}: it was damaged or replaced. '
+  if not records:
+    return text + (
+      'The run has no configs/segment_*.json record to restore it from: '
+      'pass the config it was trained with, --config=configs/<name>.py.'
+    )
+  newest, path = shlex.quote(records[-1][0]), shlex.quote(path)
+  return text + (
+    "Restore it from the newest of the run's per-segment configs "
+    f'(configs/segment_*.json): cp {newest} {path}'
+  )
 
 
 def use_run_config(argv):
@@ -555,7 +689,11 @@ def print_config_differences(workdir: str, config) -> None:
     workdir: the training workdir (may hold no config.json).
     config: the config in use.
   """
-  saved = saved_run_config(workdir)
+  try:
+    saved = saved_run_config(workdir)
+  except RunConfigError as e:  # The config in use is given: just say so.
+    sys.stderr.write(f"Warning: not compared with the run's config: {e}\n")
+    return
   if saved is None:
     return
   from nfnets.train import provenance

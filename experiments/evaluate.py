@@ -13,12 +13,14 @@ r"""Evaluates NFNet weights or a training run on a dataset split.
 With --workdir alone the config is the run's `<workdir>/config.json`; with
 --config it is that file. Override any field with --config.x.y=value; for a
 run, the differences from its saved config are printed first. --output
-writes the metrics as JSON. User errors exit with status 2 (usage, config)
-or 1 (missing files); NFNETS_TRACEBACK=1 shows their tracebacks. See
-docs/pretrained.md.
+writes the metrics as JSON; an existing file there is only replaced if it
+holds earlier metrics (checked before the evaluation starts). User errors
+exit with status 2 (usage, config) or 1 (missing files); NFNETS_TRACEBACK=1
+shows their tracebacks. See docs/pretrained.md.
 """
 
 import json
+import os
 
 from absl import app, flags
 
@@ -32,7 +34,17 @@ _WORKDIR = flags.DEFINE_string(
   'workdir', '', 'Training workdir: evaluates its newest checkpoint.'
 )
 _STEP = common.define_step_flag()
-_OUTPUT = flags.DEFINE_string('output', '', 'Optional JSON file for metrics.')
+_OUTPUT = flags.DEFINE_string(
+  'output',
+  '',
+  'Optional JSON file for the metrics (its folder is made if missing). An '
+  'existing file is replaced only if it holds metrics evaluate wrote.',
+)
+common.validate_output_file(
+  _OUTPUT,
+  replaceable=common.is_metrics_file,
+  kind='a metrics file of experiments.evaluate',
+)
 
 
 def main(argv):
@@ -68,7 +80,8 @@ def main(argv):
         f'({int(results[f"{prefix}/num_examples"])} images)'
       )
   if _OUTPUT.value:
-    with open(_OUTPUT.value, 'w') as f:
+    output = common.make_parent(os.path.expanduser(_OUTPUT.value))
+    with open(output, 'w') as f:
       json.dump(results, f, indent=2, sort_keys=True)
 
 

@@ -27,13 +27,29 @@ from absl import app, flags
 from experiments import common
 
 _SOURCE = common.define_weights_flags('predicts with its newest checkpoint.')
+# NFNets test at 256-608 px (F0-F7); far larger inputs only exhaust memory
+# (TensorFlow's resize of a 100000 px image asks for 120 GB), so a larger
+# size is taken for a typo and refused before any work.
+MAX_IMAGE_SIZE = 4096
 _IMAGE_SIZE = flags.DEFINE_integer(
   'image_size',
   None,
-  "Input size; default: the run's eval_image_size or the variant's "
-  'test_imsize.',
+  f"Input size in pixels (1 to {MAX_IMAGE_SIZE}); default: the run's "
+  "eval_image_size or the variant's test_imsize.",
 )
-_TOP_K = flags.DEFINE_integer('top_k', 5, 'Classes to print per image.')
+common.validate_int_range(
+  _IMAGE_SIZE,
+  1,
+  MAX_IMAGE_SIZE,
+  meaning="the input size in pixels; leave the flag out for the run's "
+  "eval_image_size, or the variant's test_imsize with --weights",
+)
+_TOP_K = flags.DEFINE_integer(
+  'top_k', 5, 'Classes to print per image (at least 1).'
+)
+common.validate_int_range(
+  _TOP_K, 1, meaning='how many of the most likely classes to print'
+)
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object per image.')
 
 

@@ -184,23 +184,20 @@ def segment_records(workdir: str) -> list[tuple[str, dict]]:
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config of the run's latest segment, as training used it.
+  """The locked config of the run's latest segment, as training used it.
 
   Reads `<workdir>/config.json` (the latest segment's full config) and
   types it with the latest segment record's type information: tuples stay
   tuples and `None` placeholders keep their type, so command-line style
-  overrides apply as they would to the config file. A workdir without
-  segment records (or a hand-edited config.json) reads its lists as tuples.
+  overrides apply as they would to the config file (lists read as tuples
+  without records). A segment record copied over config.json restores it.
 
   Args:
     workdir: a training run's workdir.
 
-  Returns:
-    A locked ConfigDict.
-
   Raises:
     FileNotFoundError: when the workdir has no config.json.
-    ValueError: when config.json is not valid JSON.
+    ValueError: when config.json is not valid JSON or not a JSON object.
   """
   workdir = os.path.expanduser(workdir)
   path = os.path.join(workdir, CONFIG_FILE)
@@ -215,6 +212,10 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     raise ValueError(f'{path!r} is not valid JSON: {e}') from e
   records = segment_records(workdir)
   types = records[-1][1].get('types', {}) if records else {}
+  if isinstance(plain, dict) and 'config' in plain and 'types' in plain:
+    plain, types = plain['config'], plain['types']  # A record copied back.
+  if not isinstance(plain, dict) or not plain:
+    raise ValueError(f'{path!r} is not a run config (not a JSON object).')
   return config_from_record({'config': plain, 'types': types})
 
 

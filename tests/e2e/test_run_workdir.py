@@ -13,7 +13,8 @@ top and print their differences. Two kinds of run are used:
 
 Every command runs in a subprocess with neither JAX_PLATFORMS nor
 TF_CPP_MIN_LOG_LEVEL set, and its stderr must hold none of TensorFlow's,
-oneDNN's or JAX's start-up notices.
+oneDNN's or JAX's start-up notices. The flag and saved-config checks the
+commands share (experiments/common.py) are also tested in-process.
 """
 
 import glob
@@ -27,11 +28,14 @@ import jax
 import numpy as np
 import PIL.Image
 import pytest
+from absl import flags
 
 from configs import quickstart
+from experiments import common
 from nfnets import pretrained, train
 from nfnets.data import numpy_preprocess as npp
 from nfnets.train import checkpoint as ckpt_lib
+from nfnets.train import provenance
 
 ROOT = os.path.dirname(
   os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -463,6 +467,16 @@ def test_usage_errors_are_short(known_run, tmp_path):
   assert 'Benchmarking' not in proc.stdout
   proc = _run('experiments.benchmark_input', f'--json_out={tmp_path}')
   _assert_short(proc, 2, f'--json_out={tmp_path}: is a directory')
+  # evaluate --output naming a file that holds no metrics (here the run's
+  # own config) is refused before the evaluation, and the file is kept.
+  saved = known_run / 'config.json'
+  before = saved.read_text()
+  proc = _run(
+    'experiments.evaluate', f'--workdir={known_run}', f'--output={saved}'
+  )
+  _assert_short(proc, 2, f'--output={saved}: ', 'pick another path')
+  assert 'eval:' not in proc.stdout
+  assert saved.read_text() == before
 
 
 def test_runtime_errors_are_short_unless_a_traceback_is_asked_for(
@@ -479,3 +493,102 @@ def test_runtime_errors_are_short_unless_a_traceback_is_asked_for(
   assert proc.returncode == 1
   assert 'Traceback' in proc.stderr
   assert 'FileNotFoundError' in proc.stderr
+
+
+# ----------------------------------------------------------------------------
+# Bad input caught when flags are parsed (in-process: no command is run).
+# ----------------------------------------------------------------------------
+
+
+def _parse(define, validate, *args):
+  """Defines a flag on fresh FlagValues, validates it, parses `args`."""
+  flag_values = flags.FlagValues()
+  validate(define(flag_values))
+  flag_values(['command', *args])
+
+
+def test_evaluate_output_replaces_only_an_earlier_metrics_file(tmp_path):
+  def define(flag_values):
+    return flags.DEFINE_string('output', '', '', flag_values=flag_values)
+
+  def validate(holder):
+    common.validate_output_file(
+      holder, replaceable=common.is_metrics_file, kind='a metrics file'
+    )
+
+  metrics = tmp_path / 'eval.json'
+  metrics.write_text(
+    json.dumps({'eval/top1': 0.5, 'eval/loss': 1.0, 'step': 3})
+  )
+  run_config = tmp_path / 'config.json'
+  run_config.write_text(quickstart.get_config().to_json_best_effort())
+  weights = tmp_path / 'w.npz'
+  np.savez(weights, w=np.zeros(3))
+  (tmp_path / 'empty.json').write_text('')
+  for path in (
+    metrics,
+    tmp_path / 'new/folder/m.json',
+    tmp_path / 'empty.json',
+  ):
+    _parse(define, validate, f'--output={path}')
+  for path, phrase in (
+    (run_config, 'is not a metrics file, so it is not replaced'),
+    (weights, 'is not a metrics file, so it is not replaced'),
+    (tmp_path, 'is a directory'),
+    (run_config / 'm.json', f'{run_config} is a file, not a folder'),
+  ):
+    with pytest.raises(flags.IllegalFlagValueError) as error:
+      _parse(define, validate, f'--output={path}')
+    assert f'--output={path}: ' in str(error.value)
+    assert phrase in str(error.value)
+
+
+def test_predict_sizes_and_counts_are_checked_when_parsed():
+  def validate(lower, upper=None):
+    return lambda holder: common.validate_int_range(
+      holder, lower, upper, meaning='the input size in pixels'
+    )
+
+  def define(flag_values):
+    return flags.DEFINE_integer('image_size', None, '', flag_values=flag_values)
+
+  for ok in ((), ('--image_size=1',), ('--image_size=4096',)):
+    _parse(define, validate(1, 4096), *ok)
+  for bad in ('-4', '0', '100000'):
+    with pytest.raises(flags.IllegalFlagValueError) as error:
+      _parse(define, validate(1, 4096), f'--image_size={bad}')
+    assert str(error.value) == (
+      f'flag --image_size={bad}: pass 1 to 4096 (the input size in pixels).'
+    )
+  with pytest.raises(flags.IllegalFlagValueError, match='pass at least 1'):
+    _parse(define, validate(1), '--image_size=0')
+
+
+def test_a_damaged_run_config_says_how_to_restore_it(tmp_path, capsys):
+  config = quickstart.get_config()
+  provenance.write_segment(
+    str(tmp_path), config, start_step=0, changes=[], num_devices=1
+  )
+  saved = tmp_path / 'config.json'
+  record = tmp_path / 'configs' / 'segment_000_step_0.json'
+  metrics = json.dumps({'eval/top1': 0.5, 'step': 30})
+  for damaged in (metrics, saved.read_text()[:300], '[1, 2]', ''):
+    saved.write_text(damaged)
+    with pytest.raises(ValueError) as error:
+      common.saved_run_config(str(tmp_path))
+    message = str(error.value)
+    assert 'damaged or replaced' in message, message
+    assert f'cp {record} {saved}' in message  # Nothing to delete.
+  # As the commands show it: one line, no hint at --config.* keys.
+  with pytest.raises(SystemExit) as exit_info:
+    common.parse_flags(
+      ['evaluate', f'--workdir={tmp_path}'], prepare=common.use_run_config
+    )
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"Error: '{saved}' is not valid JSON"), err
+  assert len(err.strip().splitlines()) == 1, err
+  # Following the advice restores the run's config.
+  shutil.copy(record, saved)
+  restored = common.saved_run_config(str(tmp_path))
+  assert provenance.config_differences(config, restored) == []
