@@ -248,8 +248,26 @@ def parse_flags(argv, prepare=None):
     return _parse_flags(argv, prepare)
 
 
+def _check_config_file(argv) -> None:
+  """Refuses a `--config` file that does not exist, before parsing.
+
+  ml_collections defers that failure to the config's first use, after
+  TensorFlow is imported, with a message about 'an earlier failure'.
+  """
+  value = flag_value(argv, 'config')
+  if not value or value.endswith('.json'):  # use_run_config reads those.
+    return
+  path = value.split(':', 1)[0]
+  if not os.path.isfile(os.path.expanduser(path)):
+    raise flags.ValidationError(
+      f'--config={value}: no config file {path!r}; pass one of configs/*.py '
+      '(e.g. configs/f0.py), or a path to your own.'
+    )
+
+
 def _parse_flags(argv, prepare):
   try:
+    _check_config_file(argv)
     if prepare is not None:
       argv = prepare(argv)
     return flags.FLAGS(argv)
@@ -272,16 +290,19 @@ def _parse_flags(argv, prepare):
     TypeError,
     ValueError,
     FileNotFoundError,
+    SyntaxError,  # In the config file: its message names file and line.
   ) as e:
     # ml_collections raises these (not flags.Error) for an unknown key or a
     # value of the wrong type; reading a config file can raise OSError.
     if traceback_requested():
       raise
-    sys.stderr.write(
-      f'Error in the config: {_override_error(e)}\n'
-      'Check the --config.* key names and values against the config file '
-      '(a run keeps its resolved config in <workdir>/config.json).\n'
+    hint = (
+      'Fix that line of the config file.'
+      if isinstance(e, SyntaxError)
+      else 'Check the --config.* key names and values against the config '
+      'file (a run keeps its resolved config in <workdir>/config.json).'
     )
+    sys.stderr.write(f'Error in the config: {_override_error(e)}\n{hint}\n')
     sys.exit(USAGE_EXIT)
 
 

@@ -564,6 +564,16 @@ def test_predict_sizes_and_counts_are_checked_when_parsed():
     _parse(define, validate(1), '--image_size=0')
 
 
+def test_a_missing_config_file_is_named_before_parsing(tmp_path):
+  # ml_collections would fail only at the config's first use, with "an
+  # earlier failure to load"; a config:arg suffix names the same file.
+  for value in ('configs/nothere.py', 'configs/nothere.py:plus'):
+    with pytest.raises(flags.ValidationError, match="no config file 'configs"):
+      common._check_config_file(['prog', f'--config={value}'])
+  for ok in ('configs/f0.py:plus', f'{tmp_path}/config.json', None):
+    common._check_config_file(['prog'] + ([f'--config={ok}'] if ok else []))
+
+
 def test_a_damaged_run_config_says_how_to_restore_it(tmp_path, capsys):
   config = quickstart.get_config()
   provenance.write_segment(
