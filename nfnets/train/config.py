@@ -127,6 +127,38 @@ def default_checkpoint_config() -> ml_collections.ConfigDict:
   )
 
 
+SECTIONS = ('model', 'data', 'optimizer', 'train', 'eval', 'checkpoint')
+_BASE_HINT = (
+  "start from configs/common.py's base_config() or a configs/*.py "
+  'get_config(), which hold every key'
+)
+
+
+def _check_sections(config) -> None:
+  """Names a missing section or loop key (not an AttributeError later)."""
+  if not isinstance(
+    config, ml_collections.ConfigDict | ml_collections.FrozenConfigDict
+  ):
+    raise ValueError(
+      f'The config is a {type(config).__name__}, not an ml_collections '
+      f'ConfigDict with the sections {", ".join(SECTIONS)}: {_BASE_HINT}.'
+    )
+  missing = [name for name in SECTIONS if name not in config]
+  if missing:
+    raise ValueError(
+      f'The config lacks the section(s) {", ".join(missing)}: {_BASE_HINT}.'
+    )
+  defaults = {
+    'train': default_train_config(),
+    'eval': default_eval_config(),
+    'checkpoint': default_checkpoint_config(),
+  }
+  for name, default in defaults.items():
+    lacks = [key for key in default if key not in config[name]]
+    if lacks:
+      raise ValueError(f'config.{name} lacks {", ".join(lacks)}: {_BASE_HINT}.')
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks the loop's own config values; raises ValueError with a fix.
 
@@ -136,6 +168,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   Raises:
     ValueError: for a value the loop cannot run with.
   """
+  _check_sections(config)
   # The dataset's name too: a typo must not reach a resume's config check,
   # which would offer --allow_config_change for it.
   sources.check_dataset_name(config.data)

@@ -133,6 +133,22 @@ def test_negative_num_steps_and_unknown_dataset_are_refused():
     config_lib.validate_config(config)
 
 
+def test_a_config_missing_a_section_or_key_names_it():
+  from nfnets.train import config as config_lib  # noqa: PLC0415
+
+  # Each was an AttributeError naming only the key ("'eval'").
+  with pytest.raises(ValueError, match='is a dict, not an ml_collections'):
+    config_lib.validate_config(_load('quickstart').to_dict())
+  config = ml_collections.ConfigDict(_load('quickstart').to_dict())
+  del config['eval']
+  with pytest.raises(ValueError, match='lacks the section.s. eval: start'):
+    config_lib.validate_config(config)
+  config = ml_collections.ConfigDict(_load('quickstart').to_dict())
+  del config.train['batch_size']
+  with pytest.raises(ValueError, match='config.train lacks batch_size'):
+    config_lib.validate_config(config)
+
+
 def _parse(argv):
   """Parses --config flags like experiments/train.py, in a private registry."""
   values = flags.FlagValues()
