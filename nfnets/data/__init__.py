@@ -3,6 +3,7 @@
 Public API (see docs/data.md):
 
   default_config()            the `config.data` section
+  validate_data_config(c)     its cheap checks (the iterators run them)
   dataset_info(data_config)   DatasetInfo(num_classes, num_train_examples,
                               num_eval_examples, class_names)
   make_train_iterator(...)    infinite NumPy batches for this process
@@ -22,7 +23,11 @@ first use.
 import importlib
 
 from nfnets.data import python_loader
-from nfnets.data.config import default_config, resolve_loader
+from nfnets.data.config import (
+  default_config,
+  resolve_loader,
+  validate_data_config,
+)
 from nfnets.data.device_augment import make_batch_fn
 from nfnets.data.plan import dataset_info, eval_num_batches
 from nfnets.data.recipe import MEAN_RGB, STDDEV_RGB
@@ -48,6 +53,7 @@ __all__ = [
   'make_train_dataset',
   'make_train_iterator',
   'resolve_loader',
+  'validate_data_config',
 ]
 
 
@@ -88,7 +94,11 @@ def make_train_iterator(
   Returns:
     Iterator of dicts (see `pipeline` and `python_loader`): `images`,
     int32 `labels`, and with host-side mixing `mix_labels` and `ratio`.
+
+  Raises:
+    ValueError: `data_config` is invalid (`validate_data_config`).
   """
+  validate_data_config(data_config)
   kwargs = dict(
     global_batch_size=global_batch_size,
     process_index=process_index,
@@ -119,7 +129,11 @@ def make_eval_iterator(
   Returns:
     Iterator of dicts: `images` float32 [b, S, S, 3], `labels` int32 [b],
     `mask` float32 [b] (1 for real examples, 0 for padding).
+
+  Raises:
+    ValueError: `data_config` is invalid (`validate_data_config`).
   """
+  validate_data_config(data_config)
   module = (
     python_loader if resolve_loader(data_config) == 'python' else _tf_pipeline()
   )

@@ -5,9 +5,13 @@ device-side augmentation (the benchmark, the train step on an accelerator
 host without TensorFlow) imports no input pipeline.
 """
 
+import math
+import numbers
+
 import ml_collections
 
 LOADERS = ('auto', 'tf', 'python')
+_TFDS_PREFIX = 'tfds/'
 
 
 def default_config():
@@ -85,3 +89,53 @@ def resolve_loader(data_config):
   except ImportError:
     return 'python'
   return 'tf'
+
+
+def validate_data_config(data_config) -> None:
+  """Checks the settings of `config.data` that need no dataset, cheaply.
+
+  The iterators and `dataset_info` call it first. Without it a
+  `train_image_size` of 0 yields empty (b, 0, 0, 3) images silently, a
+  negative one fails deep in TensorFlow, 'tfds/' fails in tfds's name
+  parser, and a negative `mixup_alpha` is accepted.
+
+  Args:
+    data_config: the `config.data` ConfigDict.
+
+  Raises:
+    ValueError: a setting is invalid; the message says which and what is
+      valid.
+  """
+  # Imported here: sources imports this module.
+  from nfnets.data import sources  # noqa: PLC0415
+
+  name = data_config.name
+  if not isinstance(name, str):
+    raise ValueError(f'config.data.name must be a string, got {name!r}.')
+  sources.check_dataset_name(data_config)
+  if name.startswith(_TFDS_PREFIX) and not name[len(_TFDS_PREFIX) :].strip():
+    raise ValueError(
+      f'config.data.name={name!r} names no tfds dataset: use '
+      "'tfds/<name>', e.g. 'tfds/cifar10'."
+    )
+  for key in ('train_image_size', 'eval_image_size'):
+    size = data_config[key]
+    if (
+      isinstance(size, bool)
+      or not isinstance(size, numbers.Integral)
+      or size < 1
+    ):
+      raise ValueError(
+        f'config.data.{key} must be a positive integer (pixels per side, '
+        f'e.g. 192), got {size!r}.'
+      )
+  alpha = data_config.get('mixup_alpha', 0.0)
+  if (
+    isinstance(alpha, bool)
+    or not isinstance(alpha, numbers.Real)
+    or not (math.isfinite(alpha) and alpha >= 0)
+  ):
+    raise ValueError(
+      f'config.data.mixup_alpha must be a finite number >= 0 (0 = no '
+      f'MixUp; the reference: 0.2), got {alpha!r}.'
+    )

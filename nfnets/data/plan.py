@@ -11,6 +11,7 @@ too, so a run's eval transform is known on a host without TensorFlow.
 
 import math
 
+from nfnets.data import config as config_lib
 from nfnets.data import recipe, sources
 
 
@@ -22,7 +23,11 @@ def dataset_info(data_config):
 
   Returns:
     A `sources.DatasetInfo`.
+
+  Raises:
+    ValueError: `data_config` is invalid (`config.validate_data_config`).
   """
+  config_lib.validate_data_config(data_config)
   source = sources.make_source(data_config)
   train_split, eval_split = sources.resolve_splits(data_config, source)
   return sources.DatasetInfo(

@@ -95,8 +95,11 @@ def adam_chain(
   )
 
 
-def _check_shared(weight_decay, clipping, eps, agc_exclude, wd_exclude):
+def _check_shared(
+  learning_rate, weight_decay, clipping, eps, agc_exclude, wd_exclude
+):
   """The checks `sgd_agc` and `adam_agc` share."""
+  checks.check_learning_rate(learning_rate)
   checks.check_weight_decay(weight_decay)
   if clipping is not None:
     checks.check_clipping(clipping, eps)
@@ -120,7 +123,7 @@ def sgd_agc(
   `g + momentum * buf` (Nesterov) or `buf`, then `-learning_rate * direction`.
 
   Args:
-    learning_rate: a float or an optax schedule of the step count.
+    learning_rate: a float >= 0 or an optax schedule of the step count.
     momentum: in [0, 1); 0 gives plain SGD.
     nesterov: Nesterov momentum (the reference always uses it).
     weight_decay: coupled L2 coefficient; 0 turns it off.
@@ -131,9 +134,15 @@ def sgd_agc(
 
   Returns:
     An `optax.GradientTransformation`; its `update` needs `params`.
+
+  Raises:
+    ValueError: a number is not finite or out of range, or a regex is
+      invalid.
   """
   checks.check_momentum(momentum)
-  _check_shared(weight_decay, clipping, eps, agc_exclude, wd_exclude)
+  _check_shared(
+    learning_rate, weight_decay, clipping, eps, agc_exclude, wd_exclude
+  )
   return sgd_chain(
     learning_rate, momentum=momentum, nesterov=nesterov,
     weight_decay=weight_decay or None, clipping=clipping, eps=eps,
@@ -159,10 +168,10 @@ def adam_agc(
   a smaller lambda than SGD (timm's advice: 0.001-0.005).
 
   Args:
-    learning_rate: a float or an optax schedule of the step count.
+    learning_rate: a float >= 0 or an optax schedule of the step count.
     b1: first-moment decay, in [0, 1).
     b2: second-moment decay, in [0, 1).
-    eps: Adam's denominator epsilon.
+    eps: Adam's denominator epsilon, >= 0.
     weight_decay: decay coefficient; 0 turns it off.
     decoupled: True for AdamW (`p -= lr * wd * p`, after the Adam scaling);
       False for L2 added to the gradient before Adam (the reference's Adam).
@@ -173,10 +182,17 @@ def adam_agc(
 
   Returns:
     An `optax.GradientTransformation`; its `update` needs `params`.
+
+  Raises:
+    ValueError: a number is not finite or out of range, or a regex is
+      invalid.
   """
   checks.check_momentum(b1)
   checks.check_beta2(b2)
-  _check_shared(weight_decay, clipping, agc_eps, agc_exclude, wd_exclude)
+  checks.check_adam_eps(eps)
+  _check_shared(
+    learning_rate, weight_decay, clipping, agc_eps, agc_exclude, wd_exclude
+  )
   return adam_chain(
     learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay or None,
     decoupled=decoupled, clipping=clipping, agc_eps=agc_eps,
@@ -198,13 +214,18 @@ def with_frozen_stages(
 
   Args:
     tx: the optimizer of the trainable parameters.
-    num_stages: stages frozen with the stem (0 returns `tx` itself).
+    num_stages: stages frozen with the stem, an int in 0..4 (0 returns `tx`
+      itself).
 
   Returns:
     An `optax.GradientTransformation` whose `init` and `update` take the
     whole parameter tree.
+
+  Raises:
+    ValueError: `num_stages` is not an int in 0..4.
   """
-  if num_stages <= 0:
+  checks.check_freeze_stages(num_stages, 'num_stages')
+  if num_stages == 0:
     return tx
   labels = lambda params: jax.tree.map(
     lambda frozen: 'frozen' if frozen else 'trainable',
@@ -226,12 +247,17 @@ def stop_frozen_gradients(params, num_stages: int):
 
   Args:
     params: the parameter tree.
-    num_stages: stages frozen with the stem (0 returns `params` itself).
+    num_stages: stages frozen with the stem, an int in 0..4 (0 returns
+      `params` itself).
 
   Returns:
     A tree like `params`.
+
+  Raises:
+    ValueError: `num_stages` is not an int in 0..4.
   """
-  if num_stages <= 0:
+  checks.check_freeze_stages(num_stages, 'num_stages')
+  if num_stages == 0:
     return params
   return jax.tree.map(
     lambda p, frozen: jax.lax.stop_gradient(p) if frozen else p,

@@ -87,6 +87,7 @@ def validate(opt_config: ml_collections.ConfigDict) -> None:
   checks.check_weight_decay(c.weight_decay)
   if c.name.startswith('adam'):
     checks.check_beta2(c.beta2)
+    checks.check_adam_eps(c.adam_eps)
   checks.check_groups(tuple(c.agc_exclude), tuple(c.wd_exclude))
   checks.check_sam_rho(c.sam_rho)
   checks.check_ema_decay(c.ema_decay)

@@ -47,6 +47,7 @@ def scaled_lr(
   Returns:
     The peak learning rate (1.6 for the paper's batch of 4096).
   """
+  checks.check_learning_rate(base_lr)
   checks.check_batch_size(global_batch_size)
   return _peak(base_lr, global_batch_size, scale_by_batch)
 

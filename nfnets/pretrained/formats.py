@@ -22,7 +22,11 @@ from safetensors import safe_open
 from safetensors.numpy import save as safetensors_bytes
 
 from nfnets.pretrained import safe_pickle, timm_interop
-from nfnets.pretrained.errors import WeightsError
+from nfnets.pretrained.errors import (
+  WeightsError,
+  check_not_directory,
+  unreadable_as_weights_error,
+)
 from nfnets.pretrained.safe_pickle import Params
 
 FORMAT_NAME = 'nfnets-haiku-params'
@@ -107,7 +111,10 @@ def save_params(
 
 
 def _read_safetensors(path: str) -> tuple[dict, dict]:
-  with safe_open(path, framework='numpy') as f:
+  with (
+    unreadable_as_weights_error(path, '.safetensors'),
+    safe_open(path, framework='numpy') as f,
+  ):
     flat = {key: f.get_tensor(key) for key in f.keys()}
     metadata = dict(f.metadata() or {})
   return flat, metadata
@@ -116,11 +123,12 @@ def _read_safetensors(path: str) -> tuple[dict, dict]:
 def _read_npz(path: str) -> tuple[dict, dict]:
   # allow_pickle=False: an npz member holding objects raises instead of
   # unpickling them.
-  with np.load(path, allow_pickle=False) as data:
-    flat = {key: data[key] for key in data.files}
-  metadata = {}
-  if _METADATA_KEY in flat:
-    metadata = json.loads(str(flat.pop(_METADATA_KEY)))
+  with unreadable_as_weights_error(path, '.npz'):
+    with np.load(path, allow_pickle=False) as data:
+      flat = {key: data[key] for key in data.files}
+    metadata = {}
+    if _METADATA_KEY in flat:
+      metadata = json.loads(str(flat.pop(_METADATA_KEY)))
   return flat, metadata
 
 
@@ -153,13 +161,15 @@ def sniff_format(path: str | os.PathLike) -> str:
 
   Raises:
     FileNotFoundError: there is no file at `path`.
-    WeightsError: the file starts like none of the formats.
+    WeightsError: `path` is a directory, or the file starts like none of
+      the formats.
   """
   if not os.path.exists(path):
     raise FileNotFoundError(
       f'No weights file at {os.fspath(path)!r}. Download the official ones '
       'with scripts/download_pretrained.sh or pass the right path.'
     )
+  check_not_directory(path)
   with open(path, 'rb') as f:
     head = f.read(9)
     # First: a safetensors header's size may start with the pickle byte.
@@ -187,10 +197,16 @@ def read_metadata(path: str | os.PathLike) -> dict:
   """
   fmt = sniff_format(path)
   if fmt == 'safetensors':
-    with safe_open(os.fspath(path), framework='numpy') as f:
+    with (
+      unreadable_as_weights_error(path, '.safetensors'),
+      safe_open(os.fspath(path), framework='numpy') as f,
+    ):
       return dict(f.metadata() or {})
   if fmt == 'npz':
-    with np.load(path, allow_pickle=False) as data:
+    with (
+      unreadable_as_weights_error(path, '.npz'),
+      np.load(path, allow_pickle=False) as data,
+    ):
       if _METADATA_KEY in data.files:
         return json.loads(str(data[_METADATA_KEY]))
   return {}
@@ -233,6 +249,11 @@ def read_params(path: str | os.PathLike) -> tuple[Params, dict]:
   Returns:
     `(params, metadata)`: Haiku params of numpy arrays and the file's string
     metadata (empty for DeepMind pickles).
+
+  Raises:
+    FileNotFoundError: there is no file at `path`.
+    WeightsError: `path` is a directory, or the file is truncated, damaged
+      or holds no params.
   """
   path = os.fspath(path)
   fmt = sniff_format(path)

@@ -40,6 +40,11 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save as safetensors_bytes
 
+from nfnets.pretrained.errors import (
+  check_not_directory,
+  unreadable_as_weights_error,
+)
+
 ROOT = 'NFNet'
 
 # Our module suffix inside a block -> timm's submodule name.
@@ -310,7 +315,15 @@ def load_timm(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
 
   Returns:
     Haiku params `{module: {name: np.ndarray}}`.
+
+  Raises:
+    WeightsError: `path` is a directory, or the file is truncated or
+      damaged.
   """
-  with safe_open(os.fspath(path), framework='numpy') as f:
+  check_not_directory(path)
+  with (
+    unreadable_as_weights_error(path, '.safetensors'),
+    safe_open(os.fspath(path), framework='numpy') as f,
+  ):
     state_dict = {key: f.get_tensor(key) for key in f.keys()}
   return from_timm_state_dict(state_dict)

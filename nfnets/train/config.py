@@ -9,7 +9,7 @@ that would only fail later, with a message that says what to change.
 
 import ml_collections
 
-from nfnets.data import sources
+from nfnets.data import config as data_config_lib
 from nfnets.models import precision
 
 COMPUTE_DTYPES = precision.POLICIES
@@ -169,9 +169,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     ValueError: for a value the loop cannot run with.
   """
   _check_sections(config)
-  # The dataset's name too: a typo must not reach a resume's config check,
-  # which would offer --allow_config_change for it.
-  sources.check_dataset_name(config.data)
+  # `config.data` too (its name, sizes, MixUp): a typo must not reach a
+  # resume's config check, which would offer --allow_config_change for it.
+  data_config_lib.validate_data_config(config.data)
   train = config.train
   if train.compute_dtype not in COMPUTE_DTYPES:
     raise ValueError(

@@ -153,6 +153,17 @@ def test_config_rejects_bad_freeze_stages(bad):
     optim.validate(_config(freeze_stages=bad))
 
 
+@pytest.mark.parametrize('bad', [-1, 5, 1.5, True])
+def test_library_freeze_rejects_bad_stage_counts(bad):
+  # The config's check, shared: -1 used to act as 0 and 1.5 as 1.
+  tx = optim.sgd_agc(0.1)
+  with pytest.raises(ValueError, match='num_stages must be an integer in 0'):
+    optim.with_frozen_stages(tx, bad)
+  with pytest.raises(ValueError, match='num_stages must be an integer in 0'):
+    optim.stop_frozen_gradients({'m': {'w': np.ones(2)}}, bad)
+  assert optim.with_frozen_stages(tx, 0) is tx
+
+
 def _sizes(tree) -> int:
   """Number of float scalars in a tree of arrays or shapes."""
   return sum(

@@ -526,11 +526,66 @@ def _make(**overrides):
     (dict(sam_rho=-0.05), 'sam_rho must be >= 0'),
     (dict(warmup_steps=100), 'warmup_steps < total_steps'),
     (dict(agc_exclude=('linear(',)), 'Invalid parameter-group regex'),
+    (dict(lr=float('nan')), 'LRs must be >= 0 and finite'),
+    (dict(lr=float('inf')), 'LRs must be >= 0 and finite'),
+    (dict(clipping=float('inf')), 'clipping must be > 0 and finite'),
+    (dict(sam_rho=float('inf')), 'sam_rho must be >= 0 and finite'),
+    (dict(name='adam', adam_eps=float('nan')), 'Adam eps must be >= 0'),
   ],
 )
 def test_bad_configs_raise_clear_errors(overrides, message):
   with pytest.raises(ValueError, match=message):
     _make(**overrides)
+
+
+def test_make_optimizer_rejects_a_zero_batch_size():
+  # `global_batch_size or 1` used to let 0 through as 1: a peak LR of 0.
+  with pytest.raises(ValueError, match='global_batch_size must be > 0'):
+    optim.make_optimizer(
+      optim.default_config(),
+      steps_per_epoch=10,
+      total_steps=100,
+      global_batch_size=0,
+    )
+  with pytest.raises(ValueError, match='global_batch_size must be > 0'):
+    optim.make_lr_schedule(0.1, total_steps=10, global_batch_size=0)
+
+
+NAN, INF = float('nan'), float('inf')
+
+
+@pytest.mark.parametrize(
+  'build, message',
+  [
+    (lambda: optim.sgd_agc(-0.1), 'learning_rate must be >= 0'),
+    (lambda: optim.sgd_agc(NAN), 'learning_rate must be >= 0 and finite'),
+    (lambda: optim.adam_agc(INF), 'learning_rate must be >= 0 and finite'),
+    (lambda: optim.sgd_agc('0.1'), "learning_rate must be a number, got '0"),
+    (lambda: optim.sgd_agc(0.1, clipping='0.01'), 'clipping must be a number'),
+    (lambda: optim.sgd_agc(0.1, clipping=INF), 'clipping must be > 0 and f'),
+    (lambda: optim.sgd_agc(0.1, eps=NAN), 'AGC eps must be > 0'),
+    (lambda: optim.sgd_agc(0.1, weight_decay=INF), 'weight_decay must be >= 0'),
+    (lambda: optim.sgd_agc(0.1, momentum='0.9'), 'momentum must be a number'),
+    (lambda: optim.adam_agc(1e-3, eps=-1e-8), 'Adam eps must be >= 0'),
+    (lambda: optim.adaptive_grad_clip(INF), 'clipping must be > 0 and finite'),
+    (lambda: optim.make_lr_schedule(NAN, total_steps=9), 'LRs must be >= 0'),
+    (lambda: optim.make_lr_schedule(0.1, total_steps=INF), 'total_steps must'),
+    (lambda: optim.scaled_lr(NAN, 256), 'learning_rate must be >= 0'),
+  ],
+)
+def test_direct_builders_reject_bad_numbers(build, message):
+  with pytest.raises(ValueError, match=message):
+    build()
+
+
+def test_direct_builders_still_take_arrays_traced_lrs_and_schedules():
+  params = {'m': {'w': jnp.ones((2, 2))}}
+  optim.sgd_agc(jnp.float32(0.1), momentum=np.float32(0.9)).init(params)
+  optim.sgd_agc(optim.make_lr_schedule(0.1, total_steps=10)).init(params)
+  init = jax.jit(lambda lr: optim.sgd_agc(lr).init(params))
+  jax.tree.map(np.testing.assert_array_equal, init(0.1), init(0.2))
+  with pytest.raises(ValueError, match='learning_rate'):  # Not traced.
+    optim.sgd_agc(-1.0)
 
 
 def test_sgd_without_agc_from_config():

@@ -17,6 +17,7 @@ import pytest
 
 from nfnets import pretrained
 from nfnets.models import nfnet
+from nfnets.pretrained import timm_interop
 
 # A tiny NFNet: the real stem and head, one block per stage, 1/8 width.
 TINY = dict(width=0.125, depth=(1, 1, 1, 1))
@@ -215,6 +216,52 @@ def test_corrupt_and_foreign_files_get_clear_errors(tiny_params, tmp_path):
     pretrained.read_params(text)
   with pytest.raises(FileNotFoundError, match='download_pretrained'):
     pretrained.read_params(tmp_path / 'missing.npz')
+
+
+_SMALL = {'m': {'w': np.arange(600, dtype=np.float32).reshape(20, 30)}}
+
+
+@pytest.mark.parametrize('suffix', ['.safetensors', '.npz'])
+@pytest.mark.parametrize('keep', [0.5, 0.99])
+def test_truncated_safe_formats_raise_weights_error(tmp_path, suffix, keep):
+  # The safetensors and zip readers' own errors ('incomplete metadata',
+  # 'File is not a zip file') do not say the file is cut off.
+  good = tmp_path / f'good{suffix}'
+  pretrained.save_params(_SMALL, good)
+  data = good.read_bytes()
+  cut = tmp_path / f'cut{suffix}'
+  cut.write_bytes(data[: int(len(data) * keep)])
+  for read in (pretrained.read_params, pretrained.read_metadata):
+    with pytest.raises(pretrained.WeightsError, match='truncated') as e:
+      read(cut)
+    assert str(cut) in str(e.value)
+  if suffix == '.safetensors':
+    with pytest.raises(pretrained.WeightsError, match='truncated'):
+      timm_interop.load_timm(cut)
+
+
+def test_damaged_npz_member_raises_weights_error(tmp_path):
+  path = tmp_path / 'w.npz'
+  pretrained.save_params(_SMALL, path)
+  data = bytearray(path.read_bytes())
+  data[len(data) // 3 : len(data) // 3 + 64] = b'\xff' * 64  # In the array.
+  path.write_bytes(bytes(data))
+  with pytest.raises(pretrained.WeightsError, match='damaged'):
+    pretrained.read_params(path)
+
+
+def test_directory_is_no_weights_file(tmp_path):
+  readers = (
+    pretrained.read_params,
+    pretrained.read_metadata,
+    pretrained.load,
+    timm_interop.load_timm,
+  )
+  for read in readers:
+    with pytest.raises(pretrained.WeightsError, match='is a directory') as e:
+      read(tmp_path)
+    assert '--workdir=DIR' in str(e.value)
+    assert 'init_from=DIR' in str(e.value)
 
 
 @pytest.mark.parametrize('suffix', ['.safetensors', '.npz'])
