@@ -26,7 +26,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from nfnets.models import layers
+from nfnets.models import checks, layers
 
 # Strides of the four stages (NFNets, NF-ResNets and BN ResNets; the
 # NF-RegNets stride every stage).
@@ -110,9 +110,17 @@ def resolve_depth(
   Raises:
     ValueError: for anything but four positive ints.
   """
-  resolved = tuple(config['depth'] if depth is None else depth)
-  if len(resolved) != 4 or min(resolved) < 1:
-    raise ValueError(f'depth must be 4 positive ints, got {resolved}.')
+  resolved = config['depth'] if depth is None else depth
+  try:
+    resolved = tuple(resolved)
+  except TypeError:  # An int (depth=1) gets the ValueError below too.
+    pass
+  if not (
+    isinstance(resolved, tuple)
+    and len(resolved) == 4
+    and all(map(checks.is_positive_int, resolved))
+  ):
+    raise ValueError(f'depth must be 4 positive ints, got {resolved!r}.')
   return resolved
 
 

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from nfnets import ops
-from nfnets.models import common, conv, layers
+from nfnets.models import checks, common, conv, layers
 
 TOTAL_STRIDE = 32
 BN_DECAY = 0.99
@@ -359,6 +359,9 @@ class EfficientNet(hk.Module):
     width = config['width'] if width is None else width
     depth = config['depth'] if depth is None else depth
     self.drop_rate = config['drop_rate'] if drop_rate is None else drop_rate
+    checks.check_model_args(
+      'EfficientNet', num_classes, width=width, drop_rate=self.drop_rate
+    )
     which_norm = make_norm(bn_decay, bn_eps)
     self.stem_conv = _conv2d(
       round_filters(STEM_CH, width), 3, stride=2, name='stem_conv'
@@ -382,6 +385,7 @@ class EfficientNet(hk.Module):
   ) -> dict[str, jax.Array]:
     """Runs the network on NHWC float images; see the class docstring."""
     common.check_images(x, 'EfficientNet', TOTAL_STRIDE)
+    checks.check_bn_init('EfficientNet', is_training, test_local_stats)
     norm_args = (is_training, test_local_stats)
     outputs = {}
     out = jax.nn.swish(self.stem_bn(self.stem_conv(x), *norm_args))

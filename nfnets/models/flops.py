@@ -128,11 +128,20 @@ def count_flops(
   Returns:
     Multiply-adds per image (a float; fractional for sizes not divisible
     by 32, exactly as the reference counts them).
+
+  Raises:
+    ValueError: for a height or width under 32, which the model refuses.
   """
   config = nfnet.get_variant(variant)
   if image_size is None:
     image_size = config['test_imsize']
   h, w = (image_size, image_size) if np.isscalar(image_size) else image_size
+  if min(h, w) < nfnet.TOTAL_STRIDE:  # The rule of `common.check_images`.
+    raise ValueError(
+      f'Image size {image_size} is too small: NFNet downsamples by '
+      f'{nfnet.TOTAL_STRIDE}, so height and width must be >= '
+      f'{nfnet.TOTAL_STRIDE}.'
+    )
   specs = nfnet.block_specs(variant, width, depth=depth, group_size=group_size)
   total, h, w = _stem_macs(config['width'][0] // 2, h, w)
   for spec in specs:

@@ -22,7 +22,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from nfnets.models import common, layers
+from nfnets.models import checks, common, layers
 
 # Registry of variants (the reference's `base.nf_regnet_params`): stage
 # widths (before the 0.75 width multiplier), blocks per stage, train/test
@@ -223,6 +223,10 @@ class NFRegNet(hk.Module):
     config = get_variant(variant)
     self.num_classes = num_classes
     self.drop_rate = config['drop_rate'] if drop_rate is None else drop_rate
+    checks.check_model_args(
+      'NF_RegNet', num_classes, width=width, drop_rate=self.drop_rate,
+      stochdepth_rate=stochdepth_rate, group_size=group_size,
+    )  # fmt: skip
     self.activation = layers.get_activation(activation)
     self.specs = block_specs(
       variant, width, expansion, group_size, alpha, stochdepth_rate, depth

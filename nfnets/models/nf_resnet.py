@@ -22,7 +22,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from nfnets.models import common, layers
+from nfnets.models import checks, common, layers
 
 # Registry of depth variants: name -> dict(depth=blocks per stage), shared
 # with the BN baselines (`nfnets.models.resnet`).
@@ -201,6 +201,10 @@ class NFResNet(hk.Module):
     super().__init__(name=name)
     self.num_classes = num_classes
     self.drop_rate = 0.0 if drop_rate is None else drop_rate
+    checks.check_model_args(
+      'NF_ResNet', num_classes, width=width, drop_rate=self.drop_rate,
+      stochdepth_rate=stochdepth_rate,
+    )  # fmt: skip
     self.activation = layers.get_activation(activation)
     self.specs = block_specs(variant, width, alpha, stochdepth_rate, depth)
     self.initial_conv = layers.WSConv2D(

@@ -24,7 +24,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from nfnets.models import common, layers, scan
+from nfnets.models import checks, common, layers, scan
 
 _BASE_WIDTH = (256, 512, 1536, 1536)
 _PLUS_WIDTH = (384, 768, 2048, 2048)  # "FN+": slightly wider variants.
@@ -95,8 +95,14 @@ def block_specs(
 
   Returns:
     One `common.BlockSpec` per block.
+
+  Raises:
+    ValueError: for an unknown variant or an argument out of its range.
   """
   config = get_variant(variant)
+  checks.check_model_args(
+    'NFNet', width=width, stochdepth_rate=stochdepth_rate, group_size=group_size
+  )
   return common.make_block_specs(
     stem_ch=config['width'][0] // 2,
     stage_widths=[int(w * width) for w in config['width']],
@@ -267,9 +273,9 @@ class NFNet(hk.Module):
     config = get_variant(variant)
     self.variant, self.num_classes = variant, num_classes
     self.drop_rate = config['drop_rate'] if drop_rate is None else drop_rate
+    checks.check_model_args('NFNet', num_classes, drop_rate=self.drop_rate)
     self.activation = layers.get_activation(activation)
-    self.remat = remat
-    self.scan_blocks = scan_blocks
+    self.remat, self.scan_blocks = remat, scan_blocks
     self.in_channels = in_channels
     self.specs = block_specs(
       variant, width, alpha, stochdepth_rate, depth, group_size

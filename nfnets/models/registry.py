@@ -18,6 +18,7 @@ from ml_collections import config_dict
 
 from nfnets.models import (
   batched_init,
+  checks,
   efficientnet,
   nf_regnet,
   nf_resnet,
@@ -146,14 +147,33 @@ def check_kwargs(name: str, kwargs) -> None:
     )
 
 
+def _name_and_kwargs(model_config) -> tuple[str, dict]:
+  """`config.model`'s name and kwargs, from a ConfigDict or a plain dict.
+
+  Passing the whole experiment config is an easy slip (it has a `model`
+  field but no `name`); the error says so rather than "'name'".
+  """
+  if 'name' not in model_config:
+    hint = (
+      'pass config.model, not the whole config'
+      if 'model' in model_config
+      else f'its name is one of {list(MODELS)}'
+    )
+    raise ValueError(
+      f'make_model needs a model config with a name and kwargs; {hint}.'
+    )
+  return model_config['name'], dict(model_config.get('kwargs', {}))
+
+
 def make_model(
   model_config: ml_collections.ConfigDict, num_classes: int
 ) -> hk.TransformedWithState:
   """Builds the transformed network from `config.model`.
 
   Args:
-    model_config: ConfigDict with `name` and `kwargs`, and optionally
-      `batched_init` (default True; see `default_config`).
+    model_config: `config.model`: a ConfigDict (or dict) with `name` and
+      `kwargs`, and optionally `batched_init` (default True; see
+      `default_config`).
     num_classes: classifier width.
 
   Returns:
@@ -163,16 +183,23 @@ def make_model(
     is_training)` gives `(params, state)` and `apply(params, state, rng,
     images, is_training)` gives `(outputs, new_state)` (rng may be None
     when not training). The state holds the BatchNorm moving averages of
-    BN ResNets and is `{}` for every other model; in training mode
-    `new_state` has the updated averages, in eval mode
+    BN ResNets and EfficientNets and is `{}` for every other model; in
+    training mode `new_state` has the updated averages, in eval mode
     (`is_training=False`) the averages are used and returned unchanged.
 
+  BatchNorm models (`ResNet` with its default norm, `EfficientNet`) must be
+  initialised with `is_training=True`: only a training-mode call creates
+  the moving averages that eval mode reads.
+
   Raises:
-    ValueError: for an unknown name or kwargs the constructor does not take.
+    ValueError: for an unknown name, kwargs the constructor does not take,
+      a num_classes that is not a positive int, or a config without a
+      name (e.g. the whole experiment config instead of `config.model`).
   """
-  constructor = get_constructor(model_config.name)
-  kwargs = dict(model_config.kwargs)
-  check_kwargs(model_config.name, kwargs)
+  checks.check_positive_int('make_model', 'num_classes', num_classes)
+  name, kwargs = _name_and_kwargs(model_config)
+  constructor = get_constructor(name)
+  check_kwargs(name, kwargs)
 
   def forward(images, is_training):
     return constructor(num_classes=num_classes, **kwargs)(images, is_training)

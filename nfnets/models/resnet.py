@@ -29,7 +29,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from nfnets.models import common, conv, layers
+from nfnets.models import checks, common, conv, layers
 
 # The depth variants are the NF-ResNets' (ResNet50 ... ResNet600).
 VARIANTS = common.RESNET_VARIANTS
@@ -238,6 +238,10 @@ class ResNet(hk.Module):
     depth = common.resolve_depth(
       common.get_variant(VARIANTS, variant, 'ResNet'), depth
     )
+    checks.check_model_args(
+      'ResNet', num_classes, width=width, drop_rate=drop_rate
+    )
+    self.norm = norm
     if not hasattr(jax.nn, activation):
       raise ValueError(f'Unknown activation {activation!r}: not in jax.nn.')
     self.activation = getattr(jax.nn, activation)
@@ -278,6 +282,8 @@ class ResNet(hk.Module):
   ) -> dict[str, jax.Array]:
     """Runs the network on NHWC float images; see the class docstring."""
     common.check_images(x, 'ResNet', TOTAL_STRIDE)
+    if self.norm == 'batch_norm':
+      checks.check_bn_init('ResNet', is_training, test_local_stats)
     ends = self.stage_ends if return_features else ()
     norm_args = (is_training, test_local_stats)
     outputs = {}

@@ -31,7 +31,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from nfnets.models import common, conv, layers
+from nfnets.models import checks, common, conv, layers
 
 VARIANTS = common.RESNET_VARIANTS
 TOTAL_STRIDE = 32
@@ -118,6 +118,10 @@ class _BaselineResNet(hk.Module):
     super().__init__(name=name or self.default_name)
     self.activation = _activation(activation)
     self.drop_rate = drop_rate
+    checks.check_model_args(
+      self.family, num_classes, width=width, drop_rate=drop_rate,
+      stochdepth_rate=stochdepth_rate,
+    )  # fmt: skip
     specs = _block_specs(self.family, variant, width, stochdepth_rate, depth)
     self.initial_conv = conv.Conv2D(
       specs[0].in_ch, 7, stride=2, padding='SAME', with_bias=False,

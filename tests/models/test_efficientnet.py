@@ -161,6 +161,23 @@ def test_variants_defaults_and_errors():
     models.make_model(_config(variant='B0', alpha=0.2), 10)
 
 
+def test_bad_arguments_and_eval_mode_init_say_what_to_do():
+  tiny = dict(width=0.25, depth=0.1)
+  with pytest.raises(ValueError, match='num_classes must be a positive int'):
+    _init_shapes(_config(**tiny), 32, num_classes=0)
+  with pytest.raises(ValueError, match='width must be a number > 0'):
+    _init_shapes(_config(width=0.0, depth=0.1), 32)
+  with pytest.raises(ValueError, match=r'drop_rate must be in \[0, 1\)'):
+    _init_shapes(_config(drop_rate=1.5, **tiny), 32)
+  # Eval mode reads moving averages that only training mode creates.
+  model = models.make_model(_config(**tiny), 10)
+  x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+  with pytest.raises(ValueError, match='initialise it with is_training=True'):
+    jax.eval_shape(
+      lambda r, x: model.init(r, x, False), jax.random.PRNGKey(0), x
+    )
+
+
 def test_train_mode_uses_batch_statistics_and_updates_the_averages():
   # Tiny and with native depthwise convs (both forms are checked against
   # each other in tests/ops/test_depthwise.py), to compile fast.

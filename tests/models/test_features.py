@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nfnets import optim
+from nfnets import optim, pretrained
 from nfnets.models import common, layers, nf_regnet, nf_resnet, nfnet, resnet
 
 DEPTH = (1, 2, 1, 2)
@@ -183,14 +183,15 @@ def test_stage_ends():
   assert common.stage_ends([True]) == (0,)
 
 
-def _docs_example() -> str:
-  """The Python block of the docs' multi-scale features section."""
+def _docs_example(index: int = 0) -> str:
+  """A Python block of the docs' multi-scale features section."""
   text = DOCS.read_text()
   section = text.split('## Multi-scale features for detection and segmentation')
   assert len(section) == 2, 'section missing from docs/models.md'
-  blocks = re.findall(r'```python\n(.*?)```', section[1], re.S)
-  assert blocks, 'no python block in the section'
-  return blocks[0]
+  section = section[1].split('\n## ')[0]
+  blocks = re.findall(r'```python\n(.*?)```', section, re.S)
+  assert len(blocks) > index, f'no python block {index} in the section'
+  return blocks[index]
 
 
 def test_docs_segmentation_head_runs_and_gives_per_pixel_logits():
@@ -214,3 +215,35 @@ def test_docs_segmentation_head_runs_and_gives_per_pixel_logits():
   assert not frozen['NFNet/~/final_conv']['w']
   for name in ('lateral_stage1', 'lateral_stage4', 'classifier'):
     assert not any(jax.tree.leaves(frozen[name])), name
+
+
+def test_docs_fine_tuning_example_runs(tmp_path, monkeypatch):
+  """The docs' fine-tuning block, on a tiny backbone and weights file."""
+  namespace = {}
+  exec(compile(_docs_example(0), str(DOCS), 'exec'), namespace)  # noqa: S102
+  tiny = dict(width=0.125, depth=(1, 1, 1, 1), group_size=16)
+  make_segmenter = namespace['make_segmenter']
+
+  def tiny_segmenter(**kwargs):  # Jitted: eager init takes 20 s on CPU.
+    model = make_segmenter(backbone_kwargs=tiny, **kwargs)
+    return model._replace(init=jax.jit(model.init, static_argnums=2))
+
+  namespace['make_segmenter'] = tiny_segmenter
+  # A released-format file of the tiny backbone stands in for F0_haiku.npz.
+  backbone = hk.transform(lambda x: nfnet.NFNet(1000, **tiny)(x, False))
+  weights = jax.jit(backbone.init)(
+    jax.random.PRNGKey(2), jnp.zeros((1, 32, 32, 3))
+  )
+  path = tmp_path / 'tiny.npz'
+  pretrained.save_params(weights, path)
+  load = pretrained.load
+  monkeypatch.setattr(
+    pretrained, 'load', lambda _, variant: load(path, variant, **tiny)
+  )
+  exec(compile(_docs_example(1), str(DOCS), 'exec'), namespace)  # noqa: S102
+  params = namespace['params']
+  np.testing.assert_array_equal(
+    params['NFNet/~/stem_conv0']['w'], weights['NFNet/~/stem_conv0']['w']
+  )
+  assert 'classifier' in params  # The head keeps its fresh weights.
+  assert namespace['opt_state'] is not None

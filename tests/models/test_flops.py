@@ -116,6 +116,15 @@ def test_non_divisible_size_counts_like_the_reference():
   assert const == pytest.approx(se + 3072 * 1000, rel=1e-9)
 
 
+def test_sizes_the_model_refuses_raise():
+  """Sizes under 32 px used to give a count though NFNet refuses them."""
+  for size in (0, -32, 16, 31, (32, 31), (16, 64)):
+    with pytest.raises(ValueError, match='too small.*>= 32'):
+      flops.count_flops('F0', size)
+  assert flops.count_flops('F0', 32) > 0  # Like the model: 32 is enough,
+  assert flops.count_flops('F0', (33, 47)) > 0  # and multiples are not needed.
+
+
 def test_count_params():
   params = {
     'a': {'w': np.zeros((3, 4)), 'b': np.zeros(4)},

@@ -107,6 +107,23 @@ def test_variants_and_errors():
     nf_regnet.get_variant('B9')
 
 
+def test_bad_constructor_arguments_give_clear_errors():
+  def build(**kwargs):
+    args = dict(num_classes=10, width=0.25, depth=(1, 1, 1, 1)) | kwargs
+    hk.transform(lambda: nf_regnet.NFRegNet(**args)).init(None)
+
+  for kwargs, match in [
+    (dict(group_size=0), 'group_size must be a positive int'),
+    (dict(width=-1.0), 'width must be a number > 0'),
+    (dict(num_classes='10'), 'num_classes must be a positive int'),
+    (dict(drop_rate=1.0), r'drop_rate must be in \[0, 1\)'),
+  ]:
+    with pytest.raises(ValueError, match=match):
+      build(**kwargs)
+  for name, variant in nf_regnet.VARIANTS.items():  # Every variant's dropout.
+    build(variant=name, drop_rate=variant['drop_rate'])
+
+
 def test_forward_tiny_zero_init_classifier():
   def forward(x):
     model = nf_regnet.NFRegNet(

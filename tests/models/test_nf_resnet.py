@@ -146,3 +146,20 @@ def test_errors_say_what_to_do():
     hk.transform(lambda x: nf_resnet.NFResNet(10, width=0.25)(x)).init(
       jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3))
     )
+
+
+def test_bad_constructor_arguments_give_clear_errors():
+  def build(**kwargs):
+    args = dict(num_classes=10, width=0.25, depth=(1, 1, 1, 1)) | kwargs
+    hk.transform(lambda: nf_resnet.NFResNet(**args)).init(None)
+
+  for kwargs, match in [
+    (dict(width=0), 'width must be a number > 0'),
+    (dict(num_classes=0), 'num_classes must be a positive int'),
+    (dict(stochdepth_rate=1.5), r'stochdepth_rate must be in \[0, 1\]'),
+    (dict(drop_rate=-0.1), r'drop_rate must be in \[0, 1\)'),
+    (dict(depth=3), 'depth must be 4 positive ints'),
+  ]:
+    with pytest.raises(ValueError, match=match):
+      build(**kwargs)
+  build(stochdepth_rate=1.0, drop_rate=None)

@@ -362,6 +362,41 @@ def test_bad_inputs_give_clear_errors():
   init((1, 33, 47, 3))  # Sizes need not be multiples of 32.
 
 
+def _construct(**kwargs):
+  """Builds a tiny NFNet inside a transform: no parameters, nothing runs."""
+  args = dict(num_classes=10, **TINY) | kwargs
+  hk.transform(lambda: nfnet.NFNet(**args)).init(None)
+
+
+def test_bad_constructor_arguments_give_clear_errors():
+  """They used to fail deep inside JAX, or to be silently accepted."""
+  bad = [
+    (dict(width=0), 'width must be a number > 0, got 0'),
+    (dict(width=-1), 'width must be a number > 0'),
+    (dict(group_size=0), 'group_size must be a positive int, got 0'),
+    (dict(depth=1), 'depth must be 4 positive ints, got 1'),
+    (dict(depth=(1, 1, 1, 1.5)), 'depth must be 4 positive ints'),
+    (
+      dict(num_classes='1000'),
+      "num_classes must be a positive int, got '1000'",
+    ),
+    (dict(num_classes=10.0), 'num_classes must be a positive int'),
+    (dict(num_classes=0), 'num_classes must be a positive int'),
+    (dict(num_classes=True), 'num_classes must be a positive int'),
+    (dict(stochdepth_rate=1.5), r'stochdepth_rate must be in \[0, 1\]'),
+    (dict(drop_rate=-0.1), r'drop_rate must be in \[0, 1\)'),
+    (dict(drop_rate=1.0), r'drop_rate must be in \[0, 1\)'),
+  ]
+  for kwargs, match in bad:
+    with pytest.raises(ValueError, match=match):
+      _construct(**kwargs)
+  # The edges stay valid: rate 1 gives block i of N the rate i / N < 1.
+  _construct(stochdepth_rate=1.0, drop_rate=0.0, depth=[1, 1, 1, 1])
+  _construct(num_classes=np.int64(3), width=0.125)
+  for name, variant in nfnet.VARIANTS.items():  # Every variant's dropout.
+    _construct(variant=name, drop_rate=variant['drop_rate'])
+
+
 def test_bfloat16_params_and_images_keep_bfloat16():
   """The reference trains with params and images cast to bf16."""
   net = _make(10, 'F0', **TINY)

@@ -9,6 +9,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -150,3 +151,44 @@ def test_registry_names_kwargs_of_another_model():
     models.make_model(config, 10)
   with pytest.raises(ValueError, match='batch_norm'):
     resnet.make_norm('layer_norm')
+
+
+def test_make_model_refuses_bad_num_classes_and_whole_configs():
+  config = models.default_config()
+  for num_classes in (None, 0, '10', 10.0, True):
+    with pytest.raises(ValueError, match='num_classes must be a positive int'):
+      models.make_model(config, num_classes)
+  whole = ml_collections.ConfigDict(dict(model=config, seed=0))
+  for wrong in (whole, whole.to_dict()):
+    with pytest.raises(ValueError, match='pass config.model, not the whole'):
+      models.make_model(wrong, 10)
+  with pytest.raises(ValueError, match="its name is one of \\['NFNet'"):
+    models.make_model({}, 10)
+  # A plain dict `config.model` works like the ConfigDict.
+  kwargs = dict(width=0.25, depth=(1, 1, 1, 1))
+  model = models.make_model(dict(name='ResNet', kwargs=kwargs), 10)
+  x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+  jax.eval_shape(lambda r, x: model.init(r, x, True), jax.random.PRNGKey(0), x)
+
+
+def test_bad_constructor_arguments_and_eval_mode_init_say_what_to_do():
+  x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+
+  def init(is_training, **kwargs):
+    config = ml_collections.ConfigDict(dict(name='ResNet', kwargs=kwargs))
+    model = models.make_model(config, 10)
+    init = lambda r, x: model.init(r, x, is_training)
+    return jax.eval_shape(init, jax.random.PRNGKey(0), x)
+
+  tiny = dict(width=0.25, depth=(1, 1, 1, 1))
+  with pytest.raises(ValueError, match='width must be a number > 0'):
+    init(True, width=0, depth=(1, 1, 1, 1))
+  with pytest.raises(ValueError, match=r'drop_rate must be in \[0, 1\)'):
+    init(True, drop_rate=1.0, **tiny)
+  with pytest.raises(ValueError, match='depth must be 4 positive ints'):
+    init(True, width=0.25, depth=1)
+  # Eval mode reads moving averages that only training mode creates.
+  with pytest.raises(ValueError, match='initialise it with is_training=True'):
+    init(False, **tiny)
+  _, state = init(False, norm='none', **tiny)  # No BatchNorm, no averages.
+  assert state == {}

@@ -102,6 +102,20 @@ def test_registry_names_and_unknown_variants():
     models.make_model(_config('Fixup_ResNet', alpha=0.2), 10)
 
 
+@pytest.mark.parametrize('family', list(REFERENCE_TOTALS))
+def test_bad_constructor_arguments_give_clear_errors(family):
+  tiny = dict(width=0.25, depth=(1, 1, 1, 1))
+  for kwargs, num_classes, match in [
+    (dict(tiny, width=0), 10, 'width must be a number > 0'),
+    (tiny, 0, 'num_classes must be a positive int'),
+    (dict(tiny, drop_rate=1.0), 10, r'drop_rate must be in \[0, 1\)'),
+    (dict(tiny, stochdepth_rate=2.0), 10, r'stochdepth_rate .*\[0, 1\]'),
+    (dict(width=0.25, depth=(1, 1, 1)), 10, 'depth must be 4 positive ints'),
+  ]:
+    with pytest.raises(ValueError, match=match):
+      _shapes(_config(family, **kwargs), num_classes, size=32)
+
+
 def _conv(x, p, stride=1, bias=True):
   y = jax.lax.conv_general_dilated(
     x, p['w'], (stride, stride), 'SAME',
