@@ -7,6 +7,8 @@ everything the training loop itself reads. Every key is read by
 that would only fail later, with a message that says what to change.
 """
 
+import os
+
 import ml_collections
 
 from nfnets.data import config as data_config_lib
@@ -117,7 +119,7 @@ def default_checkpoint_config() -> ml_collections.ConfigDict:
         the newest one found there.
       every_steps: save every this many steps (0 = only at the end and on
         SIGTERM or Ctrl-C).
-      max_to_keep: how many of the newest checkpoints to keep.
+      max_to_keep: how many of the newest checkpoints to keep (>= 1).
       save_on_sigterm: on SIGTERM (preemption) or Ctrl-C (SIGINT), save
         after the current step and stop cleanly; rerunning the same command
         resumes. A second Ctrl-C exits at once.
@@ -157,6 +159,30 @@ def _check_sections(config) -> None:
     lacks = [key for key in default if key not in config[name]]
     if lacks:
       raise ValueError(f'config.{name} lacks {", ".join(lacks)}: {_BASE_HINT}.')
+
+
+def check_workdir(config, workdir: str) -> None:
+  """Refuses a workdir the run cannot use as `config` says.
+
+  A file is no workdir. Checkpoints off over a run that has some would
+  start again from step 0 beside them, and a later resume with them on
+  would continue the old checkpoints under the new segment's config,
+  past the resume rules.
+  """
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(
+      f'workdir {workdir} is a file; pass a directory (a new one starts a '
+      'run, an existing run directory resumes it).'
+    )
+  directory = os.path.join(workdir, 'checkpoints')
+  steps = os.listdir(directory) if os.path.isdir(directory) else []
+  steps = sorted(int(name) for name in steps if name.isdigit())
+  if steps and not config.checkpoint.enabled:
+    raise ValueError(
+      f'{workdir} holds a run with checkpoints (newest: step {steps[-1]}), '
+      'but config.checkpoint.enabled=False would train again from step 0 '
+      'beside them. Resume it with checkpoints on, or use a fresh --workdir.'
+    )
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -206,6 +232,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
       'Set config.train.num_epochs > 0 or config.train.num_steps > 0.'
     )
+  for key in ('checkpoint.every_steps', 'eval.every_steps'):
+    section, name = key.split('.')
+    if config[section][name] < 0:
+      raise ValueError(f'config.{key} must be >= 0 (0: only at the end).')
+  if config.checkpoint.max_to_keep < 1:
+    # 0 would keep no checkpoint at all, while saying it saved one.
+    raise ValueError('config.checkpoint.max_to_keep must be >= 1.')
   if train.log_every_steps <= 0:
     raise ValueError('config.train.log_every_steps must be >= 1.')
   if not 0.0 <= train.label_smoothing < 1.0:

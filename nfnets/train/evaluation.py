@@ -189,8 +189,9 @@ def _checkpoint_dir(workdir: str) -> str:
   directory = os.path.join(os.path.expanduser(workdir), 'checkpoints')
   if not os.path.isdir(directory):
     raise FileNotFoundError(
-      f'No checkpoints in {directory!r}: pass the --workdir of a training '
-      'run, or use --weights for a weights file.'
+      f'No checkpoints in {directory!r}: name the workdir of a training '
+      'run that saved checkpoints, or a weights file instead (--weights on '
+      'the command line; its path as config.model.init_from).'
     )
   return directory
 

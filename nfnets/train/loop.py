@@ -131,11 +131,7 @@ def train_and_evaluate(
   config_lib.validate_config(config)
   runtime.setup_runtime(config.train)
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ValueError(
-      f'workdir {workdir} is a file; pass a directory (a new one starts a '
-      'run, an existing run directory resumes it).'
-    )
+  config_lib.check_workdir(config, workdir)
   checkpointer = None
   if config.checkpoint.enabled:
     checkpointer = ckpt_lib.Checkpointer(
@@ -151,6 +147,8 @@ def train_and_evaluate(
         config, workdir, latest_step=latest, allow_change=allow_config_change
       )
       run = _build_run(config, workdir)
+      if latest is not None:  # Checkpoints made for these classes only.
+        run_weights.check_same_classes(workdir, run.dataset)
       try:
         return _run_segment(run, checkpointer, guard, changes)
       finally:

@@ -91,6 +91,38 @@ def read_dataset_record(workdir: str) -> data.DatasetInfo | None:
   return info
 
 
+def check_same_classes(workdir: str, info: data.DatasetInfo) -> None:
+  """Refuses to resume a run on a dataset whose classes changed.
+
+  A class folder added to (or removed from) any split changes the class
+  count and the labels, so the run's checkpoints no longer fit; the
+  mismatch would otherwise surface as a checkpoint shape error that blames
+  the config.
+
+  Args:
+    workdir: the run's workdir (its `dataset.json`, if any, is compared).
+    info: the dataset as it is now.
+  """
+  try:
+    recorded = read_dataset_record(workdir)
+  except ValueError:
+    return  # A damaged record: rewritten when the segment starts.
+  if recorded is None or recorded.class_names == tuple(info.class_names):
+    return
+  before, now = recorded.class_names, tuple(info.class_names)
+  added = [n for n in now if n not in before]
+  missing = [n for n in before if n not in now]
+  changed = (('new', added), ('gone', missing))
+  what = '; '.join(f'{label} {names[:5]}' for label, names in changed if names)
+  what = what or 'the same classes in another order'
+  raise ValueError(
+    f'The dataset now has {len(now)} classes, the run in {workdir} was '
+    f'trained on {len(before)} ({DATASET_FILE}): {what}. Its checkpoints '
+    'fit those classes only: restore the dataset as it was, or train on '
+    'this one in a fresh --workdir.'
+  )
+
+
 def run_dataset_info(config, workdir: str) -> data.DatasetInfo:
   """The run's classes: from its record, else from its dataset.
 

@@ -133,6 +133,33 @@ def test_negative_num_steps_and_unknown_dataset_are_refused():
     config_lib.validate_config(config)
 
 
+def test_checkpoint_and_eval_cadences_are_checked(tmp_path):
+  from nfnets.train import config as config_lib  # noqa: PLC0415
+
+  for key, value, message in (
+    ('checkpoint.max_to_keep', 0, 'max_to_keep must be >= 1'),  # Kept none.
+    ('checkpoint.every_steps', -5, 'checkpoint.every_steps must be >= 0'),
+    ('eval.every_steps', -1, 'eval.every_steps must be >= 0'),
+  ):
+    config = _load('quickstart')
+    section, name = key.split('.')
+    config[section][name] = value
+    with pytest.raises(ValueError, match=message):
+      config_lib.validate_config(config)
+  # Checkpoints off over a run that has some: refused, not a silent restart.
+  config = _load('quickstart')
+  config.checkpoint.enabled = False
+  config_lib.check_workdir(config, str(tmp_path))  # A new run: fine.
+  os.makedirs(tmp_path / 'checkpoints' / '40')
+  with pytest.raises(ValueError, match='checkpoints .newest: step 40.'):
+    config_lib.check_workdir(config, str(tmp_path))
+  config.checkpoint.enabled = True
+  config_lib.check_workdir(config, str(tmp_path))
+  (tmp_path / 'file').write_text('')
+  with pytest.raises(ValueError, match='is a file; pass a directory'):
+    config_lib.check_workdir(config, str(tmp_path / 'file'))
+
+
 def test_a_config_missing_a_section_or_key_names_it():
   from nfnets.train import config as config_lib  # noqa: PLC0415
 

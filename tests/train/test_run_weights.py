@@ -5,6 +5,7 @@ gone; fine-tuning from a run) are in tests/e2e/test_run_workdir.py and
 tests/train/test_loop.py.
 """
 
+import dataclasses
 import json
 
 import pytest
@@ -32,6 +33,22 @@ def test_dataset_record_round_trips(tmp_path):
   record = json.loads((tmp_path / 'dataset.json').read_text())
   assert record['name'] == 'digits'
   assert record['class_names'] == [str(i) for i in range(10)]
+
+
+def test_a_resume_on_changed_classes_names_them(tmp_path):
+  # A class folder added to any split: was a checkpoint shape error that
+  # told the user to run with the config the run was trained with.
+  workdir = str(tmp_path)
+  run_weights.check_same_classes(workdir, PHOTOS)  # No record: a new run.
+  run_weights.write_dataset_record(
+    workdir, quickstart.get_config().data, PHOTOS
+  )
+  run_weights.check_same_classes(workdir, PHOTOS)
+  grown = dataclasses.replace(
+    PHOTOS, num_classes=4, class_names=('daisy', 'iris', 'rose', 'tulip')
+  )
+  with pytest.raises(ValueError, match=r"4 classes.* 3 .*new \['iris'\]"):
+    run_weights.check_same_classes(workdir, grown)
 
 
 def test_the_record_stands_in_for_a_missing_dataset(tmp_path):
