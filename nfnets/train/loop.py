@@ -1,8 +1,8 @@
 """`train_and_evaluate(config, workdir)`: one segment of a training run.
 
 Order of events:
-  1. runtime setup (`runtime.setup_runtime`); SIGTERM and Ctrl-C handled
-     from here on (`checkpoint.PreemptionGuard`);
+  1. runtime setup; the workdir locked (`workdir_lock`); SIGTERM and
+     Ctrl-C handled from here on (`checkpoint.PreemptionGuard`);
   2. the config checked against the run's saved one when resuming
      (`provenance.resume_changes`: a change to how the run trains is
      refused unless allowed);
@@ -12,11 +12,9 @@ Order of events:
      the segment recorded (`provenance.start_segment`: config.json, the
      segment's record, metrics after the resume step set aside) and the
      classes (`run_weights.write_dataset_record`: dataset.json);
-  5. the train loop (`_train`, `_train_steps`): log every
-     `log_every_steps` (with images/s and `input_wait`), evaluate every
-     `eval.every_steps`, checkpoint every `checkpoint.every_steps` and on a
-     signal; a non-finite loss stops the run (the last good checkpoint
-     stays the newest);
+  5. the train loop (`_train`, `_train_steps`): log, evaluate and
+     checkpoint at their cadences and on a signal; a non-finite loss stops
+     the run (the last good checkpoint stays the newest);
   6. a final checkpoint and a final evaluation of the raw and EMA params
      (`_final_eval`; not repeated for a finished run).
 
@@ -25,13 +23,10 @@ ResNets keep their moving averages in `TrainState.model_state`. The train
 step is jitted over the mesh with the batch sharded, so BatchNorm's batch
 statistics are computed over the global batch, across devices and hosts.
 
-Resuming: the state is restored exactly and step t always uses
-`fold_in(rng, t)`. tf.data cannot checkpoint the input pipeline's position,
-so the data order on resume depends on `config.train.data_resume`: 'skip'
-rebuilds the pipeline with the same seed and skips the batches already
-consumed (an exact replay when the pipeline is deterministic); 'reseed'
-starts a new shuffle seeded by the resume step (cheap; examples are still
-drawn uniformly, in another order than an uninterrupted run's).
+Resuming: the state is restored exactly and step t uses `fold_in(rng, t)`.
+The data order follows `config.train.data_resume`: 'skip' rebuilds the
+pipeline with the same seed and skips the batches consumed (an exact replay
+when deterministic); 'reseed' starts a shuffle seeded by the resume step.
 """
 
 import dataclasses
@@ -54,6 +49,7 @@ from nfnets.train import (
   provenance,
   run_weights,
   runtime,
+  workdir_lock,
   writers,
 )
 from nfnets.train import mesh as mesh_lib
@@ -127,11 +123,18 @@ def train_and_evaluate(
       allowed.
     checkpoint.CheckpointError: no checkpoint of the run can be restored.
     ValueError: config values that cannot work, or a workdir that is a file.
+    workdir_lock.WorkdirInUseError: another trainer runs in `workdir`.
   """
   config_lib.validate_config(config)
   runtime.setup_runtime(config.train)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   config_lib.check_workdir(config, workdir)
+  with workdir_lock.exclusive(workdir, enabled=jax.process_index() == 0):
+    return _train_locked(config, workdir, allow_config_change)
+
+
+def _train_locked(config, workdir: str, allow_config_change) -> TrainResult:
+  """`train_and_evaluate` once the workdir is this process's alone."""
   checkpointer = None
   if config.checkpoint.enabled:
     checkpointer = ckpt_lib.Checkpointer(
