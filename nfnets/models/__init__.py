@@ -15,6 +15,7 @@ counts multiply-adds.
 from nfnets.models.registry import (
   MODELS,
   check_kwargs,
+  constructor_kwargs,
   default_config,
   get_constructor,
   make_model,
@@ -24,6 +25,7 @@ from nfnets.models.registry import (
 __all__ = [
   'MODELS',
   'check_kwargs',
+  'constructor_kwargs',
   'default_config',
   'get_constructor',
   'make_model',

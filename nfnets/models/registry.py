@@ -122,6 +122,16 @@ def get_constructor(name: str):
   return MODELS[name]
 
 
+def constructor_kwargs(name: str) -> list[str]:
+  """The keyword arguments model `name` takes besides num_classes and name.
+
+  The one source for every unknown-kwarg check (config, benchmark, weights
+  files): the constructor's signature.
+  """
+  params = inspect.signature(get_constructor(name)).parameters
+  return sorted(set(params) - {'self', 'num_classes', 'name'})
+
+
 def check_kwargs(name: str, kwargs) -> None:
   """Raises a ValueError naming the kwargs the constructor does not take.
 
@@ -135,10 +145,9 @@ def check_kwargs(name: str, kwargs) -> None:
   Raises:
     ValueError: for an unknown name or unexpected keyword arguments.
   """
-  params = inspect.signature(get_constructor(name)).parameters
-  unexpected = sorted(set(kwargs) - set(params) - {'num_classes', 'name'})
+  valid = constructor_kwargs(name)
+  unexpected = sorted(set(kwargs) - set(valid) - {'num_classes', 'name'})
   if unexpected:
-    valid = sorted(set(params) - {'self', 'num_classes', 'name'})
     raise ValueError(
       f'config.model.kwargs has {unexpected}, which {name} does not take '
       f'(its arguments: {valid}). When changing config.model.name, replace '

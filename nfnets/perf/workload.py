@@ -84,8 +84,7 @@ def check_model(name: str, kwargs: dict) -> None:
     kwargs: constructor arguments (without num_classes).
   """
   constructor = models.get_constructor(name)  # Lists the valid names.
-  params = inspect.signature(constructor).parameters
-  valid = sorted(set(params) - {'self', 'num_classes', 'name'})
+  valid = models.constructor_kwargs(name)
   unknown = sorted(set(kwargs) - set(valid))
   if unknown:
     raise ValueError(

@@ -9,7 +9,6 @@ number of classes differs. `PRETRAINED` lists DeepMind's released weights.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 from collections.abc import Mapping
@@ -19,7 +18,7 @@ import haiku as hk
 import jax
 import numpy as np
 
-from nfnets.models import nfnet
+from nfnets.models import nfnet, registry
 from nfnets.pretrained.errors import PretrainedMismatchError
 from nfnets.pretrained.formats import flatten_params, read_params
 from nfnets.pretrained.safe_pickle import Params
@@ -48,11 +47,6 @@ PRETRAINED = {
 # Module that holds the classifier in DeepMind's naming.
 CLASSIFIER_MODULE = 'NFNet/~/linear'
 
-# `NFNet` arguments that are no model kwargs: the variant is passed on its
-# own, the classifier width is read from the weights, and the module name
-# fixes the parameter names.
-_NOT_MODEL_KWARGS = {'num_classes', 'variant', 'name'}
-
 
 def check_model_kwargs(model_kwargs: Mapping, what: str = 'model_kwargs'):
   """Raises a ValueError naming the keys `nfnet.NFNet` does not take.
@@ -67,8 +61,9 @@ def check_model_kwargs(model_kwargs: Mapping, what: str = 'model_kwargs'):
   Raises:
     ValueError: naming the unknown keys and the valid ones.
   """
-  valid = sorted(set(inspect.signature(nfnet.NFNet).parameters))
-  valid = [k for k in valid if k not in _NOT_MODEL_KWARGS]
+  # The variant is passed on its own (the classifier width is read from the
+  # weights, and the module name fixes the parameter names).
+  valid = [k for k in registry.constructor_kwargs('NFNet') if k != 'variant']
   unknown = sorted(set(model_kwargs) - set(valid))
   if not unknown:
     return
