@@ -39,46 +39,27 @@ _PREPROCESS = flags.DEFINE_enum(
   'none: normalised float32 [N, S, S, 3] in; eval: uint8 [N, H, W, 3] in, '
   'eval resize and crop inside.',
 )
-# nfnets.export.PLATFORMS, here so that flags are checked without JAX.
-PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 _PLATFORMS = flags.DEFINE_list(
   'platforms',
   ['cpu'],
-  f'Backends of the program ({", ".join(PLATFORMS)}; savedmodel and '
+  'Backends of the program (cpu, cuda, rocm, tpu; savedmodel and '
   'stablehlo only).',
 )
 
 
-@flags.validator('platforms')
-def _check_platforms(platforms):
-  """Refuses a platform jax.export does not know, at flag parsing.
-
-  Such a name would be written into the program unchecked (exit 0), and
-  the program would then run nowhere.
-  """
-  unknown = [p for p in platforms if p not in PLATFORMS]
-  if unknown or not platforms:
-    raise flags.ValidationError(
-      f'{", ".join(unknown) or "no platform"}: not a platform jax.export '
-      f'knows; name one or more of {", ".join(PLATFORMS)} (GPUs: cuda or '
-      'rocm).'
-    )
-  if len(set(platforms)) < len(platforms):
-    raise flags.ValidationError('name each platform once.')
-  return True
-
-
 @flags.multi_flags_validator(['format', 'platforms'])
-def _check_tflite_platforms(values):
-  """A TFLite file runs on TFLite's own kernels: --platforms is no use.
+def _check_platforms(values):
+  """`export.check_platforms` at flag parsing, before any weights are read.
 
-  Refused rather than silently ignored (the default, cpu, passes).
+  An unknown name would be written into the program unchecked, and a
+  TFLite file has no XLA platform: both are refused, not ignored.
   """
-  if values['format'] == 'tflite' and values['platforms'] != ['cpu']:
-    raise flags.ValidationError(
-      "a TFLite file runs on TFLite's own kernels, for no XLA platform; "
-      'drop --platforms, or export savedmodel or stablehlo for them.'
-    )
+  from nfnets import export  # noqa: PLC0415  (JAX; the command needs it)
+
+  try:
+    export.check_platforms(values['format'], values['platforms'])
+  except ValueError as e:
+    raise flags.ValidationError(str(e)) from None
   return True
 
 
