@@ -213,6 +213,7 @@ def main(argv):
   compiler_options = common.json_object_flag(
     _COMPILER_OPTIONS, '{"xla_backend_optimization_level": 0}'
   )
+  augmented = any(a != 'none' for a in _AUGMENT.value)
   for config, augment in [(c, a) for c in configs for a in _AUGMENT.value]:
     print(
       f'Benchmarking {workload.display_name(config)} (augment={augment}) ...',
@@ -233,7 +234,8 @@ def main(argv):
       profile_steps=2 if _BREAKDOWN.value else 0,
     )
     results.append(result)
-    print(report.format_table([result]).split('\n')[2], flush=True)
+    row = report.format_table([result], augment_column=augmented)
+    print(row.split('\n')[2], flush=True)
     print(
       f'  compiled step: {result.fusions} fusions, {result.distinct_kernels}'
       f' distinct kernels; by source (fusions, distinct): '

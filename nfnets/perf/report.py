@@ -159,7 +159,27 @@ def _cell(fmt: str, value: Any) -> str:
   return fmt.format(value)
 
 
-def format_table(results: Sequence[BenchmarkResult]) -> str:
+# Shown after 'Remat' when a run timed the step with augmentation: rows
+# that differ only in it would otherwise look like repeated measurements.
+AUGMENT_COLUMN = ('Augment', '{}', lambda r: r.options.get('augment', 'none'))
+
+
+def _columns(augment_column: bool | None, results) -> tuple:
+  """The table's columns; the augment column where asked or, by default,
+  where any result was timed with augmentation."""
+  if augment_column is None:
+    augment_column = any(
+      r.options.get('augment', 'none') != 'none' for r in results
+    )
+  if not augment_column:
+    return TABLE_COLUMNS
+  at = [c[0] for c in TABLE_COLUMNS].index('Remat') + 1
+  return TABLE_COLUMNS[:at] + (AUGMENT_COLUMN,) + TABLE_COLUMNS[at:]
+
+
+def format_table(
+  results: Sequence[BenchmarkResult], augment_column: bool | None = None
+) -> str:
   """A Markdown table of results, shaped like the paper's Table 3.
 
   GMACs are forward multiply-adds per image at the benchmarked resolution
@@ -169,14 +189,15 @@ def format_table(results: Sequence[BenchmarkResult]) -> str:
 
   Args:
     results: the rows.
+    augment_column: whether to show the step's augmentation ('none',
+      'device', ...); by default where any result has one.
 
   Returns:
     The table as text.
   """
-  headers = [c[0] for c in TABLE_COLUMNS]
-  rows = [
-    [_cell(fmt, get(r)) for _, fmt, get in TABLE_COLUMNS] for r in results
-  ]
+  columns = _columns(augment_column, results)
+  headers = [c[0] for c in columns]
+  rows = [[_cell(fmt, get(r)) for _, fmt, get in columns] for r in results]
   lines = [
     '| ' + ' | '.join(headers) + ' |',
     '|' + '|'.join('---' for _ in headers) + '|',

@@ -117,6 +117,22 @@ def test_table_and_json(tiny_result):
   assert 'nan' not in row
 
 
+def test_table_names_the_augmentation_when_rows_differ_in_it(tiny_result):
+  # Two timings of one model, without and with the recipe's augmentation
+  # in the step, must not read as one measurement repeated.
+  augmented = dataclasses.replace(
+    tiny_result, options={**tiny_result.options, 'augment': 'device'}
+  )
+  lines = report.format_table([tiny_result, augmented]).split('\n')
+  headers = [c.strip() for c in lines[0].strip('|').split('|')]
+  assert headers[headers.index('Remat') + 1] == 'Augment'
+  column = headers.index('Augment')
+  cells = [[c.strip() for c in row.strip('|').split('|')] for row in lines[2:4]]
+  assert [row[column] for row in cells] == ['none', 'device']
+  plain = report.format_table([tiny_result]).split('\n')[0]
+  assert 'Augment' not in plain
+
+
 def test_cli_prints_the_table(cli_run):
   stdout, row = cli_run
   assert f'| NFNet-F0 | {SIZE} |' in stdout
