@@ -3,9 +3,10 @@
 The host ops are themselves checked against PIL in test_augment.py; here
 each JAX op must give the host op's output on real photos: within 1 uint8
 level for the colour ops, and for the geometric ops (nearest-neighbour
-reads of a float-computed source coordinate) on all but 0.5% of the pixels:
-a coordinate that lands within float rounding of a half-pixel can round to
-the neighbouring pixel on one side and not the other.
+reads of a float-computed source coordinate) on every pixel whose source
+coordinate is not within float rounding of a half-pixel: there the two
+float32 computations (and the machine code XLA emits for ours, with or
+without fused multiply-adds) may round to either neighbour.
 """
 
 import jax
@@ -90,15 +91,45 @@ GEOMETRIC_CASES = [
 ]
 
 
+def _source_coordinates(name, arg, h, w):
+  """Where each output pixel reads the input, in float64 (x, y): the
+  reference's transforms (tf-addons' `transform` conventions), derived
+  here independently of either implementation."""
+  y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+  level = float(np.float32(arg))  # Both sides compute from a float32.
+  if name == 'rotate':
+    theta = np.deg2rad(level)
+    cos, sin = np.cos(theta), np.sin(theta)
+    x_off = ((w - 1) - (cos * (w - 1) - sin * (h - 1))) / 2
+    y_off = ((h - 1) - (sin * (w - 1) + cos * (h - 1))) / 2
+    return cos * x - sin * y + x_off, sin * x + cos * y + y_off
+  return {
+    'shear_x': (x + level * y, y),
+    'shear_y': (x, y + level * x),
+    'translate_x': (x - level, y),
+    'translate_y': (x, y - level),
+  }[name]
+
+
+def _near_half_pixel(coordinate, tolerance=1e-3):
+  """Where rounding to the nearest pixel is decided by float rounding
+  (1e-3 px is ~40x float32's resolution at these coordinates)."""
+  return np.abs(np.abs(coordinate - np.floor(coordinate)) - 0.5) < tolerance
+
+
 @pytest.mark.parametrize('name,arg', GEOMETRIC_CASES)
-def test_geometric_ops_match_host_on_all_but_half_a_percent(photos, name, arg):
+def test_geometric_ops_match_host_off_half_pixel_ties(photos, name, arg):
   for photo in photos:
     got = _device(getattr(dra, name), photo, jnp.float32(arg))
     want = _host(getattr(augment, name), photo, arg)
-    differ = np.any(got != want, axis=-1).mean()
-    assert differ <= 0.005, (name, differ)
-    # The grey fill is where the host's is (a wrong sign or axis would not
-    # be within 0.5%).
+    in_x, in_y = _source_coordinates(name, arg, *photo.shape[:2])
+    tie = _near_half_pixel(in_x) | _near_half_pixel(in_y)
+    assert tie.mean() < 0.15  # Most pixels are compared exactly.
+    differ = np.any(got != want, axis=-1)
+    assert not np.any(differ & ~tie), (name, np.argwhere(differ & ~tie)[:5])
+    assert differ.mean() <= 0.05, (name, differ.mean())  # Ties rarely flip.
+    # The grey fill is where the host's is (a wrong sign or axis would
+    # differ off the ties).
     assert np.any(got == recipe.REPLACE)
 
 
