@@ -12,12 +12,13 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # 11-19 s (F0's: 29-39 s instead of 38-52 s), its steps run 1.3-1.8x slower.
 # And XLA:CPU emits its kernels with the older elemental emitters, which
 # compile the tiny models' many small fusions about 2x faster (the whole
-# suite: 16% less time on a 2-core Zen 3; only the full-size F0 train step
-# compiles slower). The programs are the same HLO, optimised by the same
-# passes; only the machine code differs, and with it float rounding (FMA
-# contraction), which every tolerance here allows. Set
-# NFNETS_TEST_FULL_OPT=1 to test the machine code users run. Subprocesses
-# (CLI tests, the training harness) inherit the flags.
+# suite: 16% less time on a 2-core Zen 3; the full-size F0 train step,
+# which compiles faster with the fusion emitters, asks for them in its
+# compile options, tests/e2e/test_train_f0.py). The programs are the same
+# HLO, optimised by the same passes; only the machine code differs, and
+# with it float rounding (FMA contraction), which every tolerance here
+# allows. Set NFNETS_TEST_FULL_OPT=1 to test the machine code users run.
+# Subprocesses (CLI tests, the training harness) inherit the flags.
 FAST_COMPILE_XLA_FLAGS = (
   '--xla_backend_optimization_level=0',
   '--xla_cpu_use_fusion_emitters=false',
@@ -69,44 +70,44 @@ def session_wide_compilation_cache(compilation_cache_dir):
 
 
 # Test modules by their cost on a 2-core machine, longest first (every
-# module over ~10 s; the rest follow in collection order). `make test`
+# module over ~15 s; the rest follow in collection order). `make test`
 # sends whole modules to the two workers in this order (`--dist loadscope
 # --no-loadscope-reorder`), so neither worker starts a long module while
-# the other runs out of work. Ranked by per-module sums of one run
-# (AMD EPYC Zen 4, 2026-12-07, 12 min 49 s); in the next run the two
-# workers finished 26 s apart. The machine's run-to-run spread is larger
-# than what another order changes.
+# the other runs out of work. Ranked by per-module sums of one run (AMD
+# EPYC Zen 3, 2026-12-07, 19 min 51 s). The machine's run-to-run spread is
+# larger than what another order changes.
 LONGEST_MODULES_FIRST = (
   'test_multidevice.py',
-  'test_nfnet.py',
   'test_run_workdir.py',
+  'test_nfnet.py',
   'test_loop.py',
   'test_export.py',
   'test_train_f0.py',
-  'test_grad_accum.py',
   'test_features.py',
-  'test_freeze.py',
   'test_efficientnet.py',
-  'test_spp.py',
-  'test_skipinit_fixup.py',
+  'test_freeze.py',
+  'test_grad_accum.py',
+  'test_train_cli.py',
   'test_notebook.py',
   'test_python_loader.py',
-  'test_benchmark.py',
-  'test_fold.py',
-  'test_train_cli.py',
-  'test_cli_eval_predict.py',
+  'test_skipinit_fixup.py',
+  'test_checkpoint.py',
   'test_paper_table.py',
+  'test_benchmark.py',
+  'test_spp.py',
+  'test_cli_eval_predict.py',
   'test_sweep.py',
   'test_workload.py',
   'test_precision.py',
+  'test_fold.py',
+  'test_flops.py',
   'test_optim.py',
   'test_batched_init.py',
-  'test_step.py',
   'test_device_augment.py',
-  'test_gemm_conv.py',
-  'test_checkpoint.py',
-  'test_flops.py',
+  'test_step.py',
   'test_layers.py',
+  'test_gemm_conv.py',
+  'test_device_randaugment.py',
 )
 
 
