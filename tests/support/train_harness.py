@@ -196,10 +196,8 @@ def main():
     [
       os.environ.get('XLA_FLAGS', ''),
       f'--xla_force_host_platform_device_count={args.devices}',
-      # XLA's older elemental emitters compile the tiny net's many small
-      # kernels ~2x faster (3.5-4.9 s against 7.6-8.6 s at -O0; at full
-      # optimisation no difference). Not for big nets: F0 takes 2x longer.
-      '--xla_cpu_use_fusion_emitters=false',
+      # The compile-speed flags (-O0, elemental emitters) come from the
+      # test process's XLA_FLAGS (tests/conftest.py).
     ]
   )
   os.environ['JAX_PLATFORMS'] = 'cpu'
