@@ -2,10 +2,9 @@
 
 Order of events:
   1. runtime setup; the workdir locked (`workdir_lock`); SIGTERM and
-     Ctrl-C handled from here on (`checkpoint.PreemptionGuard`);
-  2. the config checked against the run's saved one when resuming
-     (`provenance.resume_changes`: a change to how the run trains is
-     refused unless allowed);
+     Ctrl-C handled from here on (`preemption.PreemptionGuard`);
+  2. the config checked against the run's when resuming (a change to how
+     the run trains is refused unless allowed: `provenance.resume_changes`);
   3. the mesh, data, model, optimizer and jitted steps (`_build_run`);
   4. a fresh state (or `config.model.init_from` weights), replaced by the
      newest readable checkpoint (`init_state.initial_train_state`), then
@@ -46,6 +45,7 @@ from nfnets.train import config as config_lib
 from nfnets.train import (
   evaluation,
   init_state,
+  preemption,
   provenance,
   run_weights,
   runtime,
@@ -142,7 +142,7 @@ def _train_locked(config, workdir: str, allow_config_change) -> TrainResult:
       max_to_keep=config.checkpoint.max_to_keep,
     )
   # SIGTERM and Ctrl-C from here on stop the run at the next step boundary.
-  guard = ckpt_lib.PreemptionGuard(config.checkpoint.save_on_sigterm)
+  guard = preemption.PreemptionGuard(config.checkpoint.save_on_sigterm)
   try:
     with guard:
       latest = checkpointer.latest_step() if checkpointer else None
