@@ -206,6 +206,8 @@ def main(argv):
     jax.config.update(
       'jax_compilation_cache_dir', os.path.expanduser(_CACHE.value)
     )
+  else:  # Cold compiles, even where JAX_COMPILATION_CACHE_DIR names a cache.
+    jax.config.update('jax_enable_compilation_cache', False)
   if _TABLE.value == 'paper':
     return _paper_table()
   results = []
