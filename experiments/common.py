@@ -2,13 +2,16 @@
 
 `run(main)` replaces `absl.app.run(main)`. Before TensorFlow or JAX is
 imported it sets the environment that keeps their start-up quiet
-(`quiet_environment`); after flag parsing it lowers absl's Python logging
-to WARNING unless `--verbosity` is given (JAX logs "Unable to initialize
-backend 'tpu'" at INFO on every machine without a TPU) and, for commands
-that read data, imports TensorFlow with its C++ start-up notices filtered
-out (`import_tensorflow_quietly`: TensorFlow 2.21 prints "All log messages
-before absl::InitializeLog()" and the oneDNN notice whatever
-TF_CPP_MIN_LOG_LEVEL says).
+(`quiet_environment`) and makes TensorFlow's import, whenever something
+first imports it, drop its C++ start-up notices (`quiet_tensorflow_import`:
+TensorFlow 2.21 prints "All log messages before absl::InitializeLog()" and
+the oneDNN notice whatever TF_CPP_MIN_LOG_LEVEL says) and skip its Keras
+preload. TensorFlow is imported only where it is used (the tf.data loader,
+TensorFlow export formats), so a command that fails on its arguments, or
+reads data with the python loader, never pays its 4-6 s of start-up. After
+flag parsing `run` lowers absl's Python logging to WARNING unless
+`--verbosity` is given (JAX logs "Unable to initialize backend 'tpu'" at
+INFO on every machine without a TPU).
 
 User errors become a short message on stderr instead of a traceback: bad
 flags, bad `--config.*` overrides and config or usage errors (`ValueError`)
@@ -94,23 +97,67 @@ def _stderr_filtered(noise):
 
 
 def import_tensorflow_quietly() -> bool:
-  """Imports TensorFlow, dropping its `STARTUP_NOISE` lines from stderr.
-
-  Anything else it prints still reaches stderr. Without TensorFlow it does
-  nothing: the data loader then reads without it
-  (`config.data.loader='python'`).
+  """Imports TensorFlow, quietly (`quiet_tensorflow_import`), if installed.
 
   Returns:
     Whether TensorFlow is imported.
   """
-  if sys.modules.get('tensorflow') is not None:
-    return True
-  with _stderr_filtered(STARTUP_NOISE), _keras_preload_skipped():
-    try:
-      import tensorflow  # noqa: F401
-    except ImportError:
-      return False
+  quiet_tensorflow_import()
+  try:
+    import tensorflow  # noqa: F401
+  except ImportError:
+    return False
   return True
+
+
+def quiet_tensorflow_import() -> None:
+  """Makes this process's first `import tensorflow` quiet, wherever it is.
+
+  That import then drops TensorFlow's `STARTUP_NOISE` lines from stderr
+  (anything else it prints still reaches stderr) and skips its eager
+  import of Keras (`_keras_preload_skipped`). Nothing is imported now.
+  """
+  if 'tensorflow' in sys.modules:
+    return
+  if not any(isinstance(f, _QuietTensorFlow) for f in sys.meta_path):
+    sys.meta_path.insert(0, _QuietTensorFlow())
+
+
+class _QuietTensorFlow(importlib.abc.MetaPathFinder):
+  """Finds `tensorflow` where it is installed; its loader runs quietly.
+
+  Libraries look for TensorFlow without importing it (etils asks whether
+  it is installed), so the finder stays until the import itself is done.
+  """
+
+  def find_spec(self, name, path=None, target=None):
+    if name != 'tensorflow' or 'tensorflow' in sys.modules:
+      return None
+    spec = importlib.machinery.PathFinder.find_spec(name, path)
+    if spec is not None and spec.loader is not None:
+      spec.loader = _QuietLoader(spec.loader, finder=self)
+    return spec
+
+
+class _QuietLoader(importlib.abc.Loader):
+  """Runs TensorFlow's loader with its start-up noise filtered, once."""
+
+  def __init__(self, loader, finder):
+    self._loader = loader
+    self._finder = finder
+
+  def create_module(self, spec):
+    return self._loader.create_module(spec)
+
+  def exec_module(self, module):
+    # The module sees its own loader, as it would without this wrapper.
+    module.__loader__ = module.__spec__.loader = self._loader
+    try:
+      with _stderr_filtered(STARTUP_NOISE), _keras_preload_skipped():
+        self._loader.exec_module(module)
+    finally:
+      if self._finder in sys.meta_path:
+        sys.meta_path.remove(self._finder)
 
 
 class _DeferKeras(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -199,17 +246,13 @@ def traceback_requested() -> bool:
   return os.environ.get(TRACEBACK_ENV, '') not in ('', '0')
 
 
-def _call_main(main, tensorflow, argv):
+def _call_main(main, argv):
   if not flags.FLAGS['verbosity'].present:
     # JAX (no TPU found) and Orbax (every checkpoint operation) log at INFO.
     logging.set_verbosity(logging.WARNING)
   if traceback_requested():
-    if tensorflow:
-      import_tensorflow_quietly()
     return main(argv)
   try:
-    if tensorflow:
-      import_tensorflow_quietly()
     return main(argv)
   except (Exception, KeyboardInterrupt) as e:
     code = exit_code(e)
@@ -230,24 +273,6 @@ def _override_error(error: BaseException) -> str:
   return message
 
 
-def parse_flags(argv, prepare=None):
-  """Parses flags; flag and `--config.*` override errors exit with 2.
-
-  Loading a config file imports `nfnets` (and so TensorFlow), so parsing
-  drops TensorFlow's start-up notices from stderr too.
-
-  Args:
-    argv: the command line.
-    prepare: optional `argv -> argv`, run before parsing (it may define
-      flags, e.g. `use_run_config`).
-
-  Returns:
-    The positional arguments, as `absl.flags.FLAGS(argv)` returns them.
-  """
-  with _stderr_filtered(STARTUP_NOISE):
-    return _parse_flags(argv, prepare)
-
-
 def _check_config_file(argv) -> None:
   """Refuses a `--config` file that does not exist, before parsing.
 
@@ -265,7 +290,17 @@ def _check_config_file(argv) -> None:
     )
 
 
-def _parse_flags(argv, prepare):
+def parse_flags(argv, prepare=None):
+  """Parses flags; flag and `--config.*` override errors exit with 2.
+
+  Args:
+    argv: the command line.
+    prepare: optional `argv -> argv`, run before parsing (it may define
+      flags, e.g. `use_run_config`).
+
+  Returns:
+    The positional arguments, as `absl.flags.FLAGS(argv)` returns them.
+  """
   try:
     _check_config_file(argv)
     if prepare is not None:
@@ -306,19 +341,18 @@ def _parse_flags(argv, prepare):
     sys.exit(USAGE_EXIT)
 
 
-def run(main, *, prepare=None, tensorflow=False) -> None:
+def run(main, *, prepare=None) -> None:
   """`absl.app.run(main)` with a quiet start and short user errors.
 
   Args:
     main: the program's `main(argv)`.
     prepare: optional `argv -> argv` run before flag parsing (see
       `parse_flags`).
-    tensorflow: import TensorFlow quietly before `main` (commands that read
-      datasets).
   """
   quiet_environment()
+  quiet_tensorflow_import()
   app.run(
-    functools.partial(_call_main, main, tensorflow),
+    functools.partial(_call_main, main),
     flags_parser=functools.partial(parse_flags, prepare=prepare),
   )
 

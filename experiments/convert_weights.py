@@ -111,9 +111,6 @@ def _from_workdir():
   from nfnets.train import run_weights  # Deferred: fast --help.
 
   workdir = _WORKDIR.value
-  # A run without dataset.json reads its dataset, whose source imports
-  # TensorFlow where it is installed: quietly, first.
-  common.import_tensorflow_quietly()
   if common.saved_run_config(workdir) is None:
     raise app.UsageError(
       f'--workdir={workdir} is not a training run (it has no '

@@ -86,4 +86,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  common.run(main, prepare=common.use_run_config, tensorflow=True)
+  common.run(main, prepare=common.use_run_config)

@@ -73,10 +73,6 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   _check_flags()
-  # A run without dataset.json reads its dataset, whose source imports
-  # TensorFlow where it is installed: quietly, first.
-  if _SOURCE.workdir.value:
-    common.import_tensorflow_quietly()
   if _FORMAT.value != 'stablehlo' and not common.import_tensorflow_quietly():
     raise app.UsageError(
       f'--format={_FORMAT.value} needs TensorFlow, which is not installed '

@@ -68,8 +68,6 @@ def _predict_weights(paths):
 
 
 def _predict_workdir(paths, config, workdir):
-  # First: the dataset's loader check imports TensorFlow where it exists.
-  has_tf = common.import_tensorflow_quietly()
   import jax
 
   from nfnets import models
@@ -86,11 +84,11 @@ def _predict_workdir(paths, config, workdir):
   model = models.make_model(config.model, run.info.num_classes)
   apply = jax.jit(lambda p, s, x: model.apply(p, s, None, x, False)[0])
   logits = lambda x: apply(run.params, run.model_state, x)['logits']
-  load = _eval_loader(config.data, run.info, has_tf, _IMAGE_SIZE.value)
+  load = _eval_loader(config.data, run.info, _IMAGE_SIZE.value)
   return inference.classify_files(paths, load, logits, names, _TOP_K.value)
 
 
-def _eval_loader(data_config, info, has_tf, image_size=None):
+def _eval_loader(data_config, info, image_size=None):
   """`path -> normalised float32 image`, as the run's eval pipeline makes it.
 
   The run's loader decides which code decodes and resizes: TensorFlow's
@@ -102,7 +100,6 @@ def _eval_loader(data_config, info, has_tf, image_size=None):
   Args:
     data_config: the run's `config.data`.
     info: the run's `DatasetInfo` (`natural_images` resolves 'auto').
-    has_tf: whether TensorFlow is imported.
     image_size: the input size; default the run's `eval_image_size`.
   """
   from nfnets import data
@@ -110,7 +107,8 @@ def _eval_loader(data_config, info, has_tf, image_size=None):
 
   size = image_size or data_config.eval_image_size
   mode = plan.eval_preproc_mode(data_config, info.natural_images)
-  if has_tf and data.resolve_loader(data_config) == 'tf':
+  tf_data = data.resolve_loader(data_config) == 'tf'
+  if tf_data and common.import_tensorflow_quietly():
     return functools.partial(_load_with_tensorflow, size=size, mode=mode)
   return functools.partial(_load_with_numpy, size=size, mode=mode)
 

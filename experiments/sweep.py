@@ -49,4 +49,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  common.run(main, tensorflow=True)
+  common.run(main)

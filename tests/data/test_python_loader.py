@@ -482,7 +482,7 @@ def check():
 import atexit
 atexit.register(check)
 sys.argv = ['train'] + {argv!r}
-common.run(train.main, tensorflow=True)
+common.run(train.main)
 """
 
 

@@ -1,34 +1,88 @@
-"""What a command's start costs: TensorFlow without its Keras preload."""
+"""What a command's start costs: TensorFlow only where it is used, quietly,
+and without its Keras preload."""
 
 import os
 import subprocess
 import sys
+import textwrap
 
 ROOT = os.path.dirname(
   os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 )
 
 
-def test_commands_import_tensorflow_without_keras_yet_tf_keras_works():
-  # A plain `import tensorflow` (2.21) imports Keras, scikit-learn and
-  # matplotlib too; the commands' import leaves them out until tf.keras
-  # is first used, and it is then the same Keras.
-  code = '; '.join(
-    [
-      'import sys',
-      'from experiments import common',
-      'assert common.import_tensorflow_quietly()',
-      "print(sorted({'keras', 'sklearn', 'matplotlib'} & set(sys.modules)))",
-      'import tensorflow as tf',
-      'print(tf.keras.layers.Dense.__module__)',
-    ]
-  )
-  proc = subprocess.run(
-    [sys.executable, '-c', code],
+def _python(code):
+  return subprocess.run(
+    [sys.executable, '-c', textwrap.dedent(code)],
     cwd=ROOT,
     capture_output=True,
     text=True,
     timeout=300,
   )
+
+
+def test_tensorflow_imported_by_a_library_leaves_keras_yet_tf_keras_works():
+  # A plain `import tensorflow` (2.21) imports Keras, scikit-learn and
+  # matplotlib too; after `quiet_tensorflow_import` TensorFlow's first
+  # import, here through tensorflow_datasets after a probe for it (etils
+  # makes one), leaves them out until tf.keras is first used, and it is
+  # then the same Keras.
+  proc = _python("""
+    import importlib.util, sys
+    from experiments import common
+    common.quiet_tensorflow_import()
+    assert importlib.util.find_spec('tensorflow') is not None
+    import tensorflow_datasets
+    print(sorted({'keras', 'sklearn', 'matplotlib'} & set(sys.modules)))
+    import tensorflow as tf
+    print(tf.keras.layers.Dense.__module__)
+  """)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.splitlines() == ['[]', 'keras.src.layers.core.dense']
+
+
+# What TensorFlow 2.21 writes to file descriptor 2 as it starts where oneDNN
+# is on (AVX-512 CPUs), whatever TF_CPP_MIN_LOG_LEVEL says; on AVX2-only
+# CPUs it writes nothing, so a stand-in that writes those lines shows the
+# filter on every machine.
+_NOISY_TENSORFLOW = """
+import os
+os.write(2, b'WARNING: All log messages before absl::InitializeLog() is '
+            b'called are written to STDERR\\n')
+os.write(2, b'I0000 port.cc:153] oneDNN custom operations are on. You may '
+            b'see slightly different numerical results.\\n')
+os.write(2, b'a warning a user must see\\n')
+"""
+
+
+def test_tensorflows_start_up_notices_are_dropped_and_nothing_else(tmp_path):
+  (tmp_path / 'tensorflow').mkdir()
+  (tmp_path / 'tensorflow' / '__init__.py').write_text(_NOISY_TENSORFLOW)
+  proc = _python(f"""
+    import importlib, importlib.util, sys
+    sys.path.insert(0, {str(tmp_path)!r})
+    from experiments import common
+    common.quiet_tensorflow_import()
+    assert importlib.util.find_spec('tensorflow') is not None
+    importlib.import_module('tensorflow')
+    print('imported', 'tensorflow' in sys.modules)
+  """)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.splitlines() == ['imported True']
+  assert proc.stderr == 'a warning a user must see\n'
+
+
+def test_a_command_refusing_its_arguments_never_imports_tensorflow(tmp_path):
+  not_a_directory = tmp_path / 'config.json'
+  not_a_directory.write_text('{}')
+  proc = _python(f"""
+    import atexit, sys
+    atexit.register(lambda: print('tensorflow' in sys.modules))
+    sys.argv = ['train', '--config=configs/quickstart.py',
+                '--workdir={not_a_directory}']
+    from experiments import common, train
+    common.run(train.main)
+  """)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert 'is a file; pass a directory' in proc.stderr
+  assert proc.stdout.splitlines() == ['False']
