@@ -8,6 +8,7 @@ constructor, and raise a ValueError that names the argument and its valid
 range; they never touch what valid arguments compute.
 """
 
+import math
 import numbers
 
 import haiku as hk
@@ -47,6 +48,7 @@ def check_model_args(
   drop_rate=0.0,
   stochdepth_rate=0.0,
   group_size=1,
+  narrowest=None,
 ) -> None:
   """Raises a ValueError naming the first argument out of its valid range.
 
@@ -63,6 +65,9 @@ def check_model_args(
       some probability, while a rate above 1 would silently turn the
       deepest blocks' stochastic depth off.
     group_size: channels per group of the grouped convs, a positive int.
+    narrowest: the smallest channel count `width` multiplies: a width that
+      makes `int(narrowest * width)` 0 would leave a layer without
+      channels (a ZeroDivisionError deep in weight standardisation).
 
   Raises:
     ValueError: for a value of the wrong type or out of range.
@@ -77,6 +82,13 @@ def check_model_args(
   for name, value, valid, text in ranges:
     if not (_is_number(value) and valid(value)):
       raise ValueError(f'{model}: {name} must be {text}, got {value!r}.')
+  if narrowest is not None and int(narrowest * width) < 1:
+    smallest = math.ceil(1e4 / narrowest) / 1e4  # Rounded up: int() is 1.
+    raise ValueError(
+      f'{model}: width={width!r} leaves its narrowest layer '
+      f'(int({narrowest} * width) channels) with none; use width >= '
+      f'{smallest:g}.'
+    )
 
 
 def check_bn_init(model: str, is_training, test_local_stats) -> None:

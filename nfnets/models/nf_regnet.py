@@ -226,6 +226,7 @@ class NFRegNet(hk.Module):
     checks.check_model_args(
       'NF_RegNet', num_classes, width=width, drop_rate=self.drop_rate,
       stochdepth_rate=stochdepth_rate, group_size=group_size,
+      narrowest=config['width'][0],
     )  # fmt: skip
     self.activation = layers.get_activation(activation)
     self.specs = block_specs(

@@ -203,7 +203,7 @@ class NFResNet(hk.Module):
     self.drop_rate = 0.0 if drop_rate is None else drop_rate
     checks.check_model_args(
       'NF_ResNet', num_classes, width=width, drop_rate=self.drop_rate,
-      stochdepth_rate=stochdepth_rate,
+      stochdepth_rate=stochdepth_rate, narrowest=STEM_MULTIPLIER,
     )  # fmt: skip
     self.activation = layers.get_activation(activation)
     self.specs = block_specs(variant, width, alpha, stochdepth_rate, depth)

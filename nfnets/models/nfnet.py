@@ -101,8 +101,9 @@ def block_specs(
   """
   config = get_variant(variant)
   checks.check_model_args(
-    'NFNet', width=width, stochdepth_rate=stochdepth_rate, group_size=group_size
-  )
+    'NFNet', width=width, stochdepth_rate=stochdepth_rate,
+    group_size=group_size, narrowest=min(config['width']),
+  )  # fmt: skip
   return common.make_block_specs(
     stem_ch=config['width'][0] // 2,
     stage_widths=[int(w * width) for w in config['width']],

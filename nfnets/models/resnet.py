@@ -239,8 +239,9 @@ class ResNet(hk.Module):
       common.get_variant(VARIANTS, variant, 'ResNet'), depth
     )
     checks.check_model_args(
-      'ResNet', num_classes, width=width, drop_rate=drop_rate
-    )
+      'ResNet', num_classes, width=width, drop_rate=drop_rate,
+      narrowest=common.RESNET_STEM_MULTIPLIER,
+    )  # fmt: skip
     self.norm = norm
     if not hasattr(jax.nn, activation):
       raise ValueError(f'Unknown activation {activation!r}: not in jax.nn.')

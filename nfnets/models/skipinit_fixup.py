@@ -121,6 +121,7 @@ class _BaselineResNet(hk.Module):
     checks.check_model_args(
       self.family, num_classes, width=width, drop_rate=drop_rate,
       stochdepth_rate=stochdepth_rate,
+      narrowest=common.RESNET_STEM_MULTIPLIER,
     )  # fmt: skip
     specs = _block_specs(self.family, variant, width, stochdepth_rate, depth)
     self.initial_conv = conv.Conv2D(
