@@ -235,6 +235,9 @@ def test_checkpoint_of_8_devices_restores_on_this_one(tmp_path):
     ckpt.close()
     _assert_8_device_state(restored)
     assert restored['w'].sharding.device_set == set(jax.devices())
+  # The same files as Orbax's default writer's (array metadata included).
+  listing = lambda d: sorted(os.listdir(os.path.join(d, '5', 'default')))
+  assert listing(ours) == listing(orbax_default)
   # Orbax's default handler reads ours as well.
   manager = ocp.CheckpointManager(ours)
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
