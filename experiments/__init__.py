@@ -16,10 +16,11 @@ itself). The programs:
 * `spp`: signal-propagation plots at initialisation;
 * `sweep`: run a grid of config overrides and tabulate the results.
 
-`common` is their shared plumbing: a quiet start (no TensorFlow or JAX
-start-up notices), short messages for user errors (exit status 2 for usage
-and config errors, 1 for runtime failures; `NFNETS_TRACEBACK=1` shows the
-traceback) and `--config` defaulting to a run's saved config.
+`common` is their shared plumbing: short messages for user errors (exit
+status 2 for usage and config errors, 1 for runtime failures;
+`NFNETS_TRACEBACK=1` shows the traceback), `--config` defaulting to a run's
+saved config, and a quiet start (`quiet_start`: no TensorFlow or JAX
+start-up notices, TensorFlow imported only by the commands that use it).
 
 `scripts/` holds the rest: shell helpers (weight download, ImageNet
 preparation, the GPU benchmark wrapper), the repository's structure check,

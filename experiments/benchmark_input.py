@@ -39,7 +39,7 @@ import time
 
 from absl import flags, logging
 
-from experiments import common
+from experiments import common, quiet_start
 
 # The pipelines `time_pipeline` knows (see the module docstring).
 PIPELINES = (
@@ -241,7 +241,8 @@ def time_model_steps(num_steps, batch=8):
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # tfds logs every dataset read.
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # Before TF's import.
+  # Its start-up is no pipeline's cost (a prepared --workdir imports none).
+  quiet_start.import_tensorflow_quietly()
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix='bench_input_')
   data_dir = build_tiny_imagenet(workdir, _IMAGES.value)
   print(f'os.cpu_count()={os.cpu_count()}, load average {os.getloadavg()}')

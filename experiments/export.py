@@ -23,7 +23,7 @@ docs/export.md.
 
 from absl import app, flags
 
-from experiments import common
+from experiments import common, quiet_start
 
 FORMATS = ('savedmodel', 'tflite', 'stablehlo')
 
@@ -73,7 +73,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   _check_flags()
-  if _FORMAT.value != 'stablehlo' and not common.import_tensorflow_quietly():
+  if (
+    _FORMAT.value != 'stablehlo' and not quiet_start.import_tensorflow_quietly()
+  ):
     raise app.UsageError(
       f'--format={_FORMAT.value} needs TensorFlow, which is not installed '
       'here: install it (requirements.txt), or pass --format=stablehlo.'

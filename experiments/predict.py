@@ -24,7 +24,7 @@ import sys
 
 from absl import app, flags
 
-from experiments import common
+from experiments import common, quiet_start
 
 _SOURCE = common.define_weights_flags('predicts with its newest checkpoint.')
 # NFNets test at 256-608 px (F0-F7); far larger inputs only exhaust memory
@@ -108,7 +108,7 @@ def _eval_loader(data_config, info, image_size=None):
   size = image_size or data_config.eval_image_size
   mode = plan.eval_preproc_mode(data_config, info.natural_images)
   tf_data = data.resolve_loader(data_config) == 'tf'
-  if tf_data and common.import_tensorflow_quietly():
+  if tf_data and quiet_start.import_tensorflow_quietly():
     return functools.partial(_load_with_tensorflow, size=size, mode=mode)
   return functools.partial(_load_with_numpy, size=size, mode=mode)
 

@@ -16,7 +16,8 @@ run keeps (to restore its checkpoints elsewhere). One module per concern:
   `evaluate_from` (weights files and training workdirs,
   `experiments/evaluate.py`);
 * `checkpoint`: Orbax checkpoints (any device count, damaged ones
-  diagnosed) and SIGTERM/SIGINT handling;
+  diagnosed);
+* `preemption`: SIGTERM and Ctrl-C as a flag the loop polls between steps;
 * `provenance`: the run's configs, one record per segment
   (`load_run_config`, `config_differences`), and the resume rules;
 * `run_weights`: a run as a source of weights where its dataset is not

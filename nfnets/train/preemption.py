@@ -25,6 +25,12 @@ class PreemptionGuard:
   KeyboardInterrupt instead, which stops the cell and keeps the kernel).
   The previous handlers are restored on exit. Signal handlers can only be
   installed from the main thread; elsewhere the guard does nothing.
+
+  The Ctrl-C notices go to the terminal's stderr as it was when the guard
+  was entered (a copy of file descriptor 2): while TensorFlow starts, the
+  commands point descriptor 2 at a file to drop its start-up notices
+  (`experiments/quiet_start.py`), and a notice written there would show
+  only after the import, or never, as the second Ctrl-C exits at once.
   """
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -40,6 +46,7 @@ class PreemptionGuard:
     self._flag = threading.Event()
     self._previous = {}
     self._err = err
+    self._stderr_fd = None
     self._interrupts = 0
     self.signal_number = None
 
@@ -47,31 +54,43 @@ class PreemptionGuard:
     if self._enabled and threading.current_thread() is threading.main_thread():
       for signum in self.SIGNALS:
         self._previous[signum] = signal.signal(signum, self._handle)
+      if self._err is None and _writes_to_fd_2(sys.stderr):
+        self._stderr_fd = os.dup(2)
     return self
 
   def __exit__(self, *exc):
     for signum, handler in self._previous.items():
       signal.signal(signum, handler)
     self._previous = {}
+    if self._stderr_fd is not None:
+      os.close(self._stderr_fd)
+      self._stderr_fd = None
     return False
+
+  def _notify(self, text: str) -> None:
+    """Writes a notice at once, where the user sees it."""
+    if self._stderr_fd is not None:
+      sys.stderr.flush()
+      os.write(self._stderr_fd, text.encode())
+      return
+    err = self._err or sys.stderr
+    err.write(text)
+    err.flush()
 
   def _handle(self, signum, frame):
     del frame
-    err = self._err or sys.stderr
     if signum == signal.SIGINT:
       self._interrupts += 1
       if self._interrupts > 1:
         if 'ipykernel' in sys.modules:
           # A notebook: interrupt the cell, not the kernel.
           raise KeyboardInterrupt
-        err.write('\nSecond Ctrl-C: exiting now, without a checkpoint.\n')
-        err.flush()
+        self._notify('\nSecond Ctrl-C: exiting now, without a checkpoint.\n')
         os._exit(128 + signal.SIGINT)
-      err.write(
+      self._notify(
         '\nCtrl-C: saving a checkpoint after the current step, then '
         'stopping (press Ctrl-C again to exit at once).\n'
       )
-      err.flush()
     if self.signal_number is None:
       self.signal_number = signum
     self._flag.set()
@@ -83,3 +102,11 @@ class PreemptionGuard:
       return local
     flags = multihost_utils.process_allgather(np.asarray(local, np.int32))
     return bool(np.any(flags))
+
+
+def _writes_to_fd_2(stream) -> bool:
+  """Whether `stream` is the process's stderr file (not a notebook's)."""
+  try:
+    return stream.fileno() == 2
+  except (AttributeError, OSError, ValueError):
+    return False

@@ -21,20 +21,18 @@ def _python(code):
   )
 
 
-def test_tensorflow_imported_by_a_library_leaves_keras_yet_tf_keras_works():
+def test_tensorflow_imported_after_a_probe_leaves_keras_yet_tf_keras_works():
   # A plain `import tensorflow` (2.21) imports Keras, scikit-learn and
   # matplotlib too; after `quiet_tensorflow_import` TensorFlow's first
-  # import, here through tensorflow_datasets after a probe for it (etils
-  # makes one), leaves them out until tf.keras is first used, and it is
-  # then the same Keras.
+  # import, here after a probe for it (etils makes one), leaves them out
+  # until tf.keras is first used, and it is then the same Keras.
   proc = _python("""
     import importlib.util, sys
-    from experiments import common
-    common.quiet_tensorflow_import()
+    from experiments import quiet_start
+    quiet_start.quiet_tensorflow_import()
     assert importlib.util.find_spec('tensorflow') is not None
-    import tensorflow_datasets
-    print(sorted({'keras', 'sklearn', 'matplotlib'} & set(sys.modules)))
     import tensorflow as tf
+    print(sorted({'keras', 'sklearn', 'matplotlib'} & set(sys.modules)))
     print(tf.keras.layers.Dense.__module__)
   """)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -55,18 +53,25 @@ os.write(2, b'a warning a user must see\\n')
 """
 
 
-def test_tensorflows_start_up_notices_are_dropped_and_nothing_else(tmp_path):
+def _with_stand_in_tensorflow(tmp_path, source, code):
+  """Runs `code` after the quiet start, `source` found as TensorFlow."""
   (tmp_path / 'tensorflow').mkdir()
-  (tmp_path / 'tensorflow' / '__init__.py').write_text(_NOISY_TENSORFLOW)
-  proc = _python(f"""
+  (tmp_path / 'tensorflow' / '__init__.py').write_text(source)
+  start = f"""
     import importlib, importlib.util, sys
     sys.path.insert(0, {str(tmp_path)!r})
-    from experiments import common
-    common.quiet_tensorflow_import()
+    from experiments import quiet_start
+    quiet_start.quiet_tensorflow_import()
+  """
+  return _python(textwrap.dedent(start) + textwrap.dedent(code))
+
+
+def test_tensorflows_start_up_notices_are_dropped_and_nothing_else(tmp_path):
+  proc = _with_stand_in_tensorflow(tmp_path, _NOISY_TENSORFLOW, """
     assert importlib.util.find_spec('tensorflow') is not None
     importlib.import_module('tensorflow')
     print('imported', 'tensorflow' in sys.modules)
-  """)
+  """)  # fmt: skip
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.splitlines() == ['imported True']
   assert proc.stderr == 'a warning a user must see\n'
@@ -86,3 +91,29 @@ def test_a_command_refusing_its_arguments_never_imports_tensorflow(tmp_path):
   assert proc.returncode == 2, proc.stderr[-3000:]
   assert 'is a file; pass a directory' in proc.stderr
   assert proc.stdout.splitlines() == ['False']
+
+
+_INTERRUPTED_TENSORFLOW = """
+import os, signal, time
+os.write(2, b'oneDNN custom operations are on.\\n')
+os.kill(os.getpid(), signal.SIGINT)
+time.sleep(0.5)
+os.kill(os.getpid(), signal.SIGINT)
+time.sleep(5)
+"""
+
+
+def test_ctrl_c_notices_show_while_tensorflow_starts(tmp_path):
+  # TensorFlow starts inside the trainer's guard; its start-up output is
+  # held back to be filtered, and a second Ctrl-C exits before it is
+  # written, so the guard's notices must not go that way.
+  proc = _with_stand_in_tensorflow(tmp_path, _INTERRUPTED_TENSORFLOW, """
+    from nfnets.train import preemption
+    with preemption.PreemptionGuard():
+      import tensorflow
+    print('not reached')
+  """)  # fmt: skip
+  assert proc.returncode == 130
+  assert proc.stdout == ''
+  assert 'Ctrl-C: saving a checkpoint after the current step' in proc.stderr
+  assert 'Second Ctrl-C: exiting now' in proc.stderr
