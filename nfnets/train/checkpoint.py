@@ -72,7 +72,9 @@ class Checkpointer:
       self._manager = ocp.CheckpointManager(
         self.directory,
         options=options,
-        item_handlers=_item_handler(jax.process_count()),
+        item_handlers=_item_handler(
+          saves_replica_parallel(jax.process_count(), jax.default_backend())
+        ),
       )
 
   def latest_step(self) -> int | None:
@@ -271,21 +273,33 @@ class Checkpointer:
     self._manager.close()
 
 
-def _item_handler(process_count: int):
-  """Orbax's tree handler; in one process, replica-parallel saving off.
+def saves_replica_parallel(process_count: int, platform: str) -> bool:
+  """Whether each replica saves a slice of a replicated array (Orbax's way).
 
-  Orbax's default array handler saves a replicated array "replica-parallel"
-  (unless `JAX_PLATFORMS` names a GPU): each replica writes a slice, cut
-  by a small program compiled per array shape and slice. Across hosts that
-  spreads the writing, and Orbax's handlers are used as they are. In one
-  process there is one writer either way, and the slicing only costs
-  compilation: the first save of a tiny NFNet's state replicated over 8
-  CPU devices compiled 1,938 slices, 5-10 s on 2 cores, in every run. The
-  files are those Orbax's default handler writes (its per-host array
-  metadata store included, as Orbax builds its default handler); only the
-  Zarr chunks of replicated arrays are whole arrays.
+  Orbax's default array handler saves "replica-parallel": each replica
+  writes a slice, cut by a small program compiled per array shape and
+  slice. Across hosts that spreads the writing. In one process there is
+  one writer either way, and the slicing only costs compilation: the first
+  save of a tiny NFNet's state replicated over 8 CPU devices compiled 1,938
+  slices, 5-10 s on 2 cores, in every run. On GPUs Orbax turns it off
+  itself, but only when `JAX_PLATFORMS` names the GPU, which it usually
+  does not; the backend says it for certain.
+
+  Args:
+    process_count: `jax.process_count()`.
+    platform: `jax.default_backend()` ('cpu', 'gpu' or 'tpu').
   """
-  if process_count > 1:
+  return process_count > 1 and platform not in ('gpu', 'cuda', 'rocm')
+
+
+def _item_handler(replica_parallel: bool):
+  """Orbax's tree handler, with or without replica-parallel saving.
+
+  Without it, the files are those Orbax's default handler writes (its
+  per-host array metadata store included, as Orbax builds its default
+  handler); only the Zarr chunks of replicated arrays are whole arrays.
+  """
+  if replica_parallel:
     return ocp.PyTreeCheckpointHandler()
   standard = [
     (t, ocp.type_handlers.get_type_handler(t))

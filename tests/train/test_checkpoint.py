@@ -203,6 +203,19 @@ manager.close()
 """
 
 
+def test_replica_parallel_saves_only_across_hosts_and_not_on_gpus():
+  for process_count, platform, expected in [
+    (1, 'cpu', False),
+    (1, 'gpu', False),
+    (1, 'tpu', False),
+    (2, 'cpu', True),
+    (4, 'tpu', True),
+    (8, 'gpu', False),
+  ]:
+    got = ckpt_lib.saves_replica_parallel(process_count, platform)
+    assert got is expected, (process_count, platform)
+
+
 def _expected_8_device_state():
   return {'w': np.arange(96, dtype=np.float32).reshape(16, 6), 'step': 5}
 
