@@ -216,14 +216,11 @@ def test_replica_parallel_saves_only_across_hosts_and_not_on_gpus():
     assert got is expected, (process_count, platform)
 
 
-def _expected_8_device_state():
-  return {'w': np.arange(96, dtype=np.float32).reshape(16, 6), 'step': 5}
-
-
 def _assert_8_device_state(restored):
-  expected = _expected_8_device_state()
-  np.testing.assert_array_equal(np.asarray(restored['w']), expected['w'])
-  assert int(restored['step']) == expected['step']
+  """The state `_WRITE_ON_8_DEVICES` saves."""
+  want = np.arange(96, dtype=np.float32).reshape(16, 6)
+  np.testing.assert_array_equal(np.asarray(restored['w']), want)
+  assert int(restored['step']) == 5
 
 
 def test_checkpoint_of_8_devices_restores_on_this_one(tmp_path):
