@@ -101,8 +101,20 @@ _BREAKDOWN = flags.DEFINE_bool(
 _PLOT = flags.DEFINE_string(
   'plot_out', '', 'With --table=paper: write the FLOPs-vs-time plot (PNG).'
 )
-common.validate_output_file(_JSON)
-common.validate_output_file(_PLOT)
+
+
+def _is_earlier_result(path: str) -> bool:
+  from nfnets.perf import report  # noqa: PLC0415  (deferred: fast --help)
+
+  return common.is_json_result(path, report.is_benchmark_results)
+
+
+common.validate_output_file(
+  _JSON,
+  replaceable=_is_earlier_result,
+  kind='an earlier result of experiments.benchmark',
+)
+common.validate_output_file(_PLOT, replaceable=common.is_png, kind='a PNG')
 
 
 def _check_paper_flags() -> None:

@@ -84,7 +84,21 @@ def check_pipelines(names) -> bool:
 
 flags.register_validator('pipelines', check_pipelines)
 _JSON = flags.DEFINE_string('json_out', '', 'Write the results as JSON here.')
-common.validate_output_file(_JSON)
+common.validate_output_file(
+  _JSON,
+  replaceable=lambda path: common.is_json_result(path, is_pipeline_times),
+  kind='an earlier result of experiments.benchmark_input',
+)
+
+
+def is_pipeline_times(value) -> bool:
+  """`{pipeline: {"cpu_ms_per_image": ..., ...}}`, as `main` writes."""
+  return isinstance(value, dict) and all(
+    isinstance(times, dict) and 'cpu_ms_per_image' in times
+    for times in value.values()
+  )
+
+
 _NOISE = flags.DEFINE_float(
   'noise', 10.0, 'Gaussian noise sd added to the photos (JPEG size).'
 )

@@ -51,8 +51,12 @@ def exit_code(error: BaseException) -> int | None:
 
   Returns:
     2 for usage and config errors, 1 for runtime failures, 130 for Ctrl-C,
-    None for anything else.
+    None for anything else. An error class may set its own `exit_status`
+    (a damaged checkpoint is a ValueError, but a runtime failure).
   """
+  status = getattr(type(error), 'exit_status', None)
+  if isinstance(status, int):
+    return status
   if isinstance(error, app.UsageError | flags.Error | ValueError):
     return USAGE_EXIT
   if isinstance(error, KeyboardInterrupt):
@@ -65,7 +69,7 @@ def exit_code(error: BaseException) -> int | None:
 def error_message(error: BaseException) -> str:
   """The text of an error, without the repr quoting a KeyError adds."""
   if isinstance(error, KeyboardInterrupt):
-    return 'Interrupted.'
+    return str(error) or 'Interrupted.'  # Ctrl-C's has no text.
   if len(error.args) == 1 and isinstance(error.args[0], BaseException):
     return error_message(error.args[0])  # ConfigDict wraps its KeyError.
   if isinstance(error, OSError) and error.strerror and error.filename:
@@ -117,21 +121,48 @@ def _override_error(error: BaseException) -> str:
   return message
 
 
-def _check_config_file(argv) -> None:
+def _check_config_file(argv, *, reads_run_config: bool) -> None:
   """Refuses a `--config` file that does not exist, before parsing.
 
   ml_collections defers that failure to the config's first use, in `main`,
-  with a message about 'an earlier failure'.
+  with a message about 'an earlier failure'. A JSON file is a run's saved
+  config: `use_run_config` reads it where a command takes one; elsewhere
+  ml_collections would run it as Python.
   """
   value = flag_value(argv, 'config')
-  if not value or value.endswith('.json'):  # use_run_config reads those.
+  if not value or (value.endswith('.json') and reads_run_config):
     return
+  if value.endswith('.json'):
+    raise flags.ValidationError(
+      f'--config={value} is JSON; this command takes a Python config file '
+      '(configs/*.py). To resume a run, rerun the command that started it: '
+      "the same --config and --workdir (the run's config.json is compared "
+      'with it).'
+    )
   path = value.split(':', 1)[0]
   if not os.path.isfile(os.path.expanduser(path)):
     raise flags.ValidationError(
       f'--config={value}: no config file {path!r}; pass one of configs/*.py '
       '(e.g. configs/f0.py), or a path to your own.'
     )
+
+
+_CONFIG_FILE_ERROR = 'Error whilst parsing config file:'
+
+
+def _without_config_traceback(message: str) -> str:
+  """A config file's own error, without the traceback ml_collections adds.
+
+  ml_collections puts the whole traceback of a `get_config` that raised
+  (e.g. an unknown `--config=configs/f0.py:ARG`) into its message; the
+  error's own text follows the traceback's last indented line.
+  """
+  head, found, trace = message.partition(_CONFIG_FILE_ERROR)
+  if not found:
+    return message
+  lines = trace.strip().splitlines()
+  frames = [i for i, line in enumerate(lines) if line.startswith(' ')]
+  return head + '\n'.join(lines[frames[-1] + 1 if frames else 0 :])
 
 
 def parse_flags(argv, prepare=None):
@@ -146,16 +177,15 @@ def parse_flags(argv, prepare=None):
     The positional arguments, as `absl.flags.FLAGS(argv)` returns them.
   """
   try:
-    _check_config_file(argv)
+    _check_config_file(argv, reads_run_config=prepare is use_run_config)
     if prepare is not None:
       argv = prepare(argv)
     return flags.FLAGS(argv)
   except flags.Error as e:
     if traceback_requested():
       raise
-    sys.stderr.write(
-      f'Error: {error_message(e)}\nPass --helpshort for the flags.\n'
-    )
+    message = _without_config_traceback(error_message(e))
+    sys.stderr.write(f'Error: {message}\nPass --helpshort for the flags.\n')
     sys.exit(USAGE_EXIT)
   except RunConfigError as e:
     # Before the generic handler: no flag or override is at fault.
@@ -333,6 +363,25 @@ def validate_output_file(holder, replaceable=None, kind: str = '') -> None:
   flags.register_validator(holder, check)
 
 
+def is_json_result(path: str, looks_right) -> bool:
+  """Whether `path` holds JSON for which `looks_right(value)` is True."""
+  try:
+    with open(path) as f:
+      value = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return bool(looks_right(value))
+
+
+def is_png(path: str) -> bool:
+  """Whether `path` is a PNG image (an earlier plot)."""
+  try:
+    with open(path, 'rb') as f:
+      return f.read(8) == b'\x89PNG\r\n\x1a\n'
+  except OSError:
+    return False
+
+
 def is_metrics_file(path: str) -> bool:
   """Whether `path` holds metrics an earlier `experiments.evaluate` wrote.
 
@@ -350,7 +399,9 @@ def is_metrics_file(path: str) -> bool:
     isinstance(metrics, dict)
     and any(key.endswith('/top1') for key in metrics)
     and all(
-      (key == 'step' or '/' in key)
+      # A train record ('train/top1', 'lr') of a one-line metrics.jsonl is
+      # valid JSON too, and not evaluate's.
+      (key == 'step' or (key.startswith('eval') and '/' in key))
       and isinstance(value, int | float)
       and not isinstance(value, bool)
       for key, value in metrics.items()
@@ -556,7 +607,11 @@ def use_run_config(argv):
       )
     argv, workdir = _without_flag(argv, 'config'), run_dir
     if not os.path.isfile(config_arg):
-      raise FileNotFoundError(f'No config file {config_arg!r}.')
+      raise flags.ValidationError(
+        f'--config={config_arg}: no such file. Pass the --workdir of a '
+        'training run (its config.json is read), or a config file '
+        '(configs/*.py).'
+      )
   elif config_arg is not None or workdir is None:
     return argv
   if not os.path.isdir(os.path.expanduser(workdir)):
@@ -595,9 +650,9 @@ def print_config_differences(workdir: str, config) -> None:
     return
   if saved is None:
     return
-  from nfnets.train import provenance
+  from nfnets.train import resume_rules
 
-  differences = provenance.config_differences(saved, config)
+  differences = resume_rules.config_differences(saved, config)
   if differences:
     sys.stderr.write(
       "Differences from the run's saved config:\n"

@@ -78,11 +78,36 @@ def _check_flags():
         f'--output={output} is the --input file; the conversion would '
         'replace it. Pass a new --output path.'
       )
+  if os.path.isfile(output) and os.path.getsize(output) > 0:
+    if not _is_earlier_conversion(output):
+      raise app.UsageError(
+        f'--output={output} exists and is not a file this command wrote '
+        '(its metadata says so), so it is not replaced: pick another path.'
+      )
   suffixes = ('.safetensors',) if _TO.value == 'timm' else _HAIKU_SUFFIXES
   if not output.endswith(suffixes):
     raise app.UsageError(
       f'--output={output}: name it {" or ".join(suffixes)} (--to={_TO.value}).'
     )
+
+
+def _is_earlier_conversion(path: str) -> bool:
+  """Whether `path` holds weights a conversion wrote, which a rerun replaces.
+
+  Both layouts record the variant (the timm one beside its 'format': 'pt'),
+  and the Haiku layout its own format name; DeepMind's files, timm's own
+  downloads and anything else record neither, and are never replaced.
+  """
+  from nfnets import pretrained  # Deferred: fast --help.
+
+  try:
+    metadata = pretrained.read_metadata(path)
+  except (OSError, ValueError):
+    return False
+  written = metadata.get('format')
+  return written == pretrained.FORMAT_NAME or (
+    written == 'pt' and 'variant' in metadata
+  )
 
 
 def _from_file():

@@ -44,18 +44,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   # Imported after flag parsing so `--help` and flag errors stay fast.
-  from nfnets.train import checkpoint, train_and_evaluate
+  from nfnets.train import train_and_evaluate
 
-  try:
-    result = train_and_evaluate(
-      _CONFIG.value,
-      _WORKDIR.value,
-      allow_config_change=_ALLOW_CONFIG_CHANGE.value,
-    )
-  except checkpoint.CheckpointError as e:
-    # A runtime failure (damaged or foreign checkpoints), not a usage error.
-    common.report_error(e, common.FAILURE_EXIT)
-    sys.exit(common.FAILURE_EXIT)
+  result = train_and_evaluate(
+    _CONFIG.value,
+    _WORKDIR.value,
+    allow_config_change=_ALLOW_CONFIG_CHANGE.value,
+  )
   if result.preempted:
     # 128 + the signal: tells a scheduler (or the shell) the run stopped
     # early; rerunning the same command resumes it.

@@ -10,6 +10,8 @@ Public API (see docs/data.md):
   make_eval_iterator(...)     one padded, masked pass over the eval split
   make_batch_fn(data_config)  the train step's augmentation on the device
                               (None when the host augments)
+  auto_choices(data_config)   what this host makes of the settings left
+                              at 'auto' (loader, placement, pairing)
 
 The iterators come from the loader `config.data.loader` names: tf.data
 (`pipeline.py`, 'tf') or PIL and NumPy (`python_loader.py`, 'python');
@@ -28,7 +30,7 @@ from nfnets.data.config import (
   resolve_loader,
   validate_data_config,
 )
-from nfnets.data.device_augment import make_batch_fn
+from nfnets.data.device_augment import auto_choices, make_batch_fn
 from nfnets.data.plan import dataset_info, eval_num_batches
 from nfnets.data.recipe import MEAN_RGB, STDDEV_RGB
 from nfnets.data.sources import SOURCES, DatasetInfo
@@ -44,6 +46,7 @@ __all__ = [
   'SOURCES',
   'STDDEV_RGB',
   'DatasetInfo',
+  'auto_choices',
   'dataset_info',
   'default_config',
   'eval_num_batches',

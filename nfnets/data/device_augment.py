@@ -89,6 +89,31 @@ def resolve_pairing(data_config, placement):
   return 'in_batch' if placement == 'device' else 'reference'
 
 
+def auto_choices(data_config, backend=None) -> dict:
+  """What this host makes of the data settings left at 'auto'.
+
+  One config trains another recipe elsewhere: 'auto' places augmentation
+  by backend (and pairs MixUp/CutMix by placement) and picks the loader by
+  whether TensorFlow imports. A run records these, so that a resume on
+  another host is told (`nfnets.train.provenance.resume_changes`).
+
+  Returns:
+    `{dotted key: chosen value}` for each of `data.loader`,
+    `data.augment_on` and (with mixing) `data.mix_pairing` at 'auto'.
+  """
+  choices = {}
+  if data_config.get('loader', 'auto') == 'auto':
+    choices['data.loader'] = config_lib.resolve_loader(data_config)
+  placement = resolve_placement(data_config, backend)
+  if data_config.get('augment_on', 'auto') == 'auto':
+    choices['data.augment_on'] = placement
+  if (
+    mixing_on(data_config) and data_config.get('mix_pairing', 'auto') == 'auto'
+  ):
+    choices['data.mix_pairing'] = resolve_pairing(data_config, placement)
+  return choices
+
+
 def mixing_on(data_config):
   """Whether MixUp or CutMix is on."""
   return data_config.mixup_alpha > 0 or bool(data_config.cutmix)

@@ -166,7 +166,8 @@ def pil_decode_error(path):
   try:
     with Image.open(path) as img:
       size = img.convert('RGB').size
-  except (OSError, ValueError, SyntaxError) as e:  # PIL's decode errors.
+  # PIL's decode errors; DecompressionBombError: too many pixels.
+  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
     return (
       str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     )

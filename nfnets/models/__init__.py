@@ -18,6 +18,7 @@ from nfnets.models.registry import (
   constructor_kwargs,
   default_config,
   get_constructor,
+  keeps_batch_statistics,
   make_model,
   nfnet_kwargs,
 )
@@ -28,6 +29,7 @@ __all__ = [
   'constructor_kwargs',
   'default_config',
   'get_constructor',
+  'keeps_batch_statistics',
   'make_model',
   'nfnet_kwargs',
 ]

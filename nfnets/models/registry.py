@@ -38,6 +38,18 @@ MODELS = {
 }
 
 
+def keeps_batch_statistics(name: str, kwargs) -> bool:
+  """Whether model `name` with `kwargs` normalises with batch statistics.
+
+  Such a model computes another function of a batch split into
+  micro-batches (each is normalised alone), so what leaves every other
+  model's update alone (`train.grad_accum_steps`) changes its training.
+  """
+  return name == 'EfficientNet' or (
+    name == 'ResNet' and kwargs.get('norm', 'batch_norm') == 'batch_norm'
+  )
+
+
 def default_config() -> ml_collections.ConfigDict:
   """Returns `config.model` for NFNet-F0 with the paper's training kwargs.
 

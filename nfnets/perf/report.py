@@ -105,6 +105,18 @@ class BenchmarkResult:
     return dataclasses.asdict(self)
 
 
+def is_benchmark_results(value) -> bool:
+  """Whether JSON `value` is what `experiments.benchmark --json_out` wrote.
+
+  A list of results (`BenchmarkResult.to_dict`, keyed 'model') or of
+  paper-table rows (keyed 'result'); only such a file is replaced.
+  """
+  return isinstance(value, list) and all(
+    isinstance(row, dict) and ('model' in row or 'result' in row)
+    for row in value
+  )
+
+
 def environment() -> dict[str, Any]:
   """The software settings and host CPU a result depends on.
 

@@ -168,6 +168,10 @@ def read_rgb(path: str) -> np.ndarray:
     raise UnreadableImageError(
       f'{path!r} is not an image file PIL can read.'
     ) from e
+  except PIL.Image.DecompressionBombError as e:  # Not an OSError.
+    raise UnreadableImageError(
+      f'{path!r} is too large to decode safely ({e}); shrink it first.'
+    ) from e
   except OSError as e:
     # PIL raises a bare OSError for a truncated or corrupt image body.
     raise UnreadableImageError(

@@ -272,8 +272,7 @@ def run_point(config, workdir: str, train_fn: Callable, log=print) -> dict:
   path = os.path.join(workdir, RESULT_FILE)
   error_log = os.path.join(workdir, ERROR_LOG)
   if os.path.exists(path):
-    with open(path) as f:
-      previous = json.load(f)
+    previous = _read_result(path)
     if previous.get('status') != STATUS_FAILED:
       log(f'  already done ({path}); skipping')
       return previous
@@ -304,9 +303,50 @@ def run_point(config, workdir: str, train_fn: Callable, log=print) -> dict:
     log(f'  {result["error"].strip()}\n  (traceback in {error_log})')
   result['seconds'] = time.perf_counter() - t0
   os.makedirs(workdir, exist_ok=True)
-  with open(path, 'w') as f:
+  with open(path + '.tmp', 'w') as f:  # Renamed whole: never half a result.
     json.dump(result, f, indent=2, sort_keys=True)
+  os.replace(path + '.tmp', path)
   return result
+
+
+def _read_result(path: str) -> dict:
+  """A point's saved result; an unreadable one counts as failed (retried)."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except ValueError as e:
+    return {'status': STATUS_FAILED, 'error': f'{path} cannot be read: {e}'}
+
+
+# Keys whose change on resume leaves a run's training alone, but not its
+# result: a sweep point trained for another length is another point.
+_RESULT_KEYS = ('train.num_steps', 'train.num_epochs')
+
+
+def check_point_unchanged(config, workdir: str) -> None:
+  """Refuses a point whose workdir holds a run of another config.
+
+  The point names encode only the axis values, so after an edit of the
+  sweep file (its base config or fixed overrides) a rerun would skip the
+  finished points and tabulate their old results as the new sweep's.
+
+  Raises:
+    ValueError: naming the differences and what to do.
+  """
+  from nfnets.train import provenance, resume_rules  # noqa: PLC0415
+
+  saved = provenance.previous_config(workdir, log=lambda _: None)
+  if saved is None:
+    return
+  changed = resume_rules.unsafe_changes(saved, config, also=_RESULT_KEYS)
+  if changed:
+    listed = ''.join(f'\n  {line}' for line in changed[:10])
+    raise ValueError(
+      f'{workdir} holds a run of another config than this sweep gives '
+      f'it:{listed}\nThe sweep file changed since that run: run it with '
+      'another --outdir (the results there stay as they are), or undo the '
+      'change.'
+    )
 
 
 def run_sweep(
@@ -335,6 +375,8 @@ def run_sweep(
 
     train_fn = train_and_evaluate
   configured = point_configs(sweep, base)
+  for point, config in configured:
+    check_point_unchanged(config, os.path.join(outdir, point.name))
   rows = []
   for i, (point, config) in enumerate(configured):
     log(f'[{i + 1}/{len(configured)}] {sweep.name}: {point.name}')

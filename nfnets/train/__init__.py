@@ -19,7 +19,11 @@ run keeps (to restore its checkpoints elsewhere). One module per concern:
   diagnosed);
 * `preemption`: SIGTERM and Ctrl-C as a flag the loop polls between steps;
 * `provenance`: the run's configs, one record per segment
-  (`load_run_config`, `config_differences`), and the resume rules;
+  (`load_run_config`), checked on resume;
+* `resume_rules`: which config changes a resume may make
+  (`config_differences`, `check_resume`);
+* `config_json`: a config as JSON and back, with its tuples and typed
+  placeholders;
 * `run_weights`: a run as a source of weights where its dataset is not
   (`dataset.json`, `run_params`: its newest checkpoint's params);
 * `writers`: console progress, `metrics.jsonl` and TensorBoard;

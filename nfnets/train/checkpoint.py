@@ -39,7 +39,13 @@ _MAX_LISTED = 5
 
 
 class CheckpointError(ValueError):
-  """A checkpoint that cannot be restored; the message says what to do."""
+  """A checkpoint that cannot be restored; the message says what to do.
+
+  A runtime failure, not a usage error: the commands exit with
+  `exit_status`, as for a missing file.
+  """
+
+  exit_status = 1
 
 
 class DamagedCheckpointError(CheckpointError):
@@ -48,6 +54,10 @@ class DamagedCheckpointError(CheckpointError):
 
 class CheckpointMismatchError(CheckpointError):
   """A checkpoint written by another model or optimizer config."""
+
+
+class CheckpointReadError(CheckpointError):
+  """A sound checkpoint this process cannot read now (memory, permission)."""
 
 
 class Checkpointer:
@@ -141,11 +151,14 @@ class Checkpointer:
     else:
       restored = None
     if restored is None:  # Left in place: the user decides what to do.
+      advice = (  # For a trainer (the one that sets damage aside).
+        ' Use a fresh --workdir, or move those step folders out of the way '
+        'to start this run from step 0.'
+      )
       raise DamagedCheckpointError(
         f'No readable checkpoint in {self.directory} (damaged: steps '
-        f'{", ".join(map(str, damaged))}; they are kept). Use a fresh '
-        '--workdir, or move those step folders out of the way to start this '
-        'run from step 0.'
+        f'{", ".join(map(str, damaged))}; they are kept).'
+        + (advice if set_aside_damaged else '')
       )
     if damaged and set_aside_damaged:
       self._set_aside(damaged, log)
@@ -183,8 +196,14 @@ class Checkpointer:
       return None, self._diagnose(step, abstract, e)
 
   def _diagnose(self, step: int, abstract, error) -> CheckpointError:
-    """Tells a config mismatch from damage, for a failed restore."""
+    """Tells a config mismatch and a failing host from damage."""
     where = os.path.join(self.directory, str(step))
+    if _host_fault(error):  # Not damage: never passed over or moved.
+      return CheckpointReadError(
+        f'Checkpoint {where} cannot be read here: {_first_line(error)}. '
+        'Its files are not at fault; free memory (or fix the permissions) '
+        'and rerun.'
+      )
     try:
       with _orbax_warnings_off():
         metadata = self._manager.item_metadata(step)
@@ -382,6 +401,18 @@ def _tree_differences(metadata_tree, abstract) -> list[str]:
     if k in saved and saved[k] != wanted[k]
   ]
   return lines
+
+
+# What a restore fails with when the host, not the files, is at fault:
+# out of host or device memory, or no read permission (as TensorStore says).
+_HOST_FAULTS = ('RESOURCE_EXHAUSTED', 'PERMISSION_DENIED', 'out of memory')
+
+
+def _host_fault(error) -> bool:
+  if isinstance(error, MemoryError | PermissionError):
+    return True
+  text = str(error)
+  return any(fault in text for fault in _HOST_FAULTS)
 
 
 def _first_line(error) -> str:

@@ -7,6 +7,9 @@ everything the training loop itself reads. Every key is read by
 that would only fail later, with a message that says what to change.
 """
 
+import fractions
+import json
+import math
 import os
 
 import ml_collections
@@ -164,15 +167,23 @@ def _check_sections(config) -> None:
 def check_workdir(config, workdir: str) -> None:
   """Refuses a workdir the run cannot use as `config` says.
 
-  A file is no workdir. Checkpoints off over a run that has some would
-  start again from step 0 beside them, and a later resume with them on
-  would continue the old checkpoints under the new segment's config,
-  past the resume rules.
+  A file is no workdir, nor a folder whose config.json no run wrote (a
+  model folder, say): the run would replace that file. Checkpoints off
+  over a run that has some would start again from step 0 beside them, and
+  a later resume with them on would continue the old checkpoints under the
+  new segment's config, past the resume rules.
   """
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ValueError(
       f'workdir {workdir} is a file; pass a directory (a new one starts a '
       'run, an existing run directory resumes it).'
+    )
+  saved = os.path.join(workdir, 'config.json')
+  if os.path.isfile(saved) and not _written_by_a_run(workdir):
+    raise ValueError(
+      f"{saved} is not a training run's config (no model, data and train "
+      'sections), and training would replace it: pass a new --workdir, or '
+      "a run's."
     )
   directory = os.path.join(workdir, 'checkpoints')
   steps = os.listdir(directory) if os.path.isdir(directory) else []
@@ -183,6 +194,39 @@ def check_workdir(config, workdir: str) -> None:
       'but config.checkpoint.enabled=False would train again from step 0 '
       'beside them. Resume it with checkpoints on, or use a fresh --workdir.'
     )
+
+
+def _written_by_a_run(workdir: str) -> bool:
+  """Whether the workdir's config.json is a run's (or its records are)."""
+  if os.path.isdir(os.path.join(workdir, 'configs')):
+    return True  # A damaged config.json is restored from these.
+  try:
+    with open(os.path.join(workdir, 'config.json')) as f:
+      saved = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return isinstance(saved, dict) and {'model', 'data', 'train'} <= set(saved)
+
+
+def run_length(train_config, num_train_examples: int) -> tuple[int, float]:
+  """Returns (total_steps, steps_per_epoch) of a run.
+
+  Epochs count whole batches, as the reference's `num_examples * epochs //
+  batch_size` (F0: 112,602 steps); the epochs are read as written (8.1,
+  not its binary approximation), so a whole number of batches is exact.
+
+  Args:
+    train_config: `config.train` (`num_steps` > 0 decides, else
+      `num_epochs`).
+    num_train_examples: the size of the training split.
+  """
+  steps_per_epoch = num_train_examples / train_config.batch_size
+  if train_config.num_steps > 0:
+    return int(train_config.num_steps), steps_per_epoch
+  examples = fractions.Fraction(str(train_config.num_epochs)) * (
+    num_train_examples
+  )
+  return math.floor(examples / train_config.batch_size), steps_per_epoch
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:

@@ -314,6 +314,12 @@ def evaluate(
   return evaluate_sets(config, mesh, eval_step, placed, progress=progress)
 
 
+_EVAL_CLASSES_ADVICE = (
+  'evaluate it on the dataset it was trained on (restore that dataset, or '
+  'point --config.data.folder_root or data_dir at it).'
+)
+
+
 def evaluate_from(
   config, *, weights: str = '', workdir: str = '', step: int | None = None
 ) -> dict:
@@ -342,6 +348,10 @@ def evaluate_from(
     params = load_weights_for_config(config, weights, info.num_classes)
     sets = {'eval': (params, {})}
   else:
+    # Imported here: run_weights builds on this module.
+    from nfnets.train import run_weights  # noqa: PLC0415
+
+    run_weights.check_same_classes(workdir, info, advice=_EVAL_CLASSES_ADVICE)
     step, sets = restore_workdir(
       config, workdir, info.num_classes, step=step, log=warn
     )

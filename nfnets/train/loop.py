@@ -31,7 +31,6 @@ when deterministic); 'reseed' starts a shuffle seeded by the resume step.
 import dataclasses
 import math
 import os
-import signal
 import time
 from typing import Any
 
@@ -105,7 +104,7 @@ def train_and_evaluate(
 
   Rerunning with the same `workdir` resumes from its newest readable
   checkpoint, if `config` trains the same way as the run's saved config
-  (`provenance.check_resume`); every segment's config is recorded.
+  (`resume_rules.check_resume`); every segment's config is recorded.
 
   Args:
     config: a full experiment config (sections model, data, optimizer,
@@ -119,7 +118,7 @@ def train_and_evaluate(
 
   Raises:
     NonFiniteLossError: when the loss or gradient becomes NaN/Inf.
-    provenance.ConfigChangeError: resuming with a changed config, unless
+    resume_rules.ConfigChangeError: resuming with a changed config, unless
       allowed.
     checkpoint.CheckpointError: no checkpoint of the run can be restored.
     ValueError: config values that cannot work, or a workdir that is a file.
@@ -142,7 +141,9 @@ def _train_locked(config, workdir: str, allow_config_change) -> TrainResult:
       max_to_keep=config.checkpoint.max_to_keep,
     )
   # SIGTERM and Ctrl-C from here on stop the run at the next step boundary.
-  guard = preemption.PreemptionGuard(config.checkpoint.save_on_sigterm)
+  guard = preemption.PreemptionGuard(
+    config.checkpoint.save_on_sigterm, saves=checkpointer is not None
+  )
   try:
     with guard:
       latest = checkpointer.latest_step() if checkpointer else None
@@ -191,11 +192,9 @@ def _run_segment(run: _Run, checkpointer, guard, changes) -> TrainResult:
     stopped = final is None
     metrics.update(final or {})
   if stopped:
-    name = _SIGNAL_NAMES.get(guard.signal_number, 'a signal')
-    run.progress.print(
-      f'Stopped by {name} at step {int(state.step)}; checkpoint saved. '
-      'Rerun the same command to resume.'
-    )
+    if checkpointer is not None:
+      checkpointer.wait()  # "Saved" only once it is on disk.
+    run.progress.print(guard.stop_message(int(state.step)))
   return TrainResult(
     state=state,
     metrics=metrics,
@@ -204,20 +203,7 @@ def _run_segment(run: _Run, checkpointer, guard, changes) -> TrainResult:
   )
 
 
-_SIGNAL_NAMES = {signal.SIGTERM: 'SIGTERM', signal.SIGINT: 'Ctrl-C (SIGINT)'}
-
-
 # Building the run.
-
-
-def _run_length(config, num_train_examples: int) -> tuple[int, float]:
-  """Returns (total_steps, steps_per_epoch) from the train config."""
-  steps_per_epoch = num_train_examples / config.train.batch_size
-  if config.train.num_steps > 0:
-    return int(config.train.num_steps), steps_per_epoch
-  return int(math.ceil(config.train.num_epochs * steps_per_epoch)), (
-    steps_per_epoch
-  )
 
 
 def _build_run(config, workdir: str) -> _Run:
@@ -233,7 +219,9 @@ def _build_run(config, workdir: str) -> _Run:
     config.train.batch_size, config.train.grad_accum_steps, mesh.devices.size
   )
   info = data.dataset_info(config.data)
-  total_steps, steps_per_epoch = _run_length(config, info.num_train_examples)
+  total_steps, steps_per_epoch = config_lib.run_length(
+    config.train, info.num_train_examples
+  )
   model = models.make_model(config.model, info.num_classes)
   hyperparams = step_lib.step_hyperparams(
     config,
@@ -343,6 +331,10 @@ def _train(run: _Run, state, checkpointer, guard):
   config = run.config
   start = int(state.step)
   if start >= run.total_steps:
+    run.progress.print(
+      f'Nothing to train: the run is at step {start}, this config ends at '
+      f'step {run.total_steps}.'
+    )
     return state, {}, False
   run.progress.print(
     f'Training {run.total_steps} steps ({run.steps_per_epoch:.1f} per epoch) '

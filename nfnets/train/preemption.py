@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+_SIGNAL_NAMES = {signal.SIGTERM: 'SIGTERM', signal.SIGINT: 'Ctrl-C (SIGINT)'}
+
 
 class PreemptionGuard:
   """Context manager turning SIGTERM and SIGINT into a polled flag.
@@ -35,14 +37,17 @@ class PreemptionGuard:
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-  def __init__(self, enabled: bool = True, *, err=None):
+  def __init__(self, enabled: bool = True, *, saves: bool = True, err=None):
     """Creates the guard.
 
     Args:
       enabled: when False, the guard installs nothing and never fires.
+      saves: whether the run saves a checkpoint when it stops (the Ctrl-C
+        notice says so only then).
       err: stream for the Ctrl-C notices (default sys.stderr).
     """
     self._enabled = enabled
+    self._saves = saves
     self._flag = threading.Event()
     self._previous = {}
     self._err = err
@@ -87,13 +92,29 @@ class PreemptionGuard:
           raise KeyboardInterrupt
         self._notify('\nSecond Ctrl-C: exiting now, without a checkpoint.\n')
         os._exit(128 + signal.SIGINT)
-      self._notify(
-        '\nCtrl-C: saving a checkpoint after the current step, then '
-        'stopping (press Ctrl-C again to exit at once).\n'
+      then = (
+        'saving a checkpoint after the current step, then stopping'
+        if self._saves
+        else 'stopping after the current step; checkpoints are off, so '
+        'nothing is saved'
       )
+      self._notify(f'\nCtrl-C: {then} (press Ctrl-C again to exit at once).\n')
     if self.signal_number is None:
       self.signal_number = signum
     self._flag.set()
+
+  def stop_message(self, step: int) -> str:
+    """What a run stopped by this guard's signal at `step` tells the user."""
+    name = _SIGNAL_NAMES.get(self.signal_number, 'a signal')
+    if not self._saves:
+      return (
+        f'Stopped by {name} at step {step}; nothing saved '
+        '(config.checkpoint.enabled=False), so a rerun starts from step 0.'
+      )
+    return (
+      f'Stopped by {name} at step {step}; checkpoint saved. '
+      'Rerun the same command to resume.'
+    )
 
   def requested(self) -> bool:
     """Whether a signal arrived (on any process; collective if >1)."""

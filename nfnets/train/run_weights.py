@@ -91,17 +91,25 @@ def read_dataset_record(workdir: str) -> data.DatasetInfo | None:
   return info
 
 
-def check_same_classes(workdir: str, info: data.DatasetInfo) -> None:
-  """Refuses to resume a run on a dataset whose classes changed.
+_RESUME_CLASSES_ADVICE = (
+  'restore the dataset as it was, or train on this one in a fresh --workdir.'
+)
+
+
+def check_same_classes(
+  workdir: str, info: data.DatasetInfo, advice: str = _RESUME_CLASSES_ADVICE
+) -> None:
+  """Refuses a run's checkpoints on a dataset whose classes changed.
 
   A class folder added to (or removed from) any split changes the class
   count and the labels, so the run's checkpoints no longer fit; the
   mismatch would otherwise surface as a checkpoint shape error that blames
-  the config.
+  the config (or, with renamed classes, as wrong metrics).
 
   Args:
     workdir: the run's workdir (its `dataset.json`, if any, is compared).
     info: the dataset as it is now.
+    advice: what to do instead (resuming, by default).
   """
   try:
     recorded = read_dataset_record(workdir)
@@ -118,8 +126,7 @@ def check_same_classes(workdir: str, info: data.DatasetInfo) -> None:
   raise ValueError(
     f'The dataset now has {len(now)} classes, the run in {workdir} was '
     f'trained on {len(before)} ({DATASET_FILE}): {what}. Its checkpoints '
-    'fit those classes only: restore the dataset as it was, or train on '
-    'this one in a fresh --workdir.'
+    f'fit those classes only: {advice}'
   )
 
 
@@ -219,8 +226,7 @@ def weights_metadata(run: RunParams) -> dict[str, str]:
     raise ValueError(
       f'A {config.model.name} keeps BatchNorm statistics, which a weights '
       "file cannot hold; use the run's workdir itself (--workdir for "
-      'evaluate, predict and export; config.model.init_from=DIR to '
-      'fine-tune).'
+      'evaluate and predict; config.model.init_from=DIR to fine-tune).'
     )
   kwargs = dict(config.model.kwargs)
   metadata = {

@@ -196,6 +196,25 @@ def test_placement_and_pairing_resolution():
     pairing(_config(mix_pairing='timm'), 'host')
 
 
+def test_auto_choices_name_what_each_auto_setting_chose():
+  choices = device_augment.auto_choices
+  mixing = dict(loader='python', mixup_alpha=0.2)
+  assert choices(_config(**mixing), 'gpu') == {
+    'data.augment_on': 'device',
+    'data.mix_pairing': 'in_batch',
+  }  # The loader was named: no choice.
+  assert choices(_config(loader='tf', mixup_alpha=0.2), 'cpu') == {
+    'data.augment_on': 'host',
+    'data.mix_pairing': 'reference',
+  }
+  # Without mixing the pairing is no part of the recipe; a setting given
+  # is no choice.
+  assert choices(_config(loader='tf'), 'gpu') == {'data.augment_on': 'device'}
+  assert choices(_config(loader='tf', augment_on='host'), 'gpu') == {}
+  # 'auto' loader: tf.data where TensorFlow imports (it does here).
+  assert choices(_config(augment_on='host'), 'cpu') == {'data.loader': 'tf'}
+
+
 @pytest.fixture(scope='module')
 def jpegs(tmp_path_factory):
   """ROOT/train/{cat,coffee}/ with JPEG photos, for the Inception crop."""

@@ -23,6 +23,7 @@ import skimage.data
 
 from configs import f0
 from nfnets import data, pretrained, train
+from nfnets.data import image_files
 from nfnets.pretrained import inference
 from nfnets.train import checkpoint as ckpt_lib
 from nfnets.train import evaluation
@@ -121,6 +122,25 @@ def test_predict_errors_are_clear(tmp_path):
   (tmp_path / 'empty').mkdir()
   with pytest.raises(ValueError, match="empty' is a directory without image"):
     inference.image_paths([str(image), str(tmp_path / 'empty')])
+
+
+def test_an_image_too_large_to_decode_is_one_unreadable_file(
+  tmp_path, monkeypatch
+):
+  # PIL refuses over 2x MAX_IMAGE_PIXELS (179 Mpx by default) with an error
+  # that is not an OSError: it was a traceback that stopped the batch.
+  image = tmp_path / 'cat.png'
+  PIL.Image.fromarray(skimage.data.chelsea()).save(image)  # 451x300 px.
+  monkeypatch.setattr(PIL.Image, 'MAX_IMAGE_PIXELS', 451 * 300 // 2 - 1)
+  with pytest.raises(inference.UnreadableImageError) as error:
+    inference.read_rgb(str(image))
+  assert str(error.value).startswith(
+    f"'{image}' is too large to decode safely (Image size (135300 pixels) "
+    'exceeds limit of'
+  )
+  assert str(error.value).endswith('; shrink it first.')
+  reason = image_files.pil_decode_error(str(image))
+  assert reason.startswith('Image size (135300 pixels) exceeds limit of')
 
 
 def test_load_image_matches_the_reference_demo_preprocessing(tmp_path):
@@ -270,6 +290,16 @@ def test_convert_weights_dm_pickle_to_safetensors(tmp_path):
   proc = convert(tmp_path / 'F0.pt')  # Refused before the input is read.
   assert proc.returncode == 2, proc.stderr
   assert 'name it .safetensors or .npz' in proc.stderr
+  # Nor another file it did not write (DeepMind's, say); an earlier
+  # conversion is replaced.
+  other = tmp_path / 'F1_haiku.npz'
+  other.write_bytes(original)
+  proc = convert(other)
+  assert proc.returncode == 2, proc.stderr
+  assert 'exists and is not a file this command wrote' in proc.stderr
+  assert other.read_bytes() == original
+  proc = convert(dst)
+  assert proc.returncode == 0, proc.stderr
   assert json.loads(metadata['model_kwargs']) == {
     'width': 0.125, 'depth': [1, 1, 1, 1]
   }  # fmt: skip

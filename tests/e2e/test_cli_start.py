@@ -93,6 +93,39 @@ def test_a_command_refusing_its_arguments_never_imports_tensorflow(tmp_path):
   assert proc.stdout.splitlines() == ['False']
 
 
+def _train_refusal(config, workdir):
+  """`train`'s two lines of stderr for a refused `--config`."""
+  proc = subprocess.run(
+    [sys.executable, '-m', 'experiments.train', f'--config={config}',
+     f'--workdir={workdir}'],
+    cwd=ROOT, capture_output=True, text=True, timeout=300,
+  )  # fmt: skip
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  first, hint = proc.stderr.splitlines()
+  assert hint == 'Pass --helpshort for the flags.'
+  return first
+
+
+def test_train_refuses_a_bad_config_in_one_line(tmp_path):
+  # A run's saved config: ml_collections would run the JSON as Python (a
+  # NameError traceback).
+  saved = tmp_path / 'config.json'
+  saved.write_text('{"train": {"num_steps": 10, "ema": true}}')
+  assert _train_refusal(saved, tmp_path) == (
+    f'Error: --config={saved} is JSON; this command '
+    'takes a Python config file (configs/*.py). To resume a run, rerun the '
+    'command that started it: the same --config and --workdir (the '
+    "run's config.json is compared with it)."
+  )
+  # A config argument its get_config refuses: the error's text, without
+  # the traceback ml_collections puts into its message.
+  assert _train_refusal('configs/f0.py:plsu', tmp_path) == (
+    'Error: flag --config=configs/f0.py:plsu: ValueError: Unknown config '
+    "argument 'plsu' for F0; use '' for F0 or 'plus' for F0+ (e.g. "
+    '--config=configs/f0.py:plus).'
+  )
+
+
 _INTERRUPTED_TENSORFLOW = """
 import os, signal, time
 os.write(2, b'oneDNN custom operations are on.\\n')

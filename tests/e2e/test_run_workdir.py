@@ -35,7 +35,7 @@ from experiments import common
 from nfnets import pretrained, train
 from nfnets.data import numpy_preprocess as npp
 from nfnets.train import checkpoint as ckpt_lib
-from nfnets.train import provenance
+from nfnets.train import evaluation, provenance, resume_rules
 
 ROOT = os.path.dirname(
   os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -337,6 +337,27 @@ def test_evaluate_passes_over_a_damaged_checkpoint_in_a_few_lines(
   assert f'Wrote stablehlo {out} (the EMA params of step 3)' in proc.stdout
 
 
+def test_evaluate_refuses_a_dataset_whose_classes_changed(known_run, tmp_path):
+  # Renamed classes of the same count restored fine and gave wrong metrics.
+  run = tmp_path / 'run'
+  shutil.copytree(known_run, run)
+  record = {
+    'name': 'folder', 'num_classes': 2, 'class_names': ['rose', 'daisy'],
+    'num_train_examples': 4, 'num_eval_examples': 2, 'natural_images': True,
+  }  # fmt: skip
+  (run / 'dataset.json').write_text(json.dumps(record))
+  config = common.saved_run_config(str(run))
+  with pytest.raises(ValueError) as error:
+    evaluation.evaluate_from(config, workdir=str(run))
+  assert str(error.value) == (
+    f'The dataset now has 2 classes, the run in {run} was trained on 2 '
+    '(dataset.json): the same classes in another order. Its checkpoints fit '
+    'those classes only: evaluate it on the dataset it was trained on '
+    '(restore that dataset, or point --config.data.folder_root or data_dir '
+    'at it).'
+  )
+
+
 def _softmax(x):
   e = np.exp(np.asarray(x, np.float64) - np.max(x))
   return e / e.sum()
@@ -467,6 +488,14 @@ def test_usage_errors_are_short(known_run, tmp_path):
   assert 'Benchmarking' not in proc.stdout
   proc = _run('experiments.benchmark_input', f'--json_out={tmp_path}')
   _assert_short(proc, 2, f'--json_out={tmp_path}: is a directory')
+  # Nor is a file replaced that is not an earlier result (a run's config).
+  saved = known_run / 'config.json'
+  for command in ('experiments.benchmark', 'experiments.benchmark_input'):
+    proc = _run(command, f'--json_out={saved}')
+    _assert_short(
+      proc, 2, f'--json_out={saved}: the file exists and is not an earlier '
+      f'result of {command}, so it is not replaced: pick another path.'
+    )  # fmt: skip
   # evaluate --output naming a file that holds no metrics (here the run's
   # own config) is refused before the evaluation, and the file is kept.
   saved = known_run / 'config.json'
@@ -524,6 +553,10 @@ def test_evaluate_output_replaces_only_an_earlier_metrics_file(tmp_path):
   run_config.write_text(quickstart.get_config().to_json_best_effort())
   weights = tmp_path / 'w.npz'
   np.savez(weights, w=np.zeros(3))
+  train_log = tmp_path / 'metrics.jsonl'  # A run's log after one record.
+  train_log.write_text(
+    json.dumps({'step': 2, 'train/top1': 0.25, 'train/loss': 2.1, 'lr': 0.1})
+  )
   (tmp_path / 'empty.json').write_text('')
   for path in (
     metrics,
@@ -534,6 +567,7 @@ def test_evaluate_output_replaces_only_an_earlier_metrics_file(tmp_path):
   for path, phrase in (
     (run_config, 'is not a metrics file, so it is not replaced'),
     (weights, 'is not a metrics file, so it is not replaced'),
+    (train_log, 'is not a metrics file, so it is not replaced'),
     (tmp_path, 'is a directory'),
     (run_config / 'm.json', f'{run_config} is a file, not a folder'),
   ):
@@ -567,11 +601,48 @@ def test_predict_sizes_and_counts_are_checked_when_parsed():
 def test_a_missing_config_file_is_named_before_parsing(tmp_path):
   # ml_collections would fail only at the config's first use, with "an
   # earlier failure to load"; a config:arg suffix names the same file.
+  def check(value, reads_run_config=True):
+    argv = ['prog'] + ([f'--config={value}'] if value else [])
+    common._check_config_file(argv, reads_run_config=reads_run_config)
+
   for value in ('configs/nothere.py', 'configs/nothere.py:plus'):
     with pytest.raises(flags.ValidationError, match="no config file 'configs"):
-      common._check_config_file(['prog', f'--config={value}'])
+      check(value)
   for ok in ('configs/f0.py:plus', f'{tmp_path}/config.json', None):
-    common._check_config_file(['prog'] + ([f'--config={ok}'] if ok else []))
+    check(ok)
+  # A command without a run's config (train) would run the JSON as Python.
+  saved = f'{tmp_path}/config.json'
+  with pytest.raises(flags.ValidationError) as error:
+    check(saved, reads_run_config=False)
+  assert str(error.value).startswith(
+    f'--config={saved} is JSON; this command takes a Python config file'
+  )
+  # A mistyped run folder, where a run's config is read: no --config.* key
+  # is at fault.
+  typo = f'{tmp_path}/typo/config.json'
+  with pytest.raises(flags.ValidationError) as error:
+    common.use_run_config(['evaluate', f'--config={typo}'])
+  assert str(error.value) == (
+    f'--config={typo}: no such file. Pass the --workdir of a training run '
+    '(its config.json is read), or a config file (configs/*.py).'
+  )
+
+
+def test_exit_statuses_and_messages_of_stops_and_failures():
+  assert common.error_message(KeyboardInterrupt()) == 'Interrupted.'  # Ctrl-C
+  sweep_stop = KeyboardInterrupt('Run preempted; rerun the sweep to continue.')
+  assert common.error_message(sweep_stop) == str(sweep_stop.args[0])
+  assert common.exit_code(sweep_stop) == common.INTERRUPT_EXIT
+  # Checkpoint errors are ValueErrors, but runtime failures in every
+  # command (train alone said so before), not usage errors.
+  for error in (
+    ckpt_lib.DamagedCheckpointError('damaged'),
+    ckpt_lib.CheckpointMismatchError('another config'),
+    ckpt_lib.CheckpointReadError('out of memory'),
+    FileNotFoundError('missing'),
+  ):
+    assert common.exit_code(error) == common.FAILURE_EXIT, error
+  assert common.exit_code(ValueError('bad value')) == common.USAGE_EXIT
 
 
 def test_a_damaged_run_config_says_how_to_restore_it(tmp_path, capsys):
@@ -601,4 +672,4 @@ def test_a_damaged_run_config_says_how_to_restore_it(tmp_path, capsys):
   # Following the advice restores the run's config.
   shutil.copy(record, saved)
   restored = common.saved_run_config(str(tmp_path))
-  assert provenance.config_differences(config, restored) == []
+  assert resume_rules.config_differences(config, restored) == []

@@ -1,6 +1,7 @@
 """Tests for research.sweep: grid expansion, overrides, a real 2x2 sweep."""
 
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -10,6 +11,7 @@ import jax
 import pytest
 
 from nfnets.research import sweep as sweep_lib
+from nfnets.train import provenance
 
 SWEEP_FILE = 'configs/sweeps/agc_ablation.py'
 
@@ -221,3 +223,57 @@ def test_failed_points_are_reported_and_retried(tmp_path, ablation):
   )
   assert third.trained == names[2:]
   assert sweep_lib.failed_summary(sweep, rows, str(tmp_path)) is None
+
+
+class _RecordingTrain(_FakeTrain):
+  """A `_FakeTrain` that records its config as the trainer does."""
+
+  def __call__(self, config, workdir):
+    provenance.write_segment(
+      workdir, config, start_step=0, changes=[], num_devices=1
+    )
+    return super().__call__(config, workdir)
+
+
+def test_a_changed_sweep_file_is_refused_not_tabulated(tmp_path, ablation):
+  # Point names encode only the axis values: an edited base config used to
+  # skip the finished points and show their old results as the new ones.
+  base = sweep_lib.load_config(ablation.base_config)
+  sweep = sweep_lib.Sweep(
+    name='s',
+    base_config='',
+    axes=(('optimizer.lr', (0.1, 0.2)),),
+    metrics=('eval/top1',),
+  )
+  quiet = {'log': lambda *_: None}
+  sweep_lib.run_sweep(
+    sweep, str(tmp_path), base=base, train_fn=_RecordingTrain(), **quiet
+  )
+  first = tmp_path / sweep_lib.expand(sweep)[0].name
+  for key, old, value in (
+    ('optimizer.weight_decay', base.optimizer.weight_decay, 1e-3),
+    # A resume may extend a run; a sweep point may not.
+    ('train.num_steps', base.train.num_steps, 7),
+  ):
+    edited = dataclasses.replace(sweep, overrides={key: value})
+    again = _RecordingTrain()
+    with pytest.raises(ValueError) as error:
+      sweep_lib.run_sweep(
+        edited, str(tmp_path), base=base, train_fn=again, **quiet
+      )
+    assert str(error.value) == (
+      f'{first} holds a run of another config than this sweep gives it:\n'
+      f'  {key}: {old!r} -> {value!r}\n'
+      'The sweep file changed since that run: run it with another --outdir '
+      '(the results there stay as they are), or undo the change.'
+    )
+    assert again.trained == []
+  # What leaves a point's result alone is no change: the points are skipped.
+  logging_only = dataclasses.replace(
+    sweep, overrides={'train.log_every_steps': 5}
+  )
+  again = _RecordingTrain()
+  rows = sweep_lib.run_sweep(
+    logging_only, str(tmp_path), base=base, train_fn=again, **quiet
+  )
+  assert again.trained == [] and [r['eval/top1'] for r in rows] == [0.1, 0.2]

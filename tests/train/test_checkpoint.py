@@ -384,6 +384,14 @@ def test_no_readable_checkpoint_is_a_short_error(tmp_path):
   assert 'No readable checkpoint' in str(e.value) and 'kept' in str(e.value)
   assert 'delete' not in str(e.value)
   assert os.path.isdir(tmp_path / '4')
+  # A reader (evaluate, predict, export) gets no advice meant for a trainer.
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), max_to_keep=3)
+  with pytest.raises(ckpt_lib.DamagedCheckpointError) as e:
+    ckpt.restore(_state(), log=lambda line: None)
+  ckpt.close()
+  assert str(e.value) == (
+    f'No readable checkpoint in {tmp_path} (damaged: steps 4; they are kept).'
+  )
 
 
 def test_another_config_is_told_from_damage(tmp_path):
@@ -409,3 +417,40 @@ def test_another_config_is_told_from_damage(tmp_path):
     in (message)
   )
   assert len(message.splitlines()) <= 10 and 'delete' not in message
+
+
+def test_a_failing_host_is_not_taken_for_damage(tmp_path, monkeypatch):
+  # Out of memory while restoring used to read as a damaged checkpoint: the
+  # sound newest one was moved aside and the run went back to an older one.
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), max_to_keep=3)
+  ckpt.save(2, _state())
+  ckpt.save(4, _state())
+  ckpt.close()
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), max_to_keep=3)
+  faults = (
+    MemoryError(),
+    ValueError('RESOURCE_EXHAUSTED: Out of memory allocating 17.2GiB'),
+  )
+  for fault in faults:
+
+    def fail(*args, fault=fault, **kwargs):
+      raise fault
+
+    monkeypatch.setattr(ckpt._manager, 'restore', fail)
+    warnings = []
+    with pytest.raises(ckpt_lib.CheckpointReadError) as e:
+      ckpt.restore(_state(), log=warnings.append, set_aside_damaged=True)
+    reason = ckpt_lib._first_line(fault)
+    assert str(e.value) == (
+      f'Checkpoint {tmp_path / "4"} cannot be read here: {reason}. Its '
+      'files are not at fault; free memory (or fix the permissions) and '
+      'rerun.'
+    )
+    assert warnings == []  # Step 2 was not tried: 4 is not damaged.
+  ckpt.close()
+  assert sorted(os.listdir(tmp_path)) == ['2', '4']
+  assert not os.path.exists(str(tmp_path) + ckpt_lib.DAMAGED_SUFFIX)
+  # And the checkpoint restores once the host can.
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), max_to_keep=3)
+  _assert_same(ckpt.restore(_state(), log=warnings.append), _state())
+  ckpt.close()

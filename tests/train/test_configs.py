@@ -119,6 +119,24 @@ def test_quickstart_runs_in_float32_on_digits():
   assert config.data.train_image_size == 32
 
 
+def test_run_length_counts_whole_batches_as_the_reference():
+  from nfnets.train import config as config_lib  # noqa: PLC0415
+
+  # The reference: training_steps = 1281167 * 360 // 4096 (112,602.57).
+  f0 = _load('f0').train
+  assert config_lib.run_length(f0, 1_281_167) == (112_602, 1_281_167 / 4096)
+  # The quickstart: 8 epochs of 1,437 digits at 64 = 179.625 batches.
+  assert config_lib.run_length(_load('quickstart').train, 1437)[0] == 179
+  # Epochs as written: 2.3 epochs of 100 examples are 230 batches of 1,
+  # where the binary product 2.3 * 100 is 229.99999999999997.
+  train = ml_collections.ConfigDict(
+    {'num_steps': 0, 'num_epochs': 2.3, 'batch_size': 1}
+  )
+  assert 2.3 * 100 < 230 and config_lib.run_length(train, 100)[0] == 230
+  train.num_steps = 5  # num_steps > 0 decides.
+  assert config_lib.run_length(train, 10)[0] == 5
+
+
 def test_negative_num_steps_and_unknown_dataset_are_refused():
   from nfnets.train import config as config_lib  # noqa: PLC0415
 
@@ -158,6 +176,23 @@ def test_checkpoint_and_eval_cadences_are_checked(tmp_path):
   (tmp_path / 'file').write_text('')
   with pytest.raises(ValueError, match='is a file; pass a directory'):
     config_lib.check_workdir(config, str(tmp_path / 'file'))
+  # A folder whose config.json no run wrote (a model's, say): training
+  # would replace it. A run's config.json, or one with records, is a run.
+  foreign = tmp_path / 'model'
+  foreign.mkdir()
+  (foreign / 'config.json').write_text('{"architectures": ["NFNet"]}')
+  with pytest.raises(ValueError) as error:
+    config_lib.check_workdir(config, str(foreign))
+  assert str(error.value) == (
+    f"{foreign / 'config.json'} is not a training run's config (no model, "
+    'data and train sections), and training would replace it: pass a new '
+    "--workdir, or a run's."
+  )
+  (foreign / 'config.json').write_text(config.to_json_best_effort())
+  config_lib.check_workdir(config, str(foreign))
+  (foreign / 'config.json').write_text('{"train": ')  # Damaged...
+  (foreign / 'configs').mkdir()  # ...but restored from the records.
+  config_lib.check_workdir(config, str(foreign))
 
 
 def test_a_config_missing_a_section_or_key_names_it():

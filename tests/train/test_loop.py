@@ -265,7 +265,11 @@ def test_resume_past_a_damaged_checkpoint_keeps_one_record_per_step(
   third = train_and_evaluate(config, workdir)
   assert _records(workdir) == records
   assert third.metrics['eval/top1'] == records[-1]['eval/top1']
-  assert 'not repeated' in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert 'not repeated' in out
+  assert (
+    'Nothing to train: the run is at step 6, this config ends at step 6.'
+  ) in out
 
   # A change to how the run trains is refused, naming it; nothing changes.
   config.optimizer.lr = 0.3

@@ -39,6 +39,26 @@ def test_sigint_sets_flag_and_handlers_are_restored():
     assert guard.requested() and guard.signal_number == signal.SIGINT
     assert 'Ctrl-C: saving a checkpoint' in err.getvalue()
   assert {s: signal.getsignal(s) for s in before} == before
+  assert guard.stop_message(7) == (
+    'Stopped by Ctrl-C (SIGINT) at step 7; checkpoint saved. Rerun the same '
+    'command to resume.'
+  )
+
+
+def test_a_run_without_checkpoints_says_nothing_is_saved():
+  # It said "saving a checkpoint" and "checkpoint saved"; a rerun then
+  # started from step 0.
+  err = io.StringIO()
+  with preemption.PreemptionGuard(saves=False, err=err) as guard:
+    os.kill(os.getpid(), signal.SIGINT)
+  assert err.getvalue() == (
+    '\nCtrl-C: stopping after the current step; checkpoints are off, so '
+    'nothing is saved (press Ctrl-C again to exit at once).\n'
+  )
+  assert guard.stop_message(7) == (
+    'Stopped by Ctrl-C (SIGINT) at step 7; nothing saved '
+    '(config.checkpoint.enabled=False), so a rerun starts from step 0.'
+  )
 
 
 _TWO_CTRL_C = """

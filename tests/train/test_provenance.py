@@ -8,7 +8,7 @@ import pytest
 from ml_collections import config_dict
 
 from configs import f0, finetune, quickstart
-from nfnets.train import provenance
+from nfnets.train import config_json, provenance, resume_rules
 
 CONFIGS = {
   'quickstart': quickstart.get_config,
@@ -80,13 +80,13 @@ def test_differences_name_each_key_and_both_values():
     {'optimizer': {'lr': 0.3, 'name': 'sgd_agc'}, 'train': {'seed': 0}}
   )
   new.model = ml_collections.ConfigDict({'depth': (1, 2)})
-  assert provenance.config_differences(old, new) == [
+  assert resume_rules.config_differences(old, new) == [
     'model.depth: (absent) -> (1, 2)',
     'optimizer.lr: 0.1 -> 0.3',
   ]
   # A config read back from JSON (lists) equals the one it came from.
   as_json = json.loads(new.to_json())
-  assert provenance.config_differences(new, as_json) == []
+  assert resume_rules.config_differences(new, as_json) == []
 
 
 def test_resume_refuses_training_changes_and_allows_cadence():
@@ -96,14 +96,14 @@ def test_resume_refuses_training_changes_and_allows_cadence():
   new.train.num_epochs = 20.0
   new.train.log_every_steps = 5
   new.checkpoint.every_steps = 50
-  with pytest.raises(provenance.ConfigChangeError) as e:
-    provenance.check_resume(old, new, step=100, allow_change=False)
+  with pytest.raises(resume_rules.ConfigChangeError) as e:
+    resume_rules.check_resume(old, new, step=100, allow_change=False)
   message = str(e.value)
   assert '  optimizer.lr: 0.1 -> 0.3' in message
   assert '--allow_config_change' in message
   # Only the training change is listed as a reason to refuse.
   assert 'num_epochs' not in message and 'log_every_steps' not in message
-  lines = provenance.check_resume(old, new, step=100, allow_change=True)
+  lines = resume_rules.check_resume(old, new, step=100, allow_change=True)
   assert lines == [
     'checkpoint.every_steps: 100 -> 50',
     'optimizer.lr: 0.1 -> 0.3',
@@ -111,23 +111,91 @@ def test_resume_refuses_training_changes_and_allows_cadence():
     'train.num_epochs: 8.0 -> 20.0',
   ]
   new.optimizer.lr = 0.1
-  assert len(provenance.check_resume(old, new, step=1, allow_change=False)) == 3
+  assert (
+    len(resume_rules.check_resume(old, new, step=1, allow_change=False)) == 3
+  )
+
+
+def test_a_damaged_config_json_is_replaced_by_the_latest_record(tmp_path):
+  # It used to let any change through: the run looked like a new one.
+  workdir = str(tmp_path)
+  old = quickstart.get_config()
+  provenance.write_segment(
+    workdir, old, start_step=0, changes=[], num_devices=1
+  )
+  saved = tmp_path / 'config.json'
+  saved.write_text(saved.read_text()[:200])  # Cut by a full disk, say.
+  new = quickstart.get_config()
+  new.optimizer.lr = 0.3
+  warnings = []
+  previous = provenance.previous_config(workdir, log=warnings.append)
+  assert resume_rules.config_differences(old, previous) == []
+  record = tmp_path / 'configs' / 'segment_000_step_0.json'
+  (warning,) = warnings
+  assert warning.startswith(f"Warning: '{saved}' is not valid JSON: ")
+  assert warning.endswith(f'Comparing with the segment record {record}.')
+  with pytest.raises(resume_rules.ConfigChangeError, match='optimizer.lr'):
+    provenance.resume_changes(
+      new, workdir, latest_step=10, allow_change=False, auto_choices={}
+    )
+
+
+def test_a_resume_where_auto_chooses_another_recipe_is_refused(tmp_path):
+  # The run started on a CPU host (augmentation there); its resume on a GPU
+  # host would switch to on-device augmentation, silently.
+  workdir, config = str(tmp_path), quickstart.get_config()
+  on_cpu = {'data.loader': 'tf', 'data.augment_on': 'host'}
+  on_gpu = {'data.loader': 'tf', 'data.augment_on': 'device'}
+  provenance.write_segment(
+    workdir, config, start_step=0, changes=[], num_devices=1,
+    auto_choices=on_cpu,
+  )  # fmt: skip
+
+  def resume(config, choices, allow_change=False):
+    return provenance.resume_changes(
+      config, workdir, latest_step=5, allow_change=allow_change,
+      auto_choices=choices,
+    )  # fmt: skip
+
+  assert resume(config, on_cpu) == []
+  with pytest.raises(resume_rules.ConfigChangeError) as error:
+    resume(config, on_gpu)
+  assert "\n  data.augment_on: 'host' -> 'device'\n" in str(error.value)
+  assert str(error.value).endswith(
+    "\ndata.augment_on is 'auto', which chose otherwise when the run "
+    "trained; to keep the run's recipe, pin its choice: "
+    '--config.data.augment_on=host.'
+  )
+  # Pinned to the run's choice it is no change, on any host.
+  pinned = ml_collections.ConfigDict(config.to_dict())
+  pinned.data.augment_on = 'host'
+  assert resume(pinned, {'data.loader': 'tf'}) == []
+  assert resume(config, on_gpu, allow_change=True) == [
+    "data.augment_on: 'host' -> 'device'"
+  ]
+  # Each segment records its choices; records without them change nothing.
+  record = provenance.segment_records(workdir)[-1][1]
+  assert record['auto_choices'] == on_cpu
+  provenance.write_segment(
+    workdir, config, start_step=5, changes=[], num_devices=1, auto_choices={}
+  )
+  assert resume(config, on_gpu) == []
 
 
 def test_a_key_newer_than_the_run_is_no_change_at_its_default():
   """A run saved before `optimizer.freeze_stages` existed resumes with it
   at 0 (the code's behaviour before the key), but not at 2."""
   new = quickstart.get_config()
-  old = provenance.config_record(new)['config']
+  old = config_json.config_record(new)['config']
   del old['optimizer']['freeze_stages']
-  assert provenance.check_resume(old, new, step=5, allow_change=False) == [
+  assert resume_rules.check_resume(old, new, step=5, allow_change=False) == [
     'optimizer.freeze_stages: (absent) -> 0'
   ]
   new.optimizer.freeze_stages = 2
-  with pytest.raises(provenance.ConfigChangeError, match=r'\(absent\) -> 2'):
-    provenance.check_resume(old, new, step=5, allow_change=False)
+  with pytest.raises(resume_rules.ConfigChangeError, match=r'\(absent\) -> 2'):
+    resume_rules.check_resume(old, new, step=5, allow_change=False)
   # The defaults come from the library's own config groups.
-  assert provenance.library_defaults()['optimizer.freeze_stages'] == 0
+  assert resume_rules.library_defaults()['optimizer.freeze_stages'] == 0
 
 
 @pytest.mark.parametrize(
@@ -145,7 +213,31 @@ def test_a_key_newer_than_the_run_is_no_change_at_its_default():
   ],
 )
 def test_resume_safe_keys(key, safe):
-  assert provenance.is_resume_safe(key) is safe
+  assert resume_rules.is_resume_safe(key) is safe
+
+
+def test_micro_batches_may_change_only_without_batch_statistics():
+  # Each micro-batch is normalised alone: for a BatchNorm model another
+  # grad_accum_steps is another function, for the others the same update.
+  def configs(name, kwargs):
+    old = quickstart.get_config()
+    old.model.name, old.model.kwargs = name, kwargs
+    new = ml_collections.ConfigDict(old.to_dict())
+    new.train.grad_accum_steps = 4
+    return old, new
+
+  change = ['train.grad_accum_steps: 1 -> 4']
+  for name, kwargs, refused in (
+    ('NFNet', {'variant': 'F0'}, False),
+    ('ResNet', {'depth': 50, 'norm': 'none'}, False),
+    ('ResNet', {'depth': 50}, True),  # BatchNorm by default.
+    ('EfficientNet', {'variant': 'B0'}, True),
+  ):
+    old, new = configs(name, kwargs)
+    assert resume_rules.unsafe_changes(old, new) == (change if refused else [])
+    if refused:
+      with pytest.raises(resume_rules.ConfigChangeError, match='grad_accum'):
+        resume_rules.check_resume(old, new, step=3, allow_change=False)
 
 
 def test_segments_are_numbered_and_record_changes(tmp_path):
@@ -175,7 +267,7 @@ def test_segments_are_numbered_and_record_changes(tmp_path):
     record = json.load(f)
   assert record['changes'] == ['optimizer.lr: 0.1 -> 0.3']
   assert record['start_step'] == 4 and record['num_devices'] == 1
-  first = provenance.config_from_record(
+  first = config_json.config_from_record(
     provenance.segment_records(workdir)[0][1]
   )
   assert first.optimizer.lr == 0.1
@@ -188,7 +280,7 @@ def test_segments_are_numbered_and_record_changes(tmp_path):
 
 def test_placeholder_type_survives_a_record():
   config = ml_collections.ConfigDict({'a': config_dict.placeholder(float)})
-  again = provenance.config_from_record(provenance.config_record(config))
+  again = config_json.config_from_record(config_json.config_record(config))
   assert again.a is None and again.get_type('a') is float
   again.a = 2  # An int becomes the declared float.
   assert isinstance(again.a, float)
