@@ -64,7 +64,15 @@ def decode(image):
     return image
   source = io.BytesIO(image) if isinstance(image, bytes) else image
   with Image.open(source) as img:
+    if img.mode.startswith('I'):  # 16-bit grey: PIL would clip to 255.
+      return _wide_grey_to_rgb(np.asarray(img))
     return np.asarray(img if img.mode == 'RGB' else img.convert('RGB'))
+
+
+def _wide_grey_to_rgb(pixels):
+  """16-bit greyscale as TensorFlow decodes it: the high byte, as RGB."""
+  grey = np.clip(pixels.astype(np.int64) >> 8, 0, 255).astype(np.uint8)
+  return np.repeat(grey[..., None], 3, axis=-1)
 
 
 def normalize(images):
@@ -207,10 +215,13 @@ def resize_bilinear(images, size):
 
 
 def center_crop_box(shape, image_size, padding=CROP_PADDING):
-  """The reference's centre box [y, x, h, w]: S/(S+pad) of the short side."""
+  """The reference's centre box [y, x, h, w]: S/(S+pad) of the short side.
+
+  At least 1 pixel: the reference's box of a 1-pixel-wide image is empty.
+  """
   h, w = int(shape[0]), int(shape[1])
   frac = np.float32(image_size / (image_size + padding))
-  side = int(frac * np.float32(min(h, w)))
+  side = max(1, int(frac * np.float32(min(h, w))))
   return [(h - side + 1) // 2, (w - side + 1) // 2, side, side]
 
 

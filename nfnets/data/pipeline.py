@@ -202,13 +202,17 @@ def _train_dataset(
   )
   if shard.num_examples == 0:
     raise ValueError(f'Process {process_index} got no training examples.')
-  ds = shard.dataset.cache() if data_config.cache else shard.dataset
+  ds = shard.dataset
+  if data_config.cache:  # The encoded examples in memory, as asked.
+    ds = shard.loaded(ds).cache()
   if shard.in_memory:
     ds = ds.shuffle(shard.num_examples, seed=shuffle_seed).repeat()
   else:
     # A buffer larger than the shard would only mix epochs and delay start.
     buffer = max(1, min(data_config.shuffle_buffer, shard.num_examples))
     ds = ds.repeat().shuffle(buffer, seed=shuffle_seed)
+  if not data_config.cache:
+    ds = shard.loaded(ds)
   placement = device_augment.resolve_placement(data_config)
   pairing = device_augment.resolve_pairing(data_config, placement)
   on_host = placement == 'host'
@@ -270,7 +274,7 @@ def _eval_dataset(data_config, global_batch_size, process_index, process_count):
     - shard.num_examples
   )
   ds = _map(
-    shard.dataset,
+    shard.loaded(shard.dataset),
     lambda ex: {
       'images': preprocess.eval_preprocess(ex['image'], size, mode),
       'labels': ex['label'],

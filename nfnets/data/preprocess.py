@@ -85,10 +85,14 @@ def decode(image):
 
 
 def center_crop_box(shape, image_size, padding=CROP_PADDING):
-  """Returns the reference's centre box: S/(S+padding) of the shorter side."""
+  """Returns the reference's centre box: S/(S+padding) of the shorter side.
+
+  At least 1 pixel: the reference's box of a 1-pixel-wide image is empty.
+  """
   h, w = shape[0], shape[1]
   frac = image_size / (image_size + padding)
   side = tf.cast(frac * tf.cast(tf.minimum(h, w), tf.float32), tf.int32)
+  side = tf.maximum(side, 1)
   return [(h - side + 1) // 2, (w - side + 1) // 2, side, side]
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from nfnets.data import config as config_lib
-from nfnets.data import image_files, numpy_preprocess
+from nfnets.data import numpy_preprocess
 from nfnets.data import records as records_lib
 
 # The digits set has 1,797 images; every fifth one (index % 5 == 0) is the
@@ -64,19 +64,29 @@ class Shard:
   """One process's part of a split.
 
   Attributes:
-    dataset: a `tf.data.Dataset` of examples `{'image', 'label'}`, finite,
-      in a fixed order.
+    dataset: a `tf.data.Dataset` of examples `{'image', 'label'}` (or, with
+      `load`, of what `load` turns into them), finite, in a fixed order.
     num_examples: how many examples `dataset` yields.
     in_memory: True when the whole shard is cheap to reshuffle each epoch
       (arrays or file paths), so the pipeline shuffles it fully.
+    load: None, or the map from `dataset`'s elements (file paths) to
+      examples, applied after shuffling so that only what the batches take
+      is read (a full shuffle of read files would hold them all in memory).
   """
 
   dataset: Any
   num_examples: int
   in_memory: bool
+  load: Any = None
+
+  def loaded(self, ds):
+    """`ds` (this shard's dataset, maybe shuffled) as examples."""
+    if self.load is None:
+      return ds
+    return ds.map(self.load, num_parallel_calls=tf_module().data.AUTOTUNE)
 
 
-def _tf():
+def tf_module():
   """TensorFlow, imported on first use (only the tf.data path needs it)."""
   return importlib.import_module('tensorflow')
 
@@ -151,7 +161,7 @@ class DigitsSource:
     """Returns this process's Shard of `split` at `image_size` pixels."""
     images, labels = self.upscaled(split, image_size)
     start, stop = _process_slice(len(labels), process_index, process_count)
-    ds = _tf().data.Dataset.from_tensor_slices(
+    ds = tf_module().data.Dataset.from_tensor_slices(
       {'image': images[start:stop], 'label': labels[start:stop]}
     )
     return Shard(ds, stop - start, in_memory=True)
@@ -251,7 +261,7 @@ class TfdsSource:
 
   def read(self, split, *, process_index, process_count, shuffle, seed, **_):
     """Returns this process's Shard of `split`; files shuffled if asked."""
-    tf, tfds = _tf(), _tfds()
+    tf, tfds = tf_module(), _tfds()
     self.num_examples(split)  # Validates the split name.
     if process_count > 1:
       split = tfds.even_splits(split, n=process_count)[process_index]
@@ -313,128 +323,6 @@ class TfdsSource:
     return [info.file_format, *formats]
 
 
-class FolderSource:
-  """Images laid out as `root/<split>/<class>/<image>`.
-
-  Class names are the sorted union of class folders over all splits, so a
-  class missing from one split keeps its label. Hidden files and folders
-  (`.x`, macOS `._x`) are skipped. The first time a split is listed, every
-  file is decoded once (in parallel, cached per file; see `image_files`),
-  so undecodable files and image formats TensorFlow cannot read are
-  reported, with their paths, before training starts. The check decodes
-  with the loader's decoder: TensorFlow's ('tf') or PIL ('pil').
-  """
-
-  name = 'folder'
-  natural_images = True
-
-  def __init__(self, root, decoder='tf'):
-    if not root or not os.path.isdir(root):
-      raise FileNotFoundError(
-        f'config.data.folder_root={root!r} is not a directory; point it at '
-        'a folder laid out as ROOT/<split>/<class>/<image>.jpg.'
-      )
-    self.root = root
-    self.decoder = decoder
-    self._splits = _subdirs(root)
-    classes = set()
-    for split in self._splits:
-      classes.update(_subdirs(os.path.join(root, split)))
-    if not classes:
-      raise ValueError(f'No ROOT/<split>/<class>/ folders found in {root!r}.')
-    self.class_names = tuple(sorted(classes))
-    names = [s for s in ('validation', 'val', 'test') if s in self._splits]
-    self.default_eval_split = names[0] if names else 'validation'
-    self._files = {}  # split -> (paths, labels), checked.
-
-  def _list(self, split):
-    """Returns (paths, labels, unsupported paths) of a split, unchecked."""
-    split_dir = os.path.join(self.root, split)
-    if split not in self._splits:
-      raise ValueError(
-        f'Folder dataset {self.root!r} has no split {split!r}; its splits '
-        f'are {self._splits}.'
-      )
-    paths, labels, unsupported = [], [], []
-    for label, name in enumerate(self.class_names):
-      class_dir = os.path.join(split_dir, name)
-      if not os.path.isdir(class_dir):
-        continue
-      for f in image_files.list_dir(class_dir):
-        kind = image_files.classify(f)
-        if kind == 'image':
-          paths.append(os.path.join(class_dir, f))
-          labels.append(label)
-        elif kind == 'unsupported':
-          unsupported.append(os.path.join(class_dir, f))
-    return paths, np.asarray(labels, np.int32), unsupported
-
-  def files(self, split):
-    """Returns (sorted file paths, int32 labels) of a split.
-
-    Raises:
-      image_files.ImageCheckError: (a ValueError) if a file cannot be
-        decoded or has an image format TensorFlow cannot read.
-    """
-    if split not in self._files:
-      paths, labels, unsupported = self._list(split)
-      if not paths and not unsupported:
-        split_dir = os.path.join(self.root, split)
-        raise ValueError(
-          f'No images {image_files.SUPPORTED_EXTENSIONS} found in '
-          f'{split_dir!r}.'
-        )
-      image_files.check_images(
-        os.path.join(self.root, split),
-        paths,
-        unsupported,
-        decoder=self.decoder,
-      )
-      self._files[split] = (paths, labels)
-    return self._files[split]
-
-  def num_examples(self, split):
-    return len(self.files(split)[0])
-
-  def read(self, split, *, process_index, process_count, **_):
-    """Returns this process's Shard of `split` (bytes read lazily)."""
-    paths, labels = self.files(split)
-    start, stop = _process_slice(len(paths), process_index, process_count)
-    tf = _tf()
-    ds = tf.data.Dataset.from_tensor_slices(
-      {'path': paths[start:stop], 'label': labels[start:stop]}
-    )
-    ds = ds.map(
-      lambda ex: {'image': tf.io.read_file(ex['path']), 'label': ex['label']},
-      num_parallel_calls=tf.data.AUTOTUNE,
-    )
-    return Shard(ds, stop - start, in_memory=True)
-
-  def records(self, split, *, process_index, process_count, **_):
-    """Returns this process's Records of `split` (file paths, read later)."""
-    paths, labels = self.files(split)
-    start, stop = _process_slice(len(paths), process_index, process_count)
-    return records_lib.Records(paths[start:stop], labels[start:stop])
-
-  def find_corrupt_files(self, split):
-    """Returns the files of `split` that the decoder cannot decode now.
-
-    Not cached: used when decoding fails mid-run (a file changed after the
-    check at start).
-    """
-    paths = self._list(split)[0]
-    return list(image_files.find_undecodable(paths, decoder=self.decoder))
-
-
-def _subdirs(path):
-  """Sorted non-hidden subdirectories of `path`."""
-  return [
-    d
-    for d in image_files.list_dir(path)
-    if os.path.isdir(os.path.join(path, d))
-  ]
-
-
 def _make_digits(data_config):
   del data_config
   return DigitsSource()
@@ -445,10 +333,13 @@ def _make_imagenet(data_config):
 
 
 def _make_folder(data_config):
+  # Imported here: folder_source builds on this module.
+  from nfnets.data import folder_source  # noqa: PLC0415
+
   # The start-up check decodes as the loader will.
   loader = config_lib.resolve_loader(data_config)
   decoder = 'tf' if loader == 'tf' else 'pil'
-  return FolderSource(data_config.folder_root, decoder=decoder)
+  return folder_source.FolderSource(data_config.folder_root, decoder=decoder)
 
 
 # Names accepted by config.data.name, besides 'tfds/<name>'.
@@ -466,7 +357,7 @@ def make_source(data_config):
     data_config: the `config.data` ConfigDict.
 
   Returns:
-    A DigitsSource, TfdsSource or FolderSource.
+    A DigitsSource, TfdsSource or `folder_source.FolderSource`.
   """
   check_dataset_name(data_config)
   name = data_config.name

@@ -258,6 +258,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       f'config.train.host_input={train.host_input!r} is not one of '
       f'{HOST_INPUT_MODES}.'
     )
+  if train.host_input == 'slice' and not config.data.deterministic:
+    # Each host keeps its rows of the global batch it builds: the batches
+    # must be the same on every host, so their order cannot vary.
+    raise ValueError(
+      "config.train.host_input='slice' needs config.data.deterministic=True "
+      '(every host must build the same batches).'
+    )
   if train.batch_size <= 0 or config.eval.batch_size <= 0:
     raise ValueError(
       'config.train.batch_size and config.eval.batch_size must be positive.'

@@ -21,11 +21,11 @@ from sklearn.datasets import load_digits
 
 from nfnets import data
 from nfnets.data import (
+  folder_source,
   numpy_preprocess,
   preprocess,
   python_loader,
   recipe,
-  sources,
 )
 
 ROOT = os.path.dirname(
@@ -371,7 +371,7 @@ def test_folder_check_decodes_with_pil(tmp_path):
   bad = root / 'train' / 'class0' / 'broken.jpg'
   raw = (root / 'train' / 'class0' / '0.jpg').read_bytes()
   bad.write_bytes(raw[: len(raw) // 3])
-  source = sources.FolderSource(str(root), decoder='pil')
+  source = folder_source.FolderSource(str(root), decoder='pil')
   with pytest.raises(ValueError, match='broken.jpg'):
     source.num_examples('train')
 
@@ -379,7 +379,7 @@ def test_folder_check_decodes_with_pil(tmp_path):
 def test_corrupt_file_mid_run_is_named(tmp_path):
   root = _photo_folder(tmp_path, 'jpg')
   config = _config(root, augment_on='device')
-  records = sources.FolderSource(str(root), 'pil').records(
+  records = folder_source.FolderSource(str(root), 'pil').records(
     'train', process_index=0, process_count=1
   )
   path = records[0][0]

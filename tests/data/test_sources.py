@@ -14,7 +14,7 @@ import skimage.data
 from PIL import Image
 
 from nfnets import data
-from nfnets.data import image_files, sources
+from nfnets.data import folder_source, image_files
 
 
 @pytest.fixture(autouse=True)
@@ -66,7 +66,7 @@ def test_hidden_and_resource_files_are_skipped(tmp_path):
   (cat / 'labels.txt').write_text('not an image')
   _write(root / 'train' / '.thumbnails' / '0.jpg')  # Hidden: not a class.
   _write(root / '.trash' / 'cat' / '0.jpg')  # Hidden: not a split.
-  source = sources.FolderSource(str(root))
+  source = folder_source.FolderSource(str(root))
   assert source.class_names == ('cat', 'dog')
   paths, labels = source.files('train')
   rel = [os.path.relpath(p, root / 'train') for p in paths]
@@ -99,7 +99,7 @@ def test_webp_is_read_and_decodes_like_pil(tmp_path):
   _write(root / 'val' / 'cat' / 'a.jpg')
   webp = _write(root / 'val' / 'dog' / 'b.webp', size=(16, 16))
   config = _config(root, eval_preproc='resize')
-  assert sources.FolderSource(str(root)).num_examples('val') == 2
+  assert folder_source.FolderSource(str(root)).num_examples('val') == 2
   batch = next(data.make_eval_iterator(config, global_batch_size=2))
   assert batch['labels'].tolist() == [0, 1]
   # At 16 px 'resize' leaves the image alone: compare with PIL's decode.
@@ -125,7 +125,7 @@ def test_long_lists_are_cut_with_a_count(tmp_path):
   for i in range(13):
     (root / 'train' / 'cat' / f'bad{i:02d}.png').write_bytes(b'nope')
   with pytest.raises(image_files.ImageCheckError) as e:
-    sources.FolderSource(str(root)).files('train')
+    folder_source.FolderSource(str(root)).files('train')
   message = str(e.value)
   assert '13 undecodable file(s)' in message
   assert message.count('bad') == image_files.MAX_LISTED
@@ -165,3 +165,87 @@ def test_check_is_cached_by_size_and_mtime(tmp_path):
   os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
   with pytest.raises(image_files.ImageCheckError, match='0.jpg'):
     data.dataset_info(_config(root))
+
+
+def _classes_folder(root, classes=4, per_class=6, size=(8, 6)):
+  """train/c<k>/ with `per_class` small PNGs each, listed class by class."""
+  for k in range(classes):
+    for i in range(per_class):
+      _write(root / 'train' / f'c{k}' / f'{i}.png', size=size)
+  return root
+
+
+@pytest.mark.parametrize('count', [2, 3, 4])
+def test_every_process_reads_every_class_of_a_folder(tmp_path, count):
+  # The files are listed class by class: contiguous shares gave each
+  # process a block of classes, so MixUp/CutMix paired within it.
+  source = folder_source.FolderSource(str(_classes_folder(tmp_path)))
+  tf_shards, python_shards = [], []
+  for index in range(count):
+    kwargs = dict(process_index=index, process_count=count)
+    shard = source.read('train', **kwargs)
+    tf_shards.append(
+      [ex['path'].decode() for ex in shard.dataset.as_numpy_iterator()]
+    )
+    assert shard.num_examples == len(tf_shards[-1])
+    python_shards.append(list(source.records('train', **kwargs).images))
+    labels = source.records('train', **kwargs).labels
+    assert set(labels) == {0, 1, 2, 3}, (index, labels)
+  assert tf_shards == python_shards  # Both loaders shard alike.
+  everything = sorted(p for shard in tf_shards for p in shard)
+  assert everything == sorted(source.files('train')[0])  # Disjoint, complete.
+
+
+def test_folder_files_are_read_after_shuffling_only_as_needed(
+  tmp_path, monkeypatch
+):
+  # They were read before the full shuffle, whose buffer then held every
+  # file of the shard before the first batch (all of ImageNet's JPEGs).
+  import tensorflow as tf  # noqa: PLC0415
+
+  root = _classes_folder(tmp_path, classes=2, per_class=150)
+  reads = []
+
+  def counted(example):
+    def count(path):
+      reads.append(path)
+      return path
+
+    path = tf.py_function(count, [example['path']], tf.string)
+    return {'image': tf.io.read_file(path), 'label': example['label']}
+
+  monkeypatch.setattr(folder_source, '_read_file', counted)
+  config = _config(root, eval_split='train', train_image_size=8)
+  batch = next(data.make_train_iterator(config, global_batch_size=4))
+  assert batch['images'].shape[0] == 4
+  assert len(reads) < 100, len(reads)  # Of 300; prefetching reads ahead.
+
+
+def test_one_pixel_images_get_a_one_pixel_centre_crop(tmp_path):
+  # The reference's box is int(S / (S + 32) * 1) = 0 pixels: an empty crop
+  # failed mid-run in both loaders (the file itself is fine).
+  from nfnets.data import numpy_preprocess, preprocess  # noqa: PLC0415
+
+  for shape in ((1, 1), (1, 50), (50, 1)):
+    y, x, h, w = numpy_preprocess.center_crop_box(shape, 224)
+    assert (h, w) == (1, 1) and 0 <= y < shape[0] and 0 <= x < shape[1]
+    tf_box = [int(v) for v in preprocess.center_crop_box(shape, 224)]
+    assert tf_box == [y, x, h, w]
+  assert numpy_preprocess.center_crop_box((256, 300), 224) == [16, 38, 224, 224]
+
+
+def test_sixteen_bit_grey_png_decodes_as_tensorflow_does(tmp_path):
+  # PIL's convert('RGB') clips 16-bit values to 255: nearly white images.
+  import tensorflow as tf  # noqa: PLC0415
+
+  from nfnets.data import numpy_preprocess  # noqa: PLC0415
+
+  pixels = (np.arange(32 * 40).reshape(32, 40) * 51).astype(np.uint16)
+  path = tmp_path / 'grey16.png'
+  Image.fromarray(pixels).save(path)
+  assert Image.open(path).mode == 'I;16'
+  raw = path.read_bytes()
+  ours = numpy_preprocess.decode(raw)
+  want = tf.io.decode_image(raw, channels=3, expand_animations=False).numpy()
+  np.testing.assert_array_equal(ours, want)
+  np.testing.assert_array_equal(ours[..., 0], pixels >> 8)  # By hand.

@@ -5,7 +5,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from nfnets.data import sources, synthetic
+from nfnets.data import folder_source, synthetic
 
 
 def test_photos_have_imagenet_sizes_and_differ():
@@ -32,7 +32,7 @@ def test_folder_has_the_layout_and_jpeg_sizes_of_imagenet(tmp_path):
   assert 60e3 < total / len(files) < 200e3
   with Image.open(files[0]) as image:
     assert image.format == 'JPEG' and image.mode == 'RGB'
-  source = sources.FolderSource(root)
+  source = folder_source.FolderSource(root)
   assert source.class_names == ('c0000', 'c0001', 'c0002')
   assert source.num_examples('train') == 6
   assert source.num_examples('validation') == 3

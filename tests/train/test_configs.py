@@ -149,6 +149,14 @@ def test_negative_num_steps_and_unknown_dataset_are_refused():
   config.data.name = 'digitz'  # Checked with the config, before a resume.
   with pytest.raises(ValueError, match="Unknown dataset 'digitz'"):
     config_lib.validate_config(config)
+  # Hosts slicing one global batch each must build the same one: tf.data's
+  # order varies with thread timing when not deterministic.
+  config = _load('quickstart')
+  config.train.host_input, config.data.deterministic = 'slice', False
+  with pytest.raises(ValueError, match="'slice' needs config.data.determ"):
+    config_lib.validate_config(config)
+  config.data.deterministic = True
+  config_lib.validate_config(config)
 
 
 def test_checkpoint_and_eval_cadences_are_checked(tmp_path):
