@@ -59,6 +59,11 @@ def _map(ds, fn, parallel=True):
   return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE if parallel else None)
 
 
+def _loaded(ds, shard):
+  """`ds` (the shard's dataset, maybe shuffled) as examples (`Shard.load`)."""
+  return ds if shard.load is None else _map(ds, shard.load)
+
+
 def _fold(seed, index):
   return tf.random.experimental.stateless_fold_in(seed, index)
 
@@ -204,7 +209,7 @@ def _train_dataset(
     raise ValueError(f'Process {process_index} got no training examples.')
   ds = shard.dataset
   if data_config.cache:  # The encoded examples in memory, as asked.
-    ds = shard.loaded(ds).cache()
+    ds = _loaded(ds, shard).cache()
   if shard.in_memory:
     ds = ds.shuffle(shard.num_examples, seed=shuffle_seed).repeat()
   else:
@@ -212,7 +217,7 @@ def _train_dataset(
     buffer = max(1, min(data_config.shuffle_buffer, shard.num_examples))
     ds = ds.repeat().shuffle(buffer, seed=shuffle_seed)
   if not data_config.cache:
-    ds = shard.loaded(ds)
+    ds = _loaded(ds, shard)
   placement = device_augment.resolve_placement(data_config)
   pairing = device_augment.resolve_pairing(data_config, placement)
   on_host = placement == 'host'
@@ -274,7 +279,7 @@ def _eval_dataset(data_config, global_batch_size, process_index, process_count):
     - shard.num_examples
   )
   ds = _map(
-    shard.loaded(shard.dataset),
+    _loaded(shard.dataset, shard),
     lambda ex: {
       'images': preprocess.eval_preprocess(ex['image'], size, mode),
       'labels': ex['label'],

@@ -79,12 +79,6 @@ class Shard:
   in_memory: bool
   load: Any = None
 
-  def loaded(self, ds):
-    """`ds` (this shard's dataset, maybe shuffled) as examples."""
-    if self.load is None:
-      return ds
-    return ds.map(self.load, num_parallel_calls=tf_module().data.AUTOTUNE)
-
 
 def tf_module():
   """TensorFlow, imported on first use (only the tf.data path needs it)."""

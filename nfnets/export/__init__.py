@@ -19,6 +19,9 @@ is its command line. See docs/export.md.
 import os
 import tempfile
 
+import jax
+import numpy as np
+
 from nfnets.export import serving
 from nfnets.export.destination import check_destination
 from nfnets.export.fold import (
@@ -100,8 +103,9 @@ def export_model(
     `out`.
 
   Raises:
-    ValueError: an unknown format, platform or preprocess mode, or params
-      without weight-standardised convs.
+    ValueError: an unknown format, platform or preprocess mode, params
+      without weight-standardised convs, or a model too large for the
+      format (`check_flatbuffer_size`).
     FileExistsError: `out` holds something other than an earlier export
       of this format (`check_destination`).
   """
@@ -109,11 +113,13 @@ def export_model(
 
   check_format(fmt)
   check_platforms(fmt, platforms)
-  serving.check_preprocess(preprocess)
+  serving.check_inputs(spec, preprocess)
   check_destination(fmt, out)
-  # `--out=exported/f0.tflite` on a fresh checkout: the folder is made.
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   folded = fold_weight_standardization(params)
+  check_flatbuffer_size(fmt, folded, state)
+  # `--out=exported/f0.tflite` on a fresh checkout: the folder is made,
+  # once nothing can refuse the export any more.
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   if fmt == 'stablehlo':
     return stablehlo.write_stablehlo(
       spec, folded, state, out, preprocess=preprocess, platforms=platforms
@@ -130,7 +136,39 @@ def export_model(
     return tflite.convert_savedmodel(saved, out)
 
 
+# StableHLO and TFLite serialise into one FlatBuffer, whose offsets are 32-bit
+# signed: 2 GiB in all, less a margin for the program itself.
+FLATBUFFER_LIMIT_BYTES = 2**31 - 2**24
+_FLATBUFFER_FORMATS = ('stablehlo', 'tflite')
+
+
+def check_flatbuffer_size(fmt: str, folded, state) -> None:
+  """Refuses a model whose weights cannot fit the format's one FlatBuffer.
+
+  The writers would fail only after lowering the whole model, with
+  FlatBuffers' own error: F5+ and larger (2.3 GiB and up in float32) do not
+  fit, F7 (1.86 GiB) and F4+ (1.95 GiB) do.
+
+  Raises:
+    ValueError: naming the size and the format that holds it.
+  """
+  if fmt not in _FLATBUFFER_FORMATS:
+    return
+  size = sum(
+    int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+    for x in jax.tree.leaves((folded, state))
+  )
+  if size > FLATBUFFER_LIMIT_BYTES:
+    raise ValueError(
+      f'--format={fmt} holds the weights in one FlatBuffer of at most 2 GiB; '
+      f"this model's take {size / 2**30:.2f} GiB. Use --format=savedmodel, "
+      'which stores them in separate files.'
+    )
+
+
 __all__ = [
+  'FLATBUFFER_LIMIT_BYTES',
+  'check_flatbuffer_size',
   'FORMATS',
   'PLATFORMS',
   'PREPROCESS_MODES',

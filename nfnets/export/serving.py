@@ -57,6 +57,27 @@ def check_preprocess(mode: str) -> None:
     )
 
 
+def check_inputs(spec: ExportSpec, preprocess_mode: str) -> None:
+  """Refuses, before any work, an input the exported program cannot take.
+
+  The eval transform needs an eval mode it can run, and normalises RGB:
+  a model of another channel count takes its images as they are.
+  """
+  check_preprocess(preprocess_mode)
+  if preprocess_mode != 'eval':
+    return
+  preprocess.check_eval_mode(spec.eval_mode)
+  if _channels(spec) != 3:
+    raise ValueError(
+      f'--preprocess=eval normalises RGB images; this model takes '
+      f'{_channels(spec)} channels: export it with --preprocess=none.'
+    )
+
+
+def _channels(spec: ExportSpec) -> int:
+  return int(spec.model_config.kwargs.get('in_channels', 3) or 3)
+
+
 def input_spec(spec: ExportSpec, preprocess_mode: str):
   """The exported input: (symbolic shape string, dtype, static shape).
 
@@ -69,11 +90,11 @@ def input_spec(spec: ExportSpec, preprocess_mode: str):
     'b, 256, 256, 3', the NumPy dtype, and the shape with None for the
     symbolic sizes (for TensorFlow's `TensorSpec`).
   """
-  check_preprocess(preprocess_mode)
+  check_inputs(spec, preprocess_mode)
   if preprocess_mode == 'eval':
     return 'b, h, w, 3', np.dtype(np.uint8), (None, None, None, 3)
-  s = spec.image_size
-  return f'b, {s}, {s}, 3', np.dtype(np.float32), (None, s, s, 3)
+  s, c = spec.image_size, _channels(spec)
+  return f'b, {s}, {s}, {c}', np.dtype(np.float32), (None, s, s, c)
 
 
 def make_serving_fn(spec: ExportSpec, preprocess_mode: str):
@@ -88,9 +109,7 @@ def make_serving_fn(spec: ExportSpec, preprocess_mode: str):
     The pure function; apply it with `fold.fold_weight_standardization`'s
     params.
   """
-  check_preprocess(preprocess_mode)
-  if preprocess_mode == 'eval':
-    preprocess.check_eval_mode(spec.eval_mode)
+  check_inputs(spec, preprocess_mode)
   model = fold.make_folded_model(spec.model_config, spec.num_classes)
 
   def serve(params, state, images):

@@ -49,6 +49,14 @@ def resolve_grouped_conv(mode: str) -> str:
   )
 
 
+def _subsample(x, stride):
+  """Every `stride`-th row and column of NHWC `x`, from the first."""
+  if tuple(stride) == (1, 1):
+    return x
+  x = jax.lax.slice_in_dim(x, 0, x.shape[1], stride[0], axis=1)
+  return jax.lax.slice_in_dim(x, 0, x.shape[2], stride[1], axis=2)
+
+
 def _cpu_plan() -> cpu_features.ConvPlan:
   """Which 'split' convs run as float32-accumulated GEMMs here."""
   if jax.default_backend() != 'cpu':
@@ -118,8 +126,10 @@ def grouped_conv2d(
   if w.shape[:2] == (1, 1) and groups == 1 and isinstance(padding, str):
     # A 1x1 conv is a matmul over channels (after subsampling for stride,
     # which 'SAME' and 'VALID' agree on); XLA:CPU runs its backward pass
-    # about 3x faster as a dot than as a convolution.
-    x = x[:, :: stride[0], :: stride[1], :]
+    # about 3x faster as a dot than as a convolution. The subsampling is a
+    # static strided slice: indexing with `::s` lowers to a gather when the
+    # batch is symbolic (an export), which TFLite cannot convert.
+    x = _subsample(x, stride)
     if mode == 'split' and _cpu_plan().matmul_1x1:
       return gemm_conv.matmul_f32acc(x, w[0, 0])
     return jnp.dot(x, w[0, 0])

@@ -16,7 +16,9 @@ def trained_like(params, seed=0):
   """Initial params moved off their init values, as training would.
 
   Gains around 1, small biases and skip gains around 0.5 (zero at init,
-  which would make every residual branch vanish).
+  which would make every residual branch vanish), and weights that start
+  at zero (NF-RegNet's classifier, whose logits would then be its bias for
+  every input) drawn small.
 
   Args:
     params: freshly initialised Haiku params.
@@ -38,6 +40,8 @@ def trained_like(params, seed=0):
         value = 0.05 * noise
       elif name == 'skip_gain':
         value = 0.5 + 0.1 * noise
+      elif not value.any():
+        value = 0.05 * noise
       out[module][name] = value
   return out
 

@@ -332,3 +332,71 @@ def test_a_run_file_exports_at_its_eval_size(weights, tmp_path):
   assert (spec.image_size, spec.eval_mode) == (48, 'resize')
   # No record (DeepMind's pickle): the variant's test size.
   assert _spec(weights)[0].image_size == SIZE
+
+
+@pytest.mark.parametrize('name', ['NF_ResNet', 'NF_RegNet'])
+def test_other_normalizer_free_families_export_to_tflite(name, tmp_path):
+  # NF-ResNet's strided 1x1 shortcut subsampled with `::2`, which lowers to
+  # a gather with a symbolic batch, and TFLite's converter refused it.
+  import tensorflow as tf  # noqa: PLC0415
+
+  kwargs = dict(width=0.25, depth=(1, 1, 1, 1))
+  if name == 'NF_ResNet':
+    kwargs['variant'] = 'ResNet50'
+  config = helpers.model_config(name, **kwargs)
+  params, state = helpers.init_params(config, NUM_CLASSES, 64)
+  spec = export.ExportSpec(config, NUM_CLASSES, 64, 'resize_crop_32')
+  out = str(tmp_path / 'model.tflite')
+  export.export_model(spec, params, state, fmt='tflite', out=out)
+  x = np.random.default_rng(0).standard_normal((2, 64, 64, 3))
+  x = x.astype(np.float32)
+  model = models.make_model(config, NUM_CLASSES)
+  want = np.asarray(model.apply(params, state, None, x, False)[0]['logits'])
+  runner = tf.lite.Interpreter(model_path=out).get_signature_runner()
+  for n in (2, 1):  # The batch is free.
+    got = runner(images=x[:n])['logits']
+    assert _relative_error(got, want[:n]) <= 1e-5
+
+
+def test_too_large_for_a_flatbuffer_is_refused_before_any_folder(tmp_path):
+  # F5+ and larger (2.3 GiB and up) failed after lowering the whole model,
+  # with FlatBuffers' own traceback. Checked on shapes: no weights needed.
+  def leaves(floats):
+    return {'m': {'w': jax.ShapeDtypeStruct((floats,), np.float32)}}
+
+  f5_plus = 626_486_976  # Folded float32 weights (no gains).
+  for fmt in ('stablehlo', 'tflite'):
+    with pytest.raises(ValueError) as error:
+      export.check_flatbuffer_size(fmt, leaves(f5_plus), {})
+    assert str(error.value) == (
+      f'--format={fmt} holds the weights in one FlatBuffer of at most 2 GiB; '
+      "this model's take 2.33 GiB. Use --format=savedmodel, which stores "
+      'them in separate files.'
+    )
+  f7 = 499_504_088 - 100_000  # F7's 1.86 GiB fit.
+  export.check_flatbuffer_size('stablehlo', leaves(f7), {})
+  export.check_flatbuffer_size('savedmodel', leaves(f5_plus), {})
+  # A refused export leaves no folder behind (it was made before the checks).
+  config = helpers.model_config('NFNet', variant='F0', **SMALL)
+  spec = export.ExportSpec(config, NUM_CLASSES, 64, 'crop_resize')
+  out = tmp_path / 'new' / 'model.stablehlo'
+  with pytest.raises(ValueError, match='crop_resize'):
+    export.export_model(
+      spec, {}, {}, fmt='stablehlo', out=str(out), preprocess='eval'
+    )
+  assert not (tmp_path / 'new').exists()
+  # Nor does a model of another channel count, whose images the RGB eval
+  # transform cannot normalise (it blamed the images while tracing).
+  grey = helpers.model_config('NFNet', variant='F0', in_channels=1, **SMALL)
+  spec = export.ExportSpec(grey, NUM_CLASSES, 64, 'resize_crop_32')
+  with pytest.raises(ValueError) as error:
+    export.export_model(
+      spec, {}, {}, fmt='stablehlo', out=str(out), preprocess='eval'
+    )
+  assert str(error.value) == (
+    '--preprocess=eval normalises RGB images; this model takes 1 channels: '
+    'export it with --preprocess=none.'
+  )
+  assert not (tmp_path / 'new').exists()
+  shape, _, _ = export.serving.input_spec(spec, 'none')
+  assert shape == 'b, 64, 64, 1'
