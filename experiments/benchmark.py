@@ -25,7 +25,7 @@ import os
 
 from absl import app, flags
 
-from experiments import common
+from experiments import common, output_files
 
 _MODEL = flags.DEFINE_list(
   'model', ['NFNet'], 'Registry names, each optionally `Name:variant`.'
@@ -106,15 +106,17 @@ _PLOT = flags.DEFINE_string(
 def _is_earlier_result(path: str) -> bool:
   from nfnets.perf import report  # noqa: PLC0415  (deferred: fast --help)
 
-  return common.is_json_result(path, report.is_benchmark_results)
+  return output_files.is_json_result(path, report.is_benchmark_results)
 
 
-common.validate_output_file(
+output_files.validate_output_file(
   _JSON,
   replaceable=_is_earlier_result,
   kind='an earlier result of experiments.benchmark',
 )
-common.validate_output_file(_PLOT, replaceable=common.is_png, kind='a PNG')
+output_files.validate_output_file(
+  _PLOT, replaceable=output_files.is_png, kind='a PNG'
+)
 
 
 def _check_paper_flags() -> None:
@@ -195,10 +197,10 @@ def _paper_table():
     print('\nTrain step time by kind of kernel (ms/step, share):')
     print(paper_table.format_breakdowns(rows))
   if _PLOT.value:
-    paper_table.plot_flops_vs_time(rows, common.make_parent(_PLOT.value))
+    paper_table.plot_flops_vs_time(rows, output_files.make_parent(_PLOT.value))
     print(f'Wrote {_PLOT.value}')
   if _JSON.value:
-    with open(common.make_parent(_JSON.value), 'w') as f:
+    with open(output_files.make_parent(_JSON.value), 'w') as f:
       json.dump([paper_table.row_dict(r) for r in rows], f, indent=2)
     print(f'Wrote {_JSON.value}')
 
@@ -262,7 +264,7 @@ def main(argv):
       _print_compile_events(result.compile_events[: _TRACE.value])
   print(report.format_table(results))
   if _JSON.value:
-    with open(common.make_parent(_JSON.value), 'w') as f:
+    with open(output_files.make_parent(_JSON.value), 'w') as f:
       json.dump([r.to_dict() for r in results], f, indent=2)
     print(f'Wrote {_JSON.value}')
 

@@ -39,7 +39,7 @@ import time
 
 from absl import flags, logging
 
-from experiments import common, quiet_start
+from experiments import common, output_files, quiet_start
 
 # The pipelines `time_pipeline` knows (see the module docstring).
 PIPELINES = (
@@ -84,9 +84,9 @@ def check_pipelines(names) -> bool:
 
 flags.register_validator('pipelines', check_pipelines)
 _JSON = flags.DEFINE_string('json_out', '', 'Write the results as JSON here.')
-common.validate_output_file(
+output_files.validate_output_file(
   _JSON,
-  replaceable=lambda path: common.is_json_result(path, is_pipeline_times),
+  replaceable=lambda path: output_files.is_json_result(path, is_pipeline_times),
   kind='an earlier result of experiments.benchmark_input',
 )
 
@@ -273,7 +273,7 @@ def main(argv):
       ratio = r['cpu_ms_per_image'] / results['plain']['cpu_ms_per_image']
       print(f'{name:17s} host cost {ratio:.2f}x plain')
   if _JSON.value:
-    with open(common.make_parent(_JSON.value), 'w') as f:
+    with open(output_files.make_parent(_JSON.value), 'w') as f:
       json.dump(results, f, indent=2)
   if _MODEL_STEPS.value:
     time_model_steps(_MODEL_STEPS.value)

@@ -29,7 +29,7 @@ import os
 
 from absl import app, flags
 
-from experiments import common
+from experiments import common, output_files
 
 _HAIKU_SUFFIXES = ('.safetensors', '.npz')  # The timm layout: safetensors.
 
@@ -160,7 +160,7 @@ def main(argv):
   from nfnets.pretrained import timm_interop
 
   params, metadata, what = _from_file() if _INPUT.value else _from_workdir()
-  common.make_parent(_OUTPUT.value)
+  output_files.make_parent(_OUTPUT.value)
   if _TO.value == 'timm':
     timm_interop.save_timm(params, _OUTPUT.value, metadata)
   else:

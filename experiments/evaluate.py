@@ -24,7 +24,7 @@ import os
 
 from absl import app, flags
 
-from experiments import common
+from experiments import common, output_files
 
 _CONFIG = common.define_config_flag()
 _WEIGHTS = flags.DEFINE_string(
@@ -40,9 +40,9 @@ _OUTPUT = flags.DEFINE_string(
   'Optional JSON file for the metrics (its folder is made if missing). An '
   'existing file is replaced only if it holds metrics evaluate wrote.',
 )
-common.validate_output_file(
+output_files.validate_output_file(
   _OUTPUT,
-  replaceable=common.is_metrics_file,
+  replaceable=output_files.is_metrics_file,
   kind='a metrics file of experiments.evaluate',
 )
 
@@ -80,7 +80,7 @@ def main(argv):
         f'({int(results[f"{prefix}/num_examples"])} images)'
       )
   if _OUTPUT.value:
-    output = common.make_parent(os.path.expanduser(_OUTPUT.value))
+    output = output_files.make_parent(os.path.expanduser(_OUTPUT.value))
     with open(output, 'w') as f:
       json.dump(results, f, indent=2, sort_keys=True)
 

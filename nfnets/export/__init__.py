@@ -160,20 +160,21 @@ def check_flatbuffer_size(fmt: str, folded, state) -> None:
   )
   if size > FLATBUFFER_LIMIT_BYTES:
     raise ValueError(
-      f'--format={fmt} holds the weights in one FlatBuffer of at most 2 GiB; '
-      f"this model's take {size / 2**30:.2f} GiB. Use --format=savedmodel, "
-      'which stores them in separate files.'
+      f'--format={fmt} holds the weights in one FlatBuffer, which fits '
+      f"{FLATBUFFER_LIMIT_BYTES / 2**30:.2f} GiB of them; this model's take "
+      f'{size / 2**30:.2f} GiB. Use --format=savedmodel, which stores them '
+      'in separate files.'
     )
 
 
 __all__ = [
   'FLATBUFFER_LIMIT_BYTES',
-  'check_flatbuffer_size',
   'FORMATS',
   'PLATFORMS',
   'PREPROCESS_MODES',
   'ExportSpec',
   'check_destination',
+  'check_flatbuffer_size',
   'check_format',
   'check_platforms',
   'export_model',

@@ -32,6 +32,7 @@ from orbax.checkpoint._src.metadata import (
   array_metadata_store as array_metadata_lib,
 )
 
+from nfnets.train import checkpoint_checks as checks
 from nfnets.train import mesh as mesh_lib
 
 DAMAGED_SUFFIX = '.damaged'
@@ -125,7 +126,9 @@ class Checkpointer:
       CheckpointMismatchError: the newest readable checkpoint does not fit
         `state` (another config was used in this workdir).
       DamagedCheckpointError: every checkpoint is damaged, or `step`'s.
-      CheckpointError: there is no checkpoint of `step`.
+      CheckpointReadError: a checkpoint this process cannot read now (out
+        of memory, no permission); never passed over.
+      ValueError: there is no checkpoint of `step` (a usage error).
     """
     steps = sorted(self._manager.all_steps(), reverse=True)
     if not steps:
@@ -134,7 +137,7 @@ class Checkpointer:
     if step is not None:
       if step not in steps:
         listed = ', '.join(map(str, sorted(steps)))
-        raise CheckpointError(
+        raise ValueError(
           f'{self.directory} holds no checkpoint of step {step}; its steps: '
           f'{listed}.'
         )
@@ -167,7 +170,10 @@ class Checkpointer:
   def _restore_step(self, step: int, abstract, state):
     """Restores checkpoint `step`; raises a diagnosed CheckpointError."""
     where = os.path.join(self.directory, str(step))
-    problem = _missing_files(where)
+    reason = checks.unreadable(where)
+    if reason:
+      raise CheckpointReadError(checks.host_fault_message(where, reason))
+    problem = checks.missing_files(where)
     if problem:
       raise DamagedCheckpointError(
         f'Checkpoint {where} is incomplete or damaged: {problem}.'
@@ -198,11 +204,9 @@ class Checkpointer:
   def _diagnose(self, step: int, abstract, error) -> CheckpointError:
     """Tells a config mismatch and a failing host from damage."""
     where = os.path.join(self.directory, str(step))
-    if _host_fault(error):  # Not damage: never passed over or moved.
+    if checks.host_fault(error):  # Not damage: never passed over or moved.
       return CheckpointReadError(
-        f'Checkpoint {where} cannot be read here: {_first_line(error)}. '
-        'Its files are not at fault; free memory (or fix the permissions) '
-        'and rerun.'
+        checks.host_fault_message(where, checks.first_line(error))
       )
     try:
       with _orbax_warnings_off():
@@ -213,9 +217,9 @@ class Checkpointer:
     if not isinstance(tree, Mapping):
       return DamagedCheckpointError(
         f'Checkpoint {where} is incomplete or damaged: its metadata '
-        f'(default/_METADATA) cannot be read ({_first_line(error)}).'
+        f'(default/_METADATA) cannot be read ({checks.first_line(error)}).'
       )
-    differences = _tree_differences(tree, abstract)
+    differences = checks.tree_differences(tree, abstract)
     if differences:
       listed = '\n'.join(f'  {d}' for d in differences[:_MAX_LISTED])
       more = len(differences) - _MAX_LISTED
@@ -229,7 +233,7 @@ class Checkpointer:
     return DamagedCheckpointError(
       f'Checkpoint {where} is damaged: its structure matches this run but '
       'its array data cannot be read (a truncated or corrupt file: '
-      f'{_first_line(error)}).'
+      f'{checks.first_line(error)}).'
     )
 
   def _set_aside(self, steps, log) -> None:
@@ -359,67 +363,6 @@ def _abstract(state):
     return jax.ShapeDtypeStruct(struct.shape, struct.dtype, sharding=replicated)
 
   return jax.tree.map(target, state)
-
-
-def _missing_files(step_dir: str) -> str:
-  """What makes a step folder unrestorable at a glance ('' when nothing)."""
-  item = os.path.join(step_dir, 'default')
-  if not os.path.isdir(item) or not os.listdir(item):
-    return 'the step folder holds no saved state (default/ is missing or empty)'
-  if not os.path.isfile(os.path.join(item, '_METADATA')):
-    return 'default/_METADATA, the list of its arrays, is missing'
-  return ''
-
-
-def _key_name(entry) -> str:
-  for attr in ('name', 'key', 'idx'):
-    if hasattr(entry, attr):
-      return str(getattr(entry, attr))
-  return str(entry)
-
-
-def _leaf_shapes(tree) -> dict:
-  """`{'a/b/0': shape}` for the array leaves of a pytree or metadata tree."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {
-    '/'.join(_key_name(k) for k in path): tuple(getattr(leaf, 'shape', ()))
-    for path, leaf in flat
-    if leaf is not None
-  }
-
-
-def _tree_differences(metadata_tree, abstract) -> list[str]:
-  """Missing, unexpected and reshaped arrays of a checkpoint vs `abstract`."""
-  saved, wanted = _leaf_shapes(metadata_tree), _leaf_shapes(abstract)
-  lines = [
-    f'missing from the checkpoint: {k}' for k in wanted if k not in saved
-  ]
-  lines += [f'not in this run: {k}' for k in saved if k not in wanted]
-  lines += [
-    f'{k}: checkpoint shape {saved[k]}, this run {wanted[k]}'
-    for k in wanted
-    if k in saved and saved[k] != wanted[k]
-  ]
-  return lines
-
-
-# What a restore fails with when the host, not the files, is at fault:
-# out of host or device memory, or no read permission (as TensorStore says).
-_HOST_FAULTS = ('RESOURCE_EXHAUSTED', 'PERMISSION_DENIED', 'out of memory')
-
-
-def _host_fault(error) -> bool:
-  if isinstance(error, MemoryError | PermissionError):
-    return True
-  text = str(error)
-  return any(fault in text for fault in _HOST_FAULTS)
-
-
-def _first_line(error) -> str:
-  text = str(error).strip().splitlines()
-  line = text[0] if text else type(error).__name__
-  line = line.split(' See full TensorStore details')[0]  # A page of spec.
-  return line if len(line) <= 200 else line[:200] + '...'
 
 
 def _unused_name(path: str) -> str:

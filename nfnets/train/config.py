@@ -219,14 +219,24 @@ def run_length(train_config, num_train_examples: int) -> tuple[int, float]:
     train_config: `config.train` (`num_steps` > 0 decides, else
       `num_epochs`).
     num_train_examples: the size of the training split.
+
+  Raises:
+    ValueError: the epochs come to less than one batch.
   """
   steps_per_epoch = num_train_examples / train_config.batch_size
   if train_config.num_steps > 0:
     return int(train_config.num_steps), steps_per_epoch
-  examples = fractions.Fraction(str(train_config.num_epochs)) * (
-    num_train_examples
+  epochs, batch = train_config.num_epochs, train_config.batch_size
+  steps = math.floor(
+    fractions.Fraction(str(epochs)) * num_train_examples / batch
   )
-  return math.floor(examples / train_config.batch_size), steps_per_epoch
+  if steps < 1:
+    raise ValueError(
+      f'config.train.num_epochs={epochs} of {num_train_examples} examples is '
+      f'less than one batch of {batch}: train more epochs, or set '
+      'config.train.num_steps.'
+    )
+  return steps, steps_per_epoch
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -258,9 +268,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       f'config.train.host_input={train.host_input!r} is not one of '
       f'{HOST_INPUT_MODES}.'
     )
-  if train.host_input == 'slice' and not config.data.deterministic:
+  nondeterministic = not config.data.deterministic and (
+    config.data.get('loader', 'auto') != 'python'  # Always in order.
+  )
+  if train.host_input == 'slice' and nondeterministic:
     # Each host keeps its rows of the global batch it builds: the batches
-    # must be the same on every host, so their order cannot vary.
+    # must be the same on every host, so tf.data's order cannot vary.
     raise ValueError(
       "config.train.host_input='slice' needs config.data.deterministic=True "
       '(every host must build the same batches).'

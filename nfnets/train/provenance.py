@@ -170,24 +170,26 @@ def previous_config(
 
   Args:
     workdir: the run's workdir.
-    log: prints a warning when config.json cannot be read: the latest
-      segment record stands in for it, and without one the run proceeds as
-      if it had none (the new segment records its config).
+    log: prints a warning when config.json is missing or cannot be read:
+      the latest segment record stands in for it, and without one the run
+      proceeds as if it had none (the new segment records its config).
   """
-  if not os.path.isfile(os.path.join(workdir, CONFIG_FILE)):
-    return None
-  try:
-    return load_run_config(workdir)
-  except (OSError, ValueError, TypeError, KeyError) as e:
-    problem = e
+  saved = os.path.join(workdir, CONFIG_FILE)
+  problem = f'{saved} is missing'
+  if os.path.isfile(saved):
+    try:
+      return load_run_config(workdir)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+      problem = str(e).rstrip('.')
   for path, record in reversed(segment_records(workdir)):
     try:
       config = config_json.config_from_record(record)
     except (ValueError, TypeError, KeyError, AttributeError):
       continue
-    log(f'Warning: {problem} Comparing with the segment record {path}.')
+    log(f'Warning: {problem}. Comparing with the segment record {path}.')
     return config
-  log(f"Warning: cannot compare with the run's saved config: {problem}")
+  if os.path.isfile(saved):
+    log(f"Warning: cannot compare with the run's saved config: {problem}.")
   return None
 
 
@@ -227,9 +229,16 @@ def resume_changes(
     return []
   records = segment_records(workdir)
   chosen = records[-1][1].get(AUTO_CHOICES, {}) if records else {}
-  auto_choices = _this_hosts(config, auto_choices)
-  now = {k: v for k, v in auto_choices.items() if k in chosen}
-  previous, config = _as_chosen(previous, chosen), _as_chosen(config, now)
+  previous = _as_chosen(previous, chosen)
+  # 'auto' here compares as its choice where the run's side is known: its
+  # recorded choice or a value it pinned (a run recorded without choices
+  # keeps 'auto' against 'auto').
+  now = {
+    key: value
+    for key, value in _this_hosts(config, auto_choices).items()
+    if _setting(previous, key) != 'auto'
+  }
+  config = _as_chosen(config, now)
   if latest_step is None:
     return resume_rules.config_differences(previous, config)
   try:
@@ -237,13 +246,16 @@ def resume_changes(
       previous, config, step=latest_step, allow_change=allow_change
     )
   except resume_rules.ConfigChangeError as e:
-    changed = [key for key in chosen if f'\n  {key}: ' in str(e)]
-    if not changed:
+    pins = [
+      f'--config.{key}={_setting(previous, key)}'
+      for key, value in now.items()
+      if value != _setting(previous, key)
+    ]
+    if not pins:
       raise
     raise resume_rules.ConfigChangeError(
-      f"{e}\n{changed[0]} is 'auto', which chose otherwise when the run "
-      "trained; to keep the run's recipe, pin its choice: "
-      f'--config.{changed[0]}={chosen[changed[0]]}.'
+      f"{e}\nSettings at 'auto' chose otherwise on this host than when the "
+      f"run trained; to keep the run's recipe, pin them: {' '.join(pins)}."
     ) from None
 
 
@@ -254,6 +266,12 @@ def _this_hosts(config, auto_choices):
   from nfnets import data  # noqa: PLC0415  (the readers stay JAX-free)
 
   return data.auto_choices(config.data)
+
+
+def _setting(plain: Mapping, key: str):
+  """The value of dotted `key` ('data.loader') in a nested dict."""
+  section, name = key.split('.')
+  return plain.get(section, {}).get(name)
 
 
 def _as_chosen(config, choices: Mapping) -> dict:

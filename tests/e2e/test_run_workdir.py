@@ -31,7 +31,7 @@ import pytest
 from absl import flags
 
 from configs import quickstart
-from experiments import common
+from experiments import common, output_files
 from nfnets import pretrained, train
 from nfnets.data import numpy_preprocess as npp
 from nfnets.train import checkpoint as ckpt_lib
@@ -541,8 +541,8 @@ def test_evaluate_output_replaces_only_an_earlier_metrics_file(tmp_path):
     return flags.DEFINE_string('output', '', '', flag_values=flag_values)
 
   def validate(holder):
-    common.validate_output_file(
-      holder, replaceable=common.is_metrics_file, kind='a metrics file'
+    output_files.validate_output_file(
+      holder, replaceable=output_files.is_metrics_file, kind='a metrics file'
     )
 
   metrics = tmp_path / 'eval.json'
@@ -626,6 +626,21 @@ def test_a_missing_config_file_is_named_before_parsing(tmp_path):
     f'--config={typo}: no such file. Pass the --workdir of a training run '
     '(its config.json is read), or a config file (configs/*.py).'
   )
+
+
+def test_a_config_files_error_keeps_its_text_and_drops_the_traceback():
+  message = (
+    'flag --config=c.py:x: Error whilst parsing config file:\n\n'
+    'Traceback (most recent call last):\n'
+    '  File "c.py", line 3, in get_config\n'
+    "    raise ValueError('...')\n"
+    '    ^^^^^^^^^^^^^^^^^^^^^^^\n'
+    'ValueError: Unknown argument:\n  use one of a, b'
+  )
+  assert common._without_config_traceback(message) == (
+    'flag --config=c.py:x: ValueError: Unknown argument:\n  use one of a, b'
+  )
+  assert common._without_config_traceback('flag --x: bad') == 'flag --x: bad'
 
 
 def test_exit_statuses_and_messages_of_stops_and_failures():

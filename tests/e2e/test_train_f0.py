@@ -12,6 +12,7 @@ import pytest
 
 from configs import f0
 from nfnets import models, optim
+from nfnets.train import config as train_config
 from nfnets.train import mesh as mesh_lib
 from nfnets.train import state as state_lib
 from nfnets.train import step as step_lib
@@ -35,8 +36,8 @@ def _compile(fn, *args):
 def test_full_size_f0_train_step_at_batch_2():
   config = f0.get_config()
   model = models.make_model(config.model, 1000)
-  steps_per_epoch = 1_281_167 / 4096
-  total = int(np.ceil(360 * steps_per_epoch))
+  total, steps_per_epoch = train_config.run_length(config.train, 1_281_167)
+  assert total == 112_602  # The reference's 1281167 * 360 // 4096.
   hyperparams = step_lib.step_hyperparams(
     config,
     num_classes=1000,

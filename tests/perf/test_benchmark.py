@@ -18,7 +18,7 @@ import sys
 import jax
 import pytest
 
-from experiments import common
+from experiments import output_files
 from nfnets.models import flops
 from nfnets.perf import benchmark, op_profile, report, workload
 from nfnets.train import runtime
@@ -43,7 +43,7 @@ def cli_run(tmp_path_factory):
   )  # fmt: skip
   assert proc.returncode == 0, proc.stderr[-3000:]
   # A rerun may replace this file (and only such a file).
-  assert common.is_json_result(str(out), report.is_benchmark_results)
+  assert output_files.is_json_result(str(out), report.is_benchmark_results)
   (row,) = json.loads(out.read_text())
   return proc.stdout, row
 

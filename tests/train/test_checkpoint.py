@@ -2,6 +2,7 @@
 counts, Orbax's default writer, damaged checkpoints."""
 
 import asyncio
+import errno
 import gc
 import glob
 import logging
@@ -19,6 +20,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from nfnets.train import checkpoint as ckpt_lib
+from nfnets.train import checkpoint_checks
 from nfnets.train import state as state_lib
 
 REPO = os.path.dirname(
@@ -113,8 +115,10 @@ def test_a_step_asked_for_is_restored_or_named_missing(tmp_path):
   ckpt = ckpt_lib.Checkpointer(str(tmp_path), max_to_keep=3)
   try:
     _assert_same(ckpt.restore(_big_state(0), step=1), _big_state(seed=1))
-    with pytest.raises(ckpt_lib.CheckpointError, match='its steps: 1, 2, 3'):
+    with pytest.raises(ValueError, match='its steps: 1, 2, 3') as error:
       ckpt.restore(_big_state(0), step=5)
+    # A step the run does not have is a usage error (exit 2), not a failure.
+    assert not isinstance(error.value, ckpt_lib.CheckpointError)
     lines = []  # A damaged step asked for: an error, no fallback.
     with pytest.raises(ckpt_lib.DamagedCheckpointError, match='3 is damaged'):
       ckpt.restore(_big_state(0), step=3, log=lines.append)
@@ -440,7 +444,7 @@ def test_a_failing_host_is_not_taken_for_damage(tmp_path, monkeypatch):
     warnings = []
     with pytest.raises(ckpt_lib.CheckpointReadError) as e:
       ckpt.restore(_state(), log=warnings.append, set_aside_damaged=True)
-    reason = ckpt_lib._first_line(fault)
+    reason = checkpoint_checks.first_line(fault)
     assert str(e.value) == (
       f'Checkpoint {tmp_path / "4"} cannot be read here: {reason}. Its '
       'files are not at fault; free memory (or fix the permissions) and '
@@ -454,3 +458,20 @@ def test_a_failing_host_is_not_taken_for_damage(tmp_path, monkeypatch):
   ckpt = ckpt_lib.Checkpointer(str(tmp_path), max_to_keep=3)
   _assert_same(ckpt.restore(_state(), log=warnings.append), _state())
   ckpt.close()
+
+
+def test_host_faults_are_told_from_damage_by_type_errno_and_text():
+  host = (
+    MemoryError(),
+    PermissionError(errno.EACCES, 'Permission denied'),
+    OSError(errno.ENOMEM, 'Cannot allocate memory'),
+    ValueError('PERMISSION_DENIED: error opening file'),  # TensorStore's.
+    RuntimeError('CUDA_ERROR_OUT_OF_MEMORY: Out of memory'),
+  )
+  damage = (
+    ValueError('DATA_LOSS: Error reading "d/0": Unexpected end of file'),
+    OSError(errno.EIO, 'Input/output error'),
+    KeyError('params'),
+  )
+  assert all(checkpoint_checks.host_fault(e) for e in host)
+  assert not any(checkpoint_checks.host_fault(e) for e in damage)

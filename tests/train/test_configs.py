@@ -133,6 +133,13 @@ def test_run_length_counts_whole_batches_as_the_reference():
     {'num_steps': 0, 'num_epochs': 2.3, 'batch_size': 1}
   )
   assert 2.3 * 100 < 230 and config_lib.run_length(train, 100)[0] == 230
+  train.num_epochs, train.batch_size = 0.05, 10  # 5 examples: no batch.
+  with pytest.raises(ValueError) as error:
+    config_lib.run_length(train, 100)
+  assert str(error.value) == (
+    'config.train.num_epochs=0.05 of 100 examples is less than one batch of '
+    '10: train more epochs, or set config.train.num_steps.'
+  )
   train.num_steps = 5  # num_steps > 0 decides.
   assert config_lib.run_length(train, 10)[0] == 5
 
@@ -155,7 +162,9 @@ def test_negative_num_steps_and_unknown_dataset_are_refused():
   config.train.host_input, config.data.deterministic = 'slice', False
   with pytest.raises(ValueError, match="'slice' needs config.data.determ"):
     config_lib.validate_config(config)
-  config.data.deterministic = True
+  config.data.loader = 'python'  # Its order never varies.
+  config_lib.validate_config(config)
+  config.data.loader, config.data.deterministic = 'auto', True
   config_lib.validate_config(config)
 
 

@@ -133,11 +133,19 @@ def test_a_damaged_config_json_is_replaced_by_the_latest_record(tmp_path):
   record = tmp_path / 'configs' / 'segment_000_step_0.json'
   (warning,) = warnings
   assert warning.startswith(f"Warning: '{saved}' is not valid JSON: ")
-  assert warning.endswith(f'Comparing with the segment record {record}.')
+  assert warning.endswith(f'. Comparing with the segment record {record}.')
   with pytest.raises(resume_rules.ConfigChangeError, match='optimizer.lr'):
     provenance.resume_changes(
       new, workdir, latest_step=10, allow_change=False, auto_choices={}
     )
+  # A deleted one too.
+  saved.unlink()
+  warnings.clear()
+  previous = provenance.previous_config(workdir, log=warnings.append)
+  assert resume_rules.config_differences(old, previous) == []
+  assert warnings == [
+    f'Warning: {saved} is missing. Comparing with the segment record {record}.'
+  ]
 
 
 def test_a_resume_where_auto_chooses_another_recipe_is_refused(tmp_path):
@@ -162,8 +170,8 @@ def test_a_resume_where_auto_chooses_another_recipe_is_refused(tmp_path):
     resume(config, on_gpu)
   assert "\n  data.augment_on: 'host' -> 'device'\n" in str(error.value)
   assert str(error.value).endswith(
-    "\ndata.augment_on is 'auto', which chose otherwise when the run "
-    "trained; to keep the run's recipe, pin its choice: "
+    "\nSettings at 'auto' chose otherwise on this host than when the run "
+    "trained; to keep the run's recipe, pin them: "
     '--config.data.augment_on=host.'
   )
   # Pinned to the run's choice it is no change, on any host.
@@ -173,9 +181,23 @@ def test_a_resume_where_auto_chooses_another_recipe_is_refused(tmp_path):
   assert resume(config, on_gpu, allow_change=True) == [
     "data.augment_on: 'host' -> 'device'"
   ]
+  # A value given against the run's choice is a change, not a choice.
+  device = ml_collections.ConfigDict(config.to_dict())
+  device.data.augment_on = 'device'
+  with pytest.raises(resume_rules.ConfigChangeError) as error:
+    resume(device, {'data.loader': 'tf'})
+  assert 'pin them' not in str(error.value)
+  # Pinned by the run, 'auto' now compares as its choice here.
+  provenance.write_segment(
+    workdir, pinned, start_step=3, changes=[], num_devices=1,
+    auto_choices={'data.loader': 'tf'},
+  )  # fmt: skip
+  assert resume(config, on_cpu) == []
+  with pytest.raises(resume_rules.ConfigChangeError, match='pin them'):
+    resume(config, on_gpu)
   # Each segment records its choices; records without them change nothing.
-  record = provenance.segment_records(workdir)[-1][1]
-  assert record['auto_choices'] == on_cpu
+  records = [r for _, r in provenance.segment_records(workdir)]
+  assert [r['auto_choices'] for r in records] == [on_cpu, {'data.loader': 'tf'}]
   provenance.write_segment(
     workdir, config, start_step=5, changes=[], num_devices=1, auto_choices={}
   )
