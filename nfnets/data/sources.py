@@ -96,10 +96,17 @@ def _tfds():
     ) from e
 
 
-def _process_slice(n, process_index, process_count):
-  """Returns (start, stop) of this process's contiguous share of n items."""
-  bounds = np.linspace(0, n, process_count + 1).round().astype(int)
-  return int(bounds[process_index]), int(bounds[process_index + 1])
+def process_slice(n, process_index, process_count):
+  """Returns (start, stop) of this process's contiguous share of n items.
+
+  The rule of `tfds.even_splits` (the tf.data loader's): n // count items
+  each, the first n % count processes one more, so both loaders give a
+  process the same examples of a tfds split.
+  """
+  base, extra = divmod(n, process_count)
+  start = base * process_index + min(process_index, extra)
+  stop = base * (process_index + 1) + min(process_index + 1, extra)
+  return start, stop
 
 
 def check_process(process_index, process_count):
@@ -154,7 +161,7 @@ class DigitsSource:
   def read(self, split, *, image_size, process_index, process_count, **_):
     """Returns this process's Shard of `split` at `image_size` pixels."""
     images, labels = self.upscaled(split, image_size)
-    start, stop = _process_slice(len(labels), process_index, process_count)
+    start, stop = process_slice(len(labels), process_index, process_count)
     ds = tf_module().data.Dataset.from_tensor_slices(
       {'image': images[start:stop], 'label': labels[start:stop]}
     )
@@ -163,7 +170,7 @@ class DigitsSource:
   def records(self, split, *, image_size, process_index, process_count):
     """Returns this process's Records of `split` at `image_size` pixels."""
     images, labels = self.upscaled(split, image_size)
-    start, stop = _process_slice(len(labels), process_index, process_count)
+    start, stop = process_slice(len(labels), process_index, process_count)
     return records_lib.Records(images[start:stop], labels[start:stop])
 
 
@@ -305,7 +312,7 @@ class TfdsSource:
     data_source = self._builder.as_data_source(
       split=split, decoders=decoders, file_format='array_record'
     )
-    start, stop = _process_slice(num, process_index, process_count)
+    start, stop = process_slice(num, process_index, process_count)
     return records_lib.TfdsRecords(
       data_source, start, stop, self._image_key, self._label_key
     )

@@ -14,7 +14,7 @@ import skimage.data
 from PIL import Image
 
 from nfnets import data
-from nfnets.data import folder_source, image_files
+from nfnets.data import folder_source, image_files, sources
 
 
 @pytest.fixture(autouse=True)
@@ -249,3 +249,17 @@ def test_sixteen_bit_grey_png_decodes_as_tensorflow_does(tmp_path):
   want = tf.io.decode_image(raw, channels=3, expand_animations=False).numpy()
   np.testing.assert_array_equal(ours, want)
   np.testing.assert_array_equal(ours[..., 0], pixels >> 8)  # By hand.
+
+
+def test_contiguous_shares_follow_tfds_even_splits():
+  # The python loader's share of a tfds split must be the tf.data loader's
+  # (tfds.even_splits: n // count each, the first n % count one more); a
+  # rounded linspace gave 7/6/7 of 20 where tf.data read 7/7/6.
+  want = {
+    (20, 3): [(0, 7), (7, 14), (14, 20)],
+    (10, 4): [(0, 3), (3, 6), (6, 8), (8, 10)],
+    (3, 5): [(0, 1), (1, 2), (2, 3), (3, 3), (3, 3)],
+    (1437, 2): [(0, 719), (719, 1437)],
+  }
+  for (n, count), shares in want.items():
+    assert [sources.process_slice(n, i, count) for i in range(count)] == shares
