@@ -87,11 +87,10 @@ def is_metrics_file(path: str) -> bool:
   otherwise be lost. Evaluate writes a JSON object of numbers keyed 'step'
   and '<params>/<metric>' ('eval/top1', 'eval_ema/loss', ...).
   """
-  try:
-    with open(path) as f:
-      metrics = json.load(f)
-  except (OSError, ValueError):
-    return False
+  return is_json_result(path, _looks_like_eval_metrics)
+
+
+def _looks_like_eval_metrics(metrics) -> bool:
   return (
     isinstance(metrics, dict)
     and any(key.endswith('/top1') for key in metrics)

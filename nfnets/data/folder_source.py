@@ -124,7 +124,7 @@ class FolderSource:
     sources.check_process(process_index, process_count)
     paths, labels = self.files(split)
     rows = slice(process_index, None, process_count)
-    return list(paths[rows]), labels[rows]
+    return paths[rows], labels[rows]
 
   def find_corrupt_files(self, split):
     """Returns the files of `split` that the decoder cannot decode now.
