@@ -280,7 +280,7 @@ def run_point(config, workdir: str, train_fn: Callable, log=print) -> dict:
     for stale in (path, error_log):  # If interrupted now, it is not done.
       with contextlib.suppress(FileNotFoundError):
         os.remove(stale)
-  from nfnets.train import NonFiniteLossError  # noqa: PLC0415
+  from nfnets.train import NonFiniteLossError, provenance  # noqa: PLC0415
 
   t0 = time.perf_counter()
   result = dict(status=STATUS_OK, metrics={})
@@ -303,9 +303,7 @@ def run_point(config, workdir: str, train_fn: Callable, log=print) -> dict:
     log(f'  {result["error"].strip()}\n  (traceback in {error_log})')
   result['seconds'] = time.perf_counter() - t0
   os.makedirs(workdir, exist_ok=True)
-  with open(path + '.tmp', 'w') as f:  # Renamed whole: never half a result.
-    json.dump(result, f, indent=2, sort_keys=True)
-  os.replace(path + '.tmp', path)
+  provenance.write_json(path, result)  # Never half a result.
   return result
 
 

@@ -149,12 +149,12 @@ def write_segment(
   }
   record.update(config_json.config_record(config))
   path = os.path.join(directory, f'segment_{index:03d}_step_{start_step}.json')
-  _write_json(path, record)
-  _write_json(os.path.join(workdir, CONFIG_FILE), record['config'])
+  write_json(path, record)
+  write_json(os.path.join(workdir, CONFIG_FILE), record['config'])
   return path
 
 
-def _write_json(path: str, value) -> None:
+def write_json(path: str, value) -> None:
   """Writes JSON through a temporary file, so a reader never sees half."""
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
