@@ -2,9 +2,11 @@
 
 Brock et al. 2021, Appendix A.5: 15,000 steps at batch 2048, LR 0.1 without
 batch-size scaling, 5,000 warmup steps then cosine decay, SAM with
-rho = 0.05, weight decay 1e-5, dropout 0.25, stochastic depth 0.1 and an EMA
-of the weights (decay 0.9999 with the reference's warmup). Every parameter
-starts from `config.model.init_from` except the classifier, which is freshly
+rho = 0.05 (computed as the paper's SAM runs compute it, A.4: the ascent
+step on 20% of each device's rows, not synced across devices), weight
+decay 1e-5, dropout 0.25, stochastic depth 0.1 and an EMA of the weights
+(decay 0.9999 with the reference's warmup). Every parameter starts from
+`config.model.init_from` except the classifier, which is freshly
 initialised when the new dataset has another number of classes. No MixUp,
 CutMix or RandAugment (the paper's fine-tuning uses only crop and flip).
 
@@ -54,6 +56,8 @@ def get_config(arg=None):
     weight_decay=1e-5,
     clipping=0.01,
     sam_rho=0.05,
+    sam_ascent_fraction=0.2,
+    sam_ascent_sync=False,
     ema_decay=0.9999,
   )
   common.override(

@@ -87,6 +87,7 @@ LONGEST_MODULES_FIRST = (
   'test_efficientnet.py',
   'test_freeze.py',
   'test_grad_accum.py',
+  'test_sam.py',
   'test_train_cli.py',
   'test_notebook.py',
   'test_python_loader.py',

@@ -74,7 +74,8 @@ def sam_perturb(
 
   Args:
     params: the current parameters.
-    grads: the gradient at `params` (the paper uses 20% of the batch).
+    grads: the gradient at `params` (which rows give it:
+      `nfnets.train.sam`).
     rho: neighbourhood radius, >= 0 (a Python float or a traced scalar;
       `optimizer.sam_rho` is checked by `config.validate`).
     eps: guards the division when the gradient is zero.

@@ -160,6 +160,20 @@ def check_sam_rho(rho: float) -> None:
     raise ValueError(f'optimizer.sam_rho must be >= 0 and finite, got {rho}.')
 
 
+def check_sam_ascent(fraction: float, sync: bool) -> None:
+  """SAM's ascent rows: a fraction in (0, 1]; `sync` a bool."""
+  if not 0 < check_number('optimizer.sam_ascent_fraction', fraction) <= 1:
+    raise ValueError(
+      f'optimizer.sam_ascent_fraction must be in (0, 1], got {fraction}: the '
+      "share of each replica's rows that takes SAM's ascent step (the paper "
+      'uses 0.2).'
+    )
+  if not isinstance(sync, bool):
+    raise ValueError(
+      f'optimizer.sam_ascent_sync must be True or False, got {sync!r}.'
+    )
+
+
 def check_ema_decay(decay: float) -> None:
   """The EMA's target decay: in [0, 1) (0 turns the EMA off)."""
   if not 0.0 <= check_number('optimizer.ema_decay', decay) < 1.0:

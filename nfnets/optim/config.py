@@ -53,6 +53,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.agc_exclude = groups.AGC_EXCLUDE
   c.wd_exclude = groups.WD_EXCLUDE
   c.sam_rho = 0.0
+  # Which rows and devices take SAM's ascent step (`nfnets.train.sam`); the
+  # paper's form is 0.2 and False.
+  c.sam_ascent_fraction = 1.0
+  c.sam_ascent_sync = True
   c.ema_decay = 0.99999
   c.freeze_stages = 0
   return c
@@ -90,6 +94,9 @@ def validate(opt_config: ml_collections.ConfigDict) -> None:
     checks.check_adam_eps(c.adam_eps)
   checks.check_groups(tuple(c.agc_exclude), tuple(c.wd_exclude))
   checks.check_sam_rho(c.sam_rho)
+  checks.check_sam_ascent(
+    c.get('sam_ascent_fraction', 1.0), c.get('sam_ascent_sync', True)
+  )
   checks.check_ema_decay(c.ema_decay)
   checks.check_freeze_stages(c.get('freeze_stages', 0))
 

@@ -10,6 +10,9 @@ run keeps (to restore its checkpoints elsewhere). One module per concern:
 * `init_state`: the state a run starts from (fresh, `init_from` weights or
   run, or the newest checkpoint) and `abstract_train_state`;
 * `step`: the pure train and eval steps;
+* `gradients`: a step's forward/backward pass, whole or in micro-batches
+  (gradient accumulation);
+* `sam`: SAM's ascent step, on which rows and synced or per device;
 * `state`: the train state (`TrainState`, `make_train_state`);
 * `losses`: targets with label smoothing, the loss and top-k accuracy;
 * `evaluation`: the eval loop over a dataset split, used by the loop and by

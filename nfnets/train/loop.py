@@ -51,6 +51,7 @@ from nfnets.train import (
   workdir_lock,
   writers,
 )
+from nfnets.train import gradients as gradients_lib
 from nfnets.train import mesh as mesh_lib
 from nfnets.train import state as state_lib
 from nfnets.train import step as step_lib
@@ -215,7 +216,7 @@ def _build_run(config, workdir: str) -> _Run:
   mesh_lib.check_batch_size(
     config.eval.batch_size, mesh, 'config.eval.batch_size'
   )
-  step_lib.check_grad_accum(
+  gradients_lib.check_grad_accum(
     config.train.batch_size, config.train.grad_accum_steps, mesh.devices.size
   )
   info = data.dataset_info(config.data)
@@ -271,6 +272,7 @@ def _jit_steps(config, mesh, model, hyperparams, num_classes):
     grad_accum_steps=config.train.grad_accum_steps,
     # Augmentation on the accelerator, or None when the host does it.
     batch_fn=data.make_batch_fn(config.data, num_shards=mesh.devices.size),
+    mesh=mesh,
   )
   repl = mesh_lib.replicated_sharding(mesh)
   batch = mesh_lib.batch_sharding(mesh)

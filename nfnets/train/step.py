@@ -26,9 +26,6 @@ The Haiku state (`state.TrainState.model_state`: BatchNorm moving averages,
 pass and is read, not changed, by the eval step.
 """
 
-import functools
-from typing import Any, NamedTuple
-
 import haiku as hk
 import jax
 import jax.numpy as jnp
@@ -36,7 +33,8 @@ import optax
 
 from nfnets import optim
 from nfnets.models import precision
-from nfnets.train import losses
+from nfnets.train import gradients as gradients_lib
+from nfnets.train import losses, sam
 from nfnets.train import state as state_lib
 
 # `fold_in` data of `batch_fn`'s key, from the step's key. The model's keys
@@ -53,6 +51,7 @@ def make_train_step(
   compute_dtype: str,
   grad_accum_steps: int = 1,
   batch_fn=None,
+  mesh=None,
 ):
   """Builds the train step `(state, batch, hyperparams) -> (state, metrics)`.
 
@@ -70,9 +69,10 @@ def make_train_step(
   the batch sharded (as the loop does), `jnp.mean` over the batch axis is a
   mean over the *global* batch: the compiler inserts the cross-device
   reduction, so BatchNorm's batch statistics are those of the whole global
-  batch (synchronised BatchNorm) whatever the number of devices. With SAM,
-  the second forward pass (at the ascent point) only provides the gradient;
-  its state is discarded.
+  batch (synchronised BatchNorm) whatever the number of devices. SAM
+  (`optimizer.sam_rho > 0`) takes the update's gradient at the ascent point;
+  `nfnets.train.sam` says which rows and devices take the ascent step and
+  which pass gives the metrics and the state.
 
   Gradient accumulation (`grad_accum_steps=k > 1`): the global batch of B
   rows is processed as k micro-batches of B / k rows, one after another
@@ -80,7 +80,8 @@ def make_train_step(
   micro-batch's gradient (of its mean loss) is summed in float32 and the sum
   divided by k before AGC, weight decay and momentum: the update is that of
   the full batch up to float rounding, and the metrics cover the full batch.
-  The split keeps every row on its device (`split_micro_batches`): with D
+  The split keeps every row on its device
+  (`gradients.split_micro_batches`): with D
   devices, micro-batch j holds rows j*m..(j+1)*m-1 of every device's B / D
   rows (m = B / (D k)), so no row crosses devices. Consequences:
     * BatchNorm normalises each micro-batch with its own statistics (over
@@ -90,15 +91,16 @@ def make_train_step(
     * Dropout and stochastic depth draw micro-batch j's masks from
       `fold_in(key, j)`, `key` being the step's key, so they differ from
       those of the same rows at k = 1.
-    * SAM works: the ascent point comes from the accumulated full-batch
-      gradient, and the update uses the gradient accumulated over the same
-      micro-batches at that point (the model state of that pass is
-      discarded), i.e. SAM's full-batch update up to rounding.
+    * SAM works: with synced ascent steps the ascent point comes from the
+      gradient accumulated over the micro-batches (SAM's full-batch update
+      up to rounding); unsynced, each device's share of each micro-batch
+      takes its own (`nfnets.train.sam`).
   On CPU the micro-batches are unrolled instead of looped (XLA:CPU runs
   convolution gradients in a loop body many times slower), so there the
   memory saving is not guaranteed.
   B must be a multiple of k times `jax.device_count()` (the loop checks
-  that at start-up, `check_grad_accum`; tracing checks it again).
+  that at start-up, `gradients.check_grad_accum`; tracing checks it
+  again).
 
   `batch_fn`, an optional `(batch, key) -> batch`, is applied inside the
   step to the global batch before it is split into micro-batches, e.g.
@@ -123,6 +125,9 @@ def make_train_step(
     grad_accum_steps: number of micro-batches per optimizer step (>= 1).
     batch_fn: optional `(batch, key) -> batch` applied to the global batch
       inside the step; None leaves the batch as given.
+    mesh: the `('data',)` mesh the step will run on; only SAM with
+      unsynced ascent steps reads it (`nfnets.train.sam`; default: every
+      device).
 
   Returns:
     The step function. Metrics (float32 scalars): loss, top1, top5 (against
@@ -133,13 +138,22 @@ def make_train_step(
   Raises:
     ValueError: if `grad_accum_steps` is not an integer >= 1.
   """
-  _check_accum_steps(grad_accum_steps)
+  gradients_lib.check_accum_steps(grad_accum_steps)
   freeze_stages = opt_config.get('freeze_stages', 0)
-  gradients = _make_gradients(
-    _make_grad_fn(model, compute_dtype, freeze_stages),
-    num_classes=num_classes,
-    grad_accum_steps=grad_accum_steps,
+  pass_fn = gradients_lib.make_pass(
+    _make_grad_fn(model, compute_dtype, freeze_stages), num_classes
   )
+  if opt_config.sam_rho:
+    gradients = sam.make_sam_gradients(
+      pass_fn,
+      opt_config=opt_config,
+      grad_accum_steps=grad_accum_steps,
+      mesh=mesh,
+    )
+  else:
+    gradients = gradients_lib.make_gradients(
+      pass_fn, grad_accum_steps=grad_accum_steps
+    )
 
   def step(state: state_lib.TrainState, batch, hyperparams):
     optimizer, schedule_fn = optim.build_optimizer(opt_config, hyperparams)
@@ -147,13 +161,7 @@ def make_train_step(
     if batch_fn is not None:
       batch = batch_fn(batch, jax.random.fold_in(rng, BATCH_FN_KEY_TAG))
     out = gradients(state.params, state.model_state, batch, hyperparams, rng)
-    grads = out.grads
-    if opt_config.sam_rho:
-      # SAM: the update uses the gradient at the ascent point.
-      perturbed = optim.sam_perturb(state.params, grads, hyperparams['sam_rho'])
-      grads = gradients(
-        perturbed, state.model_state, batch, hyperparams, rng
-      ).grads
+    grads = out.grads  # With SAM, the gradient at the ascent point.
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema_params, ema_model_state = _ema_updates(
@@ -209,203 +217,6 @@ def step_hyperparams(
   )
   smoothing = config.train.label_smoothing
   return {**values, **losses.label_smoothing_inputs(smoothing, num_classes)}
-
-
-class _Gradients(NamedTuple):
-  """The forward/backward pass of a whole batch (see `_make_gradients`)."""
-
-  loss: jax.Array
-  top1: jax.Array
-  top5: jax.Array
-  grads: Any
-  model_state: Any
-
-
-def _make_gradients(grad_fn, *, num_classes: int, grad_accum_steps: int):
-  """`(params, model_state, batch, hyperparams, rng) -> _Gradients`.
-
-  The loss, top-1 and top-5 are means over the whole batch, `grads` the
-  gradient of the mean loss (float32), `model_state` the Haiku state after
-  the batch in the dtypes of the state given. With `grad_accum_steps > 1`
-  the batch is processed as micro-batches (`_accumulate`).
-  """
-  k5 = min(5, num_classes)
-
-  def one_pass(params, model_state, batch, hyperparams, rng):
-    targets = losses.make_targets(batch, num_classes, hyperparams)
-    (loss, (logits, new_state)), grads = grad_fn(
-      params, model_state, batch, targets, rng
-    )
-    # The state keeps its dtypes whatever the compute dtype.
-    new_state = jax.tree.map(
-      lambda new, old: new.astype(old.dtype), new_state, model_state
-    )
-    top1 = losses.topk_correct(logits, batch['labels'], 1)
-    top5 = losses.topk_correct(logits, batch['labels'], k5)
-    return loss, top1, top5, grads, new_state
-
-  if grad_accum_steps == 1:
-
-    def gradients(params, model_state, batch, hyperparams, rng):
-      loss, top1, top5, grads, new_state = one_pass(
-        params, model_state, batch, hyperparams, rng
-      )
-      return _Gradients(loss, jnp.mean(top1), jnp.mean(top5), grads, new_state)
-
-    return gradients
-  return functools.partial(
-    _accumulate, one_pass, grad_accum_steps=grad_accum_steps
-  )
-
-
-def _accumulate(
-  one_pass, params, model_state, batch, hyperparams, rng, *, grad_accum_steps
-):
-  """`_Gradients` of `batch` from `grad_accum_steps` micro-batches in turn.
-
-  Gradients and losses are summed in float32 over the micro-batches (equal
-  sizes, so the mean of their mean losses is the batch's mean loss) and
-  divided by their number; the Haiku state is carried from one micro-batch
-  to the next; micro-batch j's forward pass uses `fold_in(rng, j)`.
-  """
-  k = grad_accum_steps
-  size = _batch_size(batch)
-  micro = split_micro_batches(batch, k, jax.device_count())
-
-  def body(carry, xs):
-    grads_sum, state, loss_sum, top1_sum, top5_sum = carry
-    j, rows = xs
-    loss, top1, top5, grads, state = one_pass(
-      params, state, rows, hyperparams, jax.random.fold_in(rng, j)
-    )
-    grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
-    carry = (
-      grads_sum,
-      state,
-      loss_sum + loss,
-      top1_sum + jnp.sum(top1),
-      top5_sum + jnp.sum(top5),
-    )
-    return carry, None
-
-  zero = jnp.zeros((), jnp.float32)
-  init = (
-    jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
-    model_state,
-    zero,
-    zero,
-    zero,
-  )
-  # XLA:CPU runs convolution gradients inside a loop body as naive loop
-  # nests, 25-60x slower (jax-ml/jax#12868; `nfnets.ops.grouped_conv2d`),
-  # so on CPU the micro-batches are unrolled: the same arithmetic in a k
-  # times larger program, with no bound on the activation memory. On GPU
-  # and TPU the loop holds one micro-batch's activations at a time.
-  (grads_sum, state, loss_sum, top1_sum, top5_sum), _ = jax.lax.scan(
-    body, init, (jnp.arange(k), micro), unroll=_unroll_micro_batches()
-  )
-  return _Gradients(
-    loss=loss_sum / k,
-    top1=top1_sum / size,
-    top5=top5_sum / size,
-    grads=jax.tree.map(lambda g: g / k, grads_sum),
-    model_state=state,
-  )
-
-
-def _unroll_micro_batches() -> bool:
-  """Whether the micro-batch loop is unrolled: on CPU (see `_accumulate`)."""
-  return jax.default_backend() == 'cpu'
-
-
-def _batch_size(batch) -> int:
-  """The leading size shared by every leaf of `batch`."""
-  sizes = {x.shape[0] for x in jax.tree.leaves(batch)}
-  if len(sizes) != 1:
-    raise ValueError(
-      f'Every leaf of the batch needs the same leading size, got {sizes}.'
-    )
-  return sizes.pop()
-
-
-def split_micro_batches(batch, grad_accum_steps: int, num_groups: int):
-  """Stacks `batch`'s micro-batches on a new leading axis, rows in place.
-
-  The B rows are viewed as `[num_groups, grad_accum_steps, m]` (m = B /
-  (num_groups * grad_accum_steps)): micro-batch j takes rows j*m..(j+1)*m-1
-  of each of the `num_groups` consecutive blocks of B / num_groups rows.
-  With `num_groups` the device count and the batch sharded on its leading
-  axis, each block is one device's rows, so every micro-batch takes an equal
-  share of every device's rows and none moves across devices (the reshape
-  and transpose only relabel local data).
-
-  Args:
-    batch: a pytree of arrays with leading size B.
-    grad_accum_steps: number of micro-batches k.
-    num_groups: number of blocks of rows (the device count).
-
-  Returns:
-    The pytree with leaves of shape `[k, B / k, ...]`.
-
-  Raises:
-    ValueError: if B is not a multiple of k * num_groups.
-  """
-  k, size = grad_accum_steps, _batch_size(batch)
-  if size % (k * num_groups):
-    raise ValueError(_indivisible_message(size, k, num_groups))
-  m = size // (k * num_groups)
-
-  def split(x):
-    x = x.reshape((num_groups, k, m) + x.shape[1:])
-    return jnp.swapaxes(x, 0, 1).reshape((k, num_groups * m) + x.shape[3:])
-
-  return jax.tree.map(split, batch)
-
-
-def check_grad_accum(
-  batch_size: int, grad_accum_steps: int, num_devices: int
-) -> None:
-  """Raises a clear error if the batch does not split into micro-batches.
-
-  Args:
-    batch_size: the global batch size (`config.train.batch_size`).
-    grad_accum_steps: `config.train.grad_accum_steps`.
-    num_devices: the number of devices the batch is sharded over.
-
-  Raises:
-    ValueError: naming both numbers and the nearest valid batch sizes, if
-      `batch_size` is not a multiple of `grad_accum_steps * num_devices`.
-  """
-  _check_accum_steps(grad_accum_steps)
-  if batch_size % (grad_accum_steps * num_devices):
-    raise ValueError(
-      _indivisible_message(batch_size, grad_accum_steps, num_devices)
-    )
-
-
-def _indivisible_message(batch_size: int, k: int, num_devices: int) -> str:
-  n = k * num_devices
-  lower, upper = (batch_size // n) * n, (batch_size // n + 1) * n
-  valid = ' or '.join(str(b) for b in (lower, upper) if b > 0)
-  return (
-    f'config.train.batch_size={batch_size} is not divisible by '
-    f'config.train.grad_accum_steps={k} x {num_devices} devices = {n}: '
-    f"every micro-batch takes an equal share of every device's rows. Use a "
-    f'batch size that is a multiple of {n}, e.g. {valid}, or change '
-    'config.train.grad_accum_steps.'
-  )
-
-
-def _check_accum_steps(grad_accum_steps) -> None:
-  if (
-    isinstance(grad_accum_steps, bool)
-    or not isinstance(grad_accum_steps, int)
-    or grad_accum_steps < 1
-  ):
-    raise ValueError(
-      'config.train.grad_accum_steps must be an integer >= 1, got '
-      f'{grad_accum_steps!r}.'
-    )
 
 
 def _make_grad_fn(

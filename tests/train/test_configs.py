@@ -108,6 +108,7 @@ def test_finetune_config_holds_the_transfer_recipe():
   assert config.model.reinit_modules == ('NFNet/~/linear',)
   assert (opt.lr, opt.scale_lr_by_batch, opt.warmup_steps) == (0.1, False, 5000)
   assert (opt.sam_rho, opt.weight_decay) == (0.05, 1e-5)
+  assert (opt.sam_ascent_fraction, opt.sam_ascent_sync) == (0.2, False)
   assert config.train.batch_size == 2048 and config.train.num_steps == 15000
   assert _load('finetune', 'F3').data.train_image_size == 320
 

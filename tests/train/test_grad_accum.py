@@ -30,6 +30,7 @@ import pytest
 
 from nfnets import optim
 from nfnets.train import config as config_lib
+from nfnets.train import gradients as gradients_lib
 from nfnets.train import losses, train_and_evaluate
 from nfnets.train import state as state_lib
 from nfnets.train import step as step_lib
@@ -120,7 +121,7 @@ def test_four_micro_batches_give_the_full_batch_steps(
   mixup, overrides, unroll, monkeypatch
 ):
   # CPU unrolls the micro-batches; GPUs and TPUs loop (`lax.scan`).
-  monkeypatch.setattr(step_lib, '_unroll_micro_batches', lambda: unroll)
+  monkeypatch.setattr(gradients_lib, 'unroll_micro_batches', lambda: unroll)
   model, opt_config = _conv_model(), _opt_config(**overrides)
   values = _hyperparams(opt_config)
   full, accum = _step(model, opt_config, 1), _step(model, opt_config, 4)
@@ -192,7 +193,7 @@ def test_batchnorm_normalises_each_micro_batch_and_carries_the_state():
 def test_split_keeps_each_devices_rows():
   rows = np.arange(24)
   batch = {'x': rows, 'y': np.stack([rows, -rows], axis=1)}
-  got = step_lib.split_micro_batches(batch, 3, 2)
+  got = gradients_lib.split_micro_batches(batch, 3, 2)
   # Two devices hold rows 0-11 and 12-23; micro-batch j takes rows
   # 4j..4j+3 of each.
   want = np.stack([np.r_[4 * j : 4 * j + 4, 12 + 4 * j : 16 + 4 * j]
@@ -200,7 +201,7 @@ def test_split_keeps_each_devices_rows():
   np.testing.assert_array_equal(got['x'], want)
   np.testing.assert_array_equal(got['y'][..., 1], -want)
   with pytest.raises(ValueError, match='batch_size=24 .*=5 x 2 devices'):
-    step_lib.split_micro_batches(batch, 5, 2)
+    gradients_lib.split_micro_batches(batch, 5, 2)
 
 
 def test_batch_fn_runs_in_the_step_on_the_global_batch_with_its_own_key():
@@ -240,15 +241,15 @@ def test_batch_fn_runs_in_the_step_on_the_global_batch_with_its_own_key():
 
 def test_indivisible_batch_is_refused_with_a_valid_choice(tmp_path):
   with pytest.raises(ValueError) as e:
-    step_lib.check_grad_accum(100, 3, 8)
+    gradients_lib.check_grad_accum(100, 3, 8)
   message = str(e.value)
   for part in ('batch_size=100', 'grad_accum_steps=3', '8 devices', '96',
                '120'):  # fmt: skip
     assert part in message, message
-  step_lib.check_grad_accum(96, 3, 8)
+  gradients_lib.check_grad_accum(96, 3, 8)
   for bad in (0, -1, 2.0, True):
     with pytest.raises(ValueError, match='grad_accum_steps must be an int'):
-      step_lib.check_grad_accum(96, bad, 1)
+      gradients_lib.check_grad_accum(96, bad, 1)
   # The trainer refuses at start-up, before it compiles or trains.
   config = tiny_config()
   config.train.grad_accum_steps = 3  # 16 rows on 1 device.
@@ -292,8 +293,8 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=4')
 sys.path.insert(0, sys.argv[1])
 import jax
+from nfnets.train import gradients as gradients_lib
 from nfnets.train import mesh as mesh_lib
-from nfnets.train import step as step_lib
 from tests.train import test_grad_accum as t
 
 model, opt_config = t._conv_model(), t._opt_config()
@@ -303,7 +304,7 @@ repl = mesh_lib.replicated_sharding(mesh)
 state = mesh_lib.replicate(t._state(model, opt_config), mesh)
 batch = t._batch(0)
 for k, unroll in ((1, True), (4, True), (4, False)):
-  step_lib._unroll_micro_batches = lambda: unroll
+  gradients_lib.unroll_micro_batches = lambda: unroll
   step = t._step(model, opt_config, k)
   sharded = jax.jit(step, in_shardings=(repl, mesh_lib.batch_sharding(mesh),
                                         repl), out_shardings=(repl, repl))
