@@ -84,11 +84,18 @@ _AUGMENT = flags.DEFINE_list(
   "(F0 recipe's MixUp/CutMix/RandAugment on a uint8 batch, in-batch "
   "pairing), 'device_reference' (2b images mixed into b).",
 )
+_SAM = flags.DEFINE_list(
+  'sam',
+  ['off'],
+  "SAM in the step (rho 0.05), one run each: 'off', 'sync' (ascent on "
+  "every row, one ascent point) or 'paper' (ascent on 20% of each "
+  "device's rows, per device; nfnets.train.sam).",
+)
 _JSON = flags.DEFINE_string('json_out', '', 'Write results to this JSON file.')
 _TABLE = flags.DEFINE_enum(
   'table', None, ['paper'],
   "'paper': the NFNet paper's Table 3 models with its figures beside ours "
-  '(--model, --variant, --image_size and --augment are not used).',
+  '(--model, --variant, --image_size, --augment and --sam are not used).',
 )  # fmt: skip
 _PAPER_MODELS = flags.DEFINE_list(
   'paper_models', None, 'With --table=paper: a subset, e.g. NFNet-F0,ResNet-50.'
@@ -153,12 +160,15 @@ def _model_specs() -> list[tuple[str, dict]]:
 def _checked_configs(workload) -> list:
   """Every model's config, all checked before the first is timed.
 
-  A typo in the last --model, --variant, --model_kwargs key or --augment
-  value would otherwise fail after the others were timed, losing them.
+  A typo in the last --model, --variant, --model_kwargs key, --augment or
+  --sam value would otherwise fail after the others were timed, losing
+  them.
   """
   try:
     for augment in _AUGMENT.value:
       workload.check_augment(augment)
+    for sam in _SAM.value:
+      workload.check_sam(sam)
     return [workload.make_model_config(n, **k) for n, k in _model_specs()]
   except ValueError as e:  # A flag's mistake: no traceback hint.
     raise app.UsageError(str(e)) from e
@@ -230,9 +240,14 @@ def main(argv):
     _COMPILER_OPTIONS, '{"xla_backend_optimization_level": 0}'
   )
   augmented = any(a != 'none' for a in _AUGMENT.value)
-  for config, augment in [(c, a) for c in configs for a in _AUGMENT.value]:
+  with_sam = any(s != 'off' for s in _SAM.value)
+  runs = [
+    (c, a, s) for c in configs for a in _AUGMENT.value for s in _SAM.value
+  ]
+  for config, augment, sam in runs:
     print(
-      f'Benchmarking {workload.display_name(config)} (augment={augment}) ...',
+      f'Benchmarking {workload.display_name(config)} (augment={augment}, '
+      f'sam={sam}) ...',
       flush=True,
     )
     result = benchmark.run_benchmark(
@@ -247,10 +262,13 @@ def main(argv):
       compiler_options=compiler_options or None,
       trace_compile=_TRACE.value > 0,
       augment=augment,
+      sam=sam,
       profile_steps=2 if _BREAKDOWN.value else 0,
     )
     results.append(result)
-    row = report.format_table([result], augment_column=augmented)
+    row = report.format_table(
+      [result], augment_column=augmented, sam_column=with_sam
+    )
     print(row.split('\n')[2], flush=True)
     print(
       f'  compiled step: {result.fusions} fusions, {result.distinct_kernels}'

@@ -17,7 +17,10 @@
 #   4. timm's dm_nfnet_f0 and f1 at batch 32 in bf16, eager and
 #      torch.compile, where torch and timm are installed
 #      (scripts/bench_timm.py), and ours, F0 and F1 at batch 32 in bf16,
-#      in the same run.
+#      in the same run;
+#   5. (only when CHECKS names it) NFNet-F0, batch 32, bf16: the train step
+#      without SAM, with SAM on every row and in the paper's form
+#      (docs/optim.md: what SAM costs).
 #
 #   scripts/gpu_checks.sh [DIR]            # results into DIR (gpu_checks)
 #   CHECKS="augment e2e" scripts/gpu_checks.sh   # only some of them
@@ -63,6 +66,9 @@ step() {  # step NAME LIMIT_S COMMAND...: runs one check, logs to DIR/NAME.log
   [[ ${rc} -eq 0 ]] || failed=1
 }
 
+want sam && step sam 240 "${python}" -m experiments.benchmark \
+  --model=NFNet:F0 --batch_size=32 --steps=20 --forward_steps=0 \
+  --sam=off,sync,paper --json_out="${dest}/sam.json"
 want augment && step augment 180 "${python}" -m experiments.benchmark \
   --model=NFNet:F0 --batch_size=32 --steps=20 --forward_steps=0 \
   --augment=none,device --json_out="${dest}/augment.json"

@@ -8,10 +8,11 @@ Reads `W/metrics.jsonl` (the trainer's record) and prints the median
 after the first `--skip` (compilation and warm-up). With a JSON written by
 `experiments.benchmark --json_out` it also prints the run's rate as a
 fraction of the benchmark's images/s for the same model (variant, width,
-depth), batch, image size and augmentation placement, read from the run's
-`W/config.json`; `--augment=auto` is 'device' when the run's recipe has
-MixUp, CutMix or RandAugment (run the benchmark with `--augment=device`)
-and 'none' otherwise. No such result is an error listing what the JSON
+depth), batch, image size, augmentation placement and SAM form, read from
+the run's `W/config.json`; `--augment=auto` is 'device' when the run's
+recipe has MixUp, CutMix or RandAugment (run the benchmark with
+`--augment=device`) and 'none' otherwise; a run with SAM needs a result of
+its `--sam` form. No such result is an error listing what the JSON
 holds. The input pipeline keeps the accelerator busy when that fraction is
 near 1 and `input_wait` near 0.
 """
@@ -44,6 +45,17 @@ def _run_augment(data):
   return 'device' if recipe else 'none'
 
 
+def _run_sam(optimizer):
+  """The benchmark's --sam that times the run's SAM ('other': none does)."""
+  if not optimizer.get('sam_rho'):
+    return 'off'
+  form = (
+    optimizer.get('sam_ascent_fraction', 1.0),
+    optimizer.get('sam_ascent_sync', True),
+  )
+  return {(1.0, True): 'sync', (0.2, False): 'paper'}.get(form, 'other')
+
+
 def _wanted(config, augment):
   """What a matching benchmark result has, from the run's config.json."""
   kwargs = config['model'].get('kwargs', {})
@@ -54,6 +66,7 @@ def _wanted(config, augment):
     'batch_size': config['train']['batch_size'],
     'image_size': config['data']['train_image_size'],
     'augment': _run_augment(config['data']) if augment == 'auto' else augment,
+    'sam': _run_sam(config.get('optimizer', {})),
     'model': model,
   }
 
@@ -68,6 +81,7 @@ def _matches(result, wanted):
     and result.get('batch_size') == wanted['batch_size']
     and result.get('image_size') == wanted['image_size']
     and options.get('augment', 'none') == wanted['augment']
+    and options.get('sam', 'off') == wanted['sam']
   )
 
 
@@ -81,13 +95,15 @@ def _benchmark_rate(path, workdir, augment):
   if not matching:
     held = '; '.join(
       f'{r.get("model")} batch {r.get("batch_size")} at '
-      f'{r.get("image_size")} px, augment={r["options"].get("augment")}'
+      f'{r.get("image_size")} px, augment={r["options"].get("augment")}, '
+      f'sam={r["options"].get("sam", "off")}'
       for r in results
     )
     raise SystemExit(
       f'No result in {path} for the run ({wanted}); it holds: {held}. '
       "Benchmark the run's model, batch and size (and --augment=device "
-      'for a run with MixUp, CutMix or RandAugment).'
+      'for a run with MixUp, CutMix or RandAugment, --sam for a run with '
+      'SAM).'
     )
   return matching[0]['images_per_s']
 

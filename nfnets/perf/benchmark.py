@@ -56,6 +56,7 @@ def run_benchmark(
   compiler_options: dict | None = None,
   trace_compile: bool = False,
   augment: str = 'none',
+  sam: str = 'off',
   profile_steps: int = 0,
 ) -> report.BenchmarkResult:
   """Benchmarks the train step (and forward pass) of one registry model.
@@ -82,6 +83,8 @@ def run_benchmark(
     augment: 'none', or 'device' / 'device_reference' to run the F0
       recipe's augmentation inside the step on a uint8 batch
       (`workload.make_workload`).
+    sam: SAM in the step: 'off', 'sync' (ascent on every row) or 'paper'
+      (20% of the rows, per device), rho 0.05 (`workload.SAMS`).
     profile_steps: after timing, profile this many train steps and record
       where their time goes by kind of kernel (`kernel_time`,
       `nfnets.perf.op_profile`); 0 = off.
@@ -100,7 +103,7 @@ def run_benchmark(
   t_init = time.perf_counter()
   work = workload.make_workload(
     model_config, batch_size, image_size, dtype, num_classes, device,
-    augment=augment,
+    augment=augment, sam=sam,
   )  # fmt: skip
   jax.block_until_ready(work.state)
   init_s = time.perf_counter() - t_init
@@ -124,6 +127,7 @@ def run_benchmark(
     steps=0 if compile_only else steps,
   )  # fmt: skip
   result.options['augment'] = augment
+  result.options['sam'] = sam
   result.compile_events = [[e.name, e.seconds, e.count] for e in events]
   if not compile_only and profile_steps:
     result.kernel_time = [dataclasses.asdict(k) for k in kernel_time]

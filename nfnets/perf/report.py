@@ -171,26 +171,34 @@ def _cell(fmt: str, value: Any) -> str:
   return fmt.format(value)
 
 
-# Shown after 'Remat' when a run timed the step with augmentation: rows
-# that differ only in it would otherwise look like repeated measurements.
-AUGMENT_COLUMN = ('Augment', '{}', lambda r: r.options.get('augment', 'none'))
+# Shown after 'Remat' when a run timed the step with augmentation or SAM:
+# rows that differ only in them would otherwise look like repeated
+# measurements. (option, its default, column header).
+OPTION_COLUMNS = (('augment', 'none', 'Augment'), ('sam', 'off', 'SAM'))
 
 
-def _columns(augment_column: bool | None, results) -> tuple:
-  """The table's columns; the augment column where asked or, by default,
-  where any result was timed with augmentation."""
-  if augment_column is None:
-    augment_column = any(
-      r.options.get('augment', 'none') != 'none' for r in results
-    )
-  if not augment_column:
-    return TABLE_COLUMNS
+def _columns(shown: dict, results) -> tuple:
+  """The table's columns: each option column where `shown` asks for it or,
+  by default, where any result was timed with that option set."""
+  extra = []
+  for option, default, header in OPTION_COLUMNS:
+    show = shown.get(option)
+    if show is None:
+      show = any(r.options.get(option, default) != default for r in results)
+    if show:
+      extra.append((header, '{}', _option_getter(option, default)))
   at = [c[0] for c in TABLE_COLUMNS].index('Remat') + 1
-  return TABLE_COLUMNS[:at] + (AUGMENT_COLUMN,) + TABLE_COLUMNS[at:]
+  return TABLE_COLUMNS[:at] + tuple(extra) + TABLE_COLUMNS[at:]
+
+
+def _option_getter(option: str, default: str):
+  return lambda r: r.options.get(option, default)
 
 
 def format_table(
-  results: Sequence[BenchmarkResult], augment_column: bool | None = None
+  results: Sequence[BenchmarkResult],
+  augment_column: bool | None = None,
+  sam_column: bool | None = None,
 ) -> str:
   """A Markdown table of results, shaped like the paper's Table 3.
 
@@ -203,11 +211,13 @@ def format_table(
     results: the rows.
     augment_column: whether to show the step's augmentation ('none',
       'device', ...); by default where any result has one.
+    sam_column: whether to show the step's SAM form ('off', 'sync',
+      'paper'); by default where any result has SAM on.
 
   Returns:
     The table as text.
   """
-  columns = _columns(augment_column, results)
+  columns = _columns({'augment': augment_column, 'sam': sam_column}, results)
   headers = [c[0] for c in columns]
   rows = [[_cell(fmt, get(r)) for _, fmt, get in columns] for r in results]
   lines = [

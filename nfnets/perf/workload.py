@@ -22,6 +22,7 @@ import numpy as np
 
 from nfnets import data, models, optim
 from nfnets.models import nfnet, precision
+from nfnets.train import mesh as mesh_lib
 from nfnets.train import state as state_lib
 from nfnets.train import step as step_lib
 
@@ -33,6 +34,10 @@ _LABEL_SMOOTHING = 0.1
 _STEPS_PER_EPOCH, _TOTAL_STEPS = 1000, 100000
 # `make_workload`'s augment values.
 AUGMENTS = ('none', 'device', 'device_reference')
+# `make_workload`'s SAM forms (`nfnets.train.sam`), as
+# `(sam_ascent_fraction, sam_ascent_sync)`; each perturbs with `SAM_RHO`.
+SAMS = {'off': None, 'sync': (1.0, True), 'paper': (0.2, False)}
+SAM_RHO = 0.05
 
 
 def default_dtype() -> str:
@@ -100,6 +105,12 @@ def check_model(name: str, kwargs: dict) -> None:
       )
 
 
+def check_sam(sam: str) -> None:
+  """Raises a ValueError unless `sam` is one of `SAMS`."""
+  if sam not in SAMS:
+    raise ValueError(f'Unknown sam {sam!r}; valid: {", ".join(SAMS)}.')
+
+
 def check_augment(augment: str) -> None:
   """Raises a ValueError unless `augment` is one of `AUGMENTS`."""
   if augment not in AUGMENTS:
@@ -151,18 +162,26 @@ def display_name(model_config: ml_collections.ConfigDict) -> str:
   return f'{label}-{number}' if number else label
 
 
-def make_optimizer_config(ema_decay: float = 0.0) -> ml_collections.ConfigDict:
+def make_optimizer_config(
+  ema_decay: float = 0.0, sam: str = 'off'
+) -> ml_collections.ConfigDict:
   """The recipe's optimizer (AGC 0.01 + wd 2e-5 + Nesterov SGD).
 
   Args:
     ema_decay: EMA of the weights in the step (0 = off; the recipe's 0.99999
       adds one more pass over the parameters).
+    sam: a key of `SAMS`: SAM off, on every row synced ('sync'), or in the
+      paper's form ('paper': 20% of the rows, per device).
 
   Returns:
     A `config.optimizer` ConfigDict.
   """
+  check_sam(sam)
   config = optim.default_config()
   config.ema_decay = ema_decay
+  if SAMS[sam]:
+    config.sam_rho = SAM_RHO
+    config.sam_ascent_fraction, config.sam_ascent_sync = SAMS[sam]
   return config
 
 
@@ -207,11 +226,11 @@ class Workload:
   logits_fn: Callable
 
 
-def _recipe_optimizer(batch_size, num_classes):
+def _recipe_optimizer(batch_size, num_classes, sam):
   """The recipe's optimizer and the step's inputs, as the trainer makes them."""
   config = ml_collections.ConfigDict(
     dict(
-      optimizer=make_optimizer_config(),
+      optimizer=make_optimizer_config(sam=sam),
       train=dict(batch_size=batch_size, label_smoothing=_LABEL_SMOOTHING),
     )
   )
@@ -249,6 +268,7 @@ def make_workload(
   num_classes: int,
   device: jax.Device,
   augment: str = 'none',
+  sam: str = 'off',
 ) -> Workload:
   """Initialises the model and the recipe's train step on `device`.
 
@@ -263,12 +283,13 @@ def make_workload(
       augmentation inside the step (`data.make_batch_fn`: MixUp + CutMix,
       RandAugment 405, normalisation) on a uint8 batch, 'device' (in-batch
       pairing, B images) or 'device_reference' (2B images mixed into B).
+    sam: SAM in the step, a key of `SAMS` (`make_optimizer_config`).
 
   Returns:
     A `Workload` whose state and batch are on `device`.
   """
   opt_config, optimizer, hyperparams = _recipe_optimizer(
-    batch_size, num_classes
+    batch_size, num_classes, sam
   )
   batch = synthetic_batch(batch_size, image_size, num_classes)
   batch_fn = None
@@ -281,6 +302,7 @@ def make_workload(
   step = step_lib.make_train_step(
     model, num_classes=num_classes, opt_config=opt_config,
     compute_dtype=dtype, batch_fn=batch_fn,
+    mesh=mesh_lib.make_mesh([device]),
   )  # fmt: skip
   params, model_state = jax.jit(model.init, static_argnums=2)(
     init_rng, jnp.zeros((1, image_size, image_size, 3)), True

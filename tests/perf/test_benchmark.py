@@ -136,6 +136,19 @@ def test_table_names_the_augmentation_when_rows_differ_in_it(tiny_result):
   assert 'Augment' not in plain
 
 
+def test_table_names_the_sam_form_when_rows_differ_in_it(tiny_result):
+  sam = dataclasses.replace(
+    tiny_result, options={**tiny_result.options, 'sam': 'paper'}
+  )
+  lines = report.format_table([tiny_result, sam]).split('\n')
+  headers = [c.strip() for c in lines[0].strip('|').split('|')]
+  assert 'Augment' not in headers
+  column = headers.index('SAM')
+  cells = [[c.strip() for c in row.strip('|').split('|')] for row in lines[2:4]]
+  assert [row[column] for row in cells] == ['off', 'paper']
+  assert tiny_result.options['sam'] == 'off'  # Recorded by the benchmark.
+
+
 def test_cli_prints_the_table(cli_run):
   stdout, row = cli_run
   assert f'| NFNet-F0 | {SIZE} |' in stdout

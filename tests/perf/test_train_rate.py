@@ -31,13 +31,14 @@ def _result(images_per_s, batch=32, size=192, augment='none', **options):
   )  # fmt: skip
 
 
-def _workdir(path, **data):
+def _workdir(path, optimizer=None, **data):
   """A run's workdir with only the config.json the script reads."""
   os.makedirs(path)
   config = {
     'model': {'name': 'NFNet', 'kwargs': {'variant': 'F0', 'width': 1.0}},
     'train': {'batch_size': 32},
     'data': {'train_image_size': 192, 'mixup_alpha': 0.0, **data},
+    'optimizer': {'sam_rho': 0.0, **(optimizer or {})},
   }
   (path / 'config.json').write_text(json.dumps(config))
   return str(path)
@@ -61,3 +62,22 @@ def test_the_result_of_the_runs_model_batch_size_and_augment(tmp_path):
   bench.write_text(json.dumps([_result(900.0, batch=8)]))
   with pytest.raises(SystemExit, match='batch 8 at 192 px, augment=none'):
     rate(str(bench), plain, 'auto')
+
+
+def test_a_run_with_sam_takes_the_result_of_its_sam_form(tmp_path):
+  rate = _script()._benchmark_rate
+  bench = tmp_path / 'bench.json'
+  bench.write_text(json.dumps([
+    _result(600.0),  # Written before --sam existed: SAM off.
+    _result(400.0, sam='sync'),
+    _result(500.0, sam='paper'),
+  ]))  # fmt: skip
+  assert rate(str(bench), _workdir(tmp_path / 'off'), 'auto') == 600.0
+  paper = {'sam_rho': 0.05, 'sam_ascent_fraction': 0.2}
+  paper['sam_ascent_sync'] = False
+  assert rate(str(bench), _workdir(tmp_path / 'p', paper), 'auto') == 500.0
+  synced = _workdir(tmp_path / 's', {'sam_rho': 0.05})  # Older config.json.
+  assert rate(str(bench), synced, 'auto') == 400.0
+  other = _workdir(tmp_path / 'o', {**paper, 'sam_ascent_fraction': 0.5})
+  with pytest.raises(SystemExit, match='sam=paper'):
+    rate(str(bench), other, 'auto')

@@ -71,3 +71,30 @@ def test_unknown_augment_is_refused():
     workload.make_workload(
       config, 4, 16, 'float32', 10, jax.devices()[0], augment='host'
     )
+
+
+def test_sam_forms_change_the_update():
+  """The three SAM forms give three different first gradients.
+
+  The LR is 0 at step 0 (warmup), so the momentum shows the gradient.
+  """
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+
+  config = workload.make_model_config('ResNet', width=0.25, depth=[1, 1, 1, 1])
+  momentum = {}
+  for sam in workload.SAMS:
+    work = workload.make_workload(
+      config, 4, 32, 'float32', 10, jax.devices()[0], sam=sam
+    )
+    state, metrics = jax.jit(work.step)(
+      work.state, work.batch, work.hyperparams
+    )
+    assert np.isfinite(float(metrics['loss']))
+    momentum[sam] = np.concatenate(
+      [np.ravel(x) for x in jax.tree.leaves(state.opt_state)]
+    )
+  for a, b in (('off', 'sync'), ('sync', 'paper'), ('off', 'paper')):
+    assert np.max(np.abs(momentum[a] - momentum[b])) > 1e-4, (a, b)
+  with pytest.raises(ValueError, match='sync, paper'):
+    workload.make_optimizer_config(sam='full')
