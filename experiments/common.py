@@ -272,16 +272,18 @@ class WeightsFlags:
   variant: Any
   model_kwargs: Any
 
-  def check(self) -> None:
-    """Raises `app.UsageError` unless exactly one source is given, sanely."""
+  def check(self, images: bool = False) -> None:
+    """Raises `app.UsageError` unless exactly one source is given, sanely.
+
+    Args:
+      images: the command takes image files too (a folder of them passed
+        as --weights is then pointed after the flags).
+    """
     weights, workdir = self.weights.value, self.workdir.value
     if bool(weights) == bool(workdir):
       raise app.UsageError('Pass exactly one of --weights and --workdir.')
     if weights and os.path.isdir(weights):
-      raise app.UsageError(
-        f'--weights={weights} is a directory; for a training run pass '
-        f'--workdir={weights}.'
-      )
+      raise app.UsageError(weights_directory_error(weights, images))
     if weights and self.step.value is not None:
       raise app.UsageError('--step picks a checkpoint of a --workdir run.')
     if workdir and (self.variant.value or self.model_kwargs.value):
@@ -295,6 +297,68 @@ class WeightsFlags:
     if not self.model_kwargs.value:
       return None
     return json_object_flag(self.model_kwargs)
+
+
+def _run_dir_holding(path: str) -> str | None:
+  """The training run (a folder with config.json) `path` is in, or None."""
+  current = os.path.abspath(path)
+  while True:
+    if os.path.isfile(os.path.join(current, RUN_CONFIG_FILE)):
+      return current
+    parent = os.path.dirname(current)
+    if parent == current:
+      return None
+    current = parent
+
+
+def weights_directory_error(path: str, images: bool = False) -> str:
+  """What to pass instead of a directory given as `--weights`.
+
+  A training run's folder takes `--workdir`; so does a folder inside one
+  (a checkpoint `checkpoints/N` with `--step=N`); a folder of images is
+  what predict classifies, passed after the flags.
+
+  Args:
+    path: the `--weights` value, a directory.
+    images: the command classifies images (predict).
+
+  Returns:
+    The message.
+  """
+  head = f'--weights={path} is a directory'
+  run = _run_dir_holding(os.path.expanduser(path))
+  if run is not None:
+    shown = run if os.path.isabs(path) else os.path.relpath(run)
+    inside = os.path.relpath(os.path.abspath(os.path.expanduser(path)), run)
+    parts = inside.split(os.sep)
+    if inside == '.':
+      return f"{head}, a training run's; pass --workdir={shown} instead."
+    if len(parts) == 2 and parts[0] == 'checkpoints' and parts[1].isdigit():
+      return (
+        f'{head}, a checkpoint of the training run {shown}; pass '
+        f'--workdir={shown} --step={int(parts[1])} instead.'
+      )
+    return (
+      f'{head} inside the training run {shown}; pass --workdir={shown} '
+      'for its newest checkpoint instead.'
+    )
+  text = (
+    f"{head}; pass a weights file (.safetensors, .npz or DeepMind's "
+    'F*_haiku.npz)'
+  )
+  if images and _holds_images(path):
+    text += ', and the image folder after the flags'
+  return text + '.'
+
+
+def _holds_images(path: str) -> bool:
+  from nfnets.data import image_files
+
+  try:
+    names = image_files.list_dir(os.path.expanduser(path))
+  except OSError:
+    return False
+  return any(image_files.classify(name) != 'other' for name in names)
 
 
 def json_object_flag(holder, example: str = '{"width": 0.5}') -> dict:

@@ -72,6 +72,11 @@ def _check_flags():
       "model is the run's."
     )
   output = _OUTPUT.value
+  if os.path.isdir(output):
+    raise app.UsageError(
+      f'--output={output} is a directory; pass a file path in it (e.g. '
+      f'{os.path.join(output, "weights.safetensors")}).'
+    )
   if _INPUT.value and os.path.exists(output) and os.path.exists(_INPUT.value):
     if os.path.samefile(_INPUT.value, output):
       raise app.UsageError(

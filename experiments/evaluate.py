@@ -52,6 +52,8 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if bool(_WEIGHTS.value) == bool(_WORKDIR.value):
     raise app.UsageError('Pass exactly one of --weights and --workdir.')
+  if _WEIGHTS.value and os.path.isdir(os.path.expanduser(_WEIGHTS.value)):
+    raise app.UsageError(common.weights_directory_error(_WEIGHTS.value))
   if _WEIGHTS.value and _STEP.value is not None:
     raise app.UsageError('--step picks a checkpoint of a --workdir run.')
   if _CONFIG.value is None:

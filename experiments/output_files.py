@@ -12,14 +12,17 @@ import os
 
 from absl import flags
 
+_SEPARATORS = tuple(filter(None, (os.sep, os.altsep)))
+
 
 def validate_output_file(holder, replaceable=None, kind: str = '') -> None:
   """Checks a result-file flag when flags are parsed, not after the work.
 
   A benchmark or an evaluation writes its file at the end, after minutes or
-  hours; a path that cannot be written (a directory, a folder that is a
-  file) is refused at once (exit 2) instead of losing the results then. A
-  missing folder is made when the file is written (`make_parent`).
+  hours; a path that cannot be written (a directory, a path ending in a
+  separator, a folder that is a file) is refused at once (exit 2) instead
+  of losing the results then. A missing folder is made when the file is
+  written (`make_parent`).
 
   Args:
     holder: the string flag's holder ('' = no file).
@@ -36,8 +39,13 @@ def validate_output_file(holder, replaceable=None, kind: str = '') -> None:
       return True
     # absl's message starts "flag --name=value: ".
     path = os.path.expanduser(path)
-    if os.path.isdir(path):
-      raise flags.ValidationError('is a directory; pass a file path in it.')
+    if os.path.isdir(path) or path.endswith(_SEPARATORS):
+      # A missing 'dir/' passes every other check, then fails to open.
+      what = 'is a directory' if os.path.isdir(path) else 'names a folder'
+      example = os.path.join(path, 'result.json')
+      raise flags.ValidationError(
+        f'{what}; pass a file path in it (e.g. {example}).'
+      )
     folder = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(folder):
       folder = os.path.dirname(folder)

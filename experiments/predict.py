@@ -13,9 +13,10 @@ With --weights each image gets the reference's evaluation preprocessing
 (resize to (S+32)^2 ignoring the aspect ratio, centre crop S = the variant's
 test size, normalise); 1000-class weights are labelled with the bundled
 ImageNet class names. The variant (and any other model kwargs) come from the
-flags, else from the weights file's metadata, else F0. A file that cannot be
-read is reported and the others are still classified (exit status 1 at the
-end). See docs/pretrained.md.
+flags, else from the weights file's metadata, else F0. Images are read and
+classified a batch at a time, each batch printed before the next is read. A
+file that cannot be read is reported and the others are still classified
+(exit status 1 at the end). See docs/pretrained.md.
 """
 
 import functools
@@ -29,17 +30,19 @@ from experiments import common, quiet_start
 _SOURCE = common.define_weights_flags('predicts with its newest checkpoint.')
 # NFNets test at 256-608 px (F0-F7); far larger inputs only exhaust memory
 # (TensorFlow's resize of a 100000 px image asks for 120 GB), so a larger
-# size is taken for a typo and refused before any work.
+# size is taken for a typo and refused before any work. The models
+# downsample by 32, so a smaller input has no pixel left to classify.
+MIN_IMAGE_SIZE = 32
 MAX_IMAGE_SIZE = 4096
 _IMAGE_SIZE = flags.DEFINE_integer(
   'image_size',
   None,
-  f"Input size in pixels (1 to {MAX_IMAGE_SIZE}); default: the run's "
-  "eval_image_size or the variant's test_imsize.",
+  f'Input size in pixels ({MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}); default: '
+  "the run's eval_image_size or the variant's test_imsize.",
 )
 common.validate_int_range(
   _IMAGE_SIZE,
-  1,
+  MIN_IMAGE_SIZE,
   MAX_IMAGE_SIZE,
   meaning="the input size in pixels; leave the flag out for the run's "
   "eval_image_size, or the variant's test_imsize with --weights",
@@ -57,7 +60,7 @@ def _predict_weights(paths):
   from nfnets.pretrained import inference
 
   kwargs = _SOURCE.parsed_model_kwargs()
-  return inference.predict_files(
+  return inference.iter_predictions(
     paths,
     _SOURCE.weights.value,
     variant=_SOURCE.variant.value,
@@ -78,14 +81,12 @@ def _predict_workdir(paths, config, workdir):
   run = run_weights.run_params(
     workdir, _SOURCE.params.value, config=config, step=_SOURCE.step.value
   )
-  names = run.info.class_names
-  if config.data.name.startswith('imagenet'):
-    names = inference.imagenet_class_names()  # tfds names are synset ids.
+  names = inference.readable_class_names(run.info.class_names)
   model = models.make_model(config.model, run.info.num_classes)
   apply = jax.jit(lambda p, s, x: model.apply(p, s, None, x, False)[0])
   logits = lambda x: apply(run.params, run.model_state, x)['logits']
   load = _eval_loader(config.data, run.info, _IMAGE_SIZE.value)
-  return inference.classify_files(paths, load, logits, names, _TOP_K.value)
+  return inference.iter_classified(paths, load, logits, names, _TOP_K.value)
 
 
 def _eval_loader(data_config, info, image_size=None):
@@ -143,9 +144,11 @@ def _print(path, result):
   if _JSON.value:
     print(json.dumps({'image': path, 'top_k': result}), flush=True)
     return
-  print(path)
-  for rank, (name, prob) in enumerate(result, 1):
-    print(f'  {rank}. {name:<40s} {100 * prob:6.2f}%')
+  lines = [path] + [
+    f'  {rank}. {name:<40s} {100 * prob:6.2f}%'
+    for rank, (name, prob) in enumerate(result, 1)
+  ]
+  print('\n'.join(lines), flush=True)
 
 
 def main(argv):
@@ -153,7 +156,7 @@ def main(argv):
     raise app.UsageError(
       'Pass one or more image files (or directories of them) after the flags.'
     )
-  _SOURCE.check()
+  _SOURCE.check(images=True)
   from nfnets.pretrained import inference
 
   paths = inference.image_paths(argv[1:])
@@ -164,7 +167,7 @@ def main(argv):
       paths, _SOURCE.config.value, _SOURCE.workdir.value
     )
   failed = 0
-  for path, result in zip(paths, results, strict=True):
+  for path, result in results:  # Printed batch by batch, as classified.
     if isinstance(result, Exception):
       failed += 1
       sys.stderr.write(f'Error: {common.error_message(result)}\n')

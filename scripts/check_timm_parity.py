@@ -74,12 +74,27 @@ def _match_reference(net, torch):
       module.act_fn = lambda x, inplace=False: gelu(x, approximate='tanh')
 
 
+def _import_timm_and_torch():
+  """(timm, torch), or exit with one line saying how to get them."""
+  try:
+    import timm  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+  except ModuleNotFoundError as e:
+    if e.name not in ('timm', 'torch'):
+      raise
+    raise SystemExit(
+      f'Error: this check needs torch and timm ({e.name} is missing): '
+      'install both (pip install torch timm) in an environment and run the '
+      'script with its python, with this repository on PYTHONPATH.'
+    ) from None
+  return timm, torch
+
+
 def main():
   """Runs both models and prints the logit differences."""
   args = _parse()  # First: --help works without torch.
+  timm, torch = _import_timm_and_torch()
   import jax  # noqa: PLC0415
-  import timm  # noqa: PLC0415
-  import torch  # noqa: PLC0415
 
   from nfnets.pretrained import timm_interop  # noqa: PLC0415
 

@@ -12,24 +12,41 @@
 set -euo pipefail
 
 BASE_URL="https://storage.googleapis.com/dm-nfnets"
+USAGE="Usage: $0 [F0-F6 ...] [DEST_DIR]  (default: F0 into ./pretrained)"
 variants=()
-dest="pretrained"
+dest=""
 for arg in "$@"; do
-  case "${arg^^}" in
-    F[0-6]) variants+=("${arg^^}") ;;
-    F7|F*+) echo "No released weights for ${arg}: DeepMind published F0-F6." >&2
-            exit 2 ;;
-    -H|--HELP) sed -n '2,11p' "$0"; exit 0 ;;
-    *) dest="${arg}" ;;
-  esac
+  upper="${arg^^}"
+  if [[ "${upper}" =~ ^F[0-6]$ ]]; then
+    variants+=("${upper}")
+  elif [[ "${upper}" =~ ^F[0-9]+\+?$ ]]; then
+    # Never a folder name: 'F8' would download F0 into ./F8.
+    echo "No released weights for ${arg}: DeepMind published F0-F6." >&2
+    echo "${USAGE}" >&2
+    exit 2
+  elif [[ "${arg}" == -h || "${arg}" == --help ]]; then
+    sed -n '2,11p' "$0"
+    exit 0
+  elif [[ "${arg}" == -* ]]; then
+    echo "Unknown option ${arg}." >&2
+    echo "${USAGE}" >&2
+    exit 2
+  elif [[ -n "${dest}" ]]; then
+    echo "Two destination folders, ${dest} and ${arg}: pass one." >&2
+    echo "${USAGE}" >&2
+    exit 2
+  else
+    dest="${arg}"
+  fi
 done
+dest="${dest:-pretrained}"
 [[ ${#variants[@]} -eq 0 ]] && variants=(F0)
 mkdir -p "${dest}"
 
 for v in "${variants[@]}"; do
   out="${dest}/${v}_haiku.npz"
   if [[ -s "${out}" ]]; then
-    echo "${out} exists; skipping."
+    echo "${out} exists; skipping (remove it first to download it again)."
     continue
   fi
   echo "Downloading ${BASE_URL}/${v}_haiku.npz -> ${out}"

@@ -163,16 +163,18 @@ def pil_decode_error(path):
   """
   from PIL import Image  # noqa: PLC0415  (lazy: only folder datasets)
 
+  from nfnets.data import numpy_preprocess  # noqa: PLC0415
+
   try:
-    with Image.open(path) as img:
-      size = img.convert('RGB').size
-  # PIL's decode errors; DecompressionBombError: too many pixels.
+    shape = numpy_preprocess.decode(path).shape[:2]
+  # PIL's decode errors (ValueError also for pixels without a 0..255
+  # scale); DecompressionBombError: too many pixels.
   except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
     return (
       str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     )
-  if 0 in size:
-    return f'decodes to an empty image {size[::-1]}'
+  if 0 in shape:
+    return f'decodes to an empty image {tuple(shape)}'
   return ''
 
 

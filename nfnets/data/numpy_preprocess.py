@@ -49,9 +49,9 @@ _EPS = 1e-7
 def decode(image):
   """Returns uint8 [H, W, 3] from a file path, encoded bytes or an array.
 
-  PIL decodes (it releases the GIL while decoding, so threads overlap);
-  greyscale, palette and alpha images become RGB as TensorFlow's
-  `decode_image(channels=3)` makes them, and GIFs give their first frame.
+  PIL decodes (it releases the GIL while decoding, so threads overlap) and
+  `to_rgb` makes the pixels what TensorFlow's `decode_image(channels=3)`
+  makes them; GIFs give their first frame.
 
   Args:
     image: a path (str), encoded bytes, or a uint8 [H, W, 3] array (passed
@@ -59,20 +59,60 @@ def decode(image):
 
   Returns:
     uint8 [H, W, 3].
+
+  Raises:
+    UnsupportedPixelsError: the image's pixels have no 0..255 scale.
   """
   if isinstance(image, np.ndarray):
     return image
   source = io.BytesIO(image) if isinstance(image, bytes) else image
   with Image.open(source) as img:
-    if img.mode.startswith('I'):  # 16-bit grey: PIL would clip to 255.
-      return _wide_grey_to_rgb(np.asarray(img))
-    return np.asarray(img if img.mode == 'RGB' else img.convert('RGB'))
+    return to_rgb(img)
 
 
-def _wide_grey_to_rgb(pixels):
-  """16-bit greyscale as TensorFlow decodes it: the high byte, as RGB."""
-  grey = np.clip(pixels.astype(np.int64) >> 8, 0, 255).astype(np.uint8)
-  return np.repeat(grey[..., None], 3, axis=-1)
+class UnsupportedPixelsError(ValueError):
+  """An image whose pixel values have no 0..255 scale (float, 32-bit)."""
+
+
+def to_rgb(img):
+  """The pixels of an open PIL image as TensorFlow decodes them to RGB.
+
+  * 8-bit images (greyscale, palette, alpha, CMYK, ...): PIL's
+    `convert('RGB')`, which is what `decode_image(channels=3)` gives.
+  * 16-bit greyscale (PIL modes 'I;16*', and 'I' within 0..65535, e.g. a
+    16-bit PNG): the high byte, `v >> 8`, as TensorFlow's decoder and its
+    `convert_image_dtype` (uint16 -> uint8 is `v // 256`) make it. PIL's
+    own conversion would clip every value to 255: a nearly white image.
+  * Floating-point pixels (mode 'F', e.g. a float TIFF) and integers
+    beyond 16 bits are refused: their range is not known, and any guess
+    (0..1, 0..255, the image's min..max) could be silently wrong.
+
+  Args:
+    img: an open `PIL.Image.Image`.
+
+  Returns:
+    uint8 [H, W, 3].
+
+  Raises:
+    UnsupportedPixelsError: floating-point or wider than 16-bit pixels.
+  """
+  if img.mode == 'RGB':
+    return np.asarray(img)
+  if img.mode == 'F':
+    raise UnsupportedPixelsError(
+      "it holds floating-point pixels (PIL mode 'F'), which have no 0..255 "
+      'scale: save it as an 8- or 16-bit PNG or as a JPEG'
+    )
+  if img.mode.startswith('I'):
+    pixels = np.asarray(img).astype(np.int64)
+    if pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
+      raise UnsupportedPixelsError(
+        'it holds integer pixels beyond 16 bits (PIL mode '
+        f"'{img.mode}'): save it as an 8- or 16-bit PNG or as a JPEG"
+      )
+    grey = (pixels >> 8).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=-1)
+  return np.asarray(img.convert('RGB'))
 
 
 def normalize(images):

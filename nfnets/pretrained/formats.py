@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.numpy import save as safetensors_bytes
 
 from nfnets.pretrained import safe_pickle, timm_interop
+from nfnets.pretrained.atomic import atomic_output
 from nfnets.pretrained.errors import (
   WeightsError,
   check_not_directory,
@@ -46,18 +47,47 @@ def flatten_params(params: Mapping[str, Mapping[str, Any]]) -> dict:
   }
 
 
-def unflatten_params(flat: Mapping[str, np.ndarray]) -> Params:
-  """Inverse of `flatten_params`: splits each key at its last '/'."""
+def unflatten_params(
+  flat: Mapping[str, np.ndarray], source: str | os.PathLike | None = None
+) -> Params:
+  """Inverse of `flatten_params`: splits each key at its last '/'.
+
+  Args:
+    flat: `{'module/param': array}`.
+    source: the file the arrays came from, for the error message.
+
+  Returns:
+    Haiku params `{module: {param: array}}`.
+
+  Raises:
+    WeightsError: a key is not 'module/param'.
+  """
   params = {}
   for key, value in flat.items():
     module, sep, name = key.rpartition('/')
     if not sep:
-      raise ValueError(
-        f'Key {key!r} is not "module/param"; is this a timm state dict? '
-        'Load it with nfnets.pretrained.timm_interop.load_timm.'
-      )
+      raise WeightsError(_not_module_param(key, source))
     params.setdefault(module, {})[name] = np.asarray(value)
   return params
+
+
+def _not_module_param(key: str, source) -> str:
+  """Why a key without '/' cannot be read, and what to write instead."""
+  where = f'{os.fspath(source)!r}: key' if source is not None else 'Key'
+  head = f"{where} {key!r} is not 'module/param' (e.g. 'NFNet/~/linear/w')"
+  if '.' in key:
+    # e.g. 'NFNet.nf_block_1.conv0.w' for 'NFNet/~/nf_block_1/~/conv0/w':
+    # a '.' may stand for '/~/' or '/', so the names cannot be restored.
+    return (
+      f"{head}: it joins Haiku's names with '.', which do not split back "
+      'into module and parameter names. Save the nested {module: {param: '
+      'array}} params with nfnets.pretrained.save_params, or read the '
+      "original file (DeepMind's F*_haiku.npz loads as it is)."
+    )
+  return (
+    f'{head}. Save the nested {{module: {{param: array}}}} params with '
+    'nfnets.pretrained.save_params.'
+  )
 
 
 def write_safetensors(
@@ -88,6 +118,10 @@ def save_params(
     params: Haiku params `{module: {name: array}}` (numpy or jax arrays).
     path: destination; the suffix picks the format.
     metadata: optional string metadata (e.g. variant) stored in the file.
+
+  Raises:
+    ValueError: the name is neither .safetensors nor .npz.
+    IsADirectoryError: `path` is a directory.
   """
   path = os.fspath(path)
   meta = {'format': FORMAT_NAME, 'layout': 'HWIO', **(metadata or {})}
@@ -95,19 +129,16 @@ def save_params(
     k: np.require(v, requirements='C')
     for k, v in flatten_params(params).items()
   }
-  # Write next to the destination and rename, so an interrupted save never
-  # leaves a truncated file under the final name.
-  tmp = f'{path}.tmp-{os.getpid()}'
-  if path.endswith(_SAFETENSORS_SUFFIX):
-    write_safetensors(flat, tmp, {k: str(v) for k, v in meta.items()})
-  elif path.endswith('.npz'):
-    with open(tmp, 'wb') as f:
-      np.savez(f, **flat, **{_METADATA_KEY: np.array(json.dumps(meta))})
-  else:
+  if not path.endswith((_SAFETENSORS_SUFFIX, '.npz')):
     raise ValueError(
       f'Unknown weights format for {path!r}: use a .safetensors or .npz name.'
     )
-  os.replace(tmp, path)
+  with atomic_output(path) as tmp:
+    if path.endswith(_SAFETENSORS_SUFFIX):
+      write_safetensors(flat, tmp, {k: str(v) for k, v in meta.items()})
+    else:
+      with open(tmp, 'wb') as f:
+        np.savez(f, **flat, **{_METADATA_KEY: np.array(json.dumps(meta))})
 
 
 def _read_safetensors(path: str) -> tuple[dict, dict]:
@@ -264,4 +295,4 @@ def read_params(path: str | os.PathLike) -> tuple[Params, dict]:
   )
   if timm_interop.is_timm_state_dict(flat):
     return timm_interop.from_timm_state_dict(flat), metadata
-  return safe_pickle.validate_tree(unflatten_params(flat)), metadata
+  return safe_pickle.validate_tree(unflatten_params(flat, path)), metadata

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import haiku as hk
 import jax
@@ -33,10 +33,45 @@ CLASS_NAMES_FILE = os.path.join(
 )
 
 
+SYNSETS_FILE = os.path.join(
+  os.path.dirname(__file__), 'assets', 'imagenet_synsets.txt'
+)
+
+
+def _read_lines(path: str) -> list[str]:
+  with open(path) as f:
+    return [line.rstrip('\n') for line in f]
+
+
 def imagenet_class_names() -> list[str]:
   """The 1000 ImageNet class names, in the synset order of tfds's labels."""
-  with open(CLASS_NAMES_FILE) as f:
-    return [line.rstrip('\n') for line in f]
+  return _read_lines(CLASS_NAMES_FILE)
+
+
+def imagenet_synsets() -> list[str]:
+  """The 1000 ImageNet synset IDs: tfds's imagenet2012 labels, in order."""
+  return _read_lines(SYNSETS_FILE)
+
+
+def readable_class_names(names: Sequence[str]) -> list[str]:
+  """`names`, with ImageNet synset IDs replaced by readable class names.
+
+  tfds's ImageNet datasets (imagenet2012, imagenet_resized, imagenette,
+  ...) name their classes by WordNet synset ('n01440764'), each in its own
+  order. A list made only of ImageNet synsets gets the bundled names
+  ('tench'), synset by synset, so any order or subset is named right; any
+  other list comes back unchanged.
+
+  Args:
+    names: a dataset's class names.
+
+  Returns:
+    The names to print.
+  """
+  readable = dict(zip(imagenet_synsets(), imagenet_class_names(), strict=True))
+  if names and all(name in readable for name in names):
+    return [readable[name] for name in names]
+  return list(names)
 
 
 # ----------------------------------------------------------------------------
@@ -150,20 +185,30 @@ def image_paths(args: Sequence[str]) -> list[str]:
 def read_rgb(path: str) -> np.ndarray:
   """Decodes an image file to uint8 RGB [H, W, 3].
 
+  The pixels are what TensorFlow's `decode_image(channels=3)` gives
+  (`nfnets.data.numpy_preprocess.to_rgb`, which the training run's python
+  loader uses too): greyscale, palette and alpha images become RGB, 16-bit
+  greyscale keeps its high byte, and floating-point images are refused.
+
   Args:
-    path: any image PIL reads (greyscale and RGBA are converted to RGB).
+    path: any image PIL reads.
 
   Returns:
     The pixels.
 
   Raises:
-    UnreadableImageError: the file is missing or cannot be fully decoded.
+    UnreadableImageError: the file is missing, cannot be fully decoded, or
+      holds pixels without a 0..255 scale (floating-point, 32-bit).
   """
+  from nfnets.data import numpy_preprocess
+
   if not os.path.exists(path):
     raise UnreadableImageError(f'No image file at {path!r}.')
   try:
     with PIL.Image.open(path) as image:
-      return np.asarray(image.convert('RGB'))
+      return numpy_preprocess.to_rgb(image)
+  except numpy_preprocess.UnsupportedPixelsError as e:
+    raise UnreadableImageError(f'{path!r} cannot be classified: {e}.') from e
   except PIL.UnidentifiedImageError as e:
     raise UnreadableImageError(
       f'{path!r} is not an image file PIL can read.'
@@ -183,7 +228,7 @@ def load_image(path: str, image_size: int) -> np.ndarray:
   """Reads one image file into a normalised float32 [S, S, 3] array.
 
   Args:
-    path: any image PIL reads (greyscale and RGBA are converted to RGB).
+    path: any image PIL reads (decoded by `read_rgb`).
     image_size: output size S (the variant's test_imsize by default).
 
   Returns:
@@ -203,6 +248,58 @@ def load_image(path: str, image_size: int) -> np.ndarray:
   return (pixels - np.float32(MEAN_RGB)) / np.float32(STDDEV_RGB)
 
 
+def iter_classified(
+  paths: Sequence[str],
+  load: Callable[[str], np.ndarray],
+  logits_fn: Callable[[np.ndarray], np.ndarray],
+  class_names: Sequence[str],
+  k: int = 5,
+  batch_size: int = 16,
+) -> Iterator[tuple[str, list | UnreadableImageError]]:
+  """Top-k classes of each image file, a batch at a time, in order.
+
+  Files are read `batch_size` images at a time, and each batch's results
+  come out before the next batch is read: memory holds one batch whatever
+  the number of files, and the first results appear after one batch. An
+  unreadable file does not stop it.
+
+  Args:
+    paths: image files.
+    load: `path -> float32 [S, S, 3]` (e.g. `load_image` with a size); it
+      raises `UnreadableImageError` for a bad file.
+    logits_fn: `[N, S, S, 3] images -> [N, C] logits`.
+    class_names: C names.
+    k: how many classes per image.
+    batch_size: images per `logits_fn` call.
+
+  Yields:
+    `(path, result)` per path, in the order of `paths`: its top-k (class
+    name, probability) list, best first, or the `UnreadableImageError` it
+    raised.
+  """
+  pending, images = [], []  # Results in order; the batch's images.
+  for path in paths:
+    try:
+      images.append(load(path))
+      pending.append((path, None))
+    except UnreadableImageError as e:
+      pending.append((path, e))
+    if len(images) == batch_size:
+      yield from _classified(pending, images, logits_fn, class_names, k)
+      pending, images = [], []
+  yield from _classified(pending, images, logits_fn, class_names, k)
+
+
+def _classified(pending, images, logits_fn, class_names, k):
+  """`pending` with the top-k of `images` in place of its None results."""
+  tops = iter(())
+  if images:
+    logits = np.asarray(logits_fn(np.stack(images)))
+    tops = iter(top_k(logits, class_names, min(k, len(class_names))))
+  for path, error in pending:
+    yield path, error if error is not None else next(tops)
+
+
 def classify_files(
   paths: Sequence[str],
   load: Callable[[str], np.ndarray],
@@ -214,32 +311,18 @@ def classify_files(
   """Top-k classes of each image file; an unreadable file does not stop it.
 
   Args:
-    paths: image files.
-    load: `path -> float32 [S, S, 3]` (e.g. `load_image` with a size); it
-      raises `UnreadableImageError` for a bad file.
-    logits_fn: `[N, S, S, 3] images -> [N, C] logits`.
-    class_names: C names.
-    k: how many classes per image.
-    batch_size: images per `logits_fn` call.
+    As `iter_classified`.
 
   Returns:
     Per path, in order: its top-k (class name, probability) list, best
     first, or the `UnreadableImageError` it raised.
   """
-  results, loaded = [], []
-  for path in paths:
-    try:
-      loaded.append((len(results), load(path)))
-      results.append(None)
-    except UnreadableImageError as e:
-      results.append(e)
-  for start in range(0, len(loaded), batch_size):
-    chunk = loaded[start : start + batch_size]
-    logits = logits_fn(np.stack([image for _, image in chunk]))
-    tops = top_k(np.asarray(logits), class_names, min(k, len(class_names)))
-    for (index, _), top in zip(chunk, tops, strict=True):
-      results[index] = top
-  return results
+  return [
+    result
+    for _, result in iter_classified(
+      paths, load, logits_fn, class_names, k, batch_size
+    )
+  ]
 
 
 def top_k(logits: np.ndarray, class_names: Sequence[str], k: int = 5):
@@ -261,7 +344,7 @@ def top_k(logits: np.ndarray, class_names: Sequence[str], k: int = 5):
           for row, p in zip(order, probs, strict=True)]  # fmt: skip
 
 
-def predict_files(
+def iter_predictions(
   paths: Sequence[str],
   weights: str,
   *,
@@ -269,8 +352,12 @@ def predict_files(
   model_kwargs: Mapping | None = None,
   image_size: int | None = None,
   k: int = 5,
-) -> list:
-  """Classifies image files with pretrained weights.
+) -> Iterator[tuple[str, list | UnreadableImageError]]:
+  """Classifies image files with pretrained weights, a batch at a time.
+
+  The weights are read and checked at once (a mismatch raises here); the
+  images are read and classified as the iterator is consumed
+  (`iter_classified`).
 
   Args:
     paths: image files.
@@ -282,12 +369,13 @@ def predict_files(
     k: how many classes to return per image.
 
   Returns:
-    Per image, the top-k (class name, probability), best first, or the
-    `UnreadableImageError` of a file that could not be read. Names are the
-    file's `class_names`, else the ImageNet classes for 1000-class
-    weights, else 'class_<i>'. A training run's file (`convert_weights
-    --workdir`) records its names, eval size and eval preprocessing, which
-    are used as the run used them.
+    An iterator of `(path, result)` in the order of `paths`: the top-k
+    (class name, probability), best first, or the `UnreadableImageError`
+    of a file that could not be read. Names are the file's `class_names`
+    (ImageNet synset IDs are given their readable names), else the
+    ImageNet classes for 1000-class weights, else 'class_<i>'. A training
+    run's file (`convert_weights --workdir`) records its names, eval size
+    and eval preprocessing, which are used as the run used them.
   """
   metadata = formats.read_metadata(weights)
   variant, model_kwargs = model_spec(weights, variant, model_kwargs)
@@ -302,7 +390,7 @@ def predict_files(
   forward = make_forward(
     variant, num_classes, return_metrics=False, **model_kwargs
   )
-  return classify_files(
+  return iter_classified(
     paths,
     _image_loader(metadata.get('eval_preproc'), size),
     lambda images: forward(params, images)['logits'],
@@ -311,11 +399,28 @@ def predict_files(
   )
 
 
+def predict_files(paths: Sequence[str], weights: str, **kwargs) -> list:
+  """Classifies image files with pretrained weights.
+
+  Args:
+    paths: image files.
+    weights: any weights file `nfnets.pretrained.load` reads.
+    **kwargs: `variant`, `model_kwargs`, `image_size`, `k`, as
+      `iter_predictions` takes them.
+
+  Returns:
+    Per image, the top-k (class name, probability), best first, or the
+    `UnreadableImageError` of a file that could not be read.
+  """
+  return [result for _, result in iter_predictions(paths, weights, **kwargs)]
+
+
 def _class_names(metadata: Mapping[str, str], num_classes: int) -> list:
-  """The file's class names, else ImageNet's for 1000 classes, else indices."""
+  """The file's class names (synsets made readable), else ImageNet's for
+  1000 classes, else indices."""
   names = json.loads(metadata.get('class_names', '[]'))
   if len(names) == num_classes:
-    return names
+    return readable_class_names(names)
   if num_classes == 1000:
     return imagenet_class_names()
   return [f'class_{i}' for i in range(num_classes)]

@@ -176,11 +176,26 @@ def read_dm_pickle(file) -> Params:
   except UnsafePickleError:
     raise
   except Exception as e:  # Truncated or corrupt stream.
-    raise WeightsError(
-      f'Could not unpickle weights ({type(e).__name__}: {e}); the file is '
-      'truncated or not a DeepMind NFNet checkpoint. Download it again.'
-    ) from e
+    raise WeightsError(_damaged_pickle(file, e)) from e
   return validate_tree(tree)
+
+
+def _damaged_pickle(file, error: Exception) -> str:
+  """The message for a pickle that stops or breaks part way: a damaged file.
+
+  The download script skips a file that exists, so the damaged one has to
+  be removed before it can be downloaded again.
+  """
+  problem = (
+    f'is damaged (truncated or corrupt: {type(error).__name__}: {error})'
+  )
+  name = getattr(file, 'name', None)
+  if not isinstance(name, str | os.PathLike):  # A stream of bytes.
+    return f'The weights pickle {problem}.'
+  return (
+    f'{os.fspath(name)!r} {problem}. Remove that file and download it again '
+    '(scripts/download_pretrained.sh skips files that exist).'
+  )
 
 
 def validate_tree(tree: Any) -> Params:

@@ -40,6 +40,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save as safetensors_bytes
 
+from nfnets.pretrained.atomic import atomic_output
 from nfnets.pretrained.errors import (
   check_not_directory,
   unreadable_as_weights_error,
@@ -296,15 +297,15 @@ def save_timm(
     metadata: optional string metadata (variant, model kwargs, class
       names, ...) for `predict --weights`; timm and PyTorch loaders ignore
       it. Its 'format' is always 'pt'.
+
+  Raises:
+    IsADirectoryError: `path` is a directory.
   """
-  path = os.fspath(path)
-  tmp = f'{path}.tmp-{os.getpid()}'
   # 'format': 'pt' marks the file as a PyTorch state dict for HF loaders.
   # Written with `open`, so the mode follows umask (`save_file` gives 0600).
   meta = {**(metadata or {}), 'format': 'pt'}
-  with open(tmp, 'wb') as f:
+  with atomic_output(path) as tmp, open(tmp, 'wb') as f:
     f.write(safetensors_bytes(to_timm_state_dict(params), metadata=meta))
-  os.replace(tmp, path)
 
 
 def load_timm(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:

@@ -251,6 +251,23 @@ def test_sixteen_bit_grey_png_decodes_as_tensorflow_does(tmp_path):
   np.testing.assert_array_equal(ours[..., 0], pixels >> 8)  # By hand.
 
 
+def test_float_pixels_are_refused_not_read_as_black(tmp_path):
+  # PIL's convert('RGB') turns floats in 0..1 into zeros: a black image,
+  # silently. Both the python loader's decode and its PIL check refuse.
+  from nfnets.data import numpy_preprocess  # noqa: PLC0415
+
+  path = tmp_path / 'float.tiff'
+  Image.fromarray(np.full((6, 7), 0.75, np.float32), mode='F').save(path)
+  with pytest.raises(ValueError, match="floating-point pixels \\(PIL mode 'F'"):
+    numpy_preprocess.decode(path.read_bytes())
+  reason = image_files.pil_decode_error(str(path))
+  assert reason.startswith("it holds floating-point pixels (PIL mode 'F')")
+  # 8-bit images still read as before.
+  good = _write(tmp_path / 'ok.png', size=(7, 6))
+  assert image_files.pil_decode_error(str(good)) == ''
+  assert numpy_preprocess.decode(str(good)).shape == (6, 7, 3)
+
+
 def test_contiguous_shares_follow_tfds_even_splits():
   # The python loader's share of a tfds split must be the tf.data loader's
   # (tfds.even_splits: n // count each, the first n % count one more); a

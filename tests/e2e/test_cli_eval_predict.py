@@ -21,7 +21,7 @@ import PIL.Image
 import pytest
 import skimage.data
 
-from configs import f0
+from configs import f0, quickstart
 from nfnets import data, pretrained, train
 from nfnets.data import image_files
 from nfnets.pretrained import inference
@@ -303,3 +303,167 @@ def test_convert_weights_dm_pickle_to_safetensors(tmp_path):
   assert json.loads(metadata['model_kwargs']) == {
     'width': 0.125, 'depth': [1, 1, 1, 1]
   }  # fmt: skip
+
+
+# ----------------------------------------------------------------------------
+# Paths refused before any work, and what the commands say instead.
+# ----------------------------------------------------------------------------
+
+
+def _synset_run(root):
+  """A run on a folder dataset whose classes are ImageNet synsets.
+
+  tfds's ImageNet datasets name their classes this way; n01440764 is the
+  tench, n07873807 pizza (labels in sorted order: tench 0, pizza 1).
+  """
+  for split in ('train', 'validation'):
+    for name in ('n07873807', 'n01440764'):
+      folder = root / 'data' / split / name
+      folder.mkdir(parents=True)
+      PIL.Image.fromarray(np.full((40, 40, 3), 90, np.uint8)).save(
+        folder / '0.png'
+      )
+  config = quickstart.get_config()
+  config.data.name = 'folder'
+  config.data.folder_root = str(root / 'data')
+  config.data.eval_image_size = 32
+  workdir = root / 'run'
+  workdir.mkdir()
+  (workdir / 'config.json').write_text(
+    config.to_json_best_effort(indent=2, sort_keys=True)
+  )
+  abstract = train.abstract_train_state(config, 2)
+  state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract)
+  params = jax.tree.map(
+    lambda s: 0.3 * np.ones(s.shape, s.dtype), abstract.params
+  )
+  params['NFNet/~/linear']['w'][:] = 0.0
+  params['NFNet/~/linear']['b'][:] = (1.0, 3.0)  # Pizza first.
+  state = state._replace(step=np.int32(4), params=params, ema_params=params)
+  checkpointer = ckpt_lib.Checkpointer(
+    str(workdir / 'checkpoints'), max_to_keep=2
+  )
+  checkpointer.save(4, state)
+  checkpointer.close()
+  return workdir
+
+
+def test_predict_workdir_names_imagenet_synsets_readably(tmp_path):
+  # Only a dataset named 'imagenet*' was renamed (not 'tfds/imagenet2012',
+  # nor any other list of synsets), and then by position, not by synset.
+  workdir = _synset_run(tmp_path)
+  image = tmp_path / 'data' / 'validation' / 'n07873807' / '0.png'
+  proc = _run(
+    'experiments.predict', f'--workdir={workdir}', '--json', str(image)
+  )
+  assert proc.returncode == 0, proc.stderr
+  (row,) = [json.loads(line) for line in proc.stdout.splitlines()]
+  probs = _softmax([1.0, 3.0])
+  assert [name for name, _ in row['top_k']] == ['pizza', 'tench']
+  np.testing.assert_allclose([p for _, p in row['top_k']], probs[::-1])
+
+
+def test_a_directory_as_weights_says_what_to_pass(tmp_path, monkeypatch):
+  # Every directory was told to pass --workdir=<it>: wrong for a
+  # checkpoint folder and for a folder of images; evaluate said
+  # nothing of --workdir at all.
+  from experiments import common  # noqa: PLC0415
+
+  workdir = tmp_path / 'run'
+  (workdir / 'checkpoints' / '200').mkdir(parents=True)
+  (workdir / 'configs').mkdir()
+  (workdir / 'config.json').write_text('{}')
+  photos = tmp_path / 'photos'
+  photos.mkdir()
+  PIL.Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(photos / 'a.png')
+  (tmp_path / 'empty').mkdir()
+  proc = _run(
+    'experiments.evaluate', '--config=configs/quickstart.py',
+    f'--weights={workdir / "checkpoints" / "200"}',
+  )  # fmt: skip
+  assert proc.returncode == 2, proc.stderr
+  assert f'--workdir={workdir} --step=200 instead.' in proc.stderr
+  proc = _run('experiments.predict', f'--weights={photos}', str(photos))
+  assert proc.returncode == 2, proc.stderr
+  assert 'and the image folder after the flags' in proc.stderr
+  file_hint = (
+    "pass a weights file (.safetensors, .npz or DeepMind's F*_haiku.npz)"
+  )
+  cases = {
+    workdir: f"is a directory, a training run's; pass --workdir={workdir} "
+    'instead.',
+    workdir / 'checkpoints' / '200': ', a checkpoint of the training run '
+    f'{workdir}; pass --workdir={workdir} --step=200 instead.',
+    workdir / 'configs': f' inside the training run {workdir}; pass '
+    f'--workdir={workdir} for its newest checkpoint instead.',
+    photos: f'is a directory; {file_hint}, and the image folder after the '
+    'flags.',
+    tmp_path / 'empty': f'is a directory; {file_hint}.',
+  }
+  for path, says in cases.items():
+    message = common.weights_directory_error(str(path), images=True)
+    assert message.startswith(f'--weights={path} is a directory')
+    assert message.endswith(says), message
+  # Relative to the working directory where the path is relative.
+  with monkeypatch.context() as patch:
+    patch.chdir(workdir / 'checkpoints')
+    assert common.weights_directory_error('200').endswith(
+      '--workdir=.. --step=200 instead.'
+    )
+
+
+def test_evaluate_output_naming_a_folder_is_refused_when_parsed(tmp_path):
+  # 'newdir/' passed the check, then failed to open after the evaluation,
+  # losing the metrics.
+  from absl import flags  # noqa: PLC0415
+
+  from experiments import output_files  # noqa: PLC0415
+
+  def parse(value):
+    flag_values = flags.FlagValues()
+    holder = flags.DEFINE_string('output', '', '', flag_values=flag_values)
+    output_files.validate_output_file(
+      holder, replaceable=output_files.is_metrics_file, kind='a metrics file'
+    )
+    flag_values(['evaluate', f'--output={value}'])
+
+  for value in (f'{tmp_path}/newdir/', f'{tmp_path}/', 'newdir/'):
+    with pytest.raises(flags.IllegalFlagValueError) as error:
+      parse(value)
+    assert str(error.value).startswith(f'flag --output={value}: ')
+    folder = 'is a directory' if os.path.isdir(value) else 'names a folder'
+    assert f'{folder}; pass a file path in it (e.g. ' in str(error.value)
+  assert os.listdir(tmp_path) == []
+  parse(f'{tmp_path}/newdir/eval.json')
+
+
+def test_convert_to_a_directory_is_refused_before_reading(tmp_path):
+  # The weights were read, written whole as '<dir>.tmp-PID', and left
+  # there when the rename failed.
+  src = _save(_tiny_weights(10, np.zeros(10)), tmp_path / 'w.safetensors')
+  out = tmp_path / 'out.safetensors'
+  out.mkdir()
+  proc = _run(
+    'experiments.convert_weights', f'--input={src}', f'--output={out}'
+  )
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.startswith(
+    f'Error: --output={out} is a directory; pass a file path in it (e.g. '
+    f'{out}/weights.safetensors).'
+  )
+  assert sorted(os.listdir(tmp_path)) == ['out.safetensors', 'w.safetensors']
+
+
+def test_predict_image_size_below_the_models_stride_is_refused(tmp_path):
+  # 1..31 passed the flag check and failed after the weights were read.
+  weights = _save(_tiny_weights(10, np.zeros(10)), tmp_path / 'w.npz')
+  image = tmp_path / 'cat.png'
+  PIL.Image.fromarray(skimage.data.chelsea()).save(image)
+  proc = _run(
+    'experiments.predict', f'--weights={weights}', '--image_size=31',
+    str(image),
+  )  # fmt: skip
+  assert proc.returncode == 2
+  assert proc.stderr.startswith(
+    'Error: flag --image_size=31: pass 32 to 4096 (the input size in pixels'
+  )

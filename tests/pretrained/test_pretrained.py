@@ -364,3 +364,56 @@ def test_pretrained_table_lists_the_released_files():
     'https://storage.googleapis.com/dm-nfnets/F0_haiku.npz'
   )
   assert pretrained.PRETRAINED['F6']['top1'] == 86.5
+
+
+def test_a_damaged_pickle_is_named_with_how_to_fetch_it_again(
+  tiny_params, tmp_path
+):
+  # The message said "Download it again", which the download script skips
+  # for a file that exists, and did not name the file.
+  good = tmp_path / 'F0_haiku.npz'
+  write_dm_pickle(tiny_params, good)
+  cut = tmp_path / 'cut' / 'F0_haiku.npz'
+  cut.parent.mkdir()
+  cut.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+  for read in (pretrained.read_params, pretrained.read_dm_pickle):
+    with pytest.raises(pretrained.WeightsError) as error:
+      read(cut)
+    message = str(error.value)
+    assert message.startswith(f"'{cut}' is damaged (truncated or corrupt: ")
+    assert message.endswith(
+      'Remove that file and download it again '
+      '(scripts/download_pretrained.sh skips files that exist).'
+    )
+
+
+def test_keys_that_are_not_module_param_say_what_is_read(tmp_path):
+  # A '.'-joined flattening of DeepMind's names was told to use timm's
+  # loader, which cannot read it either.
+  dotted = tmp_path / 'dm_flat.npz'
+  np.savez(dotted, **{'NFNet.final_conv.bias': np.zeros(3, np.float32)})
+  with pytest.raises(pretrained.WeightsError) as error:
+    pretrained.read_params(dotted)
+  message = str(error.value)
+  assert message.startswith(
+    f"'{dotted}': key 'NFNet.final_conv.bias' is not 'module/param' (e.g. "
+    "'NFNet/~/linear/w'): it joins Haiku's names with '.'"
+  )
+  assert 'nfnets.pretrained.save_params' in message
+  assert 'timm' not in message
+  plain = tmp_path / 'plain.npz'
+  np.savez(plain, w=np.zeros(3, np.float32))
+  with pytest.raises(pretrained.WeightsError, match="key 'w' is not 'module"):
+    pretrained.read_params(plain)
+
+
+@pytest.mark.parametrize('suffix', ['.safetensors', '.npz'])
+def test_saving_into_a_directory_is_refused_before_writing(tmp_path, suffix):
+  # It wrote the whole file as '<dir>.tmp-PID', failed to rename it over
+  # the directory and left it there.
+  out = tmp_path / f'out{suffix}'
+  out.mkdir()
+  with pytest.raises(IsADirectoryError, match='is a directory; name a file'):
+    pretrained.save_params(_SMALL, out)
+  assert sorted(os.listdir(tmp_path)) == [out.name]
+  assert os.listdir(out) == []

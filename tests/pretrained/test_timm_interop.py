@@ -8,6 +8,8 @@ from DeepMind's published F0 names and shapes, independently of the model
 code.
 """
 
+import os
+
 import numpy as np
 import pytest
 
@@ -188,3 +190,19 @@ def test_foreign_timm_keys_are_listed():
     timm_interop.from_timm_state_dict(sd)
   assert 'stages.0.0.attn.fc1.weight' in str(err.value)
   assert 'blocks.0.norm.weight' in str(err.value)
+
+
+def test_a_failed_or_misdirected_save_leaves_no_file(tmp_path):
+  # The temporary file stayed behind when the conversion or the rename
+  # failed (a directory as the destination: after writing it all).
+  bad = {'Foo/~/bar': {'w': np.zeros(3, np.float32)}}
+  with pytest.raises(ValueError, match='No timm equivalent for Haiku module'):
+    timm_interop.save_timm(bad, tmp_path / 'x.safetensors')
+  assert os.listdir(tmp_path) == []
+  folder = tmp_path / 'out.safetensors'
+  folder.mkdir()
+  params = _random_params(deepmind_f0_shapes(**SMALL))
+  with pytest.raises(IsADirectoryError, match='is a directory'):
+    timm_interop.save_timm(params, folder)
+  assert os.listdir(tmp_path) == ['out.safetensors']
+  assert os.listdir(folder) == []
