@@ -10,6 +10,7 @@ range; they never touch what valid arguments compute.
 
 import math
 import numbers
+from collections.abc import Mapping
 
 import haiku as hk
 
@@ -49,6 +50,11 @@ def check_model_args(
   stochdepth_rate=0.0,
   group_size=1,
   narrowest=None,
+  se_ratio=0.5,
+  expansion=1.0,
+  drop_connect_rate=0.0,
+  bn_decay=0.9,
+  bn_eps=1e-3,
 ) -> None:
   """Raises a ValueError naming the first argument out of its valid range.
 
@@ -60,14 +66,22 @@ def check_model_args(
     width: width multiplier, a number > 0.
     drop_rate: dropout rate before the classifier, in [0, 1) (a rate of 1
       would divide by the keep probability 0).
-    stochdepth_rate: stochastic-depth rate of the deepest block, in [0, 1]:
-      block i of N gets rate * i / N, so 1 still keeps every block with
+    stochdepth_rate: stochastic-depth schedule's rate, in [0, 1]: block i
+      of N (from 0) gets rate * i / N, so 1 still keeps every block with
       some probability, while a rate above 1 would silently turn the
       deepest blocks' stochastic depth off.
     group_size: channels per group of the grouped convs, a positive int.
     narrowest: the smallest channel count `width` multiplies: a width that
       makes `int(narrowest * width)` 0 would leave a layer without
       channels (a ZeroDivisionError deep in weight standardisation).
+    se_ratio: squeeze-excite hidden width as a fraction of its input, in
+      (0, 1] (a ratio <= 0 would silently give `max(1, int(c * ratio))`,
+      one hidden unit).
+    expansion: inverted-bottleneck expansion, a number > 0.
+    drop_connect_rate: EfficientNet's drop-connect rate, in [0, 1): block
+      i of N gets rate * i / N.
+    bn_decay: BatchNorm moving-average decay, in [0, 1).
+    bn_eps: BatchNorm epsilon, a number > 0.
 
   Raises:
     ValueError: for a value of the wrong type or out of range.
@@ -78,6 +92,11 @@ def check_model_args(
     ('width', width, lambda v: v > 0, 'a number > 0'),
     ('drop_rate', drop_rate, lambda v: 0 <= v < 1, 'in [0, 1)'),
     ('stochdepth_rate', stochdepth_rate, lambda v: 0 <= v <= 1, 'in [0, 1]'),
+    ('se_ratio', se_ratio, lambda v: 0 < v <= 1, 'in (0, 1]'),
+    ('expansion', expansion, lambda v: v > 0, 'a number > 0'),
+    ('drop_connect_rate', drop_connect_rate, lambda v: 0 <= v < 1, 'in [0, 1)'),
+    ('bn_decay', bn_decay, lambda v: 0 <= v < 1, 'in [0, 1)'),
+    ('bn_eps', bn_eps, lambda v: v > 0, 'a number > 0'),
   )
   for name, value, valid, text in ranges:
     if not (_is_number(value) and valid(value)):
@@ -89,6 +108,48 @@ def check_model_args(
       f'(int({narrowest} * width) channels) with none; use width >= '
       f'{smallest:g}.'
     )
+
+
+def check_depth_coefficient(model: str, depth) -> None:
+  """Raises a ValueError unless `depth` is a number > 0.
+
+  EfficientNet's `depth` is its compound-scaling coefficient (each stage's
+  repeats times `depth`, rounded up), not the blocks per stage that the
+  ResNet-style families take; a value <= 0 would build a network without
+  any MBConv block.
+
+  Args:
+    model: the model's name, for the message.
+    depth: the depth coefficient.
+  """
+  if not (_is_number(depth) and depth > 0):
+    raise ValueError(
+      f'{model}: depth is the compound-scaling depth coefficient (stage '
+      f'repeats are multiplied by it and rounded up), a number > 0 such as '
+      f'1.0 (B0) or 3.1 (B7), got {depth!r}.'
+    )
+
+
+def get_choice(model: str, name: str, value, choices: Mapping):
+  """Returns `choices[value]`; the error names the argument and the choices.
+
+  Args:
+    model: the model's name, for the message.
+    name: the argument's name.
+    value: its value, a key of `choices`.
+    choices: the registry of valid values.
+
+  Returns:
+    The registry's entry for `value`.
+
+  Raises:
+    ValueError: for a value not in `choices`; the message lists them.
+  """
+  if not isinstance(value, str) or value not in choices:
+    raise ValueError(
+      f'Unknown {model} {name} {value!r}; choose one of {sorted(choices)}.'
+    )
+  return choices[value]
 
 
 def check_bn_init(model: str, is_training, test_local_stats) -> None:

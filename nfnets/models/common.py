@@ -224,8 +224,8 @@ def make_block_specs(
     depth: blocks per stage.
     stage_strides: stride of each stage's first block (the others have 1).
     alpha: residual branch scale (for the betas).
-    stochdepth_rate: rate of the deepest block; block i of N gets
-      rate * i / N.
+    stochdepth_rate: the stochastic-depth schedule's rate: block i of N
+      (from 0) gets rate * i / N, the deepest (N - 1) / N of it.
     block_width: `(index, in_ch, out_ch) -> (width, groups)` of a block.
 
   Returns:

@@ -15,8 +15,9 @@ B1-B7 scale the B0 stage widths by `width` (rounded to multiples of 8 by
 `round_filters`) and the stage depths by `depth` (rounded up), and train at
 their own resolution; `VARIANTS` lists the compound-scaling coefficients,
 resolutions and classifier dropout. Drop-connect (per-example dropping of
-the residual branch, rescaled by 1 / keep) rises linearly from 0 at the
-first block to `drop_connect_rate` at the last.
+the residual branch, rescaled by 1 / keep) rises linearly over the blocks:
+block i of N (from 0) gets `drop_connect_rate * i / N`, so the first has
+none and the last (N - 1) / N of `drop_connect_rate`, as in the TPU code.
 
 Haiku names: `EfficientNet/~/stem_conv`, `stem_bn`, then one
 `mb_conv_block[_k]` per block holding `expand_conv`, `expand_bn`,
@@ -161,7 +162,8 @@ def block_specs(
   Args:
     width: width coefficient (channels, via `round_filters`).
     depth: depth coefficient (repeats, via `round_repeats`).
-    drop_connect_rate: rate of the last block; block i of N has rate * i / N.
+    drop_connect_rate: the rate the schedule rises towards: block i of N
+      (from 0) has rate * i / N, the last (N - 1) / N of it.
 
   Returns:
     One `MBConvSpec` per block, in order.
@@ -344,12 +346,16 @@ class EfficientNet(hk.Module):
       num_classes: number of output classes.
       variant: key of `VARIANTS` ('B0', ..., 'B7').
       width: width coefficient overriding the variant's (small test
-        models).
-      depth: depth coefficient overriding the variant's.
+        models), > 0.
+      depth: compound-scaling depth coefficient overriding the variant's:
+        a number > 0 multiplying every stage's repeats (rounded up), not
+        the blocks per stage of the ResNet-style families.
       drop_rate: dropout before the classifier; None = the variant's.
-      drop_connect_rate: drop-connect rate of the last block.
-      bn_decay: BatchNorm moving-average decay (TensorFlow's momentum).
-      bn_eps: BatchNorm epsilon.
+      drop_connect_rate: in [0, 1); block i of N (from 0) gets
+        drop_connect_rate * i / N, the last (N - 1) / N of it.
+      bn_decay: BatchNorm moving-average decay (TensorFlow's momentum), in
+        [0, 1).
+      bn_eps: BatchNorm epsilon, > 0.
       depthwise_conv: 'auto' | 'shifted' | 'native' (see
         `nfnets.ops.resolve_depthwise_conv`).
       name: Haiku module name.
@@ -360,8 +366,10 @@ class EfficientNet(hk.Module):
     depth = config['depth'] if depth is None else depth
     self.drop_rate = config['drop_rate'] if drop_rate is None else drop_rate
     checks.check_model_args(
-      'EfficientNet', num_classes, width=width, drop_rate=self.drop_rate
-    )
+      'EfficientNet', num_classes, width=width, drop_rate=self.drop_rate,
+      drop_connect_rate=drop_connect_rate, bn_decay=bn_decay, bn_eps=bn_eps,
+    )  # fmt: skip
+    checks.check_depth_coefficient('EfficientNet', depth)
     which_norm = make_norm(bn_decay, bn_eps)
     self.stem_conv = _conv2d(
       round_filters(STEM_CH, width), 3, stride=2, name='stem_conv'

@@ -35,7 +35,14 @@ import ml_collections
 import numpy as np
 
 from nfnets import models, ops
-from nfnets.models import common, efficientnet, nf_regnet, nfnet
+from nfnets.models import (
+  checks,
+  common,
+  efficientnet,
+  nf_regnet,
+  nfnet,
+  registry,
+)
 
 
 def conv_macs(
@@ -244,18 +251,20 @@ def reported_image_size(model_config: ml_collections.ConfigDict) -> int:
   """The resolution at which a registry model's FLOPs are reported.
 
   Args:
-    model_config: `config.model` (name and kwargs).
+    model_config: `config.model` (name and kwargs), a ConfigDict or a
+      plain dict, as `make_model` takes it.
 
   Returns:
     The variant's test resolution for NFNets, NF-RegNets and EfficientNets
     (as in their papers' tables), else 224.
   """
-  variant = model_config.kwargs.get('variant', None)
-  if model_config.name == 'NFNet':
+  name, kwargs = registry.name_and_kwargs(model_config)
+  variant = kwargs.get('variant', None)
+  if name == 'NFNet':
     return nfnet.get_variant(variant or 'F0')['test_imsize']
-  if model_config.name == 'NF_RegNet':
+  if name == 'NF_RegNet':
     return nf_regnet.get_variant(variant or 'B0')['test_imsize']
-  if model_config.name == 'EfficientNet':
+  if name == 'EfficientNet':
     return efficientnet.get_variant(variant or 'B0')['test_imsize']
   return RESNET_IMAGE_SIZE
 
@@ -276,15 +285,20 @@ def count_model_macs(
 
   Args:
     model_config: `config.model`, e.g. `ConfigDict(dict(name='ResNet',
-      kwargs=dict(variant='ResNet50')))`.
-    image_size: square input resolution; None = `reported_image_size`.
+      kwargs=dict(variant='ResNet50')))`, or the same as a plain dict.
+    image_size: square input resolution, a positive int; None =
+      `reported_image_size`.
     num_classes: classifier outputs.
 
   Returns:
     Multiply-adds per image.
   """
   model = models.make_model(model_config, num_classes)
-  size = image_size or reported_image_size(model_config)
+  if image_size is None:
+    size = reported_image_size(model_config)
+  else:
+    checks.check_positive_int('count_model_macs', 'image_size', image_size)
+    size = image_size
   x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
   # A concrete key: its shape depends on the configured PRNG implementation.
   params, state = jax.eval_shape(

@@ -42,17 +42,6 @@ VARIANTS = common.variant_table(
   },
 )
 
-# The reference's weight decay per variant (experiment_nf_regnets.py); it
-# defines none for B6-B8.
-WEIGHT_DECAY = {
-  'B0': 5e-5,
-  'B1': 6e-5,
-  'B2': 7e-5,
-  'B3': 8e-5,
-  'B4': 9e-5,
-  'B5': 1e-4,
-}
-
 STAGE_STRIDES = (2, 2, 2, 2)  # Every stage halves the resolution.
 TOTAL_STRIDE = 32
 
@@ -83,7 +72,7 @@ def block_specs(
       the network's first block uses 1.
     group_size: channels per group of the 3x3 convs.
     alpha: residual branch scale.
-    stochdepth_rate: rate of the deepest block; block i of N gets rate*i/N.
+    stochdepth_rate: block i of N (from 0) gets rate * i / N.
     depth: blocks per stage overriding the variant's.
 
   Returns:
@@ -207,11 +196,13 @@ class NFRegNet(hk.Module):
       num_classes: number of output classes.
       variant: key of `VARIANTS` ('B0'..'B8').
       width: multiplier of the stage widths (the reference's 0.75).
-      expansion: inverted-bottleneck expansion of the input width.
+      expansion: inverted-bottleneck expansion of the input width, > 0.
       group_size: channels per group in the 3x3 convs.
-      se_ratio: squeeze-excite hidden width ratio.
+      se_ratio: squeeze-excite hidden width as a fraction of the expanded
+        width, in (0, 1].
       alpha: residual branch scale.
-      stochdepth_rate: stochastic depth rate of the deepest block.
+      stochdepth_rate: stochastic-depth schedule: block i of N (from 0)
+        gets rate * i / N.
       drop_rate: dropout before the classifier; None uses the variant's.
       activation: key of `nfnets.models.layers.ACTIVATIONS`.
       fc_init: classifier weight initialiser; default zeros (reference).
@@ -226,7 +217,7 @@ class NFRegNet(hk.Module):
     checks.check_model_args(
       'NF_RegNet', num_classes, width=width, drop_rate=self.drop_rate,
       stochdepth_rate=stochdepth_rate, group_size=group_size,
-      narrowest=config['width'][0],
+      narrowest=config['width'][0], se_ratio=se_ratio, expansion=expansion,
     )  # fmt: skip
     self.activation = layers.get_activation(activation)
     self.specs = block_specs(

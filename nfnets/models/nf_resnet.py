@@ -74,7 +74,7 @@ def block_specs(
     variant: key of `VARIANTS`.
     width: multiplier of (64, 128, 256, 512) and of the 16-channel stem.
     alpha: residual branch scale.
-    stochdepth_rate: rate of the deepest block; block i of N gets rate*i/N.
+    stochdepth_rate: block i of N (from 0) gets rate * i / N.
     depth: blocks per stage overriding the variant's.
 
   Returns:
@@ -187,14 +187,16 @@ class NFResNet(hk.Module):
       variant: key of `VARIANTS` ('ResNet50', ..., 'ResNet600').
       width: multiplier of the stage widths (64..512) and the 16-ch stem.
       alpha: residual branch scale.
-      stochdepth_rate: stochastic depth rate of the deepest block.
+      stochdepth_rate: stochastic-depth schedule: block i of N (from 0)
+        gets rate * i / N.
       drop_rate: dropout before the classifier (None = 0).
       activation: key of `nfnets.models.layers.ACTIVATIONS` (reference: 'relu').
       fc_init: classifier weight initialiser; default N(0, 0.01).
       skipinit_gain: initial value of every block's `skip_gain` (0 as in
         the reference; 1 shows the branches' contribution in SPPs).
       use_se: squeeze-excite in every block (NF-SE-ResNets).
-      se_ratio: squeeze-excite hidden width ratio.
+      se_ratio: squeeze-excite hidden width as a fraction of the block's
+        output channels, in (0, 1].
       depth: blocks per stage overriding the variant's (for small models).
       name: Haiku module name; 'NF_ResNet' as in the reference.
     """
@@ -204,6 +206,7 @@ class NFResNet(hk.Module):
     checks.check_model_args(
       'NF_ResNet', num_classes, width=width, drop_rate=self.drop_rate,
       stochdepth_rate=stochdepth_rate, narrowest=STEM_MULTIPLIER,
+      se_ratio=se_ratio,
     )  # fmt: skip
     self.activation = layers.get_activation(activation)
     self.specs = block_specs(variant, width, alpha, stochdepth_rate, depth)

@@ -89,7 +89,7 @@ def block_specs(
     variant: key of `VARIANTS`.
     width: multiplier of the block widths (not of the stem).
     alpha: residual branch scale.
-    stochdepth_rate: rate of the last block; block i gets rate * i / N.
+    stochdepth_rate: block i of N (from 0) gets rate * i / N.
     depth: blocks per stage, overriding the variant's (e.g. for tiny models).
     group_size: channels per group of the 3x3 convs.
 
@@ -246,8 +246,8 @@ class NFNet(hk.Module):
       width: multiplier of the block widths (the stem is not scaled).
       se_ratio: squeeze-excite hidden width as a fraction of the block width.
       alpha: residual branch scale.
-      stochdepth_rate: stochastic depth rate of the deepest block; block i of
-        N gets rate * i / N.
+      stochdepth_rate: stochastic-depth schedule: block i of N (from 0)
+        gets rate * i / N, the deepest (N - 1) / N of it.
       drop_rate: dropout before the classifier; None uses the variant's.
       activation: key of `nfnets.models.layers.ACTIVATIONS`.
       fc_init: classifier weight initialiser; default N(0, 0.01).
@@ -274,7 +274,9 @@ class NFNet(hk.Module):
     config = get_variant(variant)
     self.variant, self.num_classes = variant, num_classes
     self.drop_rate = config['drop_rate'] if drop_rate is None else drop_rate
-    checks.check_model_args('NFNet', num_classes, drop_rate=self.drop_rate)
+    checks.check_model_args(
+      'NFNet', num_classes, drop_rate=self.drop_rate, se_ratio=se_ratio
+    )
     self.activation = layers.get_activation(activation)
     self.remat, self.scan_blocks = remat, scan_blocks
     self.in_channels = in_channels
@@ -292,16 +294,12 @@ class NFNet(hk.Module):
     ]
     self.blocks = [
       NFBlock(
-        spec,
-        alpha=alpha,
-        se_ratio=se_ratio,
-        activation=activation,
-        use_two_convs=use_two_convs,
-        grouped_conv=grouped_conv,
+        spec, alpha=alpha, se_ratio=se_ratio, activation=activation,
+        use_two_convs=use_two_convs, grouped_conv=grouped_conv,
         name='nf_block',  # Haiku numbers repeats: nf_block_1, ...
       )
       for spec in self.specs
-    ]
+    ]  # fmt: skip
     ch = final_conv_channels(
       self.specs[-1].out_ch, final_conv_mult, final_conv_ch
     )

@@ -168,7 +168,7 @@ def check_kwargs(name: str, kwargs) -> None:
     )
 
 
-def _name_and_kwargs(model_config) -> tuple[str, dict]:
+def name_and_kwargs(model_config) -> tuple[str, dict]:
   """`config.model`'s name and kwargs, from a ConfigDict or a plain dict.
 
   Passing the whole experiment config is an easy slip (it has a `model`
@@ -218,7 +218,7 @@ def make_model(
       name (e.g. the whole experiment config instead of `config.model`).
   """
   checks.check_positive_int('make_model', 'num_classes', num_classes)
-  name, kwargs = _name_and_kwargs(model_config)
+  name, kwargs = name_and_kwargs(model_config)
   constructor = get_constructor(name)
   check_kwargs(name, kwargs)
 

@@ -37,6 +37,18 @@ TOTAL_STRIDE = 32
 NORMS = ('batch_norm', 'none')
 BN_DECAY = 0.9
 
+# The plain (not gamma-scaled) element-wise activations a BN ResNet takes,
+# by their `jax.nn` names (the reference looks the name up in `jax.nn`,
+# where 'one_hot' or 'initializers' would also resolve).
+ACTIVATIONS = {
+  name: getattr(jax.nn, name)
+  for name in (
+    'celu', 'elu', 'gelu', 'hard_sigmoid', 'hard_silu', 'hard_swish',
+    'hard_tanh', 'leaky_relu', 'log_sigmoid', 'relu', 'relu6', 'selu',
+    'sigmoid', 'silu', 'soft_sign', 'softplus', 'swish', 'tanh',
+  )
+}  # fmt: skip
+
 # Conv initialisers: 'default' is hk.Conv2D's (truncated normal with std
 # 1/sqrt(fan_in), as in the reference); 'he' preserves the second moment
 # through ReLU (std sqrt(2/fan_in)), the usual choice without normalisation.
@@ -223,10 +235,12 @@ class ResNet(hk.Module):
       width: multiplier of (64, 128, 256, 512) and of the 16-channel stem.
       preactivation: True for ResNet v2 (BN-ReLU-conv), False for v1.
       use_se: squeeze-excite in every block (SE-ResNets).
-      se_ratio: squeeze-excite hidden width ratio.
+      se_ratio: squeeze-excite hidden width as a fraction of the block's
+        output channels, in (0, 1].
       norm: 'batch_norm' or 'none' (no normalisation at all).
-      bn_decay: BatchNorm moving-average decay.
-      activation: name of a plain `jax.nn` function (not gamma-scaled).
+      bn_decay: BatchNorm moving-average decay, in [0, 1).
+      activation: key of `ACTIVATIONS` (plain `jax.nn` functions, not
+        gamma-scaled).
       drop_rate: dropout before the classifier.
       fc_init: classifier weight initialiser; default zeros (reference).
       conv_init: 'default' (Haiku's, the reference) or 'he' (see
@@ -240,12 +254,13 @@ class ResNet(hk.Module):
     )
     checks.check_model_args(
       'ResNet', num_classes, width=width, drop_rate=drop_rate,
-      narrowest=common.RESNET_STEM_MULTIPLIER,
+      narrowest=common.RESNET_STEM_MULTIPLIER, se_ratio=se_ratio,
+      bn_decay=bn_decay,
     )  # fmt: skip
     self.norm = norm
-    if not hasattr(jax.nn, activation):
-      raise ValueError(f'Unknown activation {activation!r}: not in jax.nn.')
-    self.activation = getattr(jax.nn, activation)
+    self.activation = checks.get_choice(
+      'ResNet', 'activation', activation, ACTIVATIONS
+    )
     self.preactivation, self.drop_rate = preactivation, drop_rate
     self.which_norm = make_norm(norm, bn_decay)
     w_init = make_conv_init(conv_init)

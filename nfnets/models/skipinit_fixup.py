@@ -22,7 +22,8 @@ are:
 
 Both take the ResNet depth variants ('ResNet50' ... 'ResNet600'), stage
 widths (64, 128, 256, 512) x `width` and a 16 x `width` stem, with stochastic
-depth rising linearly to `stochdepth_rate`. They have no state.
+depth rising linearly over the blocks: block i of N (from 0) gets
+`stochdepth_rate * i / N`, as in the references. They have no state.
 """
 
 from collections.abc import Sequence
@@ -43,14 +44,6 @@ ACTIVATIONS = {
   'relu': jax.nn.relu,
   'identity': lambda x: x,
 }
-
-
-def _activation(name: str):
-  if name not in ACTIVATIONS:
-    raise ValueError(
-      f'Unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}.'
-    )
-  return ACTIVATIONS[name]
 
 
 def _block_specs(
@@ -108,7 +101,8 @@ class _BaselineResNet(hk.Module):
       variant: key of `VARIANTS` ('ResNet50', ..., 'ResNet600').
       width: multiplier of the stage widths (64, 128, 256, 512) and of the
         16-channel stem.
-      stochdepth_rate: stochastic-depth rate of the last block.
+      stochdepth_rate: stochastic-depth rate the schedule rises towards:
+        block i of N (from 0) gets stochdepth_rate * i / N.
       drop_rate: dropout before the classifier.
       activation: key of `ACTIVATIONS`.
       fc_init: classifier weight initialiser; default zeros (reference).
@@ -116,7 +110,9 @@ class _BaselineResNet(hk.Module):
       name: Haiku module name; default the reference's (`default_name`).
     """
     super().__init__(name=name or self.default_name)
-    self.activation = _activation(activation)
+    self.activation = checks.get_choice(
+      self.family, 'activation', activation, ACTIVATIONS
+    )
     self.drop_rate = drop_rate
     checks.check_model_args(
       self.family, num_classes, width=width, drop_rate=drop_rate,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from nfnets.perf import benchmark, op_profile, report, workload
+from nfnets.perf import benchmark, op_profile, plot_stamp, report, workload
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +58,8 @@ PAPER_MODELS = (
   PaperModel('EffNet-B0', 'EfficientNet', {'variant': 'B0'}, 224,
              0.39, 5.3, 51.1, 44.8),
   PaperModel('SENet-50', 'ResNet',
-             {'variant': 'ResNet50', 'use_se': True, 'se_ratio': 1 / 16},
+             {'variant': 'ResNet50', 'preactivation': False, 'use_se': True,
+              'se_ratio': 1 / 16},
              224, 4.09, 28.0, 64.3, 59.4),
   PaperModel('NFNet-F0', 'NFNet', {'variant': 'F0'}, 192,
              12.38, 71.5, 73.3, 56.7),
@@ -86,6 +87,7 @@ def run_paper_table(
   labels: Sequence[str] | None = None,
   breakdown: bool = True,
   log=print,
+  on_row=None,
 ) -> list[PaperRow]:
   """Times the paper's six models at their train resolutions.
 
@@ -93,17 +95,22 @@ def run_paper_table(
     batch_size: images per step (the paper's: 32).
     steps: timed steps per model (the median is reported).
     dtype: compute dtype; default `workload.default_dtype()`.
-    labels: a subset of `PAPER_MODELS` labels; default all six.
+    labels: a subset of `PAPER_MODELS` labels (at least one); default all
+      six.
     breakdown: also profile each step by kind of kernel.
     log: progress printer.
+    on_row: optional `rows -> None`, called with the rows so far after
+      each model (e.g. to save them, so a failure keeps the earlier ones).
 
   Returns:
     One `PaperRow` per model, in the paper's order.
   """
+  valid = ', '.join(m.label for m in PAPER_MODELS)
+  if labels is not None and not labels:
+    raise ValueError(f'Name at least one paper model; valid: {valid}.')
   chosen = [m for m in PAPER_MODELS if labels is None or m.label in labels]
   unknown = set(labels or ()) - {m.label for m in PAPER_MODELS}
   if unknown:
-    valid = ', '.join(m.label for m in PAPER_MODELS)
     raise ValueError(f'Unknown paper models {sorted(unknown)}; valid: {valid}.')
   rows = []
   for model in chosen:
@@ -116,6 +123,8 @@ def run_paper_table(
     )  # fmt: skip
     kinds = [op_profile.KindTime(**k) for k in result.kernel_time]
     rows.append(PaperRow(model, result, kinds))
+    if on_row is not None:
+      on_row(rows)
   return rows
 
 
@@ -199,12 +208,15 @@ def plot_flops_vs_time(rows: Sequence[PaperRow], path: str) -> None:
   Our points (measured step time / batch) and the paper's V100 points (its
   batch-32 step time / 32) share the FLOPs axis: our multiply-adds at the
   train resolution x 2 x 3 for forward and backward. A model above the
-  line through the others gets less done per FLOP.
+  line through the others gets less done per FLOP. The PNG carries the
+  stamp of `nfnets.perf.plot_stamp`, which lets a later run replace it.
 
   Args:
-    rows: `run_paper_table`'s result.
+    rows: `run_paper_table`'s result (at least one).
     path: the PNG to write.
   """
+  if not rows:
+    raise ValueError('No rows to plot: time at least one paper model.')
   import matplotlib  # noqa: PLC0415  (only the plot needs it)
 
   matplotlib.use('Agg')
@@ -227,5 +239,5 @@ def plot_flops_vs_time(rows: Sequence[PaperRow], path: str) -> None:
   ax.grid(True, which='both', alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path)
+  fig.savefig(path, metadata=plot_stamp.savefig_metadata())
   plt.close(fig)

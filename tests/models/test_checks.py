@@ -1,5 +1,7 @@
 """Tests for nfnets.models.checks shared by every family: a width multiplier
-too small for the narrowest layer is refused with the smallest valid one."""
+too small for the narrowest layer is refused with the smallest valid one;
+squeeze-excite ratios outside (0, 1] and activations outside a family's
+registry are refused, the latter with the valid names."""
 
 import jax
 import ml_collections
@@ -48,3 +50,42 @@ def test_a_width_leaving_a_layer_without_channels_is_refused(
   params, _ = _init_shapes(name, dict(too_small, width=smallest))
   widths = [leaf.shape[-1] for leaf in jax.tree.leaves(params) if leaf.ndim]
   assert min(widths) == 1
+
+
+# The families with a squeeze-excite ratio, tiny, SE on.
+SE_FAMILIES = [
+  ('NFNet', dict(variant='F0')),
+  ('NF_ResNet', dict(use_se=True)),
+  ('NF_RegNet', dict(variant='B0')),
+  ('ResNet', dict(use_se=True)),
+]
+
+
+@pytest.mark.parametrize('name,kwargs', SE_FAMILIES)
+def test_a_squeeze_excite_ratio_outside_0_1_is_refused(name, kwargs):
+  tiny = dict(kwargs, width=0.25, depth=[1, 1, 1, 1])
+  # A ratio <= 0 would otherwise give one hidden unit (max(1, int(c * r))).
+  for ratio in (-1.0, 0.0, 1.5, '0.25'):
+    with pytest.raises(ValueError) as e:
+      _init_shapes(name, dict(tiny, se_ratio=ratio))
+    assert str(e.value) == (
+      f'{name}: se_ratio must be in (0, 1], got {ratio!r}.'
+    )
+  _init_shapes(name, dict(tiny, se_ratio=1.0))  # The closed end builds.
+
+
+@pytest.mark.parametrize(
+  'name',
+  ['NFNet', 'NF_ResNet', 'NF_RegNet', 'ResNet', 'SkipInit_ResNet',
+   'Fixup_ResNet'],
+)  # fmt: skip
+def test_an_unknown_activation_is_refused_with_the_valid_names(name):
+  tiny = dict(width=0.25, depth=[1, 1, 1, 1])
+  # 'one_hot' and 'initializers' are names in jax.nn but not activations.
+  for bad in ('one_hot', 'initializers', 'rleu'):
+    with pytest.raises(ValueError) as e:
+      _init_shapes(name, dict(tiny, activation=bad))
+    given, valid = str(e.value).split('; choose one of ')
+    assert given.endswith(f"activation '{bad}'")
+    assert "'relu'" in valid and "'one_hot'" not in valid
+  _init_shapes(name, dict(tiny, activation='relu'))  # In every registry.

@@ -7,10 +7,13 @@ architecture written out below from its block strings (B0:
 our model code; the hand count must give the published figures (parameters
 as Keras reports the trainable ones, e.g. B0 5,288,548; multiply-adds B0
 0.386B at 224 px, B4 4.39B at 380 px), and our model must match it exactly.
+An MBConv block's forward pass is checked against a hand-written `jax.lax`
+version of the TPU implementation's on perturbed parameters.
 """
 
 import math
 
+import haiku as hk
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -169,6 +172,24 @@ def test_bad_arguments_and_eval_mode_init_say_what_to_do():
     _init_shapes(_config(width=0.0, depth=0.1), 32)
   with pytest.raises(ValueError, match=r'drop_rate must be in \[0, 1\)'):
     _init_shapes(_config(drop_rate=1.5, **tiny), 32)
+  bad = [
+    # 5.0 would reach the blocks as rate 5.0 * i / N under another name.
+    (dict(drop_connect_rate=5.0), r'drop_connect_rate must be in \[0, 1\)'),
+    (dict(drop_connect_rate=-0.5), r'drop_connect_rate must be in \[0, 1\)'),
+    (dict(bn_decay=1.5), r'bn_decay must be in \[0, 1\)'),
+    (dict(bn_eps=-1.0), 'bn_eps must be a number > 0'),
+    (dict(bn_eps=0.0), 'bn_eps must be a number > 0'),
+  ]
+  # 0 and -1 would build no MBConv block; (1, 1, 1, 1) is the other
+  # families' blocks per stage.
+  for depth in (0.0, -1.0, (1, 1, 1, 1), '1.0'):
+    bad.append((dict(depth=depth), 'compound-scaling depth coefficient'))
+  for kwargs, match in bad:
+    with pytest.raises(ValueError, match=match):
+      _init_shapes(_config(**{**tiny, **kwargs}), 32)
+  # The smallest coefficient still keeps one block per stage.
+  params, _ = _init_shapes(_config(width=0.25, depth=1e-6), 32)
+  assert sum('depthwise_conv' in k for k in params) == len(B0_STAGES)
   # Eval mode reads moving averages that only training mode creates.
   model = models.make_model(_config(**tiny), 10)
   x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
@@ -230,3 +251,70 @@ def test_tiny_efficientnet_trains_through_the_trainer(
     assert int(ema['counter']) == 4  # One update per train step.
   assert np.isfinite(result.metrics['train/loss'])
   assert 0.0 <= result.metrics['eval/top1'] <= 1.0
+
+
+def _perturb(params, seed=2, scale=0.3):
+  """Every parameter plus N(0, scale^2) noise: no zero init hides a term."""
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  noisy = [
+    v + scale * jax.random.normal(k, v.shape)
+    for v, k in zip(leaves, keys, strict=True)
+  ]
+  return jax.tree.unflatten(tree, noisy)
+
+
+def _hand_conv(x, w, groups=1):
+  return jax.lax.conv_general_dilated(
+    x, w, (1, 1), 'SAME', feature_group_count=groups,
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+  )  # fmt: skip
+
+
+def _hand_bn(x, p, eps=1e-3):
+  """Training-mode BatchNorm (the TPU EfficientNet's eps 1e-3)."""
+  mean, var = jnp.mean(x, axis=(0, 1, 2)), jnp.var(x, axis=(0, 1, 2))
+  return (x - mean) / jnp.sqrt(var + eps) * p['scale'] + p['offset']
+
+
+def hand_mbconv(p, x):
+  """An MBConv block with SE and skip (Tan & Le 2019; the TPU code's
+  MBConvBlock): expand -> BN -> swish -> depthwise -> BN -> swish -> SE
+  (swish hidden, sigmoid gate) -> project -> BN -> + x."""
+  b = 'mb_conv_block/~/'
+  swish = lambda v: v * jax.nn.sigmoid(v)
+  y = swish(
+    _hand_bn(_hand_conv(x, p[b + 'expand_conv']['w']), p[b + 'expand_bn'])
+  )
+  w = p[b + 'depthwise_conv']['w']  # (k, k, 1, C): one filter per channel.
+  y = swish(
+    _hand_bn(_hand_conv(y, w, groups=y.shape[-1]), p[b + 'depthwise_bn'])
+  )
+  reduce, expand = p[b + 'se_reduce'], p[b + 'se_expand']
+  s = swish(jnp.mean(y, axis=(1, 2)) @ reduce['w'] + reduce['b'])
+  y = y * jax.nn.sigmoid(s @ expand['w'] + expand['b'])[:, None, None, :]
+  y = _hand_bn(_hand_conv(y, p[b + 'project_conv']['w']), p[b + 'project_bn'])
+  return y + x
+
+
+def test_mbconv_block_forward_is_the_references():
+  # Expansion 6 (16 -> 96 channels), 3x3 depthwise, SE hidden 16 // 4 = 4,
+  # stride 1 and the same width out: the skip connection is on.
+  spec = efficientnet.MBConvSpec(
+    in_ch=16, out_ch=16, expand_ratio=6, kernel=3, stride=1,
+    drop_connect_rate=0.0,
+  )  # fmt: skip
+
+  def forward(x):
+    block = efficientnet.MBConvBlock(spec, efficientnet.make_norm(), 'native')
+    return block(x, is_training=True)[0]
+
+  net = hk.transform_with_state(forward)
+  x = 1.0 + jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 16))
+  params, state = jax.jit(net.init)(jax.random.PRNGKey(1), x)
+  params = _perturb(params)
+  got, _ = jax.jit(net.apply)(params, state, None, x)
+  want = hand_mbconv(params, x)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  # The branch is a sizeable part of the output, not a rounding error.
+  assert float(jnp.std(want - x)) > 0.5 * float(jnp.std(x))

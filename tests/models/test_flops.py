@@ -221,10 +221,33 @@ def test_nf_resnet50_has_the_convs_of_resnet50():
   assert flops.count_model_macs(bn_se) == resnet_macs(se_ratio=0.25)
 
 
+def test_senet50_macs_match_hand_count_and_table3():
+  # Hu et al.'s SE-ResNet-50: post-activation, SE reduction 16.
+  senet = _model('ResNet', preactivation=False, use_se=True, se_ratio=1 / 16)
+  got = flops.count_model_macs(senet)
+  assert got == resnet_macs(se_ratio=1 / 16) == 4_091_699_200
+  assert got / 1e9 == pytest.approx(4.09, abs=0.005)  # Table 3: 4.09B.
+
+
 def test_tiny_resnet_macs_at_another_size():
   config = _model('ResNet', width=0.5, depth=(1, 2, 1, 1))
   got = flops.count_model_macs(config, 64, num_classes=10)
   assert got == resnet_macs((1, 2, 1, 1), width=0.5, size=64, classes=10)
+
+
+def test_plain_dict_configs_and_bad_image_sizes():
+  # make_model takes config.model as a plain dict; so do the counters.
+  tiny = dict(name='ResNet', kwargs=dict(width=0.5, depth=(1, 2, 1, 1)))
+  assert flops.reported_image_size(tiny) == 224
+  got = flops.count_model_macs(tiny, 64, num_classes=10)
+  assert got == resnet_macs((1, 2, 1, 1), width=0.5, size=64, classes=10)
+  b3 = dict(name='NF_RegNet', kwargs=dict(variant='B3'))
+  assert flops.reported_image_size(b3) == 320  # B3's test size.
+  assert flops.reported_image_size(dict(name='EfficientNet')) == 224
+  # 0 is not "use the reported size", and no size is silently replaced.
+  for size in (0, -32, 64.0):
+    with pytest.raises(ValueError, match='image_size must be a positive int'):
+      flops.count_model_macs(tiny, size, num_classes=10)
 
 
 def test_nf_regnet_b0_macs_match_hand_count():

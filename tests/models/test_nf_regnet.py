@@ -3,6 +3,9 @@
 Expected counts come from a hand formula over the reference's layer
 definitions (dm-reference.md section 7 and the B0-B8 width/depth table in
 paper-numbers.md section 7.4), written independently of the model code.
+A block's forward pass is checked against a hand-written `jax.lax` version
+of the reference's (Scaled WS convs, gamma-scaled SiLU, SE between the 3x3
+and the last 1x1 conv, avg-pool shortcut) on perturbed parameters.
 """
 
 import math
@@ -10,9 +13,13 @@ import math
 import haiku as hk
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from nfnets.models import nf_regnet
+from nfnets.models import common, nf_regnet
+
+# The reference's gamma of SiLU (dm-reference.md section 2.6).
+SILU_GAMMA = 1.7881293296813965
 
 # (widths, depths) from the reference's `nf_regnet_params`.
 TABLE = {
@@ -117,6 +124,10 @@ def test_bad_constructor_arguments_give_clear_errors():
     (dict(width=-1.0), 'width must be a number > 0'),
     (dict(num_classes='10'), 'num_classes must be a positive int'),
     (dict(drop_rate=1.0), r'drop_rate must be in \[0, 1\)'),
+    # 0 would build 1-channel layers; -2 failed deep inside with a TypeError.
+    (dict(expansion=0.0), 'expansion must be a number > 0, got 0.0'),
+    (dict(expansion=-2.0), 'expansion must be a number > 0, got -2.0'),
+    (dict(se_ratio=-1.0), r'se_ratio must be in \(0, 1\], got -1.0'),
   ]:
     with pytest.raises(ValueError, match=match):
       build(**kwargs)
@@ -139,3 +150,76 @@ def test_forward_tiny_zero_init_classifier():
   assert out['logits'].shape == (2, 7)
   assert float(jnp.abs(out['logits']).max()) == 0.0
   assert {'avg_var_0', 'avg_var_4', 'res_avg_var_3'} <= set(out)
+
+
+def _perturb(params, seed=2, scale=0.3):
+  """Every parameter plus N(0, scale^2) noise: no zero init hides a term."""
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  noisy = [
+    v + scale * jax.random.normal(k, v.shape)
+    for v, k in zip(leaves, keys, strict=True)
+  ]
+  return jax.tree.unflatten(tree, noisy)
+
+
+def _hand_ws_conv(x, p, stride=1, groups=1):
+  """Scaled WS conv (dm-reference.md section 2.7) with lax."""
+  w = p['w']
+  fan_in = w.shape[0] * w.shape[1] * w.shape[2]
+  mean, var = jnp.mean(w, axis=(0, 1, 2)), jnp.var(w, axis=(0, 1, 2))
+  w = (w - mean) * p['gain'] / jnp.sqrt(jnp.maximum(fan_in * var, 1e-4))
+  y = jax.lax.conv_general_dilated(
+    x, w, (stride, stride), 'SAME', feature_group_count=groups,
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+  )  # fmt: skip
+  return y + p['bias']
+
+
+def hand_regnet_block(p, x, *, beta, alpha, groups):
+  """A strided NF-RegNet block as the reference computes it (section 7)."""
+  act = lambda v: jax.nn.silu(v) * SILU_GAMMA
+  b = 'nf_block/~/'
+  out = act(x) * beta
+  n, h, w, c = out.shape  # 2x2/2 average pool of the shortcut (even H, W).
+  pooled = out.reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+  shortcut = _hand_ws_conv(pooled, p[b + 'conv_shortcut'])
+  y = _hand_ws_conv(out, p[b + 'conv0'])
+  y = _hand_ws_conv(act(y), p[b + 'conv1'], 2, groups)
+  fc0, fc1 = (
+    p[b + 'squeeze_excite/~/linear'],
+    p[b + 'squeeze_excite/~/linear_1'],
+  )
+  s = jax.nn.relu(jnp.mean(y, axis=(1, 2)) @ fc0['w'] + fc0['b'])
+  y = y * 2 * jax.nn.sigmoid(s @ fc1['w'] + fc1['b'])[:, None, None, :]
+  y = _hand_ws_conv(act(y), p[b + 'conv2'])
+  return y * p['nf_block']['skip_gain'] * alpha + shortcut
+
+
+def test_block_forward_is_the_references():
+  # A transition block: stride 2, 16 -> 24 channels, expanded to
+  # int(16 * 2.25) = 36 -> 32 channels in 4 groups of 8.
+  spec = common.BlockSpec(
+    index=1, in_ch=16, out_ch=24, width=32, stride=2, beta=0.8,
+    stochdepth_rate=0.0, is_transition=True, groups=4,
+  )  # fmt: skip
+  net = hk.transform(
+    lambda x: nf_regnet.NFRegNetBlock(spec, alpha=0.2, name='nf_block')(
+      x, is_training=False
+    )[0]
+  )
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 16))
+  params = _perturb(jax.jit(net.init)(_fast_key(), x))
+  # A skip gain of the branch's own scale (alpha 0.2), so that the branch
+  # is as large as the shortcut and any error in it shows.
+  params['nf_block'] = {'skip_gain': jnp.float32(5.0)}
+  got = jax.jit(net.apply)(params, None, x)
+  want = hand_regnet_block(params, x, beta=0.8, alpha=0.2, groups=4)
+  assert got.shape == (2, 4, 4, 24)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  # The branch is a sizeable part of the output, not a rounding error.
+  branch = want - hand_regnet_block(
+    {**params, 'nf_block': {'skip_gain': 0.0}}, x, beta=0.8, alpha=0.2,
+    groups=4,
+  )  # fmt: skip
+  assert float(jnp.std(branch)) > 0.5 * float(jnp.std(want))

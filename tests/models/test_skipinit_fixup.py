@@ -130,14 +130,22 @@ def _max_pool(x):
   )
 
 
+# The blocks of depth (2, 1, 1, 1): (stride, projection shortcut). The
+# second block keeps its width and stride, so its shortcut is the identity.
+TINY_DEPTH = (2, 1, 1, 1)
+TINY_BLOCKS = ((1, True), (1, False), (2, True), (2, True), (2, True))
+
+
 def hand_skipinit(p, x, relu=jax.nn.relu):
-  """The reference SkipInit forward (eval mode), depth (1, 1, 1, 1)."""
+  """The reference SkipInit forward (eval mode), depth `TINY_DEPTH`."""
   top = 'SkipInit_ResNet/~/'
   out = _max_pool(_conv(x, p[top + 'initial_conv'], 2, bias=False))
-  for i, stride in enumerate((1, 2, 2, 2)):
+  for i, (stride, projection) in enumerate(TINY_BLOCKS):
     b = top + 'nf_res_block' + (f'_{i}' if i else '')
     pre = relu(out)
-    shortcut = _conv(pre, p[b + '/~/conv_shortcut'], stride)
+    shortcut = out
+    if projection:
+      shortcut = _conv(pre, p[b + '/~/conv_shortcut'], stride)
     h = _conv(pre, p[b + '/~/conv0'])
     h = _conv(relu(h), p[b + '/~/conv1'], stride)
     h = _conv(relu(h), p[b + '/~/conv2'])
@@ -147,15 +155,17 @@ def hand_skipinit(p, x, relu=jax.nn.relu):
 
 
 def hand_fixup(p, x, relu=jax.nn.relu):
-  """The reference Fixup forward (eval mode), depth (1, 1, 1, 1)."""
+  """The reference Fixup forward (eval mode), depth `TINY_DEPTH`."""
   top = 'FixUp_ResNet'
   out = _conv(x, p[top + '/~/initial_conv'], 2, bias=False)
   out = _max_pool(relu(out + p[top]['bias1']))
-  for i, stride in enumerate((1, 2, 2, 2)):
+  for i, (stride, projection) in enumerate(TINY_BLOCKS):
     b = top + '/~/res_block' + (f'_{i}' if i else '')
     s = p[b]
     h = out + s['bias1a']
-    shortcut = _conv(h, p[b + '/~/conv_shortcut'], stride, bias=False)
+    shortcut = h  # Fixup's identity shortcut carries bias1a too.
+    if projection:
+      shortcut = _conv(h, p[b + '/~/conv_shortcut'], stride, bias=False)
     h = relu(_conv(h, p[b + '/~/conv0'], bias=False) + s['bias1b'])
     h = _conv(h + s['bias2a'], p[b + '/~/conv1'], stride, bias=False)
     h = relu(h + s['bias2b'])
@@ -170,7 +180,7 @@ def hand_fixup(p, x, relu=jax.nn.relu):
   [('SkipInit_ResNet', hand_skipinit), ('Fixup_ResNet', hand_fixup)],
 )
 def test_forward_pass_is_the_references(family, hand):
-  config = _config(family, width=0.25, depth=(1, 1, 1, 1))
+  config = _config(family, width=0.25, depth=TINY_DEPTH)
   model = models.make_model(config, 5)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
   params, _ = jax.jit(model.init, static_argnums=2)(
@@ -185,6 +195,8 @@ def test_forward_pass_is_the_references(family, hand):
       for v, k in zip(leaves, keys, strict=True)
     ],
   )
+  # The second block has no shortcut conv: its identity path runs.
+  assert not [k for k in params if k.endswith('block_1/~/conv_shortcut')]
   out, _ = jax.jit(model.apply, static_argnums=4)(params, {}, None, x, False)
   want = hand(params, x)
   np.testing.assert_allclose(out['logits'], want, rtol=2e-4, atol=2e-4)

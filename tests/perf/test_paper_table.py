@@ -30,6 +30,18 @@ def test_the_six_models_and_figures_of_table_3():
   assert got == TABLE3
 
 
+# Exact parameter counts where the model has a published one. Hu et al.'s
+# SE-ResNet-50 (reduction 16) is the post-activation ResNet-50 (torchvision's
+# 25,557,032) plus, per block of C output channels, an SE of two biased
+# linear layers C -> C / 16 -> C: 28,088,024 (timm's seresnet50). The
+# pre-activation form would have 7,680 fewer.
+SE_RESNET50_SE = sum(
+  n * (2 * c * (c // 16) + c // 16 + c)
+  for c, n in ((256, 3), (512, 4), (1024, 6), (2048, 3))
+)
+EXACT_PARAMS = {'SENet-50': 25_557_032 + SE_RESNET50_SE}
+
+
 @pytest.mark.parametrize(
   'model', paper_table.PAPER_MODELS, ids=lambda m: m.label
 )
@@ -49,6 +61,8 @@ def test_each_row_builds_the_model_the_paper_timed(model):
   assert flops.count_params(params) / 1e6 == pytest.approx(
     model.params_m, rel=0.02
   )
+  if model.label in EXACT_PARAMS:
+    assert flops.count_params(params) == EXACT_PARAMS[model.label]
   assert flops.count_model_macs(config) / 1e9 == pytest.approx(
     model.gmacs, rel=0.05
   )
