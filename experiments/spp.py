@@ -9,8 +9,9 @@ r"""Signal Propagation Plots of NF and BN ResNets at initialisation.
       --inputs=digits --outdir=runs/spp_digits
 
 Writes spp.csv (model, index, transition, avg_sq_mean, avg_var,
-res_avg_var), one spp_<model>.png per model and spp_comparison.png. See
-docs/research.md.
+res_avg_var), one spp_<model>.png per model, spp_comparison.png and
+spp_settings.json (the flags that made them; an --outdir holding another
+run's SPPs is refused). See docs/research.md.
 """
 
 import os
@@ -56,6 +57,26 @@ flags.register_validator(
   'name at least one model, e.g. nf_resnet50 (the keys of '
   'nfnets.research.spp.SPP_MODELS).',
 )
+common.validate_int_range(_BATCH_SIZE, 1, meaning='images in the batch')
+common.validate_int_range(_IMAGE_SIZE, 1, meaning='pixels per side')
+flags.register_multi_flags_validator(
+  ['inputs', 'folder_root'],
+  lambda v: v['inputs'] != 'folder' or bool(v['folder_root']),
+  '--inputs=folder reads the folder dataset at --folder_root: pass '
+  '--folder_root=ROOT (ROOT/<split>/<class>/<image>).',
+)
+
+
+def _inputs() -> dict:
+  """The input flags, as `spp.run_spp` records them."""
+  inputs = dict(
+    inputs=_INPUTS.value,
+    batch_size=_BATCH_SIZE.value,
+    image_size=_IMAGE_SIZE.value,
+  )
+  if _INPUTS.value == 'folder':
+    inputs['folder_root'] = _FOLDER_ROOT.value
+  return inputs
 
 
 def main(argv):
@@ -63,6 +84,14 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   from nfnets.research import spp  # noqa: PLC0415  (keeps --help fast)
 
+  # Before the images are read: an --outdir of another run is refused.
+  spp.check_outdir(
+    _OUTDIR.value,
+    spp.settings_record(
+      _MODELS.value, seed=_SEED.value, skip_gain=_SKIP_GAIN.value,
+      inputs=_inputs(),
+    ),
+  )  # fmt: skip
   images = spp.load_images(
     _INPUTS.value,
     _BATCH_SIZE.value,
@@ -82,6 +111,7 @@ def main(argv):
     _OUTDIR.value,
     seed=_SEED.value,
     skip_gain=_SKIP_GAIN.value,
+    inputs=_inputs(),
   )
 
 

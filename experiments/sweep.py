@@ -4,7 +4,8 @@ r"""Runs a sweep of config overrides and tabulates the final metrics.
       --outdir=runs/agc_ablation
 
     # Print one `python -m experiments.train` line per point (for a cluster)
-    # instead of running them here:
+    # instead of running them here; running the command above afterwards
+    # collects their results:
     python -m experiments.sweep --sweep=configs/sweeps/agc_ablation.py \
       --outdir=runs/agc_ablation --launch
 
@@ -36,10 +37,11 @@ def main(argv):
 
   spec = sweep.load_sweep(_SWEEP.value)
   if _LAUNCH.value:
-    sweep.point_configs(spec)  # Fails early on a bad key.
+    sweep.check_outdir(spec, _OUTDIR.value, _SWEEP.value)
+    # Checks every point's config first (a bad key or value is an error).
     print('\n'.join(sweep.launch_lines(spec, _OUTDIR.value)))
     return
-  rows = sweep.run_sweep(spec, _OUTDIR.value)
+  rows = sweep.run_sweep(spec, _OUTDIR.value, source=_SWEEP.value)
   print(f'Results in {_OUTDIR.value}/results.md')
   failed = sweep.failed_summary(spec, rows, _OUTDIR.value)
   if failed:

@@ -10,25 +10,24 @@ Usage:
   python -m scripts.agc_stability --lrs=0.1,0.4,1.6 --steps=100 \
       --out=runs/agc_stability.json
 
-Prints one line per run (max loss, final loss, held-out accuracy) and writes
-them as JSON to --out; docs/optim.md records its result. It builds its own
-loop around `nfnets.optim.sgd_agc` rather than the trainer, so that nothing
-but `clipping` differs between runs.
+Prints one line per run (max loss, final loss, held-out accuracy) and, with
+--out, writes the runs so far as JSON after each one (an interrupted study
+keeps what it finished); docs/optim.md records its result. Bad flags (a
+learning rate that is no number, --steps=0, an --out whose folder does not
+exist) are a one-line error before anything trains. It builds its own loop
+around `nfnets.optim.sgd_agc` rather than the trainer, so that nothing but
+`clipping` differs between runs.
 """
 
 import json
+import math
+import os
 import time
 
-import haiku as hk
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import app, flags
-from sklearn.datasets import load_digits
 
-import nfnets
-from nfnets import optim
+from experiments import common
 
 _LRS = flags.DEFINE_list('lrs', ['0.1', '0.4', '1.6'], 'Learning rates.')
 _CLIPPINGS = flags.DEFINE_list(
@@ -43,8 +42,61 @@ _OUT = flags.DEFINE_string('out', '', 'Optional JSON file for the results.')
 NUM_TRAIN = 1500  # The rest of the 1797 digits is held out.
 
 
+def _number_list(kind, check, meaning: str):
+  """A validator: every item of a list flag is a `kind` passing `check`."""
+
+  def validate(items) -> bool:
+    for item in items:
+      try:
+        value = kind(item)
+      except ValueError:
+        value = None
+      if value is None or not check(value):
+        raise flags.ValidationError(f'{item!r} is not {meaning}.')
+    if not items:
+      raise flags.ValidationError(f'give at least one value ({meaning}).')
+    return True
+
+  return validate
+
+
+def _out_path(path: str) -> bool:
+  """--out's validator: a file in an existing folder, found before training."""
+  if not path:
+    return True
+  folder = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path):
+    raise flags.ValidationError(f'{path} is a directory; name a JSON file.')
+  if not os.path.isdir(folder):
+    raise flags.ValidationError(
+      f'its folder {folder} does not exist; create it or pass another --out.'
+    )
+  return True
+
+
+flags.register_validator(
+  'lrs',
+  _number_list(float, lambda v: math.isfinite(v) and v > 0, 'a number > 0'),
+)
+flags.register_validator(
+  'clippings',
+  _number_list(float, lambda v: math.isfinite(v) and v >= 0, 'a number >= 0'),
+)
+flags.register_validator(
+  'seeds', _number_list(int, lambda v: v >= 0, 'an integer >= 0')
+)
+common.validate_int_range(_STEPS, 1, meaning='training steps per run')
+common.validate_int_range(_BATCH, 1, meaning='images per step')
+flags.register_validator(
+  'width', lambda v: v > 0, 'pass a block-width multiplier > 0.'
+)
+flags.register_validator('out', _out_path)
+
+
 def digits_32px() -> tuple[np.ndarray, np.ndarray]:
   """Digits as normalised 32x32x3 float32 images and int32 labels."""
+  from sklearn.datasets import load_digits  # noqa: PLC0415
+
   digits = load_digits()
   x = digits.images.astype(np.float32) / 16.0
   x = np.repeat(np.repeat(x, 4, 1), 4, 2)
@@ -52,8 +104,11 @@ def digits_32px() -> tuple[np.ndarray, np.ndarray]:
   return (x - x.mean()) / x.std(), digits.target.astype(np.int32)
 
 
-def make_net(width: float) -> hk.Transformed:
+def make_net(width: float):
   """A tiny NFNet-F0: one block per stage, groups of 8, no regularisers."""
+  import haiku as hk  # noqa: PLC0415  (flag errors come first, fast)
+
+  import nfnets  # noqa: PLC0415
 
   def forward(images, is_training):
     net = nfnets.NFNet(
@@ -71,6 +126,10 @@ def make_net(width: float) -> hk.Transformed:
 
 def make_step(net, clipping: float):
   """The jitted train step; the learning rate is an argument (one compile)."""
+  import jax  # noqa: PLC0415
+  import optax  # noqa: PLC0415
+
+  from nfnets import optim  # noqa: PLC0415
 
   def loss_fn(params, images, labels):
     logits = net.apply(params, images, True)
@@ -90,6 +149,10 @@ def make_step(net, clipping: float):
 
 def run_trial(net, data, step, lr: float, seed: int) -> tuple[list, dict]:
   """Trains one run from `seed`; returns the losses and the final params."""
+  import jax  # noqa: PLC0415
+
+  from nfnets import optim  # noqa: PLC0415
+
   x, y = data
   params = net.init(jax.random.PRNGKey(seed), x[:1], True)
   # The state's structure does not depend on the learning rate.
@@ -115,8 +178,20 @@ def summarize(losses: list[float], accuracy: float, **info) -> dict:
   )
 
 
+def write_results(path: str, results: list[dict]) -> None:
+  """Writes the runs so far as JSON, whole (a reader never sees half)."""
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(results, f, indent=1)
+  os.replace(tmp, path)
+
+
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
   net, (x, y) = make_net(_WIDTH.value), digits_32px()
   predict = jax.jit(lambda p, im: jnp.argmax(net.apply(p, im, False), -1))
   print(f'device: {jax.devices()[0].device_kind}, jax {jax.__version__}')
@@ -139,10 +214,9 @@ def main(argv):
           f'test_acc={accuracy:.3f} ({time.time() - start:.1f}s)',
           flush=True,
         )
-  if _OUT.value:
-    with open(_OUT.value, 'w') as f:
-      json.dump(results, f, indent=1)
+        if _OUT.value:
+          write_results(_OUT.value, results)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  common.run(main)

@@ -13,11 +13,14 @@ Every model of the registry reports them with `return_metrics=True`; this
 module runs a model, collects them into an `SPP`, and writes CSV and PNG
 files. NF models start with skip gains of 0 (every block is the identity at
 init), which would hide the branches; like the paper's plots, `compute_spp`
-sets them to 1 by default (`skip_gain`).
+sets them to 1 by default (`skip_gain`). `run_spp` records its settings
+beside the files (`spp_settings.json`) and refuses an output directory that
+holds another run's.
 """
 
 import csv
 import dataclasses
+import json
 import os
 from collections.abc import Mapping, Sequence
 
@@ -364,6 +367,57 @@ def _make_outdir(outdir: str) -> None:
   os.makedirs(outdir, exist_ok=True)
 
 
+SETTINGS_FILE = 'spp_settings.json'
+
+
+def settings_record(
+  names: Sequence[str], *, seed: int, skip_gain, inputs: Mapping
+) -> dict:
+  """What `run_spp` records in `<outdir>/spp_settings.json` (JSON types)."""
+  record = dict(models=list(names), seed=seed, skip_gain=skip_gain, **inputs)
+  return json.loads(json.dumps(record))
+
+
+def check_outdir(outdir: str, settings: Mapping) -> None:
+  """Refuses an outdir that holds the SPPs of a run with other settings.
+
+  Its plots of models this run leaves out would stay beside the new
+  spp.csv, as if they were this run's. A run with the same settings
+  writes the same files again.
+
+  Args:
+    outdir: the output directory.
+    settings: `settings_record`'s dict of this run.
+
+  Raises:
+    ValueError: naming the settings that differ, or saying the outdir's
+      spp.csv has no record of its settings.
+  """
+  path = os.path.join(outdir, SETTINGS_FILE)
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (FileNotFoundError, ValueError):
+    if not os.path.exists(os.path.join(outdir, 'spp.csv')):
+      return
+    saved = None
+  if saved == dict(settings):
+    return
+  if isinstance(saved, dict):
+    keys = sorted(set(saved) | set(settings))
+    what = 'other settings: ' + ', '.join(
+      f'{k} {saved.get(k)!r} -> {settings.get(k)!r}'
+      for k in keys
+      if saved.get(k) != settings.get(k)
+    )
+  else:
+    what = f'no readable {SETTINGS_FILE} says how its spp.csv was made'
+  raise ValueError(
+    f'{outdir} holds the SPPs of another run ({what}); write this one to '
+    'another --outdir.'
+  )
+
+
 def run_spp(
   names: Sequence[str],
   images: np.ndarray,
@@ -371,13 +425,17 @@ def run_spp(
   *,
   seed: int = 0,
   skip_gain: float | None = 1.0,
+  inputs: Mapping | None = None,
   log=print,
 ) -> dict[str, SPP]:
   """Computes the SPPs of `SPP_MODELS` entries and writes CSV and PNGs.
 
-  Writes `outdir/spp.csv`, one `outdir/spp_<name>.png` per model and, when
-  more than one model is given, `outdir/spp_comparison.png` with all of
-  them overlaid (the NF-ResNet paper's figure for `COMPARISON`).
+  Writes `outdir/spp_settings.json` (the settings, `settings_record`),
+  `outdir/spp.csv`, one `outdir/spp_<name>.png` per model and, when more
+  than one model is given, `outdir/spp_comparison.png` with all of them
+  overlaid (the NF-ResNet paper's figure for `COMPARISON`). An outdir
+  that holds the SPPs of a run with other settings is refused
+  (`check_outdir`).
 
   Args:
     names: keys of `SPP_MODELS`.
@@ -385,19 +443,30 @@ def run_spp(
     outdir: output directory.
     seed: parameter initialisation seed.
     skip_gain: value of NF blocks' skip gains (None keeps the init of 0).
+    inputs: how `images` were made, recorded with the settings (the
+      command's input flags); default: their shape.
     log: progress printer.
 
   Returns:
     name -> SPP.
 
   Raises:
-    ValueError: for no names or an unknown one, before computing anything.
+    ValueError: for no names or an unknown one, or an outdir of another
+      run, before computing anything.
     NotADirectoryError: when `outdir` is a file, also before computing.
   """
   if not names:
     raise ValueError(f'No SPP models given; choose from {list(SPP_MODELS)}.')
   specs = {name: get_spp_model(name) for name in names}  # Validate first.
+  if inputs is None:
+    inputs = {'images': list(images.shape)}
+  settings = settings_record(
+    names, seed=seed, skip_gain=skip_gain, inputs=inputs
+  )
   _make_outdir(outdir)
+  check_outdir(outdir, settings)
+  with open(os.path.join(outdir, SETTINGS_FILE), 'w') as f:
+    json.dump(settings, f, indent=1)  # First: it covers every plot below.
   results = {}
   for name, (model_name, kwargs) in specs.items():
     log(f'SPP of {name} on {images.shape[0]} images of {images.shape[1]} px')

@@ -7,6 +7,7 @@ ResNet with He init doubles its variance with every block.
 """
 
 import csv
+import json
 import os
 
 import numpy as np
@@ -142,3 +143,36 @@ def test_run_spp_refuses_bad_arguments_before_computing(tmp_path, images):
   with pytest.raises(NotADirectoryError, match='a_file.* is a file'):
     spp.run_spp(['nf_resnet50'], images, str(a_file / 'sub'), log=logged.append)
   assert logged == []  # Nothing was computed.
+
+
+def test_an_outdir_of_another_run_is_refused(tmp_path, images, nf_resnet50):
+  # A run with other models left the earlier run's plots beside its CSV.
+  outdir = str(tmp_path)
+  logged = []
+  spp.run_spp(['nf_resnet50'], images, outdir, log=logged.append)
+  back = spp.read_csv(os.path.join(outdir, 'spp.csv'))['nf_resnet50']
+  np.testing.assert_allclose(back.avg_var, nf_resnet50.avg_var, rtol=1e-5)
+  logged.clear()
+  with pytest.raises(ValueError) as error:
+    spp.run_spp(['bn_resnet50_v2'], images, outdir, log=logged.append)
+  assert str(error.value) == (
+    f'{outdir} holds the SPPs of another run (other settings: models '
+    "['nf_resnet50'] -> ['bn_resnet50_v2']); write this one to another "
+    '--outdir.'
+  )
+  with pytest.raises(ValueError, match=r'seed 0 -> 1\)'):
+    spp.run_spp(['nf_resnet50'], images, outdir, seed=1, log=logged.append)
+  assert logged == []  # Refused before computing anything.
+  assert sorted(os.listdir(outdir)) == [
+    'spp.csv', 'spp_nf_resnet50.png', 'spp_settings.json'
+  ]  # fmt: skip
+  settings = spp.settings_record(
+    ['nf_resnet50'], seed=0, skip_gain=1.0, inputs={'images': [8, 64, 64, 3]}
+  )
+  with open(os.path.join(outdir, spp.SETTINGS_FILE)) as f:
+    assert json.load(f) == settings
+  spp.check_outdir(outdir, settings)  # The same run may write again.
+  # An spp.csv without the record (an older run's) is another run too.
+  os.remove(os.path.join(outdir, spp.SETTINGS_FILE))
+  with pytest.raises(ValueError, match='no readable spp_settings.json says'):
+    spp.check_outdir(outdir, settings)

@@ -1,4 +1,8 @@
-"""Tests for research.sweep: grid expansion, overrides, a real 2x2 sweep."""
+"""Tests for research.sweep: a real 2x2 sweep, reruns, refusals, failures.
+
+The grid (`sweep_spec`), one point's workdir (`sweep_point`), the tables
+and the launch lines have their own test files.
+"""
 
 import csv
 import dataclasses
@@ -62,7 +66,7 @@ def test_launch_lines(ablation):
   assert len(lines) == 8
   assert lines[3] == (
     'python -m experiments.train --config=configs/sweeps/agc_ablation.py '
-    "--workdir='runs/agc/clipping=0.01,batch_size=256' "
+    '--workdir=runs/agc/clipping=0.01,batch_size=256 '
     '--config.optimizer.clipping=0.01 --config.train.batch_size=256'
   )
 
@@ -98,6 +102,7 @@ def test_two_by_two_sweep_end_to_end(
       **TINY,
       'train.batch_size': 16,
       'train.compilation_cache_dir': compilation_cache_dir,
+      'checkpoint.enabled': True,  # The final step's, for a resume.
     },
     axes=(('optimizer.lr', (0.4, 0.8)), ('optimizer.clipping', (0.02, 0.04))),
     metrics=('eval/top1', 'train/loss'),
@@ -136,6 +141,14 @@ def test_two_by_two_sweep_end_to_end(
     tiny, str(tmp_path), train_fn=_must_not_train, log=lambda *_: None
   )
   assert again == rows
+  # A point stopped after its last checkpoint (Ctrl-C in the final eval),
+  # or trained by a --launch line, resumes at its final step: it trains
+  # nothing, and its train metrics are the ones its run logged.
+  os.remove(tmp_path / 'lr=0.8,clipping=0.04' / 'sweep_result.json')
+  again = sweep_lib.run_sweep(tiny, str(tmp_path), log=lambda *_: None)
+  assert 'Nothing to train' in capsys.readouterr().out
+  assert again[3]['train/loss'] == rows[3]['train/loss']
+  assert again[3]['eval/top1'] == rows[3]['eval/top1']
 
 
 def _must_not_train(config, workdir):
@@ -252,8 +265,12 @@ def test_a_changed_sweep_file_is_refused_not_tabulated(tmp_path, ablation):
   first = tmp_path / sweep_lib.expand(sweep)[0].name
   for key, old, value in (
     ('optimizer.weight_decay', base.optimizer.weight_decay, 1e-3),
-    # A resume may extend a run; a sweep point may not.
+    # A resume may extend a run, evaluate it otherwise, or ignore new
+    # initial weights; a sweep point's result changes with each.
     ('train.num_steps', base.train.num_steps, 7),
+    ('data.eval_image_size', 32, 48),
+    ('eval.ema', False, True),
+    ('model.init_from', '', 'runs/pretrained'),
   ):
     edited = dataclasses.replace(sweep, overrides={key: value})
     again = _RecordingTrain()
@@ -270,10 +287,138 @@ def test_a_changed_sweep_file_is_refused_not_tabulated(tmp_path, ablation):
     assert again.trained == []
   # What leaves a point's result alone is no change: the points are skipped.
   logging_only = dataclasses.replace(
-    sweep, overrides={'train.log_every_steps': 5}
+    sweep,
+    overrides={
+      'train.log_every_steps': 5,
+      'checkpoint.every_steps': 7,
+      'data.num_threads': 1,
+    },
   )
   again = _RecordingTrain()
   rows = sweep_lib.run_sweep(
     logging_only, str(tmp_path), base=base, train_fn=again, **quiet
   )
   assert again.trained == [] and [r['eval/top1'] for r in rows] == [0.1, 0.2]
+
+
+def test_a_misspelt_metric_stops_the_sweep_after_its_first_point(
+  tmp_path, ablation
+):
+  # It used to be a NaN column and exit status 0, after every point trained.
+  base = sweep_lib.load_config(ablation.base_config)
+  sweep = sweep_lib.Sweep(
+    name='s',
+    base_config='',
+    axes=(('optimizer.lr', (0.1, 0.2)),),
+    metrics=('eval/top1', 'eval/top-1'),
+  )
+  train = _FakeTrain()
+  with pytest.raises(ValueError) as error:
+    sweep_lib.run_sweep(
+      sweep, str(tmp_path), base=base, train_fn=train, log=lambda *_: None
+    )
+  assert str(error.value) == (
+    "Sweep metric(s) ['eval/top-1'] are not among those point lr=0.1 "
+    "reported: ['eval/top1']. Fix metrics in the sweep file and rerun "
+    '(finished points are kept).'
+  )
+  assert train.trained == ['lr=0.1']  # The second point did not train.
+  # Fixed, the rerun keeps the first point's result and trains the second.
+  fixed = dataclasses.replace(sweep, metrics=('eval/top1',))
+  train = _FakeTrain()
+  rows = sweep_lib.run_sweep(
+    fixed, str(tmp_path), base=base, train_fn=train, log=lambda *_: None
+  )
+  assert train.trained == ['lr=0.2']
+  assert [r['eval/top1'] for r in rows] == [0.1, 0.2]
+
+
+class _OutOfMemoryAtLargeBatch(_RecordingTrain):
+  """Records its config, then fails like XLA out of memory above batch 32."""
+
+  def __call__(self, config, workdir):
+    if config.train.batch_size > 32:
+      provenance.write_segment(
+        workdir, config, start_step=0, changes=[], num_devices=1
+      )
+      raise RuntimeError('RESOURCE_EXHAUSTED: Out of memory')
+    return super().__call__(config, workdir)
+
+
+def test_a_failed_point_is_retried_after_the_sweep_file_is_fixed(
+  tmp_path, ablation
+):
+  # The failure says 'Fix the cause and rerun'; the fix used to be refused
+  # as 'a run of another config'.
+  base = sweep_lib.load_config(ablation.base_config)
+  sweep = sweep_lib.Sweep(
+    name='s',
+    base_config='',
+    axes=(('optimizer.lr', (0.1,)),),
+    overrides={'train.batch_size': 64},
+    metrics=('eval/top1',),
+  )
+  quiet = {'base': base, 'log': lambda *_: None}
+  rows = sweep_lib.run_sweep(
+    sweep, str(tmp_path), train_fn=_OutOfMemoryAtLargeBatch(), **quiet
+  )
+  assert rows[0]['status'] == 'failed'
+  workdir = tmp_path / 'lr=0.1'
+  # Only the evaluation changed: retried in place (the run would resume).
+  eval_only = dataclasses.replace(
+    sweep, overrides={'train.batch_size': 64, 'eval.batch_size': 60}
+  )
+  rows = sweep_lib.run_sweep(
+    eval_only, str(tmp_path), train_fn=_OutOfMemoryAtLargeBatch(), **quiet
+  )
+  assert rows[0]['status'] == 'failed'
+  assert sorted(os.listdir(workdir)) == [
+    'config.json', 'configs', 'sweep_error.log', 'sweep_result.json'
+  ]  # fmt: skip
+  fixed = dataclasses.replace(sweep, overrides={'train.batch_size': 16})
+  train = _OutOfMemoryAtLargeBatch()
+  rows = sweep_lib.run_sweep(fixed, str(tmp_path), train_fn=train, **quiet)
+  assert train.trained == ['lr=0.1'] and rows[0]['status'] == 'ok'
+  # The failed run of the other config is kept aside, not deleted.
+  aside = workdir / 'failed_attempt_1'
+  assert json.loads((aside / 'config.json').read_text())['train'] == {
+    **json.loads((workdir / 'config.json').read_text())['train'],
+    'batch_size': 64,
+  }
+  assert 'Out of memory' in (aside / 'sweep_error.log').read_text()
+  assert len(os.listdir(aside / 'configs')) == 2  # Both failed segments.
+  # The point is done now: an edit is refused again, not retried.
+  with pytest.raises(ValueError, match='holds a run of another config'):
+    sweep_lib.run_sweep(sweep, str(tmp_path), train_fn=train, **quiet)
+
+
+def test_an_outdir_of_another_sweep_is_refused(tmp_path, ablation):
+  # Its results.csv, .md and .png used to be overwritten without a word.
+  base = sweep_lib.load_config(ablation.base_config)
+  quiet = {'base': base, 'log': lambda *_: None, 'train_fn': _FakeTrain()}
+  first = sweep_lib.Sweep(
+    name='s',
+    base_config='',
+    axes=(('optimizer.lr', (0.1, 0.2)),),
+    metrics=('eval/top1',),
+  )
+  sweep_lib.run_sweep(first, str(tmp_path), source='sweeps/lr.py', **quiet)
+  table = (tmp_path / 'results.csv').read_text()
+  other = dataclasses.replace(first, axes=(('optimizer.momentum', (0.8,)),))
+  for sweep, source in ((other, 'sweeps/lr.py'), (first, 'sweeps/wd.py')):
+    with pytest.raises(ValueError) as error:
+      sweep_lib.run_sweep(sweep, str(tmp_path), source=source, **quiet)
+    message = str(error.value)
+    assert message.startswith(
+      f"{tmp_path} holds the results of another sweep (file 'lr.py', axes "
+      "['optimizer.lr']"
+    )
+    assert message.endswith('with another --outdir.')
+    assert '\n' not in message
+    assert (tmp_path / 'results.csv').read_text() == table
+  # The same sweep with another value on its axis is that sweep, extended.
+  extended = dataclasses.replace(first, axes=(('optimizer.lr', (0.1, 0.3)),))
+  rows = sweep_lib.run_sweep(
+    extended, str(tmp_path), source='other/place/lr.py', **quiet
+  )
+  assert [r['eval/top1'] for r in rows] == [0.1, 0.3]
