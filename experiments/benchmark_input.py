@@ -30,14 +30,22 @@ pipeline's supply with the model's demand. Usage:
 --json_out writes {pipeline: {"cpu_ms_per_image": ..., "images_per_s": ...}}
 (per output image; device pipelines exclude the step's augmentation, which
 `python -m experiments.benchmark --augment=device` times).
+
+`--workdir` keeps the dataset for the next run, with the settings it was
+built with (`--num_images`, `--quality`, `--noise`) in
+`bench_input_build.json`; a run with other settings is refused (pass
+another --workdir) rather than timing the old data. Without `--workdir` the
+dataset goes to a temporary folder that is removed on exit.
 """
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 import time
 
-from absl import flags, logging
+from absl import app, flags, logging
 
 from experiments import common, output_files, quiet_start
 
@@ -109,7 +117,11 @@ _MODEL_STEPS = flags.DEFINE_integer(
   'model_steps', 0, 'Also time this many F0 train steps at batch 8.',
   lower_bound=0,
 )  # fmt: skip
-_WORKDIR = flags.DEFINE_string('workdir', '', "Data folder ('' = temp).")
+_WORKDIR = flags.DEFINE_string(
+  'workdir', '', "Data folder, kept for reuse ('' = a temporary one)."
+)
+# In --workdir: the settings its dataset was built with.
+BUILD_RECORD = 'bench_input_build.json'
 
 
 def _imagenet_like_photos(n, seed=0):
@@ -117,6 +129,56 @@ def _imagenet_like_photos(n, seed=0):
   from nfnets.data import synthetic
 
   return synthetic.imagenet_like_photos(n, seed, _NOISE.value)
+
+
+def _build_settings():
+  return {
+    'num_images': _IMAGES.value,
+    'quality': _QUALITY.value,
+    'noise': _NOISE.value,
+  }
+
+
+def check_build_record(workdir, settings) -> None:
+  """Refuses a --workdir whose dataset was built with other settings.
+
+  Records `settings` in a workdir that holds no dataset yet, so a later run
+  knows what it would reuse.
+
+  Raises:
+    app.UsageError: when the recorded settings differ, or the workdir holds
+      a dataset without a record (it cannot be told apart).
+  """
+  path = os.path.join(workdir, BUILD_RECORD)
+  built = [
+    d for d in ('manual', 'data') if os.path.exists(os.path.join(workdir, d))
+  ]
+  if os.path.isfile(path):
+    try:
+      with open(path) as f:
+        recorded = json.load(f)
+    except ValueError:
+      recorded = None
+    if not isinstance(recorded, dict):
+      raise app.UsageError(
+        f'{path} is not a build record; pass another --workdir.'
+      )
+    if recorded != settings:
+      given = ' '.join(f'--{k}={v}' for k, v in recorded.items())
+      raise app.UsageError(
+        f'--workdir={workdir} holds a dataset built with {given}; pass '
+        'those, or another --workdir for these settings.'
+      )
+  elif built:
+    folders = ', '.join(f'{d}/' for d in built)
+    raise app.UsageError(
+      f'--workdir={workdir} holds a dataset ({folders}) without a record of '
+      'the settings it was built with; pass another --workdir.'
+    )
+  else:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, 'w') as f:
+      json.dump(settings, f)
 
 
 def build_tiny_imagenet(workdir, num_images, file_format='tfrecord'):
@@ -257,7 +319,34 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # tfds logs every dataset read.
   # Its start-up is no pipeline's cost (a prepared --workdir imports none).
   quiet_start.import_tensorflow_quietly()
-  workdir = _WORKDIR.value or tempfile.mkdtemp(prefix='bench_input_')
+  if _WORKDIR.value:
+    workdir = os.path.expanduser(_WORKDIR.value)
+    check_build_record(workdir, _build_settings())
+    with _temporary_files_in(workdir):
+      return _time_all(workdir)
+  workdir = tempfile.mkdtemp(prefix='bench_input_')
+  try:
+    with _temporary_files_in(workdir):
+      return _time_all(workdir)
+  finally:  # Only what this run made: the folder is its own.
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _temporary_files_in(workdir):
+  """Points `tempfile` (tfds' scratch folders) into a folder of `workdir`
+  for the run and removes it after, so the run leaves nothing in /tmp."""
+  scratch = tempfile.mkdtemp(prefix='tmp_', dir=workdir)
+  before, tempfile.tempdir = tempfile.tempdir, scratch
+  try:
+    yield
+  finally:
+    tempfile.tempdir = before
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _time_all(workdir):
+  """Builds (or reuses) the dataset in `workdir` and times --pipelines."""
   data_dir = build_tiny_imagenet(workdir, _IMAGES.value)
   print(f'os.cpu_count()={os.cpu_count()}, load average {os.getloadavg()}')
   results = {}

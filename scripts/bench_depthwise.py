@@ -15,6 +15,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import arg_types  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
@@ -49,8 +50,8 @@ def time_layer(batch, size, channels, kernel, stride, mode, repeats):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--batch', type=int, default=8)
-  parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--batch', type=arg_types.int_at_least(1), default=8)
+  parser.add_argument('--repeats', type=arg_types.int_at_least(1), default=5)
   args = parser.parse_args()
   print(f'jax {jax.__version__} on {jax.devices()[0]}, batch {args.batch}')
   for size, channels, kernel, stride in LAYERS:

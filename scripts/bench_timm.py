@@ -30,6 +30,8 @@ import json
 import statistics
 import time
 
+import arg_types
+
 # Flags the CPU comparison depends on (AVX-512 width, bfloat16 units).
 _CPU_FLAGS = ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16', 'amx_tile')
 
@@ -39,19 +41,27 @@ def _parse():
     description=__doc__, formatter_class=argparse.RawTextHelpFormatter
   )
   p.add_argument('--model', default='dm_nfnet_f0')
-  p.add_argument('--batch_size', type=int, default=32)
-  p.add_argument('--image_size', type=int, default=192)
-  p.add_argument('--steps', type=int, default=30)
-  p.add_argument('--warmup', type=int, default=5)
+  p.add_argument('--batch_size', type=arg_types.int_at_least(1), default=32)
+  p.add_argument('--image_size', type=arg_types.int_at_least(1), default=192)
+  p.add_argument('--steps', type=arg_types.int_at_least(1), default=30)
+  p.add_argument('--warmup', type=arg_types.int_at_least(0), default=5)
   p.add_argument(
-    '--forward_steps', type=int, default=0, help='eval forwards timed; 0 = skip'
+    '--forward_steps',
+    type=arg_types.int_at_least(0),
+    default=0,
+    help='eval forwards timed; 0 = skip',
   )
   p.add_argument(
     '--dtype',
     default='float32,bfloat16',
     help='comma-separated: float32 and/or bfloat16 (autocast)',
   )
-  p.add_argument('--threads', type=int, default=0, help='0 = torch default')
+  p.add_argument(
+    '--threads',
+    type=arg_types.int_at_least(0),
+    default=0,
+    help='0 = torch default',
+  )
   p.add_argument('--clipping', type=float, default=0.01, help='AGC; 0 = off')
   p.add_argument('--channels_last', action='store_true')
   p.add_argument('--compile', action='store_true', help='torch.compile')

@@ -13,16 +13,21 @@
 # A model whose run passes LIMIT_S seconds (default 300) is stopped and the
 # next one runs (the script then exits 1): read top.log for which process
 # was busy. PYTHON picks the interpreter (default: python, else python3).
-# The H100 table in docs/performance.md was measured this way.
+# A relative DIR is taken from where the script is called; it runs from the
+# repository root. The H100 table in docs/performance.md was measured this
+# way.
 set -uo pipefail
 
-dest="${1:-gpu_benchmark}"
+absolute() { [[ "$1" == /* ]] && echo "$1" || echo "${PWD}/$1"; }
+dest="$(absolute "${1:-gpu_benchmark}")"
 shift || true
 variants=("$@")
 [[ ${#variants[@]} -eq 0 ]] && variants=(F0 F1)
 limit="${LIMIT_S:-300}"
 # GPU images often have only python3.
 python="${PYTHON:-$(command -v python || command -v python3)}"
+[[ "${python}" == */* ]] && python="$(absolute "${python}")"
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 mkdir -p "${dest}"
 export PYTHONUNBUFFERED=1
 

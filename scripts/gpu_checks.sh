@@ -7,13 +7,15 @@
 #      the recipe's augmentation on the device (docs/data.md: the device
 #      augmentation's share of the step);
 #   2. the paper's Table 3 models at batch 32 (docs/performance.md, "The
-#      paper's comparison"): `experiments.benchmark --table=paper`;
+#      paper's Table 3 models, and why NFNets are not faster"):
+#      `experiments.benchmark --table=paper`;
 #   3. the end-to-end trainer: `experiments.train` with the F0 config and
 #      its full recipe at batch 32 on a synthetic ImageNet-like folder of
 #      JPEGs (scripts/write_synthetic_folder.py), with the TensorFlow-free
 #      input loader when TensorFlow is absent; scripts/train_rate.py prints
 #      its steady images/s as a fraction of step 1's (augment=device) and
-#      its input_wait (docs/performance.md, "End to end");
+#      its input_wait (docs/performance.md, "On a GPU, against PyTorch,
+#      and the input pipeline");
 #   4. timm's dm_nfnet_f0 and f1 at batch 32 in bf16, eager and
 #      torch.compile, where torch and timm are installed
 #      (scripts/bench_timm.py), and ours, F0 and F1 at batch 32 in bf16,
@@ -38,10 +40,22 @@
 #     jmp==0.0.4
 # ) and this script installs them. PYTHON picks the interpreter (default:
 # python3, else python).
+#
+# The e2e check trains into E2E_WORKDIR (default /tmp/nfnets_e2e) and
+# deletes it first only when this script made it (it holds the marker file
+# .gpu_checks_e2e); a folder with anything else in it, such as a real run,
+# is left alone and the check is skipped. Relative paths (DIR, E2E_DATA,
+# E2E_WORKDIR) are taken from where the script is called; it runs from the
+# repository root.
 set -uo pipefail
 
-dest="${1:-gpu_checks}"
+absolute() { [[ "$1" == /* ]] && echo "$1" || echo "${PWD}/$1"; }
+dest="$(absolute "${1:-gpu_checks}")"
 python="${PYTHON:-$(command -v python3 || command -v python)}"
+[[ "${python}" == */* ]] && python="$(absolute "${python}")"
+synth="$(absolute "${E2E_DATA:-/tmp/nfnets_synth}")"
+e2e="$(absolute "${E2E_WORKDIR:-/tmp/nfnets_e2e}")"
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 mkdir -p "${dest}"
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -75,11 +89,23 @@ want augment && step augment 180 "${python}" -m experiments.benchmark \
 want paper && step paper_table 330 "${python}" -m experiments.benchmark \
   --table=paper --steps=20 --plot_out="${dest}/flops_vs_time.png" \
   --json_out="${dest}/paper_table.json"
-if want e2e; then
-  synth="${E2E_DATA:-/tmp/nfnets_synth}" e2e="${E2E_WORKDIR:-/tmp/nfnets_e2e}"
+marker=".gpu_checks_e2e"  # In E2E_WORKDIR: this script made it.
+e2e_workdir_ready() {  # Empties E2E_WORKDIR if it is ours; else refuses.
+  if [[ -e "${e2e}" && ! -f "${e2e}/${marker}" ]]; then
+    if [[ ! -d "${e2e}" || -n "$(ls -A "${e2e}")" ]]; then
+      echo "e2e: skipped: E2E_WORKDIR=${e2e} holds files this script did" \
+        "not write (no ${marker}); set E2E_WORKDIR to a new folder." \
+        | tee -a "${dest}/gpu.txt"
+      return 1
+    fi
+  fi
+  rm -rf "${e2e}" && mkdir -p "${e2e}" && touch "${e2e}/${marker}"
+}
+if want e2e && ! e2e_workdir_ready; then
+  failed=1
+elif want e2e; then
   step e2e_data 90 "${python}" scripts/write_synthetic_folder.py \
     --out="${synth}" --classes=100 --train_per_class=40 --val_per_class=1
-  rm -rf "${e2e}"
   step e2e_train 290 "${python}" -m experiments.train --config=configs/f0.py \
     --workdir="${e2e}" --config.data.name=folder \
     --config.data.folder_root="${synth}" --config.train.batch_size=32 \

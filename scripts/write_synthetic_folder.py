@@ -16,17 +16,25 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import arg_types  # noqa: E402
+
 from nfnets.data import synthetic  # noqa: E402
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--out', required=True, help='Folder to write.')
-  parser.add_argument('--classes', type=int, default=100)
-  parser.add_argument('--train_per_class', type=int, default=30)
-  parser.add_argument('--val_per_class', type=int, default=2)
-  parser.add_argument('--quality', type=int, default=95)
+  parser.add_argument('--classes', type=arg_types.int_at_least(1), default=100)
+  parser.add_argument(
+    '--train_per_class', type=arg_types.int_at_least(1), default=30
+  )
+  parser.add_argument(
+    '--val_per_class', type=arg_types.int_at_least(0), default=2
+  )
+  parser.add_argument('--quality', type=arg_types.int_at_least(1), default=95)
   args = parser.parse_args()
+  if args.quality > 100:
+    parser.error(f'argument --quality: pass 1 to 100, got {args.quality}')
   start = time.perf_counter()
   total = synthetic.write_image_folder(
     args.out,

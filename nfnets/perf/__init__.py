@@ -10,7 +10,9 @@ compile time goes.
 * `report`: the `BenchmarkResult` record, its software environment, and
   the Markdown table;
 * `compile_trace`: XLA's compile events summed by name;
-* `kernel_census`: fusions and distinct kernels of a compiled program.
+* `kernel_census`: fusions and distinct kernels of a compiled program;
+* `plot_stamp`: the mark on the plots `--table=paper` writes, so that only
+  they are replaced.
 
 `python -m experiments.benchmark` is the command line; see
 docs/performance.md.

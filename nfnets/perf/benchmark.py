@@ -11,13 +11,15 @@ batch size, in bf16 on accelerators. `run_benchmark` does the same for any
 * achieved FLOP/s: the model's multiply-adds (`nfnets.models.flops`, counted on
   the traced forward pass) x 2 FLOPs x 3 (forward + backward) x batch / median
   step time;
-* peak memory: on GPU/TPU the device allocator's `peak_bytes_in_use`; on
-  CPU, which has no allocator statistics, XLA's own accounting of the
-  compiled step (`memory_analysis()`: arguments + outputs + temporaries -
-  aliased/donated bytes), i.e. the live buffers of one step (also on
-  GPU/TPU after `compile_only`, when the step never ran). The process's
-  peak RSS is reported beside it (it includes Python, the compiler and every
-  other buffer the process ever held).
+* peak memory: on GPU/TPU the device allocator's `peak_bytes_in_use`
+  where nothing in the process had used the device before this run (JAX
+  cannot reset that peak, so in a later run of the process it could be an
+  earlier run's); otherwise, and on CPU, which has no allocator statistics,
+  XLA's own accounting of the compiled step (`memory_analysis()`:
+  arguments + outputs + temporaries - aliased/donated bytes), i.e. the live
+  buffers of one step (also on GPU/TPU after `compile_only`, when the step
+  never ran). The process's peak RSS is reported beside it (it includes
+  Python, the compiler and every other buffer the process ever held).
 
 The timed train step is the one users train with, built by
 `nfnets.perf.workload.make_workload` and jitted here with the state donated.
@@ -70,11 +72,12 @@ def run_benchmark(
     batch_size: images per step.
     image_size: square input resolution; None =
       `workload.default_image_size`.
-    steps: timed train steps (the median is reported).
-    warmup: untimed train steps after compilation (at least one runs).
+    steps: timed train steps (the median is reported), at least 1.
+    warmup: untimed train steps after compilation (at least one runs);
+      neither their wall nor their CPU time is counted.
     dtype: compute dtype; None = `workload.default_dtype()`.
     num_classes: classifier width.
-    forward_steps: timed forward passes (default `steps`; 0 skips them).
+    forward_steps: timed forward passes (None = `steps`; 0 skips them).
     compile_only: only compile (and measure memory); step times are NaN.
     compiler_options: XLA options for this compilation, e.g.
       {'xla_backend_optimization_level': 0} (see docs/performance.md).
@@ -90,16 +93,22 @@ def run_benchmark(
       `nfnets.perf.op_profile`); 0 = off.
 
   Returns:
-    A `nfnets.perf.report.BenchmarkResult`.
+    A `nfnets.perf.report.BenchmarkResult`; its `options` also record
+    `warmup`, `forward_steps`, `compiler_options`, `augment` and `sam`.
+
+  Raises:
+    ValueError: for a batch size, image size or step count below 1, or a
+      negative warmup or forward step count.
   """
-  if batch_size < 1 or (image_size or 1) < 1 or steps < 1:
-    raise ValueError(
-      'batch_size, image_size and steps must be positive, got '
-      f'{batch_size}, {image_size}, {steps}.'
-    )
+  _check_counts(batch_size, image_size, steps, warmup, forward_steps)
   dtype = dtype or workload.default_dtype()
-  image_size = image_size or workload.default_image_size(model_config)
+  if image_size is None:
+    image_size = workload.default_image_size(model_config)
+  forward_steps = steps if forward_steps is None else forward_steps
   device = jax.devices()[0]
+  # The allocator's peak so far: JAX cannot reset it, so where earlier work
+  # set one, the peak after this run's step may be that work's.
+  earlier_peak = measure.device_peak_bytes(device)
   t_init = time.perf_counter()
   work = workload.make_workload(
     model_config, batch_size, image_size, dtype, num_classes, device,
@@ -117,21 +126,35 @@ def run_benchmark(
       kernel_time = op_profile.profile(
         _step_runner(compiled, work), compiled.as_text(), profile_steps
       )
-    forward_steps = steps if forward_steps is None else forward_steps
     if forward_steps > 0:
       forward_ms = _time_forward(work, dtype, forward_steps)
   result = _result(
     model_config, work, compiled, device, train, forward_ms,
     batch_size=batch_size, image_size=image_size, num_classes=num_classes,
     dtype=dtype, compile_s=compile_s, init_s=init_s,
-    steps=0 if compile_only else steps,
+    steps=0 if compile_only else steps, earlier_peak=earlier_peak,
   )  # fmt: skip
-  result.options['augment'] = augment
-  result.options['sam'] = sam
+  result.options.update(
+    augment=augment, sam=sam, warmup=warmup, forward_steps=forward_steps,
+    compiler_options=dict(compiler_options or {}),
+  )  # fmt: skip
   result.compile_events = [[e.name, e.seconds, e.count] for e in events]
   if not compile_only and profile_steps:
     result.kernel_time = [dataclasses.asdict(k) for k in kernel_time]
   return result
+
+
+def _check_counts(batch_size, image_size, steps, warmup, forward_steps):
+  """Raises a ValueError for a count out of range (0 is no default)."""
+  counts = {'batch_size': (batch_size, 1), 'steps': (steps, 1)}
+  counts['warmup'] = (warmup, 0)
+  if image_size is not None:
+    counts['image_size'] = (image_size, 1)
+  if forward_steps is not None:
+    counts['forward_steps'] = (forward_steps, 0)
+  for name, (value, lowest) in counts.items():
+    if value < lowest:
+      raise ValueError(f'{name} must be at least {lowest}, got {value}.')
 
 
 def _step_runner(compiled, work: workload.Workload):
@@ -166,11 +189,16 @@ def _compile(work: workload.Workload, compiler_options, trace_compile):
 
 
 def _time_train(compiled, work: workload.Workload, steps: int, warmup: int):
-  """Times the donated train step; returns its timing summary."""
+  """Times the donated train step; returns its timing summary.
+
+  The warm-up steps (at least one) run before both clocks start, so the
+  mean CPU time per step (`'cpu'`) covers the timed steps alone.
+  """
   call = _step_runner(compiled, work)
-  jax.block_until_ready(call())  # Warm-up outside the CPU-time window.
+  for _ in range(max(warmup, 1)):
+    jax.block_until_ready(call())
   c0 = time.process_time()
-  times = measure.time_calls(call, steps, max(warmup - 1, 0))
+  times = measure.time_calls(call, steps, warmup=0)
   summary = measure.summarize_times(times)
   summary['cpu'] = (time.process_time() - c0) / len(times) * 1e3
   return summary
@@ -188,13 +216,15 @@ def _time_forward(work: workload.Workload, dtype: str, steps: int) -> float:
 
 def _result(model_config, work, compiled, device, train, forward_ms, *,
             batch_size, image_size, num_classes, dtype, compile_s,
-            init_s, steps):  # fmt: skip
+            init_s, steps, earlier_peak):  # fmt: skip
   """Assembles the `BenchmarkResult` of one run."""
   macs = flops.count_model_macs(
     model_config, image_size, num_classes=num_classes
   )
   step_s = train['median'] / 1e3
-  peak_gb, source = measure.peak_memory(compiled, device, step_ran=steps > 0)
+  peak_gb, source = measure.peak_memory(
+    compiled, device, step_ran=steps > 0, earlier_peak=earlier_peak
+  )
   xla_bytes = measure.xla_memory_bytes(compiled)
   kernels = kernel_census.census(compiled.as_text())
   kwargs = dict(model_config.kwargs)

@@ -3,9 +3,10 @@
 Times are wall-clock per call, each call waited for, so asynchronous
 dispatch cannot hide device time. Peak memory has three sources, best
 first: the device allocator's `peak_bytes_in_use` (GPU/TPU, once the
-function ran), XLA's accounting of the compiled function's buffers
-(`memory_analysis()`, on every backend, without running it), and the
-process's peak RSS (everything the process ever held).
+function ran, and only where nothing earlier in the process had used the
+device: JAX cannot reset that peak), XLA's accounting of the compiled
+function's buffers (`memory_analysis()`, on every backend, without running
+it), and the process's peak RSS (everything the process ever held).
 """
 
 import resource
@@ -112,26 +113,45 @@ def device_peak_bytes(device) -> int | None:
   return int(stats['peak_bytes_in_use'])
 
 
-def peak_memory(compiled, device, step_ran: bool) -> tuple[float, str]:
+XLA_SOURCE = 'XLA memory_analysis (args+outputs+temps)'
+# Why a run whose step ran on a device with allocator statistics reports
+# XLA's analysis: the allocator's peak may be an earlier run's.
+PROCESS_WIDE_NOTE = "not the allocator's peak, which may be earlier work's"
+
+
+def peak_memory(
+  compiled, device, step_ran: bool, earlier_peak: int | None = None
+) -> tuple[float, str]:
   """The peak memory of a compiled step, from the best source available.
 
   The allocator's peak only covers the step once it has run: after a
   compile-only run it holds just the initial state, so XLA's analysis of
-  the compiled step is reported instead.
+  the compiled step is reported instead. The allocator's peak is also
+  process-wide and JAX cannot reset it: where earlier work in the process
+  had already set one (`earlier_peak` > 0, e.g. an earlier model of a
+  multi-model benchmark), the peak after the step may be that work's, so
+  XLA's analysis is reported then too, and the source says why.
 
   Args:
     compiled: the step, a `jax.stages.Compiled`.
     device: the `jax.Device` it runs on.
     step_ran: whether the step has run on `device`.
+    earlier_peak: `device_peak_bytes(device)` before this run's work began
+      (None or 0: the device was unused).
 
   Returns:
     `(GiB, source)`, the source naming how it was measured; NaN and
     'unavailable' when no source has a number.
   """
   peak = device_peak_bytes(device) if step_ran else None
-  if peak is not None:
+  if peak is not None and not earlier_peak:
     return peak / 2**30, 'device peak_bytes_in_use'
   estimate = xla_memory_bytes(compiled)
   if estimate is not None:
-    return estimate / 2**30, 'XLA memory_analysis (args+outputs+temps)'
+    source = XLA_SOURCE
+    if peak is not None:
+      source += f', {PROCESS_WIDE_NOTE}'
+    return estimate / 2**30, source
+  if peak is not None:  # No analysis: the process's peak, said to be so.
+    return peak / 2**30, 'device peak_bytes_in_use (process-wide)'
   return float('nan'), 'unavailable'

@@ -6,6 +6,7 @@ as a Markdown table shaped like the NFNet paper's Table 3.
 """
 
 import dataclasses
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -38,16 +39,21 @@ class BenchmarkResult:
       compiling and running the jitted parameter init and the optimizer
       state's init (on a GPU, `ptxas` time for the init's kernels counts).
     step_ms: median train step time.
-    step_cpu_ms: mean CPU time of this process per train step (all
-      threads; on a shared machine a load-independent cross-check).
+    step_cpu_ms: mean CPU time of this process per timed train step (all
+      threads, warm-up steps excluded; on a shared machine a
+      load-independent cross-check).
     step_ms_min: fastest train step.
     step_ms_iqr: interquartile range of the train step times.
     steps: number of timed train steps.
     images_per_s: batch_size / median step time.
-    tflops: achieved TFLOP/s of the train step (3 x forward FLOPs).
+    tflops: achieved TFLOP/s of the train step, counting one forward and
+      one backward pass (3 x forward FLOPs) per step: SAM's extra passes
+      are not counted, so with SAM on it understates the work done.
     forward_ms: median forward-only (eval mode) time; NaN if skipped.
     peak_memory_gb: peak memory of the train step (see `memory_source`).
-    memory_source: how `peak_memory_gb` was measured.
+    memory_source: how `peak_memory_gb` was measured: the allocator's
+      peak only where no earlier work in the process had set one
+      (`nfnets.perf.measure.peak_memory`).
     xla_memory_gb: XLA's accounting of the compiled train step's buffers
       (arguments + outputs + temporaries - donated), on every backend.
     peak_rss_gb: the process's peak resident set size so far.
@@ -58,10 +64,12 @@ class BenchmarkResult:
     kernels_by_source: {forward, backward, other, unnamed} -> [fusions,
       distinct kernels].
     remat: whether blocks were rematerialised.
-    options: other options of the run (model kwargs, grouped conv, ...).
-    environment: what else changes the numbers: jax and jaxlib versions,
-      `XLA_FLAGS`, and whether the host malloc settings of
-      `nfnets.train.runtime` were applied.
+    options: other options of the run: the model kwargs (grouped conv,
+      ...), `augment`, `sam`, `warmup`, `forward_steps` and
+      `compiler_options`.
+    environment: what else changes the numbers (`environment()`): jax and
+      jaxlib versions, `XLA_FLAGS`, the persistent compilation cache, the
+      host malloc settings and the host CPU.
   """
 
   model: str
@@ -121,8 +129,10 @@ def environment() -> dict[str, Any]:
   """The software settings and host CPU a result depends on.
 
   Returns:
-    The jax and jaxlib versions, `XLA_FLAGS`, whether the host malloc
-    settings of `nfnets.train.runtime` were applied, and the host CPU's
+    The jax and jaxlib versions, `XLA_FLAGS`, the persistent compilation
+    cache directory in use (`compilation_cache_dir`, '' = off: a warm
+    cache makes compiles fast), whether the host malloc settings of
+    `nfnets.train.runtime` were applied, and the host CPU's
     model, AVX2/AVX-512/AMX flags and the CPU convolution form they select
     (`nfnets.ops.cpu_summary`; CPU speed differs several-fold between
     CPU classes).
@@ -131,9 +141,33 @@ def environment() -> dict[str, Any]:
     'jax': jax.__version__,
     'jaxlib': jaxlib.__version__,
     'xla_flags': os.environ.get('XLA_FLAGS', ''),
+    'compilation_cache_dir': _compilation_cache_dir(),
     'malloc_kept': runtime.settings_applied(),
     **ops.cpu_summary(),
   }
+
+
+def _compilation_cache_dir() -> str:
+  """JAX's persistent compilation cache directory, '' when off."""
+  if not getattr(jax.config, 'jax_enable_compilation_cache', True):
+    return ''
+  return getattr(jax.config, 'jax_compilation_cache_dir', None) or ''
+
+
+def write_json(path: str, value: Any) -> None:
+  """Writes JSON through a temporary file renamed over `path`.
+
+  A reader (or a run killed while writing) never sees half a file, and an
+  earlier complete file stays until the new one is whole.
+  """
+  tmp = f'{path}.tmp{os.getpid()}'
+  try:
+    with open(tmp, 'w') as f:
+      json.dump(value, f, indent=2)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def jsonable(value: Any) -> Any:
@@ -226,9 +260,20 @@ def format_table(
   ]
   lines += ['| ' + ' | '.join(row) + ' |' for row in rows]
   notes = sorted({f'{r.device} x{r.num_devices}' for r in results})
-  sources = sorted({r.memory_source for r in results})
   lines.append('')
-  lines.append(
-    f'Device: {", ".join(notes)}. Peak memory: {"; ".join(sources)}.'
-  )
+  lines.append(f'Device: {", ".join(notes)}. Peak memory: {_sources(results)}.')
   return '\n'.join(lines)
+
+
+def _sources(results: Sequence[BenchmarkResult]) -> str:
+  """How Peak GB was measured; by row where the rows differ (a GPU run's
+  later rows report XLA's analysis: the allocator's peak is process-wide)."""
+  rows = {}
+  for i, r in enumerate(results, 1):
+    rows.setdefault(r.memory_source, []).append(str(i))
+  if len(rows) == 1:
+    return next(iter(rows))
+  return '; '.join(
+    f'{source} (row{"s" if len(i) > 1 else ""} {", ".join(i)})'
+    for source, i in rows.items()
+  )

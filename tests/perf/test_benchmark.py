@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -158,9 +159,14 @@ def test_cli_prints_the_table(cli_run):
 
 
 def test_cli_records_what_else_changes_the_numbers(cli_run):
-  env = cli_run[1]['environment']
+  row = cli_run[1]
+  env = row['environment']
   assert env['jax'] == jax.__version__
   assert env['xla_flags'] == os.environ.get('XLA_FLAGS', '')
+  assert env['compilation_cache_dir'] == ''  # Cold compiles by default.
+  # The settings the fixture's command gave (--warmup=1 --forward_steps=1).
+  want = {'warmup': 1, 'forward_steps': 1, 'compiler_options': {}}
+  assert {k: row['options'][k] for k in want} == want
   # The CLI keeps freed memory exactly when JAX runs on the CPU here.
   assert env['malloc_kept'] == (not runtime.accelerator_expected())
 
@@ -212,6 +218,113 @@ def test_bn_resnet_runs_the_trainer_step_with_its_statistics():
   assert r.macs_per_image == resnet_macs((1, 1, 1, 1), 0.25, SIZE, classes=10)
   assert r.params == expected_resnet_params((1, 1, 1, 1), True, width=0.25,
                                             classes=10)  # fmt: skip
+
+
+def test_cpu_time_per_step_counts_the_timed_steps_alone(monkeypatch):
+  """step_cpu_ms over a process clock that each train step moves 100 ms.
+
+  Before, the CPU clock started before all but one warm-up step, so with 9
+  warm-up steps and 3 timed ones it read (8 + 3) x 100 / 3 = 367 ms.
+  """
+  clock = [0.0]
+  monkeypatch.setattr(benchmark.time, 'process_time', lambda: clock[0])
+  runner = benchmark._step_runner
+
+  def counted_runner(compiled, work):
+    run = runner(compiled, work)
+
+    def call():
+      clock[0] += 0.1
+      return run()
+
+    return call
+
+  monkeypatch.setattr(benchmark, '_step_runner', counted_runner)
+  # A GPU-like allocator whose peak an earlier model had set (1 GiB): after
+  # this run's step it reads 3 GiB, which need not be this step's.
+  peaks = iter([2**30, 3 * 2**30])
+  monkeypatch.setattr(
+    benchmark.measure, 'device_peak_bytes', lambda device: next(peaks)
+  )
+  config = workload.make_model_config('NFNet', **TINY, variant='F0')
+  r = benchmark.run_benchmark(
+    config, batch_size=1, image_size=SIZE, steps=3, warmup=9,
+    forward_steps=0, num_classes=10,
+  )  # fmt: skip
+  assert r.step_cpu_ms == pytest.approx(100.0)
+  assert r.steps == 3
+  # The process-wide allocator peak is not reported as this step's.
+  assert r.memory_source.startswith('XLA memory_analysis')
+  assert "not the allocator's peak" in r.memory_source
+  assert r.peak_memory_gb == r.xla_memory_gb
+  assert r.options['warmup'] == 9 and r.options['forward_steps'] == 0
+
+
+@pytest.mark.parametrize(
+  'counts, bad',
+  [
+    (dict(image_size=0), 'image_size must be at least 1, got 0'),
+    (dict(batch_size=0), 'batch_size must be at least 1, got 0'),
+    (dict(steps=0), 'steps must be at least 1, got 0'),
+    (dict(warmup=-1), 'warmup must be at least 0, got -1'),
+    (dict(forward_steps=-1), 'forward_steps must be at least 0, got -1'),
+  ],
+)
+def test_run_benchmark_refuses_counts_out_of_range(counts, bad):
+  # Before, image_size=0 timed the default 192 px and warmup/forward_steps
+  # below 0 ran none; each is a mistake, not a default.
+  config = workload.make_model_config('NFNet', **TINY, variant='F0')
+  with pytest.raises(ValueError, match=bad):
+    benchmark.run_benchmark(
+      config, **{'batch_size': 1, 'image_size': SIZE, **counts}
+    )
+
+
+def test_table_footer_names_the_rows_of_each_memory_source(tiny_result):
+  first = dataclasses.replace(
+    tiny_result, memory_source='device peak_bytes_in_use'
+  )
+  later = dataclasses.replace(
+    tiny_result,
+    memory_source='XLA memory_analysis (args+outputs+temps), not the '
+    "allocator's peak, which may be earlier work's",
+  )
+  footer = report.format_table([first, later, later]).split('\n')[-1]
+  assert 'device peak_bytes_in_use (row 1)' in footer
+  assert "may be earlier work's (rows 2, 3)" in footer
+  alone = report.format_table([later]).split('\n')[-1]
+  assert alone.endswith("which may be earlier work's.")
+
+
+def test_cli_saves_each_model_before_timing_the_next(tmp_path):
+  """--json_out holds the first model's result when the run stops in the
+  second (Ctrl-C here); before, it was written after the last model."""
+  out = tmp_path / 'bench.json'
+  cache = tmp_path / 'cache'
+  options = '{"xla_backend_optimization_level": 0}'
+  proc = subprocess.Popen(
+    [sys.executable, '-m', 'experiments.benchmark',
+     '--model=NFNet:F0,NFNet:F1', '--batch_size=1', f'--image_size={SIZE}',
+     '--steps=1', '--warmup=0', '--forward_steps=0',
+     f'--model_kwargs={json.dumps(TINY)}', f'--compiler_options={options}',
+     f'--compilation_cache_dir={cache}', f'--json_out={out}'],
+    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+  )  # fmt: skip
+  try:
+    for line in proc.stdout:
+      if line.startswith('  compiled step:'):  # F0's row is printed.
+        proc.send_signal(signal.SIGINT)
+        break
+    _, stderr = proc.communicate(timeout=300)
+  finally:
+    proc.kill()
+  assert proc.returncode == 130, stderr[-3000:]
+  (row,) = json.loads(out.read_text())
+  assert row['model'] == 'NFNet-F0'
+  assert row['options']['compiler_options'] == json.loads(options)
+  assert row['options']['warmup'] == 0
+  assert row['environment']['compilation_cache_dir'] == str(cache)
+  assert not list(tmp_path.glob('bench.json.tmp*'))
 
 
 def _short_cli_error(module, *args):

@@ -50,3 +50,22 @@ def test_peak_memory_ignores_the_allocator_before_the_step_ran():
   gb, source = measure.peak_memory(compiled, device, step_ran=False)
   assert source.startswith('XLA memory_analysis')
   assert gb * 2**30 == measure.xla_memory_bytes(compiled)
+
+
+def test_peak_memory_ignores_a_peak_set_before_this_run():
+  # JAX cannot reset the allocator's process-wide peak: where earlier work
+  # (an earlier model of the same run) had set one, the peak after the step
+  # may be that work's, so XLA's analysis of this step is reported.
+  compiled = jax.jit(lambda x: jnp.sin(x) * 2).lower(jnp.ones(1024)).compile()
+  device = _DeviceWithAllocatorStats()
+  gb, source = measure.peak_memory(
+    compiled, device, step_ran=True, earlier_peak=2**30
+  )
+  assert gb * 2**30 == measure.xla_memory_bytes(compiled)
+  assert source == (
+    "XLA memory_analysis (args+outputs+temps), not the allocator's peak, "
+    "which may be earlier work's"
+  )
+  # The first work on the device: its allocator peak is this run's.
+  first = measure.peak_memory(compiled, device, step_ran=True, earlier_peak=0)
+  assert first == (3.0, 'device peak_bytes_in_use')
