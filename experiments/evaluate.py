@@ -24,7 +24,7 @@ import os
 
 from absl import app, flags
 
-from experiments import common, output_files
+from experiments import common, output_files, weights_flags
 
 _CONFIG = common.define_config_flag()
 _WEIGHTS = flags.DEFINE_string(
@@ -53,7 +53,7 @@ def main(argv):
   if bool(_WEIGHTS.value) == bool(_WORKDIR.value):
     raise app.UsageError('Pass exactly one of --weights and --workdir.')
   if _WEIGHTS.value and os.path.isdir(os.path.expanduser(_WEIGHTS.value)):
-    raise app.UsageError(common.weights_directory_error(_WEIGHTS.value))
+    raise app.UsageError(weights_flags.weights_directory_error(_WEIGHTS.value))
   if _WEIGHTS.value and _STEP.value is not None:
     raise app.UsageError('--step picks a checkpoint of a --workdir run.')
   if _CONFIG.value is None:

@@ -23,11 +23,11 @@ docs/export.md.
 
 from absl import app, flags
 
-from experiments import common, quiet_start
+from experiments import common, quiet_start, weights_flags
 
 FORMATS = ('savedmodel', 'tflite', 'stablehlo')
 
-_SOURCE = common.define_weights_flags('exports its newest checkpoint.')
+_SOURCE = weights_flags.define_weights_flags('exports its newest checkpoint.')
 _FORMAT = flags.DEFINE_enum('format', 'savedmodel', FORMATS, 'What to write.')
 _OUT = flags.DEFINE_string(
   'out', None, 'Output: a directory (savedmodel) or a file.'

@@ -25,9 +25,11 @@ import sys
 
 from absl import app, flags
 
-from experiments import common, quiet_start
+from experiments import common, quiet_start, weights_flags
 
-_SOURCE = common.define_weights_flags('predicts with its newest checkpoint.')
+_SOURCE = weights_flags.define_weights_flags(
+  'predicts with its newest checkpoint.'
+)
 # NFNets test at 256-608 px (F0-F7); far larger inputs only exhaust memory
 # (TensorFlow's resize of a 100000 px image asks for 120 GB), so a larger
 # size is taken for a typo and refused before any work. The models

@@ -367,7 +367,7 @@ def test_a_directory_as_weights_says_what_to_pass(tmp_path, monkeypatch):
   # Every directory was told to pass --workdir=<it>: wrong for a
   # checkpoint folder and for a folder of images; evaluate said
   # nothing of --workdir at all.
-  from experiments import common  # noqa: PLC0415
+  from experiments import weights_flags  # noqa: PLC0415
 
   workdir = tmp_path / 'run'
   (workdir / 'checkpoints' / '200').mkdir(parents=True)
@@ -401,13 +401,13 @@ def test_a_directory_as_weights_says_what_to_pass(tmp_path, monkeypatch):
     tmp_path / 'empty': f'is a directory; {file_hint}.',
   }
   for path, says in cases.items():
-    message = common.weights_directory_error(str(path), images=True)
+    message = weights_flags.weights_directory_error(str(path), images=True)
     assert message.startswith(f'--weights={path} is a directory')
     assert message.endswith(says), message
   # Relative to the working directory where the path is relative.
   with monkeypatch.context() as patch:
     patch.chdir(workdir / 'checkpoints')
-    assert common.weights_directory_error('200').endswith(
+    assert weights_flags.weights_directory_error('200').endswith(
       '--workdir=.. --step=200 instead.'
     )
 
