@@ -147,8 +147,8 @@ output_files.validate_output_file(
   _PLOT,
   replaceable=_is_earlier_plot,
   kind=(
-    'a plot of experiments.benchmark (plots written before it stamped them '
-    'are not recognised: delete such a file first)'
+    'a plot experiments.benchmark stamped as its own (to regenerate an '
+    'older plot, move it aside first)'
   ),
 )
 

@@ -19,7 +19,6 @@ around `nfnets.optim.sgd_agc` rather than the trainer, so that nothing but
 `clipping` differs between runs.
 """
 
-import json
 import math
 import os
 import time
@@ -28,6 +27,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import common
+from nfnets import atomic_files
 
 _LRS = flags.DEFINE_list('lrs', ['0.1', '0.4', '1.6'], 'Learning rates.')
 _CLIPPINGS = flags.DEFINE_list(
@@ -180,10 +180,7 @@ def summarize(losses: list[float], accuracy: float, **info) -> dict:
 
 def write_results(path: str, results: list[dict]) -> None:
   """Writes the runs so far as JSON, whole (a reader never sees half)."""
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(results, f, indent=1)
-  os.replace(tmp, path)
+  atomic_files.write_json(path, results, indent=1)
 
 
 def main(argv):

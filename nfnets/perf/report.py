@@ -6,7 +6,6 @@ as a Markdown table shaped like the NFNet paper's Table 3.
 """
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -15,7 +14,7 @@ from typing import Any
 import jax
 import jaxlib
 
-from nfnets import ops
+from nfnets import atomic_files, ops
 from nfnets.train import runtime
 
 
@@ -155,19 +154,8 @@ def _compilation_cache_dir() -> str:
 
 
 def write_json(path: str, value: Any) -> None:
-  """Writes JSON through a temporary file renamed over `path`.
-
-  A reader (or a run killed while writing) never sees half a file, and an
-  earlier complete file stays until the new one is whole.
-  """
-  tmp = f'{path}.tmp{os.getpid()}'
-  try:
-    with open(tmp, 'w') as f:
-      json.dump(value, f, indent=2)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  """Writes a result file whole (`nfnets.atomic_files.write_json`)."""
+  atomic_files.write_json(path, value)
 
 
 def jsonable(value: Any) -> Any:

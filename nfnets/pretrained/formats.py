@@ -21,8 +21,8 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save as safetensors_bytes
 
+from nfnets.atomic_files import atomic_output
 from nfnets.pretrained import safe_pickle, timm_interop
-from nfnets.pretrained.atomic import atomic_output
 from nfnets.pretrained.errors import (
   WeightsError,
   check_not_directory,

@@ -173,7 +173,9 @@ def read_dm_pickle(file) -> Params:
       return read_dm_pickle(f)
   try:
     tree = _RestrictedUnpickler(file).load()
-  except UnsafePickleError:
+  except (UnsafePickleError, MemoryError, OSError):
+    # Not the file's fault (an unsafe file is refused with its own message;
+    # memory and reading are the host's): the file is not called damaged.
     raise
   except Exception as e:  # Truncated or corrupt stream.
     raise WeightsError(_damaged_pickle(file, e)) from e

@@ -40,7 +40,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save as safetensors_bytes
 
-from nfnets.pretrained.atomic import atomic_output
+from nfnets.atomic_files import atomic_output
 from nfnets.pretrained.errors import (
   check_not_directory,
   unreadable_as_weights_error,

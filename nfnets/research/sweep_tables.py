@@ -8,30 +8,11 @@ error while writing one (or a kill) leaves the previous table as it was.
 import csv
 import io
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
+from nfnets import atomic_files
 from nfnets.research import sweep_point
 from nfnets.research import sweep_spec as spec_lib
-
-
-def write_atomic(path: str, write: Callable) -> None:
-  """Calls `write(tmp_path)`, then renames the file it wrote to `path`."""
-  root, ext = os.path.splitext(path)
-  tmp = f'{root}.tmp{ext}'  # The extension tells matplotlib the format.
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
-def _write_text(path: str, text: str) -> None:
-  def write(tmp):
-    with open(tmp, 'w', newline='') as f:
-      f.write(text)
-
-  write_atomic(path, write)
 
 
 def csv_text(sweep: spec_lib.Sweep, rows: Sequence[Mapping]) -> str:
@@ -61,13 +42,11 @@ def write_results(
   texts = {'results.csv': csv_text(sweep, rows)}
   texts['results.md'] = markdown_table(sweep, rows)
   for name, text in texts.items():
-    _write_text(os.path.join(outdir, name), text)
+    atomic_files.write_text(os.path.join(outdir, name), text)
   from nfnets.research import sweep_plot  # noqa: PLC0415  (matplotlib)
 
-  write_atomic(
-    os.path.join(outdir, 'results.png'),
-    lambda tmp: sweep_plot.plot_results(sweep, rows, tmp),
-  )
+  with atomic_files.atomic_output(os.path.join(outdir, 'results.png')) as tmp:
+    sweep_plot.plot_results(sweep, rows, tmp)
 
 
 def _cell(row: Mapping | None, metric: str) -> str:

@@ -56,21 +56,25 @@ def make_pass(grad_fn, num_classes: int) -> PassFn:
   return one_pass
 
 
-def make_gradients(pass_fn: PassFn, *, grad_accum_steps: int):
+def make_gradients(
+  pass_fn: PassFn, *, grad_accum_steps: int, num_devices: int | None = None
+):
   """`(params, model_state, batch, hyperparams, rng) -> Gradients`.
 
   The loss, top-1 and top-5 are means over the whole batch, `grads` the
   gradient of the mean loss (float32), `model_state` the Haiku state after
   the batch in the dtypes of the state given. With `grad_accum_steps > 1`
-  the batch is processed as micro-batches (`accumulate`), split across
-  `jax.device_count()` devices.
+  the batch is processed as micro-batches (`accumulate`), each taking an
+  equal share of the rows of each of `num_devices` devices (default
+  `jax.device_count()`).
   """
   check_accum_steps(grad_accum_steps)
 
   def gradients(params, model_state, batch, hyperparams, rng):
     return accumulate(
       pass_fn, params, model_state, batch, hyperparams, rng,
-      grad_accum_steps=grad_accum_steps, num_groups=jax.device_count(),
+      grad_accum_steps=grad_accum_steps,
+      num_groups=num_devices or jax.device_count(),
     )  # fmt: skip
 
   return gradients

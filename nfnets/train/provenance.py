@@ -31,6 +31,7 @@ from collections.abc import Mapping
 
 import ml_collections
 
+from nfnets import atomic_files
 from nfnets.train import config_json, resume_rules
 
 CONFIG_FILE = 'config.json'
@@ -155,12 +156,8 @@ def write_segment(
 
 
 def write_json(path: str, value) -> None:
-  """Writes JSON through a temporary file, so a reader never sees half."""
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(value, f, indent=2, sort_keys=True)
-    f.write('\n')
-  os.replace(tmp, path)
+  """Writes a record whole, keys sorted (`atomic_files.write_json`)."""
+  atomic_files.write_json(path, value, sort_keys=True)
 
 
 def previous_config(

@@ -131,8 +131,14 @@ def _newly_defined_at_default(key: str, old: dict, new: dict, defaults) -> bool:
   return key not in old and key in defaults and new.get(key) == defaults[key]
 
 
-def _batch_statistics_keys(flat: dict) -> tuple[str, ...]:
-  """Resume-safe keys that change a BatchNorm model's training."""
+def _micro_batch_keys(flat: dict) -> tuple[str, ...]:
+  """Resume-safe keys that change this run's training after all.
+
+  `train.grad_accum_steps` gives the same update unless the micro-batches
+  are seen apart: a BatchNorm model normalises each alone, and SAM with
+  its ascent on part of the rows or per replica (`nfnets.train.sam`)
+  takes replicas of one micro-batch's rows.
+  """
   from nfnets import models  # noqa: PLC0415  (the readers stay JAX-free)
 
   kwargs = {
@@ -141,7 +147,11 @@ def _batch_statistics_keys(flat: dict) -> tuple[str, ...]:
     if key.startswith('model.kwargs.')
   }
   name = flat.get('model.name', '')
-  if models.keeps_batch_statistics(name, kwargs):
+  sam_by_replica = flat.get('optimizer.sam_rho', 0) and (
+    flat.get('optimizer.sam_ascent_fraction', 1.0) != 1
+    or not flat.get('optimizer.sam_ascent_sync', True)
+  )
+  if models.keeps_batch_statistics(name, kwargs) or sam_by_replica:
     return ('train.grad_accum_steps',)
   return ()
 
@@ -156,17 +166,41 @@ def unsafe_changes(old, new, *, defaults=None, also=()) -> list[str]:
       default in `new` is no change (default: `library_defaults()`).
     also: keys to count as changes even where a resume allows them.
   """
+  lines = dict(
+    zip(changed_keys(old, new), config_differences(old, new), strict=True)
+  )
+  return [lines[k] for k in _unsafe_keys(old, new, defaults, also)]
+
+
+def _unsafe_keys(old, new, defaults, also=()) -> list[str]:
+  """The changed keys a resume may not change (see `unsafe_changes`)."""
   defaults = library_defaults() if defaults is None else defaults
   flat_old, flat_new = _flatten(old), _flatten(new)
-  also = (*also, *_batch_statistics_keys(flat_new))
+  also = (*also, *_micro_batch_keys(flat_new))
   return [
-    line
-    for key, line in zip(
-      changed_keys(old, new), config_differences(old, new), strict=True
-    )
+    key
+    for key in changed_keys(old, new)
     if (key in also or not is_resume_safe(key))
     and not _newly_defined_at_default(key, flat_old, flat_new, defaults)
   ]
+
+
+def _restore_flags(old, keys, defaults) -> str:
+  """`--config.K=V` flags giving `keys` the run's values, where V is plain.
+
+  A key the run's config lacks takes its library default. Values that are
+  not a number, a bool or a plain word (tuples, None, text with spaces)
+  are left out: their flag syntax depends on the field.
+  """
+  defaults = library_defaults() if defaults is None else defaults
+  flat_old = _flatten(old)
+  flags = []
+  for key in keys:
+    value = flat_old.get(key, defaults.get(key))
+    plain_text = isinstance(value, str) and value and ' ' not in value
+    if isinstance(value, bool | int | float) or plain_text:
+      flags.append(f'--config.{key}={value}')
+  return ' '.join(flags)
 
 
 def check_resume(
@@ -193,11 +227,13 @@ def check_resume(
   unsafe = unsafe_changes(old, new, defaults=defaults)
   if unsafe and not allow_change:
     listed = '\n'.join(f'  {line}' for line in unsafe)
+    restore = _restore_flags(old, _unsafe_keys(old, new, defaults), defaults)
+    back = f' ({restore})' if restore else ''
     raise ConfigChangeError(
       f'This workdir holds a run at step {step} trained with another config; '
       f'resuming it would change how it trains:\n{listed}\n'
-      'Use a fresh --workdir, drop those overrides, or pass '
-      '--allow_config_change to resume with the change (it is recorded in '
-      "the workdir's configs/)."
+      f"Use a fresh --workdir, give those keys the run's values{back}, or "
+      'pass --allow_config_change to resume with the change (it is recorded '
+      "in the workdir's configs/)."
     )
   return lines

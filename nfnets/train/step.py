@@ -39,7 +39,8 @@ from nfnets.train import state as state_lib
 
 # `fold_in` data of `batch_fn`'s key, from the step's key. The model's keys
 # are the step's key (one pass) or its `fold_in` with 0..k-1 (micro-batches),
-# and k stays far below this.
+# with unsynced SAM first folded with the device index; k and the device
+# count stay far below this.
 BATCH_FN_KEY_TAG = 0x62617463
 
 
@@ -110,7 +111,7 @@ def make_train_step(
   BATCH_FN_KEY_TAG)`: a function of the run's key and the step alone, so a
   resumed run draws the same augmentation, and distinct from the model's
   keys (the step key itself at k = 1, `fold_in(step key, j)` for j < k
-  otherwise).
+  otherwise; with unsynced SAM, those of `fold_in(step key, device)`).
 
   Args:
     model: the transformed network (`models.make_model`);
@@ -125,9 +126,9 @@ def make_train_step(
     grad_accum_steps: number of micro-batches per optimizer step (>= 1).
     batch_fn: optional `(batch, key) -> batch` applied to the global batch
       inside the step; None leaves the batch as given.
-    mesh: the `('data',)` mesh the step will run on; only SAM with
-      unsynced ascent steps reads it (`nfnets.train.sam`; default: every
-      device).
+    mesh: the `('data',)` mesh the step will run on: its device count
+      lays out the micro-batches and SAM's replicas (`nfnets.train.sam`;
+      default: every device).
 
   Returns:
     The step function. Metrics (float32 scalars): loss, top1, top5 (against
@@ -139,21 +140,11 @@ def make_train_step(
     ValueError: if `grad_accum_steps` is not an integer >= 1.
   """
   gradients_lib.check_accum_steps(grad_accum_steps)
-  freeze_stages = opt_config.get('freeze_stages', 0)
   pass_fn = gradients_lib.make_pass(
-    _make_grad_fn(model, compute_dtype, freeze_stages), num_classes
+    _make_grad_fn(model, compute_dtype, opt_config.get('freeze_stages', 0)),
+    num_classes,
   )
-  if opt_config.sam_rho:
-    gradients = sam.make_sam_gradients(
-      pass_fn,
-      opt_config=opt_config,
-      grad_accum_steps=grad_accum_steps,
-      mesh=mesh,
-    )
-  else:
-    gradients = gradients_lib.make_gradients(
-      pass_fn, grad_accum_steps=grad_accum_steps
-    )
+  gradients = _batch_gradients(pass_fn, opt_config, grad_accum_steps, mesh)
 
   def step(state: state_lib.TrainState, batch, hyperparams):
     optimizer, schedule_fn = optim.build_optimizer(opt_config, hyperparams)
@@ -217,6 +208,22 @@ def step_hyperparams(
   )
   smoothing = config.train.label_smoothing
   return {**values, **losses.label_smoothing_inputs(smoothing, num_classes)}
+
+
+def _batch_gradients(pass_fn, opt_config, grad_accum_steps, mesh):
+  """The step's gradient function: plain (micro-batched) or with SAM."""
+  if opt_config.sam_rho:
+    return sam.make_sam_gradients(
+      pass_fn,
+      opt_config=opt_config,
+      grad_accum_steps=grad_accum_steps,
+      mesh=mesh,
+    )
+  return gradients_lib.make_gradients(
+    pass_fn,
+    grad_accum_steps=grad_accum_steps,
+    num_devices=None if mesh is None else mesh.devices.size,
+  )
 
 
 def _make_grad_fn(

@@ -115,7 +115,9 @@ def test_a_png_this_command_did_not_write_is_not_replaced(tmp_path):
     '--table=paper', '--paper_models=EffNet-B0', '--batch_size=1',
     '--steps=1', f'--plot_out={other}',
   )  # fmt: skip
-  assert 'the file exists and is not a plot of experiments.benchmark' in line
+  assert (
+    'the file exists and is not a plot experiments.benchmark stamped' in line
+  )
   assert other.read_bytes() == before
 
 

@@ -7,6 +7,7 @@ pickler that emits arbitrary global references without importing them, so
 neither dill nor numpy.core is needed.
 """
 
+import io
 import os
 import pickle
 
@@ -385,6 +386,26 @@ def test_a_damaged_pickle_is_named_with_how_to_fetch_it_again(
       'Remove that file and download it again '
       '(scripts/download_pretrained.sh skips files that exist).'
     )
+
+
+def test_a_read_failure_of_the_host_does_not_call_the_file_damaged():
+  # Out of memory or a read error mid-file say nothing about the file:
+  # they propagate instead of advising to remove it.
+  class Failing(io.BytesIO):
+    name = 'F6_haiku.npz'
+
+    def __init__(self, error):
+      super().__init__(b'\x80\x04' + b'\x00' * 64)
+      self.error = error
+
+    def read(self, *args):
+      raise self.error
+
+    readinto = readline = read
+
+  for error in (MemoryError(), OSError(5, 'Input/output error')):
+    with pytest.raises(type(error)):
+      pretrained.read_dm_pickle(Failing(error))
 
 
 def test_keys_that_are_not_module_param_say_what_is_read(tmp_path):

@@ -262,6 +262,48 @@ def test_micro_batches_may_change_only_without_batch_statistics():
         resume_rules.check_resume(old, new, step=3, allow_change=False)
 
 
+def test_micro_batches_may_not_change_under_sam_by_replica():
+  # A SAM replica is one device's share of one micro-batch: another
+  # grad_accum_steps is another perturbation, unless every row ascends
+  # together (synced, fraction 1).
+  change = ['train.grad_accum_steps: 1 -> 4']
+  for fraction, sync, refused in (
+    (1.0, True, False),
+    (0.2, True, True),
+    (1.0, False, True),
+  ):
+    old = quickstart.get_config()
+    old.optimizer.update(
+      sam_rho=0.05, sam_ascent_fraction=fraction, sam_ascent_sync=sync
+    )
+    new = ml_collections.ConfigDict(old.to_dict())
+    new.train.grad_accum_steps = 4
+    assert resume_rules.unsafe_changes(old, new) == (change if refused else [])
+
+
+def test_refusal_gives_the_flags_that_resume_as_the_run_trained():
+  # A run saved before the SAM keys existed trained at their defaults; a
+  # config that sets them (configs/finetune.py) is refused, and the
+  # message gives the flags that restore the run's values.
+  old = quickstart.get_config().to_dict()
+  del old['optimizer']['sam_ascent_fraction']
+  del old['optimizer']['sam_ascent_sync']
+  old['optimizer']['sam_rho'] = 0.05
+  new = quickstart.get_config()
+  new.optimizer.update(
+    sam_rho=0.05, sam_ascent_fraction=0.2, sam_ascent_sync=False, lr=0.3
+  )
+  with pytest.raises(resume_rules.ConfigChangeError) as error:
+    resume_rules.check_resume(old, new, step=7, allow_change=False)
+  assert (
+    "give those keys the run's values (--config.optimizer.lr=0.1 "
+    '--config.optimizer.sam_ascent_fraction=1.0 '
+    '--config.optimizer.sam_ascent_sync=True)'
+  ) in str(error.value)
+  new.optimizer.update(lr=0.1, sam_ascent_fraction=1.0, sam_ascent_sync=True)
+  assert resume_rules.unsafe_changes(old, new) == []
+
+
 def test_segments_are_numbered_and_record_changes(tmp_path):
   workdir = str(tmp_path)
   config = quickstart.get_config()

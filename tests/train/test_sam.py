@@ -133,6 +133,12 @@ out = {}
 mesh = mesh_lib.make_mesh()
 for name, (model, config, batch, k) in t.four_device_cases().items():
   out.update(t.run_sharded(name, model, config, batch, k, mesh))
+# Dropout: one device's rows alone, and the same rows on all 4 devices.
+one = mesh_lib.make_mesh(jax.devices()[:1])
+model, config, rows = t.dropout_case()
+out.update(t.run_sharded('drop1', model, config, rows, 1, one))
+tiled = {k: np.concatenate([v] * 4) for k, v in rows.items()}
+out.update(t.run_sharded('drop4', model, config, tiled, 1, mesh))
 np.savez(sys.argv[2], **out)
 """
 
@@ -152,7 +158,24 @@ def four_device_cases():
       2,
     ),
     'bn': (_bn_model(), _sam_config(0.5, False), bn_batch, 1),
+    'synced': (ts._linear_model(), _sam_config(0.5, True), ts._batch(5, 16), 2),
   }
+
+
+def dropout_case():
+  """A linear classifier behind dropout, SAM per replica, one device's rows."""
+
+  def forward(images, is_training):
+    x = images.reshape(images.shape[0], -1)
+    if is_training:
+      x = hk.dropout(hk.next_rng_key(), 0.5, x)
+    return {'logits': hk.Linear(ts.NUM_CLASSES, name='linear')(x)}
+
+  return (
+    hk.transform_with_state(forward),
+    _sam_config(1.0, False),
+    ts._batch(7, 4),
+  )
 
 
 def run_sharded(name, model, opt_config, batch, k, mesh):
@@ -326,3 +349,37 @@ def test_trainer_runs_per_replica_sam(tmp_path, compilation_cache_dir):
   for a, b in zip(runs[True], runs[False], strict=True):
     for key in ('train/grad_norm', 'train/param_norm'):
       assert b[key] == pytest.approx(a[key], rel=1e-5), key
+
+
+def test_synced_ascent_takes_the_first_rows_of_every_device_and_micro_batch(
+  four_devices,
+):
+  """16 rows, 4 devices, 2 micro-batches, fraction 0.5: one ascent point
+  from rows 4d + 2j (the first of each replica), every row descends."""
+  out = four_devices
+  params = {
+    'linear': {k: out[f"synced/params0['linear']['{k}']"] for k in 'wb'}
+  }
+  ascent = [4 * d + 2 * j for d in range(4) for j in (0, 1)]
+  want_w, want_b, loss = _np_step(
+    params, ts._batch(5, 16), [list(range(16))], [ascent]
+  )
+  got = out["synced/params['linear']['w']"]
+  np.testing.assert_allclose(got, want_w, atol=1e-6)
+  np.testing.assert_allclose(
+    out["synced/params['linear']['b']"], want_b, atol=1e-6
+  )
+  np.testing.assert_allclose(out['synced/loss'], loss, rtol=1e-5)
+  # The first rows of the batch instead (rows 0-7) move it measurably.
+  other_w, _, _ = _np_step(
+    params, ts._batch(5, 16), [list(range(16))], [list(range(8))]
+  )
+  assert np.max(np.abs(other_w - want_w)) > 1e-3
+
+
+def test_each_device_draws_its_own_dropout_masks(four_devices):
+  """The same rows on 4 devices do not repeat one device's step: each
+  replica's masks come from the step's key folded with its device."""
+  one = four_devices["drop1/params['linear']['w']"]
+  four = four_devices["drop4/params['linear']['w']"]
+  assert np.max(np.abs(one - four)) > 1e-4
