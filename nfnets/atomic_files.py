@@ -1,7 +1,8 @@
 """Files written whole or not at all.
 
-Every result, record and weights file of the package is written under a
-temporary name beside its destination and renamed over it when complete:
+Weights files, run records, sweep tables and benchmark results are
+written through here: under a temporary name beside the destination, then
+renamed over it when complete:
 a reader, or a run killed while writing (Ctrl-C, a full disk, an error),
 never sees half a file, an earlier complete file stays until the new one
 is whole, and a failed write leaves no temporary file behind.

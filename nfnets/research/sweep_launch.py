@@ -7,50 +7,14 @@ other field a Python literal (`("linear", "bias")`, `{"width": 0.25}`),
 and every word is quoted for a POSIX shell (`shlex.quote`).
 """
 
-import json
 import os
 import shlex
 from typing import Any
 
 import ml_collections
-from ml_collections.config_flags import config_path
 
 from nfnets.research import sweep_spec as spec_lib
-
-
-def _literal(value: Any) -> str:
-  """A Python literal of `value`, its strings in double quotes.
-
-  Double quotes leave the single quotes to the shell: the printed word is
-  '--config.k=("linear", "bias")', not a tangle of '"'"'.
-  """
-  if isinstance(value, ml_collections.ConfigDict):
-    value = value.to_dict()
-  if isinstance(value, str):
-    return json.dumps(value)  # Its escapes are Python's too.
-  if isinstance(value, tuple):
-    items = [_literal(v) for v in value]
-    return f'({", ".join(items)}{"," if len(items) == 1 else ""})'
-  if isinstance(value, list):
-    return f'[{", ".join(_literal(v) for v in value)}]'
-  if isinstance(value, dict):
-    items = (f'{_literal(k)}: {_literal(v)}' for k, v in value.items())
-    return '{' + ', '.join(items) + '}'
-  return repr(value)
-
-
-def flag_text(base: ml_collections.ConfigDict, key: str, value: Any) -> str:
-  """The text of `--config.<key>=` that config_flags parses back to `value`.
-
-  Args:
-    base: the config file's config (config_flags reads the field's type
-      there, not in the point's config).
-    key: the dotted key.
-    value: the value in the point's config.
-  """
-  if config_path.get_type(key, base) is str and isinstance(value, str):
-    return value  # A str field is parsed as the text itself.
-  return _literal(value)
+from nfnets.train import config_json
 
 
 def _get(config: ml_collections.ConfigDict, key: str) -> Any:
@@ -86,7 +50,7 @@ def launch_lines(
       f'--config={sweep.base_config}',
       f'--workdir={os.path.join(outdir, point.name)}',
       *(
-        f'--config.{key}={flag_text(base, key, _get(config, key))}'
+        f'--config.{key}={config_json.flag_text(base, key, _get(config, key))}'
         for key in keys
       ),
     ]  # fmt: skip

@@ -4,13 +4,16 @@
 turns tuples into lists and typed `None` placeholders into bare nulls.
 `config_record` stores that type information beside the JSON, and
 `config_from_record` rebuilds the ConfigDict training used from both.
+`flag_text` writes a value as the text of a `--config.<key>=` flag.
 """
 
 import json
 from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
+from ml_collections.config_flags import config_path
 
 
 def _type_info(config: ml_collections.ConfigDict, prefix: str = '') -> dict:
@@ -95,3 +98,38 @@ def config_from_record(record: Mapping) -> ml_collections.ConfigDict:
   config = _typed(plain, types)
   config.lock()
   return config
+
+
+def _literal(value: Any) -> str:
+  """A Python literal of `value`, its strings in double quotes.
+
+  Double quotes leave the single quotes to the shell: the printed word is
+  '--config.k=("linear", "bias")', not a tangle of '"'"'.
+  """
+  if isinstance(value, ml_collections.ConfigDict):
+    value = value.to_dict()
+  if isinstance(value, str):
+    return json.dumps(value)  # Its escapes are Python's too.
+  if isinstance(value, tuple):
+    items = [_literal(v) for v in value]
+    return f'({", ".join(items)}{"," if len(items) == 1 else ""})'
+  if isinstance(value, list):
+    return f'[{", ".join(_literal(v) for v in value)}]'
+  if isinstance(value, dict):
+    items = (f'{_literal(k)}: {_literal(v)}' for k, v in value.items())
+    return '{' + ', '.join(items) + '}'
+  return repr(value)
+
+
+def flag_text(base: ml_collections.ConfigDict, key: str, value: Any) -> str:
+  """The text of `--config.<key>=` that config_flags parses back to `value`.
+
+  Args:
+    base: the config file's config (config_flags reads the field's type
+      there, not in the point's config).
+    key: the dotted key.
+    value: the value in the point's config.
+  """
+  if config_path.get_type(key, base) is str and isinstance(value, str):
+    return value  # A str field is parsed as the text itself.
+  return _literal(value)

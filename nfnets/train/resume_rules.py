@@ -10,6 +10,7 @@ these rules to a workdir's records.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Mapping
 
 import ml_collections
@@ -185,22 +186,27 @@ def _unsafe_keys(old, new, defaults, also=()) -> list[str]:
   ]
 
 
-def _restore_flags(old, keys, defaults) -> str:
-  """`--config.K=V` flags giving `keys` the run's values, where V is plain.
+def _restore_hint(old, new, keys, defaults) -> str:
+  """How to give `keys` the run's values: shell-quoted `--config.K=V` flags.
 
-  A key the run's config lacks takes its library default. Values that are
-  not a number, a bool or a plain word (tuples, None, text with spaces)
-  are left out: their flag syntax depends on the field.
+  A key the run's config lacks takes its library default. A value no flag
+  can set (None) is left to the user, and the hint says so.
   """
   defaults = library_defaults() if defaults is None else defaults
   flat_old = _flatten(old)
-  flags = []
+  base = new if isinstance(new, ml_collections.ConfigDict) else None
+  flags, missing = [], False
   for key in keys:
     value = flat_old.get(key, defaults.get(key))
-    plain_text = isinstance(value, str) and value and ' ' not in value
-    if isinstance(value, bool | int | float) or plain_text:
-      flags.append(f'--config.{key}={value}')
-  return ' '.join(flags)
+    if value is None or base is None:
+      missing = True
+      continue
+    text = config_json.flag_text(base, key, value)
+    flags.append(shlex.quote(f'--config.{key}={text}'))
+  if not flags:
+    return ''
+  others = ' and the others as listed' if missing else ''
+  return f' ({" ".join(flags)}{others})'
 
 
 def check_resume(
@@ -227,8 +233,7 @@ def check_resume(
   unsafe = unsafe_changes(old, new, defaults=defaults)
   if unsafe and not allow_change:
     listed = '\n'.join(f'  {line}' for line in unsafe)
-    restore = _restore_flags(old, _unsafe_keys(old, new, defaults), defaults)
-    back = f' ({restore})' if restore else ''
+    back = _restore_hint(old, new, _unsafe_keys(old, new, defaults), defaults)
     raise ConfigChangeError(
       f'This workdir holds a run at step {step} trained with another config; '
       f'resuming it would change how it trains:\n{listed}\n'

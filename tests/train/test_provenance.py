@@ -302,6 +302,12 @@ def test_refusal_gives_the_flags_that_resume_as_the_run_trained():
   ) in str(error.value)
   new.optimizer.update(lr=0.1, sam_ascent_fraction=1.0, sam_ascent_sync=True)
   assert resume_rules.unsafe_changes(old, new) == []
+  # Text the shell would expand is quoted; what config_flags parses back
+  # to the run's value is printed.
+  old['data']['train_split'] = 'train[10000:]'
+  with pytest.raises(resume_rules.ConfigChangeError) as error:
+    resume_rules.check_resume(old, new, step=7, allow_change=False)
+  assert "('--config.data.train_split=train[10000:]')" in str(error.value)
 
 
 def test_segments_are_numbered_and_record_changes(tmp_path):

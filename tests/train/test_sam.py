@@ -139,6 +139,10 @@ model, config, rows = t.dropout_case()
 out.update(t.run_sharded('drop1', model, config, rows, 1, one))
 tiled = {k: np.concatenate([v] * 4) for k, v in rows.items()}
 out.update(t.run_sharded('drop4', model, config, tiled, 1, mesh))
+# Synced SAM on a mesh of 2 of the 4 devices: the replicas are its own.
+two = mesh_lib.make_mesh(jax.devices()[:2])
+model, config, batch, k = t.four_device_cases()['synced']
+out.update(t.run_sharded('synced2', model, config, batch, k, two))
 np.savez(sys.argv[2], **out)
 """
 
@@ -339,13 +343,13 @@ def test_trainer_runs_per_replica_sam(tmp_path, compilation_cache_dir):
     config = tiny_config(compilation_cache_dir)
     config.model.kwargs.stochdepth_rate = 0.0
     config.model.kwargs.drop_rate = 0.0
-    config.train.num_steps = 3
+    config.train.num_steps = 2
     config.checkpoint.enabled = False
     config.optimizer.sam_rho = 0.05
     config.optimizer.sam_ascent_sync = sync
     train_and_evaluate(config, str(tmp_path / str(sync)))
     runs[sync] = _metrics(str(tmp_path / str(sync)))
-  assert len(runs[True]) == 3
+  assert len(runs[True]) == 2
   for a, b in zip(runs[True], runs[False], strict=True):
     for key in ('train/grad_norm', 'train/param_norm'):
       assert b[key] == pytest.approx(a[key], rel=1e-5), key
@@ -383,3 +387,20 @@ def test_each_device_draws_its_own_dropout_masks(four_devices):
   one = four_devices["drop1/params['linear']['w']"]
   four = four_devices["drop4/params['linear']['w']"]
   assert np.max(np.abs(one - four)) > 1e-4
+
+
+def test_synced_ascent_takes_its_replicas_from_the_steps_mesh(four_devices):
+  """The same 16 rows on a 2-device mesh (of 4 devices): replicas of 4
+  rows, 2 of which ascend (rows 8d + 4j + {0, 1}), not the 4-device
+  layout's."""
+  out = four_devices
+  params = {
+    'linear': {k: out[f"synced2/params0['linear']['{k}']"] for k in 'wb'}
+  }
+  ascent = [8 * d + 4 * j + i for d in (0, 1) for j in (0, 1) for i in (0, 1)]
+  want_w, _, _ = _np_step(params, ts._batch(5, 16), [list(range(16))], [ascent])
+  got = out["synced2/params['linear']['w']"]
+  np.testing.assert_allclose(got, want_w, atol=1e-6)
+  four = [4 * d + 2 * j for d in range(4) for j in (0, 1)]
+  other_w, _, _ = _np_step(params, ts._batch(5, 16), [list(range(16))], [four])
+  assert np.max(np.abs(other_w - want_w)) > 1e-3
