@@ -1,11 +1,12 @@
 """Files written whole or not at all.
 
-Weights files, run records, sweep tables and benchmark results are
-written through here: under a temporary name beside the destination, then
-renamed over it when complete:
-a reader, or a run killed while writing (Ctrl-C, a full disk, an error),
-never sees half a file, an earlier complete file stays until the new one
-is whole, and a failed write leaves no temporary file behind.
+Weights files, run records, sweep tables, benchmark results and the plots
+of the benchmark, sweeps and signal-propagation studies are written
+through here: under a temporary name beside the destination, then renamed
+over it when complete. A reader, or a run killed while writing (Ctrl-C, a
+full disk, an error), never sees half a file, an earlier complete file
+stays until the new one is whole, and a failed write leaves no temporary
+file behind.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+from nfnets import atomic_files
 from nfnets.perf import benchmark, op_profile, plot_stamp, report, workload
 
 
@@ -239,5 +240,6 @@ def plot_flops_vs_time(rows: Sequence[PaperRow], path: str) -> None:
   ax.grid(True, which='both', alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, metadata=plot_stamp.savefig_metadata())
+  with atomic_files.atomic_output(path) as tmp:  # Whole or not at all.
+    fig.savefig(tmp, metadata=plot_stamp.savefig_metadata())
   plt.close(fig)

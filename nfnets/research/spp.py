@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nfnets import models
+from nfnets import atomic_files, models
 from nfnets.models import nf_regnet, nf_resnet, nfnet
 
 # Ready-made SPP models: name -> (config.model.name, constructor kwargs).
@@ -308,7 +308,8 @@ def plot_spp(
     fig.suptitle(title, fontsize=10)
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=90)
+  with atomic_files.atomic_output(path) as tmp:  # Whole or not at all.
+    fig.savefig(tmp, dpi=90)
   plt.close(fig)
 
 
