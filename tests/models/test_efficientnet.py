@@ -23,6 +23,7 @@ import pytest
 from nfnets import models
 from nfnets.models import efficientnet, flops
 from nfnets.train import train_and_evaluate
+from tests.support.perturb import perturb
 from tests.support.train_harness import tiny_config
 
 # B0's stages: repeats, kernel, stride, expansion, input and output filters.
@@ -253,17 +254,6 @@ def test_tiny_efficientnet_trains_through_the_trainer(
   assert 0.0 <= result.metrics['eval/top1'] <= 1.0
 
 
-def _perturb(params, seed=2, scale=0.3):
-  """Every parameter plus N(0, scale^2) noise: no zero init hides a term."""
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  noisy = [
-    v + scale * jax.random.normal(k, v.shape)
-    for v, k in zip(leaves, keys, strict=True)
-  ]
-  return jax.tree.unflatten(tree, noisy)
-
-
 def _hand_conv(x, w, groups=1):
   return jax.lax.conv_general_dilated(
     x, w, (1, 1), 'SAME', feature_group_count=groups,
@@ -312,7 +302,7 @@ def test_mbconv_block_forward_is_the_references():
   net = hk.transform_with_state(forward)
   x = 1.0 + jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 16))
   params, state = jax.jit(net.init)(jax.random.PRNGKey(1), x)
-  params = _perturb(params)
+  params = perturb(params)
   got, _ = jax.jit(net.apply)(params, state, None, x)
   want = hand_mbconv(params, x)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from nfnets.models import common, nf_regnet
+from tests.support.perturb import perturb
 
 # The reference's gamma of SiLU (dm-reference.md section 2.6).
 SILU_GAMMA = 1.7881293296813965
@@ -152,17 +153,6 @@ def test_forward_tiny_zero_init_classifier():
   assert {'avg_var_0', 'avg_var_4', 'res_avg_var_3'} <= set(out)
 
 
-def _perturb(params, seed=2, scale=0.3):
-  """Every parameter plus N(0, scale^2) noise: no zero init hides a term."""
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  noisy = [
-    v + scale * jax.random.normal(k, v.shape)
-    for v, k in zip(leaves, keys, strict=True)
-  ]
-  return jax.tree.unflatten(tree, noisy)
-
-
 def _hand_ws_conv(x, p, stride=1, groups=1):
   """Scaled WS conv (dm-reference.md section 2.7) with lax."""
   w = p['w']
@@ -209,7 +199,7 @@ def test_block_forward_is_the_references():
     )[0]
   )
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 16))
-  params = _perturb(jax.jit(net.init)(_fast_key(), x))
+  params = perturb(jax.jit(net.init)(_fast_key(), x))
   # A skip gain of the branch's own scale (alpha 0.2), so that the branch
   # is as large as the shortcut and any error in it shows.
   params['nf_block'] = {'skip_gain': jnp.float32(5.0)}

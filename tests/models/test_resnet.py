@@ -19,6 +19,7 @@ import pytest
 
 from nfnets import models
 from nfnets.models import resnet
+from tests.support.perturb import perturb
 
 R50 = (3, 4, 6, 3)
 
@@ -202,17 +203,6 @@ def test_bad_constructor_arguments_and_eval_mode_init_say_what_to_do():
   assert state == {}
 
 
-def _perturb(params, seed=2, scale=0.3):
-  """Every parameter plus N(0, scale^2) noise: no zero init hides a term."""
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  noisy = [
-    v + scale * jax.random.normal(k, v.shape)
-    for v, k in zip(leaves, keys, strict=True)
-  ]
-  return jax.tree.unflatten(tree, noisy)
-
-
 def _hand_conv(x, p, stride=1):
   return jax.lax.conv_general_dilated(
     x, p['w'], (stride, stride), 'SAME',
@@ -267,7 +257,7 @@ def test_se_block_forward_is_the_references(preactivation):
   net = hk.transform_with_state(forward)
   x = 1.0 + jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 8))
   params, state = jax.jit(net.init)(_fast_key(), x)
-  params = _perturb(params)
+  params = perturb(params)
   got, _ = jax.jit(net.apply)(params, state, None, x)
   want = hand_block(params, x, preactivation)
   assert got.shape == (4, 4, 4, 16)
